@@ -1,0 +1,154 @@
+"""Model configurations by name: the nine released classification models, small test models, the bundled ones.
+
+A config carries its own input definition (size, mean/std, labels), as timm's pretrained cfgs do, so the same
+preprocessing is applied at export, calibration, validation and in the runtime loader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the model's input tensor (NCHW float32, RGB)."""
+
+    image_size: int = 224  # side of the square centre crop fed to the model
+    resize: int = 256  # shorter side is resized to this before the crop (224 / 0.875)
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
+    labels: tuple[str, ...] | None = None  # None: "class_<i>"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VMambaConfig:
+    name: str
+    version: str  # "v0": channel-last, z-gated, no MLP; "v2": channel-first, no z, MLP branch
+    depths: tuple[int, ...]
+    dims: int
+    ssm_ratio: float
+    d_state: int
+    num_classes: int = 1000
+    in_chans: int = 3
+    mlp_ratio: float = 0.0
+    description: str = ""
+    input: InputSpec = field(default_factory=InputSpec)
+    published_top1: float | None = None
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.dims * 2**i for i in range(len(self.depths)))
+
+    @property
+    def d_inner(self) -> tuple[int, ...]:
+        return tuple(int(self.ssm_ratio * c) for c in self.widths)
+
+    @property
+    def dt_rank(self) -> tuple[int, ...]:
+        return tuple(math.ceil(c / 16) for c in self.widths)
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input side the stem and the downsamplings take (every stage keeps at least one position)."""
+        return 4 if self.version == "v0" else 3
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["depths"] = list(self.depths)
+        return d
+
+    def with_overrides(self, **overrides) -> VMambaConfig:
+        if "input" in overrides and isinstance(overrides["input"], dict):
+            overrides["input"] = InputSpec(**overrides["input"])
+        return replace(self, **overrides)
+
+    @staticmethod
+    def from_dict(d: dict) -> VMambaConfig:
+        d = dict(d)
+        inp = d.pop("input", {}) or {}
+        for key in ("mean", "std"):
+            if key in inp:
+                inp[key] = tuple(inp[key])
+        if inp.get("labels") is not None:
+            inp["labels"] = tuple(inp["labels"])
+        d["depths"] = tuple(d["depths"])
+        return VMambaConfig(input=InputSpec(**inp), **d)
+
+
+def _v0(name: str, depths, dims, top1, **kw) -> VMambaConfig:
+    return VMambaConfig(name, "v0", tuple(depths), dims, 2.0, 16, published_top1=top1, **kw)
+
+
+def _v2(name: str, depths, dims, ssm_ratio, top1, **kw) -> VMambaConfig:
+    return VMambaConfig(name, "v2", tuple(depths), dims, ssm_ratio, 1, mlp_ratio=4.0, published_top1=top1, **kw)
+
+
+DIGITS_LABELS = tuple(str(i) for i in range(10))
+# The digits images are 8x8 grey; upscaled to 32x32, three stages give maps 8, 4, 2 (every stage keeps >= 2 positions
+# a side, which dynamic-shape export needs).
+DIGITS_INPUT = InputSpec(
+    image_size=32, resize=32, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), labels=DIGITS_LABELS
+)
+
+_CONFIGS: dict[str, VMambaConfig] = {
+    c.name: c
+    for c in [
+        _v0("vanilla_vmamba_tiny", (2, 2, 9, 2), 96, 82.2, description="VMamba v0 tiny (d_state 16)"),
+        _v0("vanilla_vmamba_small", (2, 2, 27, 2), 96, 83.5, description="VMamba v0 small (d_state 16)"),
+        _v0("vanilla_vmamba_base", (2, 2, 27, 2), 128, 83.7, description="VMamba v0 base (d_state 16)"),
+        _v2("vmamba_tiny_s2l5", (2, 2, 5, 2), 96, 2.0, 82.5, description="VMamba v2 tiny, ssm_ratio 2"),
+        _v2("vmamba_small_s2l15", (2, 2, 15, 2), 96, 2.0, 83.6, description="VMamba v2 small, ssm_ratio 2"),
+        _v2("vmamba_base_s2l15", (2, 2, 15, 2), 128, 2.0, 83.9, description="VMamba v2 base, ssm_ratio 2"),
+        _v2("vmamba_tiny_s1l8", (2, 2, 8, 2), 96, 1.0, 82.6, description="VMamba v2 tiny, ssm_ratio 1"),
+        _v2("vmamba_small_s1l20", (2, 2, 20, 2), 96, 1.0, 83.3, description="VMamba v2 small, ssm_ratio 1"),
+        _v2("vmamba_base_s1l20", (2, 2, 20, 2), 128, 1.0, 83.8, description="VMamba v2 base, ssm_ratio 1"),
+        # Small configs for tests: same blocks, few and narrow.
+        _v0("vmamba_test_v0", (1, 1, 2, 1), 16, None, num_classes=10, description="test config, v0 style, d_state 16"),
+        _v2("vmamba_test_v2", (1, 1, 2, 1), 16, 2.0, None, num_classes=10, description="test config, v2 style, d_state 1"),
+        # The bundled trained models (vmamba_export/weights/), trained on scikit-learn's digits.
+        _v2(
+            "vmamba_digits_v2",
+            (1, 2, 1),
+            32,
+            2.0,
+            None,
+            num_classes=10,
+            input=DIGITS_INPUT,
+            description="bundled: trained on digits, v2 style, d_state 1",
+        ),
+        _v0(
+            "vmamba_digits_v0",
+            (1, 2, 1),
+            32,
+            None,
+            num_classes=10,
+            input=DIGITS_INPUT,
+            description="bundled: trained on digits, v0 style, d_state 16",
+        ),
+    ]
+}
+
+RELEASED_MODELS = tuple(n for n, c in _CONFIGS.items() if c.published_top1 is not None)
+DEFAULT_MODEL = "vmamba_digits_v2"
+
+
+def list_configs() -> list[VMambaConfig]:
+    return list(_CONFIGS.values())
+
+
+def get_config(name: str) -> VMambaConfig:
+    from ..errors import UnknownModelError
+
+    try:
+        return _CONFIGS[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(_CONFIGS)}") from None
