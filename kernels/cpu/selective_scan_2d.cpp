@@ -1,0 +1,478 @@
+// CPU kernel of the fused 2-D selective scan (contract: docs/scan-op.md; API: selective_scan_2d.h).
+//
+// Build: this file is compiled once per instruction-set variant, with -DVMAMBA_SCAN_VARIANT=<namespace> and that
+// variant's flags (x86-64: `generic` with the baseline flags, `x86_64_v3` with -march=x86-64-v3 (AVX2/FMA),
+// `x86_64_v4` with -march=x86-64-v4 (AVX-512)); exactly one compile also defines VMAMBA_SCAN_DISPATCH and gets the
+// public functions, which pick a variant at run time from CPUID. So the shipped library runs on any x86-64 CPU and
+// still uses the widest vectors the machine has; -march=native is never used. Other architectures build `generic`
+// alone. The vector code uses GCC/Clang vector extensions, which each compile lowers to its own ISA.
+//
+// Work decomposition: a work item is (batch, block of 16 channels) and runs all four directions one after the
+// other, so no two threads ever write the same y element and no per-direction y buffers are needed. The item
+// transposes its u / delta / y tiles into channel-last scratch ([position][16 channels]) so that each scan step
+// loads one 64-byte row: the 16 channels are the vector lanes, the positions are walked in the direction's order
+// (any order costs the same in that layout). B and C (shared by all channels of a direction) are read as
+// broadcast scalars: directly from the input when d_state = 1, else from a [position][B | C] copy made once per
+// call. softplus(delta + bias) and exp(dt * A) are computed inside the scan loop; they do not depend on the state,
+// so the out-of-order core overlaps them with the (short) state recurrence.
+
+#include "selective_scan_2d.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#ifndef VMAMBA_SCAN_VARIANT
+#define VMAMBA_SCAN_VARIANT generic
+#endif
+
+namespace vmamba {
+namespace VMAMBA_SCAN_VARIANT {
+
+const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+
+namespace {
+
+#define VM_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kLanes = 16;  // channels per work item (a scratch row is 64 bytes)
+
+// Native vector width: the arithmetic uses vectors the hardware has (wider GCC vectors would be split, and their
+// compares and selects were scalarised on AVX2: 8x slower); a 16-channel row is kGroups such vectors.
+#if defined(__AVX512F__)
+constexpr int kNative = 16;
+#elif defined(__AVX__)
+constexpr int kNative = 8;
+#else
+constexpr int kNative = 4;
+#endif
+constexpr int kGroups = static_cast<int>(kLanes) / kNative;
+typedef float vf __attribute__((vector_size(kNative * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kNative * sizeof(int32_t))));
+
+VM_INLINE vf splat(float x) { return vf{} + x; }
+VM_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+VM_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// exp(x) for x <= 0 (the only arguments here: dt * A with dt >= 0, A < 0, and -|x| in softplus). Cephes expf
+// polynomial, about 1 ulp; below -87 (where 2^n would leave the normal range) it returns 0, off by < 2e-38.
+VM_INLINE vf exp_nonpos(vf x) {
+#if defined(__AVX512F__)
+  // AVX-512: round and scale by 2^n in one instruction each (vscalefps underflows to 0 by itself).
+  x = x < -100.0f ? splat(-100.0f) : x;
+  const vf n = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return _mm512_scalef_ps(p * (r * r) + r + 1.0f, n);
+#else
+  const vi tiny = x < -87.0f;
+  x = tiny ? splat(-87.0f) : x;
+  const vf shifted = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds x / ln2 to an integer
+  const vf n = shifted - 12582912.0f;
+  const vi n_int = reinterpret_cast<vi>(shifted) - 0x4B400000;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf e = p * (r * r) + r + 1.0f;
+  const vf scaled = reinterpret_cast<vf>(reinterpret_cast<vi>(e) + (n_int << 23));
+  return tiny ? splat(0.0f) : scaled;
+#endif
+}
+
+// log1p(e) for e in [0, 1]: Cephes logf of u = 1 + e in (1, 2], plus the first-order correction for the rounding of
+// 1 + e (without it, tiny e, i.e. very negative delta, would lose all precision); no division.
+VM_INLINE vf log1p_unit(vf e) {
+  const vf u = 1.0f + e;
+  const vi big = u > 1.41421356237f;
+  const vf m = big ? u * 0.5f : u;
+  const vf k = big ? splat(1.0f) : splat(0.0f);
+  const vf x = m - 1.0f;  // exact (Sterbenz), in [-0.29, 0.42]
+  const vf z = x * x;
+  vf y = splat(7.0376836292e-2f);
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y + k * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  vf log_u = x + y;
+  log_u = log_u + k * 0.693359375f;
+  // (e - (u - 1)) is the rounding error of 1 + e (at most 2^-24), so its 1/u factor needs only a rough value:
+  // 1.5 - u / 2 matches 1/u at both ends of [1, 2] and is within 12% between, far below float resolution here.
+  return log_u + (e - (u - 1.0f)) * (1.5f - 0.5f * u);
+}
+
+// softplus(x) = log1p(exp(x)), and x itself for x > 20 (as torch): written max(x, 0) + log1p(exp(-|x|)) so that
+// exp never overflows.
+VM_INLINE vf softplus(vf x) {
+  const vf neg_abs = x > 0.0f ? -x : x;
+  const vf pos = x > 0.0f ? x : splat(0.0f);
+  const vf r = pos + log1p_unit(exp_nonpos(neg_abs));
+  return x > 20.0f ? x : r;
+}
+
+// ---- tile transposes between the input layout ([channel][position]) and scratch ([position][kLanes]) ----
+
+template <int S, bool Hi, int... I>
+VM_INLINE constexpr vi swap_mask(std::integer_sequence<int, I...>) {
+  // Exchanges the off-diagonal S x S sub-blocks of each 2S x 2S block of a pair of rows (one butterfly level).
+  return vi{(Hi ? ((I & S) ? kNative + I : I + S) : ((I & S) ? kNative + I - S : I))...};
+}
+
+template <int S>
+VM_INLINE void butterfly(vf* rows) {
+  constexpr auto seq = std::make_integer_sequence<int, kNative>{};
+  for (int i = 0; i < kNative; ++i) {
+    if (i & S) continue;
+    const vf a = rows[i];
+    const vf b = rows[i + S];
+    rows[i] = __builtin_shuffle(a, b, swap_mask<S, false>(seq));
+    rows[i + S] = __builtin_shuffle(a, b, swap_mask<S, true>(seq));
+  }
+  if constexpr (S > 1) butterfly<S / 2>(rows);
+}
+
+// In-register transpose of a kNative x kNative block.
+VM_INLINE void transpose_block(vf* rows) { butterfly<kNative / 2>(rows); }
+
+// dst[p * kLanes + c] = src[c * src_stride + p] for c < nc (0 for the padding lanes c >= nc), p < len.
+void to_lanes(const float* src, int64_t src_stride, int64_t nc, int64_t len, float* dst) {
+  int64_t p0 = 0;
+  for (; p0 + kNative <= len; p0 += kNative) {
+    for (int64_t g = 0; g < kLanes; g += kNative) {
+      vf rows[kNative];
+      for (int r = 0; r < kNative; ++r) {
+        if (g + r < nc) {
+          std::memcpy(&rows[r], src + (g + r) * src_stride + p0, sizeof(vf));
+        } else {
+          rows[r] = vf{};
+        }
+      }
+      transpose_block(rows);
+      for (int r = 0; r < kNative; ++r) std::memcpy(dst + (p0 + r) * kLanes + g, &rows[r], sizeof(vf));
+    }
+  }
+  for (; p0 < len; ++p0) {
+    for (int64_t c = 0; c < kLanes; ++c) dst[p0 * kLanes + c] = c < nc ? src[c * src_stride + p0] : 0.0f;
+  }
+}
+
+// dst[c * dst_stride + p] = src[p * kLanes + c] for c < nc, p < len.
+void from_lanes(const float* src, int64_t nc, int64_t len, float* dst, int64_t dst_stride) {
+  int64_t p0 = 0;
+  for (; p0 + kNative <= len; p0 += kNative) {
+    for (int64_t g = 0; g < kLanes && g < nc; g += kNative) {
+      vf rows[kNative];
+      for (int r = 0; r < kNative; ++r) std::memcpy(&rows[r], src + (p0 + r) * kLanes + g, sizeof(vf));
+      transpose_block(rows);
+      for (int r = 0; r < kNative && g + r < nc; ++r) {
+        std::memcpy(dst + (g + r) * dst_stride + p0, &rows[r], sizeof(vf));
+      }
+    }
+  }
+  for (; p0 < len; ++p0) {
+    for (int64_t c = 0; c < nc; ++c) dst[c * dst_stride + p0] = src[p0 * kLanes + c];
+  }
+}
+
+// ---- the scan ----
+
+// Positions of direction k as a double loop: p = start + o * outer_step + i * inner_step.
+struct Walk {
+  int64_t start, n_outer, outer_step, n_inner, inner_step;
+};
+
+Walk walk_for(int64_t k, int64_t h, int64_t w) {
+  const int64_t last = h * w - 1;
+  switch (k) {
+    case 0: return {0, h, w, w, 1};            // row-major
+    case 1: return {0, w, 1, h, w};            // column-major
+    case 2: return {last, h, -w, w, -1};       // row-major reversed
+    default: return {last, w, -1, h, -w};      // column-major reversed
+  }
+}
+
+// One direction over one tile. B value of state j at position p: bsrc[p * pos_stride + j * state_stride] (C alike).
+// NS > 0 fixes d_state at compile time (state kept in registers / fully unrolled); NS = 0 reads it from n.
+// bias[g], a[j * kGroups + g] and the state h[j * kGroups + g] are native vectors covering lanes g * kNative...
+template <int NS>
+void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float* u_t, float* y_t, const vf* bias,
+                    const vf* a, const float* bsrc, const float* csrc, int64_t pos_stride, int64_t state_stride,
+                    vf* state_scratch) {
+  const int64_t ns = NS > 0 ? NS : n;
+  vf state_local[NS > 0 ? NS * kGroups : 1];
+  vf* h = NS > 0 ? state_local : state_scratch;
+  for (int64_t j = 0; j < ns * kGroups; ++j) h[j] = vf{};
+  int64_t p_outer = wk.start;
+  for (int64_t o = 0; o < wk.n_outer; ++o, p_outer += wk.outer_step) {
+    int64_t p = p_outer;
+    for (int64_t i = 0; i < wk.n_inner; ++i, p += wk.inner_step) {
+      const float* bp = bsrc + p * pos_stride;
+      const float* cp = csrc + p * pos_stride;
+      vf dt[kGroups], dtu[kGroups], acc[kGroups];
+      for (int g = 0; g < kGroups; ++g) {
+        dt[g] = softplus(load(delta_t + p * kLanes + g * kNative) + bias[g]);
+        dtu[g] = dt[g] * load(u_t + p * kLanes + g * kNative);
+        acc[g] = vf{};
+      }
+      for (int64_t j = 0; j < ns; ++j) {
+        const float bj = bp[j * state_stride];
+        const float cj = cp[j * state_stride];
+        for (int g = 0; g < kGroups; ++g) {
+          vf& hj = h[j * kGroups + g];
+          hj = exp_nonpos(dt[g] * a[j * kGroups + g]) * hj + dtu[g] * bj;
+          acc[g] += hj * cj;
+        }
+      }
+      for (int g = 0; g < kGroups; ++g) {
+        float* yp = y_t + p * kLanes + g * kNative;
+        store(yp, load(yp) + acc[g]);
+      }
+    }
+  }
+}
+
+// Flush-to-zero / denormals-are-zero for the lifetime of a work item. The state decays geometrically, so long scans
+// with large dt * |A| drive it into the denormal range, where every multiply takes a ~100-cycle microcode assist
+// (measured: 7x slower end to end). Values below 1.2e-38 change nothing that float32 output could show.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#elif defined(__aarch64__)
+  FlushDenormals() : saved_(__builtin_aarch64_get_fpcr64()) { __builtin_aarch64_set_fpcr64(saved_ | (1ull << 24)); }
+  ~FlushDenormals() { __builtin_aarch64_set_fpcr64(saved_); }
+
+ private:
+  unsigned long long saved_;
+#endif
+};
+
+struct Job {
+  ScanTensors t;
+  ScanShape s;
+  int64_t blocks;      // channel blocks per batch element
+  const float* bc_t;   // d_state > 1: (batch, 4, L, [B(N) | C(N)]), else null
+  std::atomic<bool> failed{false};
+};
+
+struct AlignedBuffer {
+  float* p;
+  explicit AlignedBuffer(size_t count)
+      : p(static_cast<float*>(::operator new(count * sizeof(float), std::align_val_t(64), std::nothrow))) {}
+  ~AlignedBuffer() { ::operator delete(p, std::align_val_t(64)); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+void run_item(void* arg, int64_t item) {
+  Job& job = *static_cast<Job*>(arg);
+  const FlushDenormals ftz;
+  const ScanTensors& t = job.t;
+  const ScanShape& s = job.s;
+  const int64_t di = s.d_inner, n = s.d_state, len = s.height * s.width;
+  const int64_t b = item / job.blocks;
+  const int64_t d0 = (item % job.blocks) * kLanes;
+  const int64_t nc = std::min<int64_t>(kLanes, di - d0);
+
+  // Scratch: u, delta and y tiles, then per-state decay rates A and (generic d_state) the state itself.
+  const int64_t tile = len * kLanes;
+  AlignedBuffer buf(3 * tile + 2 * n * kLanes);  // a and state: n * kGroups vectors each
+  if (buf.p == nullptr) {
+    job.failed.store(true, std::memory_order_relaxed);
+    return;
+  }
+  float* u_t = buf.p;
+  float* delta_t = u_t + tile;
+  float* y_t = delta_t + tile;
+  vf* a = reinterpret_cast<vf*>(y_t + tile);
+  vf* state = a + n * kGroups;
+
+  to_lanes(t.u + (b * di + d0) * len, len, nc, len, u_t);
+
+  // The D * u skip term of all four directions at once.
+  alignas(64) float d_sum[kLanes] = {};
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t k = 0; k < 4; ++k) d_sum[c] += t.D[k * di + d0 + c];
+  }
+  for (int64_t p = 0; p < len; ++p) {
+    for (int g = 0; g < kGroups; ++g) {
+      float* row = y_t + p * kLanes + g * kNative;
+      store(row, load(d_sum + g * kNative) * load(u_t + p * kLanes + g * kNative));
+    }
+  }
+
+  for (int64_t k = 0; k < 4; ++k) {
+    to_lanes(t.delta + ((b * 4 + k) * di + d0) * len, len, nc, len, delta_t);
+    alignas(64) float bias_lanes[kLanes] = {};
+    for (int64_t c = 0; c < nc; ++c) bias_lanes[c] = t.delta_bias[k * di + d0 + c];
+    vf bias[kGroups];
+    for (int g = 0; g < kGroups; ++g) bias[g] = load(bias_lanes + g * kNative);
+    for (int64_t j = 0; j < n; ++j) {
+      alignas(64) float a_lanes[kLanes] = {};  // padding lanes: A = 0, so their state stays 0 (u = 0 there)
+      for (int64_t c = 0; c < nc; ++c) a_lanes[c] = -std::exp(t.A_logs[(k * di + d0 + c) * n + j]);
+      for (int g = 0; g < kGroups; ++g) a[j * kGroups + g] = load(a_lanes + g * kNative);
+    }
+    const Walk wk = walk_for(k, s.height, s.width);
+    if (n == 1) {
+      const float* bsrc = t.B + (b * 4 + k) * len;
+      const float* csrc = t.C + (b * 4 + k) * len;
+      scan_direction<1>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, csrc, 1, 0, state);
+    } else {
+      const float* bsrc = job.bc_t + (b * 4 + k) * len * 2 * n;
+      if (n == 16) {
+        scan_direction<16>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, bsrc + n, 2 * n, 1, state);
+      } else {
+        scan_direction<0>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, bsrc + n, 2 * n, 1, state);
+      }
+    }
+  }
+
+  from_lanes(y_t, nc, len, t.y + (b * di + d0) * len, len);
+}
+
+// d_state > 1: copy B and C of (batch b, direction k) into [position][B(0..N-1) | C(0..N-1)].
+void gather_bc(void* arg, int64_t item) {
+  Job& job = *static_cast<Job*>(arg);
+  const int64_t n = job.s.d_state, len = job.s.height * job.s.width;
+  const float* bsrc = job.t.B + item * n * len;
+  const float* csrc = job.t.C + item * n * len;
+  float* dst = const_cast<float*>(job.bc_t) + item * len * 2 * n;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t p = 0; p < len; ++p) {
+      dst[p * 2 * n + j] = bsrc[j * len + p];
+      dst[p * 2 * n + n + j] = csrc[j * len + p];
+    }
+  }
+}
+
+void serial_for(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
+  for (int64_t i = 0; i < n; ++i) fn(arg, i);
+}
+
+}  // namespace
+
+const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx) {
+  if (parallel_for == nullptr) parallel_for = serial_for;
+  const int64_t len = s.height * s.width;
+  Job job;
+  job.t = t;
+  job.s = s;
+  job.blocks = (s.d_inner + kLanes - 1) / kLanes;
+  job.bc_t = nullptr;
+  AlignedBuffer bc(s.d_state > 1 ? static_cast<size_t>(s.batch * 4 * len * 2 * s.d_state) : 0);
+  if (s.d_state > 1) {
+    if (bc.p == nullptr) return "out of memory";
+    job.bc_t = bc.p;
+    parallel_for(parallel_ctx, s.batch * 4, gather_bc, &job);
+  }
+  parallel_for(parallel_ctx, s.batch * job.blocks, run_item, &job);
+  return job.failed.load() ? "out of memory" : nullptr;
+}
+
+}  // namespace VMAMBA_SCAN_VARIANT
+
+#ifdef VMAMBA_SCAN_DISPATCH
+
+#if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
+namespace x86_64_v3 {
+const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+}
+#endif
+#if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
+namespace x86_64_v4 {
+const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+}
+#endif
+
+namespace {
+
+using RunFn = const char* (*)(const ScanTensors&, const ScanShape&, ParallelFor, void*);
+
+struct Variant {
+  const char* name;
+  RunFn run;
+};
+
+Variant pick_variant() {
+  const char* forced = std::getenv("VMAMBA_SCAN_ISA");
+  auto allowed = [forced](const char* name) { return forced == nullptr || *forced == '\0' ||
+                                                       std::strcmp(forced, name) == 0; };
+  // A forced name only ever selects a variant the CPU supports; an unknown name falls through to generic.
+#if defined(VMAMBA_SCAN_HAVE_X86_64_V4) || defined(VMAMBA_SCAN_HAVE_X86_64_V3)
+  __builtin_cpu_init();
+#endif
+#if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
+  if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) return {"x86-64-v4", x86_64_v4::run};
+#endif
+#if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
+  if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) return {"x86-64-v3", x86_64_v3::run};
+#endif
+  (void)allowed;
+  return {"generic", VMAMBA_SCAN_VARIANT::run};
+}
+
+const Variant& variant() {
+  static const Variant v = pick_variant();
+  return v;
+}
+
+}  // namespace
+
+const char* check_scan_shape(const ScanShape& s) {
+  if (s.k != 4) return "k (directions) must be 4";
+  if (s.batch < 0 || s.d_inner < 0) return "batch and d_inner must be >= 0";
+  if (s.d_state < 1) return "d_state must be >= 1";
+  if (s.height < 0 || s.width < 0) return "height and width must be >= 0";
+  // Keep every flat index (and the scratch sizes) far inside int64.
+  const double elems = static_cast<double>(s.batch) * 4 * static_cast<double>(std::max(s.d_inner, s.d_state)) *
+                       static_cast<double>(s.height) * static_cast<double>(s.width);
+  if (elems > 4e15) return "tensor too large";
+  return nullptr;
+}
+
+const char* selective_scan_2d_f32(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for,
+                                  void* parallel_ctx) {
+  if (const char* err = check_scan_shape(s)) return err;
+  if (s.batch == 0 || s.d_inner == 0 || s.height == 0 || s.width == 0) return nullptr;  // empty y
+  if (!t.u || !t.delta || !t.A_logs || !t.B || !t.C || !t.D || !t.delta_bias || !t.y) return "null tensor pointer";
+  return variant().run(t, s, parallel_for, parallel_ctx);
+}
+
+const char* scan_isa() { return variant().name; }
+
+#endif  // VMAMBA_SCAN_DISPATCH
+
+}  // namespace vmamba

@@ -1,0 +1,190 @@
+// ONNX Runtime custom-op library: `SelectiveScan2D` in domain `ai.vmamba`, opset 1 (contract: docs/scan-op.md).
+//
+// Built against the ORT 1.21 C/C++ headers (Debian's libonnxruntime-dev) and never linked against libonnxruntime:
+// the C API is versioned and backward compatible, so the library loads in any ORT >= 1.21 (tested with 1.32).
+// The CPU kernel threads through ORT's intra-op pool (KernelContext_ParallelFor), so it obeys
+// intra_op_num_threads and never competes with a second pool.
+//
+// Uses the classic Ort::CustomOpBase with the status-returning V2 entry points, so no C++ exception ever crosses
+// into ORT; the CUDA kernel (a later change) registers as a second CustomOpBase with GetExecutionProviderType()
+// returning "CUDAExecutionProvider", in add_cuda_ops() below.
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdint>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../cpu/selective_scan_2d.h"
+
+namespace {
+
+constexpr const char* kDomain = "ai.vmamba";
+constexpr const char* kOpName = "SelectiveScan2D";
+constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
+constexpr size_t kNumInputs = 7;
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+OrtStatus* make_status(OrtErrorCode code, const std::string& message) {
+  return Ort::GetApi().CreateStatus(code, (std::string(kOpName) + ": " + message).c_str());
+}
+
+// Adapts the kernel's ParallelFor to ORT's intra-op pool.
+struct PoolJob {
+  void (*fn)(void*, int64_t);
+  void* arg;
+};
+
+void ort_parallel_for(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* arg) {
+  PoolJob job{fn, arg};
+  auto run = [](void* data, size_t i) {
+    auto* j = static_cast<PoolJob*>(data);
+    j->fn(j->arg, static_cast<int64_t>(i));
+  };
+  OrtStatus* status = Ort::GetApi().KernelContext_ParallelFor(static_cast<const OrtKernelContext*>(ctx), run,
+                                                              static_cast<size_t>(n), 0, &job);
+  if (status != nullptr) {  // no pool available: run on this thread (ORT runs all items or none)
+    Ort::GetApi().ReleaseStatus(status);
+    for (int64_t i = 0; i < n; ++i) fn(arg, i);
+  }
+}
+
+struct SelectiveScan2DCpuKernel {
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    try {
+      return compute(context);
+    } catch (const Ort::Exception& e) {
+      return make_status(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return make_status(ORT_FAIL, e.what());
+    } catch (...) {
+      return make_status(ORT_FAIL, "unknown error");
+    }
+  }
+
+  OrtStatus* compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    if (ctx.GetInputCount() != kNumInputs || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT, "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias), 1 output");
+    }
+    std::vector<Ort::ConstValue> inputs;
+    std::vector<std::vector<int64_t>> shapes;
+    for (size_t i = 0; i < kNumInputs; ++i) {
+      inputs.push_back(ctx.GetInput(i));
+      auto info = inputs.back().GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] + "' must be float32");
+      }
+      shapes.push_back(info.GetShape());
+    }
+    const auto& us = shapes[0];
+    const auto& ds = shapes[1];
+    if (us.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us));
+    }
+    if (ds.size() != 5) {
+      return make_status(ORT_INVALID_ARGUMENT, "input 'delta' must be (B, K, Di, H, W), got " + shape_str(ds));
+    }
+    if (shapes[2].size() != 2) {
+      return make_status(ORT_INVALID_ARGUMENT, "input 'A_logs' must be (K*Di, N), got " + shape_str(shapes[2]));
+    }
+    const int64_t b = us[0], di = us[1], h = us[2], w = us[3], k = ds[1], n = shapes[2][1];
+    const std::vector<std::vector<int64_t>> expected = {
+        us, {b, k, di, h, w}, {k * di, n}, {b, k, n, h, w}, {b, k, n, h, w}, {k * di}, {k * di}};
+    for (size_t i = 1; i < kNumInputs; ++i) {
+      if (shapes[i] != expected[i]) {
+        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] + "' must have shape " +
+                                                     shape_str(expected[i]) + " (from u " + shape_str(us) +
+                                                     " and delta " + shape_str(ds) + "), got " + shape_str(shapes[i]));
+      }
+    }
+    const vmamba::ScanShape shape{b, k, di, n, h, w};
+    if (const char* err = vmamba::check_scan_shape(shape)) return make_status(ORT_INVALID_ARGUMENT, err);
+
+    auto output = ctx.GetOutput(0, us);
+    const vmamba::ScanTensors tensors{inputs[0].GetTensorData<float>(), inputs[1].GetTensorData<float>(),
+                                      inputs[2].GetTensorData<float>(), inputs[3].GetTensorData<float>(),
+                                      inputs[4].GetTensorData<float>(), inputs[5].GetTensorData<float>(),
+                                      inputs[6].GetTensorData<float>(), output.GetTensorMutableData<float>()};
+    if (const char* err = vmamba::selective_scan_2d_f32(tensors, shape, ort_parallel_for, context)) {
+      return make_status(ORT_FAIL, err);
+    }
+    return nullptr;
+  }
+};
+
+struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveScan2DCpuKernel, true> {
+  SelectiveScan2DCpuOp() {
+    // The V1 entry points stay unused (WithStatus = true); fill them so no field of OrtCustomOp is garbage.
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    try {
+      *kernel = new SelectiveScan2DCpuKernel();
+      return nullptr;
+    } catch (...) {
+      return make_status(ORT_FAIL, "could not create kernel");
+    }
+  }
+
+  const char* GetName() const { return kOpName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// Registration hook for the CUDA kernel (built only with CUDA; not written yet).
+void add_cuda_ops(Ort::CustomOpDomain& /*domain*/) {}
+
+// The op objects and domains must outlive every session that uses them: static op, domains kept forever (a few
+// hundred bytes per registration; releasing them at exit could run after ORT itself is gone).
+SelectiveScan2DCpuOp& cpu_op() {
+  static SelectiveScan2DCpuOp op;
+  return op;
+}
+
+void keep_domain(Ort::CustomOpDomain&& domain) {
+  static std::mutex mutex;
+  static auto* domains = new std::vector<Ort::CustomOpDomain>();
+  std::lock_guard<std::mutex> lock(mutex);
+  domains->push_back(std::move(domain));
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {  // ORT older than the headers: report through the oldest API every version has
+    const OrtApi* api1 = api_base->GetApi(1);
+    return api1 ? api1->CreateStatus(ORT_FAIL, "libvmamba_ort needs onnxruntime >= 1.21") : nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    Ort::CustomOpDomain domain{kDomain};
+    domain.Add(&cpu_op());
+    add_cuda_ops(domain);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    keep_domain(std::move(domain));
+  } catch (const Ort::Exception& e) {
+    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}

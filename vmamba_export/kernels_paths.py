@@ -1,0 +1,21 @@
+"""Where the native libraries built by `python -m vmamba_export.build_kernels` live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NATIVE_DIR = Path(__file__).resolve().parent / "_native"
+SCAN_LIBRARY_NAME = "libvmamba_scan.so"  # C API for the torch op (ctypes), kernels/cpu
+ORT_LIBRARY_NAME = "libvmamba_ort.so"  # ONNX Runtime custom-op library, kernels/onnxruntime
+
+
+def scan_library_path() -> Path | None:
+    """The C scan library (torch op's CPU path), or None when it is not built."""
+    path = NATIVE_DIR / SCAN_LIBRARY_NAME
+    return path if path.is_file() else None
+
+
+def ort_library_path() -> Path | None:
+    """The ONNX Runtime custom-op library (`SessionOptions.register_custom_ops_library`), or None when not built."""
+    path = NATIVE_DIR / ORT_LIBRARY_NAME
+    return path if path.is_file() else None
