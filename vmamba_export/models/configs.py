@@ -113,7 +113,15 @@ _CONFIGS: dict[str, VMambaConfig] = {
         _v2("vmamba_base_s1l20", (2, 2, 20, 2), 128, 1.0, 83.8, description="VMamba v2 base, ssm_ratio 1"),
         # Small configs for tests: same blocks, few and narrow.
         _v0("vmamba_test_v0", (1, 1, 2, 1), 16, None, num_classes=10, description="test config, v0 style, d_state 16"),
-        _v2("vmamba_test_v2", (1, 1, 2, 1), 16, 2.0, None, num_classes=10, description="test config, v2 style, d_state 1"),
+        _v2(
+            "vmamba_test_v2",
+            (1, 1, 2, 1),
+            16,
+            2.0,
+            None,
+            num_classes=10,
+            description="test config, v2 style, d_state 1",
+        ),
         # The bundled trained models (vmamba_export/weights/), trained on scikit-learn's digits.
         _v2(
             "vmamba_digits_v2",

@@ -67,7 +67,6 @@ def selective_scan_portable(
     return cross_merge(ys, h, w)
 
 
-
 def selective_scan_sequential(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -1,0 +1,153 @@
+"""CPU benchmark through ONNX Runtime: VMamba-T models in both ONNX lowerings against a ConvNeXt-T peer, same run.
+
+    python benchmarks/cpu_onnxruntime.py [--models ...] [--threads 2] [--runs 30] [--out benchmarks/results/...md]
+
+Every model is timed in its own process (batch 1, 224x224, the given threads), after warm-up; ratios are against
+ConvNeXt-T measured in the same run, so machine load moves both sides. For the custom-op artifacts ONNX Runtime's
+profiler gives the share of time spent in the scan nodes. Random weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+DEFAULT_MODELS = ["vmamba_tiny_s1l8", "vmamba_tiny_s2l5", "vanilla_vmamba_tiny"]
+LOWERINGS = ["cpu-onnxruntime", "onnx-portable"]
+
+
+def worker(model_path: str, library: str, batch: int, threads: int, size: int, warmup: int, runs: int) -> dict:
+    from vmamba_export.bench import peak_rss_mb, time_calls
+    from vmamba_export.runtime.onnxruntime_backend import make_session
+
+    session = make_session(Path(model_path), Path(library) if library != "-" else None, threads)
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    name = session.get_inputs()[0].name
+    stats = time_calls(lambda: session.run(None, {name: x}), warmup, runs)
+    return {**stats, "peak_rss_mb": peak_rss_mb()}
+
+
+def time_in_subprocess(model_path: Path, library: Path | None, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(model_path), str(library or "-")]
+    cmd += [str(v) for v in (1, args.threads, 224, args.warmup, args.runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing {model_path} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scan_share(model_path: Path, library: Path, threads: int, runs: int = 10) -> float:
+    """Fraction of node time spent in SelectiveScan2D nodes, from ONNX Runtime's profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        options.register_custom_ops_library(str(library))
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+        for _ in range(runs + 2):
+            session.run(None, {session.get_inputs()[0].name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    total = scan = 0
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        total += event["dur"]
+        if event.get("args", {}).get("op_name") == "SelectiveScan2D":
+            scan += event["dur"]
+    return scan / total if total else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--lowerings", nargs="+", default=LOWERINGS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        path, lib, *nums = args.worker
+        print(json.dumps(worker(path, lib, *(int(n) for n in nums))))
+        return 0
+
+    from convnext import export_convnext_onnx
+
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.targets import get_target
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    peer_path = workdir / "convnext_tiny.onnx"
+    if not peer_path.exists():
+        export_convnext_onnx(str(peer_path))
+    peer = time_in_subprocess(peer_path, None, args)
+    rows.append({"model": "convnext_tiny (peer)", "lowering": "standard ONNX", **peer})
+    print(f"convnext_tiny: {peer['median_ms']:.1f} ms", file=sys.stderr)
+    for name in args.models:
+        source = resolve_model(name, random_weights=True)
+        for lowering in args.lowerings:
+            folder = workdir / f"{name}-{lowering}"
+            if not (folder / "manifest.json").exists():
+                t0 = time.perf_counter()
+                export_artifact(source, get_target(lowering), folder, overwrite=True)
+                print(f"exported {folder.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            manifest = json.loads((folder / "manifest.json").read_text())
+            library = manifest["entry"].get("custom_op_library")
+            library = folder / library if library else None
+            stats = time_in_subprocess(folder / manifest["entry"]["model"], library, args)
+            row = {"model": name, "lowering": lowering, **stats}
+            if library is not None:
+                row["scan_share"] = scan_share(folder / manifest["entry"]["model"], library, args.threads)
+            rows.append(row)
+            print(f"{name} {lowering}: {stats['median_ms']:.1f} ms", file=sys.stderr)
+
+    by_key = {(r["model"], r["lowering"]): r for r in rows}
+    for r in rows:
+        r["vs_convnext"] = r["median_ms"] / peer["median_ms"]
+        custom = by_key.get((r["model"], "cpu-onnxruntime"))
+        if r["lowering"] == "onnx-portable" and custom:
+            r["vs_custom_op"] = r["median_ms"] / custom["median_ms"]
+    lines = [
+        f"CPU ONNX Runtime, batch 1, 224x224, {args.threads} threads, {args.runs} runs after {args.warmup} warm-up",
+        "",
+        "| model | lowering | median ms | p90 ms | x ConvNeXt-T | portable / custom-op | scan share | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        share = f"{100 * r['scan_share']:.1f}%" if "scan_share" in r else "-"
+        vs_custom = f"{r['vs_custom_op']:.2f}" if "vs_custom_op" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['lowering']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['vs_convnext']:.2f} | "
+            f"{vs_custom} | {share} | {r['peak_rss_mb']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

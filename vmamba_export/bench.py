@@ -1,0 +1,127 @@
+"""Latency of an artifact: median, p90 and throughput after warm-up, per batch size and thread count, and peak memory.
+
+Each (batch, threads, size) point runs in its own process, so thread settings do not leak between points and the
+peak resident memory measured is that point's alone (ONNX Runtime does not give memory back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import read_manifest, update_manifest
+from .errors import VMambaExportError
+from .progress import progress_bar
+
+
+def time_calls(fn: Callable[[], object], warmup: int, runs: int) -> dict:
+    """Median, p90, mean and min of `runs` timed calls after `warmup` untimed ones, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
+        "mean_ms": statistics.fmean(times),
+        "min_ms": times[0],
+    }
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def bench_point(folder: Path, batch: int, threads: int, size: int, warmup: int, runs: int) -> dict:
+    """One measurement in this process (the worker side)."""
+    from .runtime import load
+
+    predictor = load(folder, threads=threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, predictor.channels, size, size), dtype=np.float32)
+    stats = time_calls(lambda: predictor(x), warmup, runs)
+    return {
+        "batch": batch,
+        "threads": threads,
+        "size": size,
+        **stats,
+        "throughput": batch / (stats["median_ms"] / 1e3),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
+
+
+def bench_artifact(
+    folder: Path,
+    batches: list[int] | None = None,
+    threads: list[int] | None = None,
+    sizes: list[int] | None = None,
+    warmup: int = 5,
+    runs: int = 20,
+    show_progress: bool = True,
+    record: bool = True,
+) -> dict:
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    batches = batches or [1]
+    threads = threads or [min(2, os.cpu_count() or 1)]
+    sizes = sizes or [manifest["input"]["preprocessing"]["image_size"]]
+    points = [(b, t, s) for s in sizes for b in batches for t in threads]
+    results = []
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task("bench", total=len(points))
+        for b, t, s in points:
+            cmd = [
+                sys.executable,
+                "-m",
+                "vmamba_export.bench",
+                str(folder),
+                str(b),
+                str(t),
+                str(s),
+                str(warmup),
+                str(runs),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise VMambaExportError(f"benchmark of {folder} (batch {b}, threads {t}, size {s}) failed: {last}")
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            progress.advance(task)
+    bench = {"machine": machine_description(), "warmup": warmup, "runs": runs, "results": results}
+    if record:
+        update_manifest(folder, benchmark=bench)
+    return bench
+
+
+if __name__ == "__main__":  # worker: python -m vmamba_export.bench DIR BATCH THREADS SIZE WARMUP RUNS
+    folder_arg, *nums = sys.argv[1:]
+    b_, t_, s_, w_, r_ = (int(v) for v in nums)
+    print(json.dumps(bench_point(Path(folder_arg), b_, t_, s_, w_, r_)))

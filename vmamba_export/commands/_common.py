@@ -1,0 +1,27 @@
+"""Arguments shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models import DEFAULT_MODEL
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(f"model (default: the bundled trained model {DEFAULT_MODEL})")
+    g.add_argument("--model", metavar="NAME", help="config name (see `vmamba-export models`)")
+    g.add_argument(
+        "--checkpoint", metavar="PATH", help="weights file (.pth/.pt/.safetensors); config detected if no --model"
+    )
+    g.add_argument("--random-weights", action="store_true", help="seeded random weights (speed measurements only)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values

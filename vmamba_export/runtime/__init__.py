@@ -1,0 +1,36 @@
+"""Runtime loader: `load(artifact_dir)` verifies an artifact and returns a predictor that runs it.
+
+Only the target's runtime is imported (onnxruntime, openvino, ...), at this boundary, when an artifact needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifact import read_manifest, verify_files
+from ..errors import TargetUnavailableError
+from .predictor import Predictor
+
+_BACKENDS = {
+    "onnxruntime": ("onnxruntime_backend", "OnnxRuntimeBackend"),
+}
+
+
+def load(artifact_dir: str | Path, threads: int | None = None, verify: bool = True) -> Predictor:
+    """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor."""
+    folder = Path(artifact_dir)
+    manifest = read_manifest(folder)
+    if verify:
+        verify_files(folder, manifest)
+    runtime = manifest["target"].get("runtime")
+    if runtime not in _BACKENDS:
+        raise TargetUnavailableError(f"artifact {folder} needs runtime {runtime!r}, which this loader does not know")
+    import importlib
+
+    module_name, class_name = _BACKENDS[runtime]
+    module = importlib.import_module(f".{module_name}", __package__)
+    backend = getattr(module, class_name)(folder, manifest, threads=threads)
+    return Predictor(manifest, backend, folder)
+
+
+__all__ = ["Predictor", "load"]

@@ -1,0 +1,84 @@
+"""Targets are data: targets/<name>.toml says runtime, device, format, precisions, scan lowering and thresholds.
+Code reads them; adding a target means adding a file and, if its runtime is new, a lowering and a runtime backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TargetUnavailableError, VMambaExportError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    runtime: str
+    device: str
+    format: str
+    scan_lowering: str
+    precisions: tuple[str, ...]
+    runtime_packages: tuple[str, ...] = ()
+    export_packages: tuple[str, ...] = ()
+    needs_library: str | None = None
+    default_max_size: int = 1024
+    thresholds: dict = field(default_factory=dict)
+
+    def thresholds_for(self, precision: str) -> dict:
+        return dict(self.thresholds.get(precision, {}))
+
+    def missing_packages(self, packages: tuple[str, ...]) -> list[str]:
+        return [p for p in packages if importlib.util.find_spec(p) is None]
+
+    def can_build(self) -> tuple[bool, str]:
+        missing = self.missing_packages(self.export_packages)
+        if missing:
+            return False, f"missing Python packages: {', '.join(missing)}"
+        if self.needs_library == "onnxruntime-custom-op":
+            from .kernels_paths import ort_library_path
+
+            if ort_library_path() is None:
+                return False, "custom-op library not built (python -m vmamba_export.build_kernels)"
+        return True, "ok"
+
+    def can_run(self) -> tuple[bool, str]:
+        missing = self.missing_packages(self.runtime_packages)
+        if missing:
+            return False, f"missing Python packages: {', '.join(missing)}"
+        if self.device == "cuda":
+            return False, "needs a CUDA GPU"
+        if self.device == "apple":
+            return False, "needs macOS"
+        return True, "ok"
+
+
+def list_targets() -> list[Target]:
+    return [load_target_file(p) for p in sorted(TARGETS_DIR.glob("*.toml"))]
+
+
+def load_target_file(path: Path) -> Target:
+    try:
+        data = tomllib.loads(path.read_text())
+        data["precisions"] = tuple(data["precisions"])
+        for key in ("runtime_packages", "export_packages"):
+            data[key] = tuple(data.get(key, ()))
+        return Target(**data)
+    except (OSError, tomllib.TOMLDecodeError, TypeError, KeyError) as exc:
+        raise VMambaExportError(f"target file {path} is invalid: {exc}") from None
+
+
+def get_target(name: str) -> Target:
+    for target in list_targets():
+        if target.name == name:
+            return target
+    known = ", ".join(t.name for t in list_targets())
+    raise TargetUnavailableError(f"unknown target {name!r}; known targets: {known}")

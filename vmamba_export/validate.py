@@ -1,0 +1,149 @@
+"""Parity of an artifact with the PyTorch fp32 model on real images, with pass/fail thresholds per precision.
+
+Every metric is computed and every failure listed before the verdict, as Optimum's validate_model_outputs does.
+The PyTorch side runs the scan in plain torch (scan/op.py `torch_scan`), so it shares no code with the C++ kernel the
+artifact may run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifact import read_manifest, update_manifest
+from .errors import ParityError
+from .model_source import rebuild_from_manifest, resolve_model
+from .models.configs import InputSpec
+from .progress import progress_bar
+from .scan.op import torch_scan
+
+
+def parity_metrics(out: np.ndarray, ref: np.ndarray) -> dict:
+    out64, ref64 = out.astype(np.float64), ref.astype(np.float64)
+    diff = out64 - ref64
+    ref_norms = np.linalg.norm(ref64, axis=1)
+    out_norms = np.linalg.norm(out64, axis=1)
+    cos = (out64 * ref64).sum(axis=1) / np.maximum(out_norms * ref_norms, 1e-30)
+    finite = bool(np.isfinite(out64).all())
+    return {
+        "max_abs": float(np.abs(diff).max()),
+        "max_rel": float(np.abs(diff).max() / max(np.abs(ref64).max(), 1e-30)),
+        "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(ref64), 1e-30)),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "top1_agreement": float((out64.argmax(1) == ref64.argmax(1)).mean()),
+        "all_finite": finite,
+    }
+
+
+def threshold_failures(metrics: dict, thresholds: dict) -> list[str]:
+    failures = []
+    if not metrics["all_finite"]:
+        failures.append("non-finite outputs")
+    checks = {
+        "max_rel_l2": ("rel_l2", lambda v, t: v <= t, "<="),
+        "min_cosine": ("cosine_min", lambda v, t: v >= t, ">="),
+        "min_top1_agreement": ("top1_agreement", lambda v, t: v >= t, ">="),
+    }
+    for key, limit in thresholds.items():
+        if key not in checks:
+            continue
+        metric, ok, sign = checks[key]
+        if not ok(metrics[metric], limit):
+            failures.append(f"{metric} {metrics[metric]:.3g} (needs {sign} {limit:g})")
+    return failures
+
+
+def run_torch(model: torch.nn.Module, batch: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(batch), batch_size):
+            outs.append(model(torch.from_numpy(batch[start : start + batch_size])).numpy())
+    return np.concatenate(outs)
+
+
+def run_predictor(predictor, batch: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    return np.concatenate([predictor(batch[s : s + batch_size]) for s in range(0, len(batch), batch_size)])
+
+
+def validate_artifact(
+    folder: Path,
+    images: str = "builtin",
+    sizes: list[int] | None = None,
+    limit: int | None = None,
+    checkpoint: str | None = None,
+    accuracy_source: str | None = None,
+    threads: int | None = None,
+    show_progress: bool = True,
+    record: bool = True,
+) -> dict:
+    """Compare the artifact with its PyTorch fp32 model; record the result in its manifest and report."""
+    from .data.sources import load_batch
+    from .runtime import load
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    predictor = load(folder, threads=threads)
+    if checkpoint:
+        model = resolve_model(manifest["model"]["name"], checkpoint=checkpoint).model
+    else:
+        model = rebuild_from_manifest(manifest)
+    model.set_scan(torch_scan)
+    base_spec = predictor.input_spec
+    sizes = sizes or [base_spec.image_size]
+    thresholds = manifest.get("thresholds", {})
+    runs = []
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task("parity", total=len(sizes) * 2 + (2 if accuracy_source else 0))
+        for size in sizes:
+            spec = _spec_at(base_spec, size)
+            batch, _, names = load_batch(images, spec, limit)
+            ref = run_torch(model, batch)
+            progress.advance(task)
+            out = run_predictor(predictor, batch)
+            progress.advance(task)
+            metrics = parity_metrics(out, ref)
+            failures = threshold_failures(metrics, thresholds)
+            runs.append(
+                {"size": size, "num_images": len(batch), **metrics, "passed": not failures, "failures": failures}
+            )
+        accuracy = None
+        if accuracy_source:
+            batch, labels, _ = load_batch(accuracy_source, base_spec, None)
+            if labels is None or any(lab is None for lab in labels):
+                raise ParityError(f"accuracy source {accuracy_source!r} has no labels")
+            labels = np.asarray(labels)
+            torch_top1 = float((run_torch(model, batch).argmax(1) == labels).mean())
+            progress.advance(task)
+            art_top1 = float((run_predictor(predictor, batch).argmax(1) == labels).mean())
+            progress.advance(task)
+            accuracy = {
+                "source": accuracy_source,
+                "num_images": len(labels),
+                "torch_top1": torch_top1,
+                "artifact_top1": art_top1,
+                "drop_points": 100 * (torch_top1 - art_top1),
+            }
+    validation = {
+        "images": images,
+        "num_images": runs[0]["num_images"] if runs else 0,
+        "thresholds": thresholds,
+        "runs": runs,
+        "accuracy": accuracy,
+        "status": "pass" if all(r["passed"] for r in runs) else "fail",
+        "reference": "PyTorch fp32 model, scan in plain torch (independent of the C++ kernel)",
+    }
+    if record:
+        update_manifest(folder, validation=validation)
+    return validation
+
+
+def _spec_at(spec: InputSpec, size: int) -> InputSpec:
+    """The model's preprocessing at another input size, keeping its resize/crop ratio."""
+    if size == spec.image_size:
+        return spec
+    resize = max(size, round(size * spec.resize / spec.image_size))
+    return dataclasses.replace(spec, image_size=size, resize=resize)
