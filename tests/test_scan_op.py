@@ -1,0 +1,204 @@
+"""The `vmamba::selective_scan_2d` op against the float64 reference, in models, and in exported graphs.
+
+Also the spatial-size helpers (models/shapes.py) against real forward shapes and torch.export's dynamic-shape limits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.export import Dim
+
+from vmamba_export.models import VMamba, build_model, get_config, list_configs
+from vmamba_export.models.shapes import export_min_size, stage_sizes
+from vmamba_export.scan import native, selective_scan_portable, selective_scan_reference
+from vmamba_export.scan import selective_scan_2d as scan_op
+from vmamba_export.scan.portable import selective_scan_sequential
+
+K = 4
+OP = torch.ops.vmamba.selective_scan_2d
+BACKEND = "native" if native.available() else "torch"
+
+
+def scan_inputs(bsz: int, di: int, n: int, h: int, w: int, delta_shift: float = 0.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(bsz, di, h, w, generator=g)
+    delta = torch.randn(bsz, K, di, h, w, generator=g) + delta_shift
+    a_logs = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(K * di, 1)
+    a_logs = a_logs + 0.3 * torch.randn(K * di, n, generator=g)
+    b = torch.randn(bsz, K, n, h, w, generator=g)
+    c = torch.randn(bsz, K, n, h, w, generator=g)
+    d = torch.randn(K * di, generator=g)
+    delta_bias = 0.5 * torch.randn(K * di, generator=g)
+    return u, delta, a_logs, b, c, d, delta_bias
+
+
+def rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(y.double() - ref.double()) / torch.linalg.vector_norm(ref.double()))
+
+
+# (batch, Di, d_state, H, W, delta shift). The reference is a Python loop over 4 * L positions: tiny Di at L = 3136.
+CASES = [
+    (2, 3, 1, 1, 1, 0.0),
+    (2, 3, 16, 1, 1, 0.0),
+    (2, 5, 1, 7, 9, 0.0),
+    (3, 4, 16, 6, 5, 0.0),
+    (2, 2, 1, 1, 13, 10.0),  # H = 1: column-major equals row-major
+    (2, 2, 16, 11, 1, -10.0),  # W = 1
+    (2, 4, 1, 14, 14, 10.0),  # large deltas: the state forgets at once
+    (2, 4, 16, 14, 14, -10.0),  # tiny deltas: the state barely moves
+    (2, 1, 1, 56, 56, 0.0),  # L = 3136, stage 1 at 224x224
+    (2, 1, 16, 56, 56, -10.0),
+    (2, 1, 1, 56, 56, 10.0),
+]
+CASE_IDS = [f"b{b}-di{di}-n{n}-{h}x{w}-shift{s:+g}" for b, di, n, h, w, s in CASES]
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {case: selective_scan_reference(*scan_inputs(*case)) for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_op_matches_reference(case, references):
+    args = scan_inputs(*case)
+    y = OP(*args)
+    assert y.dtype == torch.float32 and y.shape == args[0].shape
+    assert rel_l2(y, references[case]) <= 1e-5, f"backend {BACKEND}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_torch_forms_match_reference(case, references):
+    args = scan_inputs(*case)
+    assert rel_l2(selective_scan_portable(*args), references[case]) <= 1e-5
+    # A fixed depth larger than needed (what an exported graph carries) changes nothing.
+    assert rel_l2(selective_scan_portable(*args, levels=13), references[case]) <= 1e-5
+    if case[3] * case[4] <= 196:  # one Python step per position: keep it to the small maps
+        assert rel_l2(selective_scan_sequential(*args), references[case]) <= 1e-5
+
+
+def test_reference_by_hand():
+    """The reference itself, against the recurrence written out for one channel of a 1x3 map (direction order is
+    the same for k = 0 and 1 when H = 1, and reversed for k = 2 and 3)."""
+    u, delta, a_logs, b, c, d, bias = scan_inputs(1, 1, 1, 1, 3, seed=3)
+    want = torch.zeros(3, dtype=torch.float64)
+    for k in range(K):
+        order = [0, 1, 2] if k < 2 else [2, 1, 0]
+        state = 0.0
+        for p in order:
+            dt = torch.nn.functional.softplus(delta[0, k, 0, 0, p].double() + bias[k].double())
+            a = -torch.exp(a_logs[k, 0].double())
+            state = torch.exp(dt * a) * state + dt * b[0, k, 0, 0, p].double() * u[0, 0, 0, p].double()
+            want[p] += c[0, k, 0, 0, p].double() * state + d[k].double() * u[0, 0, 0, p].double()
+    got = selective_scan_reference(u, delta, a_logs, b, c, d, bias)
+    torch.testing.assert_close(got.reshape(3), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2"])
+@pytest.mark.parametrize("size", [(64, 48), (45, 37)], ids=["64x48", "45x37"])
+def test_model_with_op_equals_reference_scan(name, size):
+    torch.manual_seed(0)
+    model = build_model(name)
+    assert all(m.scan_fn is scan_op for m in model.modules() if hasattr(m, "scan_fn"))
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        got = model(x)
+        model.set_scan(lambda *a: selective_scan_reference(*a).float())
+        want = model(x)
+    assert rel_l2(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "arg,bad",
+    [
+        ("u", lambda a: a["u"][0]),
+        ("delta", lambda a: a["delta"][:, :, :, :-1]),
+        ("A_logs", lambda a: a["A_logs"][:-1]),
+        ("B", lambda a: a["B"][:, :, :, :, :-1]),
+        ("C", lambda a: a["C"][:1]),
+        ("D", lambda a: a["D"][:-1]),
+        ("delta_bias", lambda a: a["delta_bias"].reshape(K, -1)),
+    ],
+)
+def test_wrong_shapes_name_the_argument(arg, bad):
+    names = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
+    args = dict(zip(names, scan_inputs(2, 3, 2, 4, 5), strict=True))
+    args[arg] = bad(args)
+    with pytest.raises(ValueError, match=rf"selective_scan_2d: {arg} must"):
+        OP(*args.values())
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+
+
+def count_scan_nodes(ep) -> int:
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function" and n.target is OP.default)
+
+
+@pytest.mark.parametrize("cfg", list_configs(), ids=lambda c: c.name)
+def test_export_keeps_one_scan_node_per_block(cfg):
+    # Full-size models on the meta device: the graph is the same, and no weights are allocated or computed.
+    with torch.device("meta"):
+        model = VMamba(cfg).eval()
+        x = torch.empty(1, cfg.in_chans, 64, 64)
+    ep = torch.export.export(model, (x,))
+    assert count_scan_nodes(ep) == sum(cfg.depths)
+    # Nothing of the scan leaks out of the op (no flips, no prefix-scan pads).
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("flip" in t or "constant_pad" in t for t in targets), targets
+
+
+def observed_stage_sizes(model: VMamba, h: int, w: int) -> list[tuple[int, int]]:
+    """(H, W) each stage's blocks see, from a meta-device forward."""
+    sizes = []
+
+    def hook(module, args):
+        x = args[0]
+        sizes.append(tuple(x.shape[1:3]) if model.config.version == "v0" else tuple(x.shape[2:4]))
+
+    handles = [layer.blocks.register_forward_pre_hook(hook) for layer in model.layers]
+    with torch.no_grad():
+        model(torch.empty(1, 3, h, w, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return sizes
+
+
+@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2", "vmamba_digits_v0", "vmamba_digits_v2"])
+def test_stage_sizes_and_export_min_size_match_the_model(name):
+    cfg = get_config(name)
+    with torch.device("meta"):
+        model = VMamba(cfg).eval()
+    for h, w in [(224, 224), (64, 48), (45, 37), (33, 36), (35, 17), (7, 5), (4, 4)]:
+        assert stage_sizes(cfg, h, w) == observed_stage_sizes(model, h, w), (h, w)
+    # Independently: the smallest square input whose every stage keeps >= 2 positions a side, by forward passes.
+    side = next(
+        s for s in range(cfg.min_input_size, 200) if min(min(hw) for hw in observed_stage_sizes(model, s, s)) >= 2
+    )
+    assert export_min_size(cfg) == side
+
+
+def test_export_min_size_released():
+    assert {export_min_size(get_config(n)) for n in ("vmamba_tiny_s1l8", "vmamba_base_s2l15")} == {33}
+    assert {export_min_size(get_config(n)) for n in ("vanilla_vmamba_tiny", "vanilla_vmamba_base")} == {36}
+
+
+@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2"])
+def test_dynamic_export_from_min_size(name):
+    """export_min_size is exactly torch.export's limit: it exports from there, and not from one pixel less."""
+    torch.manual_seed(0)
+    model = build_model(name)
+    lo = export_min_size(model.config)
+    example = (torch.randn(1, 3, 64, 48),)
+
+    def spec(low):
+        return ({2: Dim("h", min=low, max=256), 3: Dim("w", min=low, max=256)},)
+
+    ep = torch.export.export(model, example, dynamic_shapes=spec(lo))
+    assert count_scan_nodes(ep) == sum(model.config.depths)
+    with torch.no_grad():
+        for size in [(lo, lo), (lo + 5, 70)]:
+            x = torch.randn(1, 3, *size)  # the batch of the example (1) is static
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="(?i)constraint"):
+        torch.export.export(model, example, dynamic_shapes=spec(lo - 1))
