@@ -315,3 +315,32 @@ def test_load_state_dict_into_model_detects(v0):
     model = load_state_dict_into_model(sd_of(v0))
     assert model.config.name == "vmamba_test_v0"
     same_function(model, v0)
+
+
+def test_swin_style_training_checkpoint_with_yacs_config_loads(tmp_path, monkeypatch):
+    """Released VMamba files come from Swin-derived training code that pickles its yacs CfgNode beside the weights:
+    they must load under weights_only, with the config read as inert data."""
+    import sys
+
+    package = tmp_path / "fake"
+    (package / "yacs").mkdir(parents=True)
+    (package / "yacs" / "__init__.py").write_text("")
+    (package / "yacs" / "config.py").write_text(
+        "class CfgNode(dict):\n"
+        "    def __init__(self, d=None):\n"
+        "        super().__init__(d or {})\n"
+        "        self.__dict__['__immutable__'] = False\n"
+    )
+    monkeypatch.syspath_prepend(str(package))
+    from yacs.config import CfgNode  # the stand-in training library, importable only while saving
+
+    model = build_model("vmamba_test_v2")
+    path = tmp_path / "ckpt_epoch_299.pth"
+    torch.save({"model": model.state_dict(), "epoch": 299, "config": CfgNode({"MODEL": CfgNode({"NAME": "x"})})}, path)
+    for name in [n for n in sys.modules if n == "yacs" or n.startswith("yacs.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(package)])  # loading must not need yacs
+    loaded = load_checkpoint(path)
+    assert loaded.config.name == "vmamba_test_v2"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)

@@ -15,6 +15,7 @@ Every error is a CheckpointError subclass whose message is one line and starts w
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import pickle
 import re
@@ -81,9 +82,15 @@ def _check_path(path: Path) -> None:
         raise _fail(path, "is empty (0 bytes): truncated or not written")
 
 
+# Training code derived from Swin's (as the official VMamba classification code is) saves its yacs config beside the
+# weights ({"model": ..., "config": CfgNode, ...}). weights_only refuses unknown classes; this name alone is read as a
+# plain OrderedDict (a data container: the restricted unpickler fills it, no code of the file runs). Nothing else is.
+_INERT_CONFIG_CLASSES = [(collections.OrderedDict, "yacs.config.CfgNode")]
+
+
 def _torch_load(path: Path, fmt: str):
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_INERT_CONFIG_CLASSES):
             # Raw pickles with protocol > 2 trigger a harmless torch warning before the real error.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
