@@ -108,12 +108,67 @@ def read_manifest(folder: Path) -> dict:
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ArtifactError(f"{path} has schema_version {version!r}; this vmamba-export reads {SCHEMA_VERSION}")
-    for key in ("model", "target", "precision", "input", "files", "entry"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} lacks the required key {key!r}")
-    if not isinstance(manifest["files"], dict):
-        raise ArtifactError(f"{path}: 'files' must map file names to their sha256")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}")
     return manifest
+
+
+# What the loader relies on, key path -> expected type(s). Everything else in a manifest is informational.
+_REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict,
+    "model.name": str,
+    "target": dict,
+    "target.name": str,
+    "target.runtime": str,
+    "precision": str,
+    "input": dict,
+    "input.channels": int,
+    "input.min_size": int,
+    "input.max_size": int,
+    "input.preprocessing": dict,
+    "input.preprocessing.image_size": int,
+    "input.preprocessing.resize": int,
+    "input.preprocessing.interpolation": str,
+    "input.preprocessing.mean": list,
+    "input.preprocessing.std": list,
+    "input.preprocessing.channel_order": str,
+    "output": dict,
+    "output.num_classes": int,
+    "entry": dict,
+    "entry.model": str,
+    "files": dict,
+}
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """The first structural problem of a manifest, or None: a missing key or a value of the wrong type."""
+    for dotted, expected in _REQUIRED_FIELDS.items():
+        value: object = manifest
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return f"lacks the required key {dotted!r}"
+            value = value[part]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            return f"{dotted!r} must be {getattr(expected, '__name__', expected)}, got {type(value).__name__}"
+    spec = manifest["input"]["preprocessing"]
+    for key in ("mean", "std"):
+        if len(spec[key]) != manifest["input"]["channels"] or not all(isinstance(v, (int, float)) for v in spec[key]):
+            return f"'input.preprocessing.{key}' must hold one number per channel"
+    labels = spec.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != manifest["output"]["num_classes"]):
+        return "'input.preprocessing.labels' must be null or list one label per class"
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            return f"files[{name!r}] must be an object with a sha256"
+    for key in ("custom_op_library", "extension_library"):
+        if key in manifest["entry"] and manifest["entry"][key] not in manifest["files"]:
+            return f"entry.{key} names a file that is not among its hashed files"
+    if manifest["entry"]["model"] not in manifest["files"] and not any(
+        f.startswith(manifest["entry"]["model"].rstrip("/") + "/") for f in manifest["files"]
+    ):
+        return "entry.model names a file that is not among its hashed files"
+    return None
 
 
 def verify_files(folder: Path, manifest: dict) -> None:

@@ -3,6 +3,13 @@
 Outputs (vmamba_export/_native/):
   libvmamba_scan.so  C API of the CPU kernel (kernels/cpu), loaded by the torch op through ctypes
   libvmamba_ort.so   ONNX Runtime custom-op library (kernels/onnxruntime), op ai.vmamba::SelectiveScan2D
+  libvmamba_ort_cuda.so  the same plus the op's CUDAExecutionProvider kernel (kernels/cuda), only with --cuda
+  libvmamba_openvino.so  OpenVINO extension (kernels/openvino), when the openvino package is installed
+
+The CUDA library is built on request (`--cuda`, or VMAMBA_BUILD_CUDA=1) because nvcc for sm_80/87/89/90 plus PTX
+takes minutes (about 90 s of wall time per architecture on a 2-core CI machine), against seconds for the rest; it
+is skipped with a message when nvcc is absent. VMAMBA_CUDA_ARCHS="90" (space- or comma-separated) narrows the
+architectures for a quick local build. It is linked with `-cudart static` and never against ONNX Runtime.
 
 g++ is called directly (no CMake): five small translation units compiled in parallel take seconds, which matters
 because CI builds on every fresh clone. On x86-64 the kernel is compiled three times (baseline, x86-64-v3 = AVX2/FMA,
@@ -33,7 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kernels_paths import NATIVE_DIR, ORT_LIBRARY_NAME, SCAN_LIBRARY_NAME
+from .kernels_paths import (
+    NATIVE_DIR,
+    OPENVINO_LIBRARY_NAME,
+    ORT_CUDA_LIBRARY_NAME,
+    ORT_LIBRARY_NAME,
+    SCAN_LIBRARY_NAME,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = REPO / "kernels"
@@ -180,8 +193,136 @@ def fetch_ort_headers(quiet: bool = False) -> Path:
     return ORT_INCLUDE
 
 
-def build(force: bool = False, quiet: bool = False) -> dict[str, str]:
-    """Build both libraries if out of date. Returns {library name: "built" | "up to date" | "skipped: why"}."""
+NVCC = os.environ.get("VMAMBA_NVCC", "nvcc")
+CUDA_ARCHS = ("80", "87", "89", "90")  # sm_80 A100, sm_87 Orin, sm_89 L4/L40/Ada, sm_90 H100/H200
+CUDA_PTX_ARCH = "90"  # PTX too, so newer GPUs JIT-compile it
+NVCCFLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--threads", "0"]
+
+
+def _cuda_archs() -> list[str]:
+    override = os.environ.get("VMAMBA_CUDA_ARCHS", "").replace(",", " ").split()
+    return override or list(CUDA_ARCHS)
+
+
+def _gencode(archs: Sequence[str]) -> list[str]:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    if CUDA_PTX_ARCH in archs or not os.environ.get("VMAMBA_CUDA_ARCHS"):
+        flags.append(f"-gencode=arch=compute_{CUDA_PTX_ARCH},code=compute_{CUDA_PTX_ARCH}")
+    return flags
+
+
+def build_cuda(
+    kernel_units: Sequence[Unit], kernel_sources: Sequence[str | Path], force: bool = False, quiet: bool = False
+) -> str:
+    """libvmamba_ort_cuda.so: the ORT library (CPU kernel too) plus the CUDA kernel. Returns what happened."""
+    nvcc = shutil.which(NVCC)
+    if nvcc is None:
+        return f"skipped: `{NVCC}` not found (install the CUDA toolkit, or set VMAMBA_NVCC)"
+    try:
+        include = fetch_ort_headers(quiet)
+    except BuildError as exc:
+        return f"skipped: ONNX Runtime headers unavailable ({str(exc).splitlines()[0]})"
+    proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    nvcc_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else nvcc
+    cpu_dir, ort_dir, cuda_dir = KERNELS / "cpu", KERNELS / "onnxruntime", KERNELS / "cuda"
+    obj = BUILD / "obj" / "cuda"
+    archs = _cuda_archs()
+    gencode = _gencode(archs)
+    units = [Unit(u.source, obj / u.obj.name, u.flags) for u in kernel_units]
+    op = Unit(ort_dir / "custom_op.cpp", obj / "custom_op_cuda.o", ["-DVMAMBA_WITH_CUDA"])
+    cuda_op = Unit(ort_dir / "cuda_op.cpp", obj / "cuda_op.o")
+    cu = cuda_dir / "selective_scan_2d.cu"
+    cu_obj = obj / "selective_scan_2d_cu.o"
+    link = ["-shared", "-cudart", "static", "-Xcompiler", "-pthread", "-Xlinker", "-z,defs", "-Xlinker", "-z,nodelete"]
+    lib = NATIVE_DIR / ORT_CUDA_LIBRARY_NAME
+    digest = _digest(
+        [
+            *kernel_sources,
+            nvcc_id,
+            " ".join(NVCCFLAGS + gencode + link),
+            op.source,
+            cuda_op.source,
+            ort_dir / "cuda_op.h",
+            *sorted(cuda_dir.glob("*.cu*")),
+            str(include),
+            *sorted(include.glob("onnxruntime_*.h")),
+        ]
+    )
+    if not force and _up_to_date(lib, digest):
+        return "up to date"
+    _say(quiet, f"compiling the CUDA kernel for sm_{', sm_'.join(archs)} (takes minutes)")
+    start = time.perf_counter()
+    obj.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        cuda_job = pool.submit(_run, [nvcc, *NVCCFLAGS, *gencode, "-c", str(cu), "-o", str(cu_obj)])
+        _compile([*units, op, cuda_op], [cpu_dir, include])
+        cuda_job.result()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=NATIVE_DIR)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _run([nvcc, *link, *[str(u.obj) for u in units], str(op.obj), str(cuda_op.obj), str(cu_obj), "-o", str(tmp)])
+        tmp.chmod(0o755)
+        os.replace(tmp, lib)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _stamp(lib).write_text(digest + "\n")
+    return f"built ({time.perf_counter() - start:.0f} s)"
+
+
+def openvino_toolchain() -> tuple[str, Path, list[Path]]:
+    """(version, include dir, [libopenvino, libtbb]) of the installed openvino wheel, found without importing it.
+
+    The wheel ships its headers and versioned libraries (libopenvino.so.2641 for 2026.4.1, no unversioned link), so
+    the extension is compiled with g++ directly against them, like the other libraries; no CMake needed."""
+    import importlib.util
+    from importlib import metadata
+
+    spec = importlib.util.find_spec("openvino")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("the openvino package is not installed (pip install openvino)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    include, libs = root / "include", root / "libs"
+    if not (include / "openvino" / "core" / "version.hpp").is_file():
+        raise BuildError(f"{root} holds no C++ headers (include/openvino)")
+    found = [sorted(libs.glob(f"{name}.so.*")) for name in ("libopenvino", "libtbb")]
+    if not all(found):
+        raise BuildError(f"{libs} holds no libopenvino.so.* / libtbb.so.* (only Linux wheels are supported)")
+    return metadata.version("openvino"), include, [paths[0] for paths in found]
+
+
+def build_openvino(
+    kernel_units: Sequence[Unit], kernel_sources: Sequence[str | Path], kernels_built: bool, force: bool
+) -> str:
+    """The OpenVINO extension library; "skipped: why" when openvino is not installed."""
+    lib = NATIVE_DIR / OPENVINO_LIBRARY_NAME
+    try:
+        version, include, libraries = openvino_toolchain()
+    except BuildError as exc:
+        return f"skipped: {exc}"
+    ext = Unit(
+        KERNELS / "openvino" / "extension.cpp",
+        BUILD / "obj" / "openvino_extension.o",
+        # What OpenVINO's CMake config gives its users (OpenVINOTargets.cmake, openvino::runtime); -isystem keeps
+        # the -Wextra noise of OpenVINO's headers out of the build log.
+        ["-D_GLIBCXX_USE_CXX11_ABI=1", "-DOV_THREAD=OV_THREAD_TBB_ADAPTIVE", "-isystem", str(include)],
+    )
+    digest = _digest([*kernel_sources, ext.source, " ".join(ext.flags), version, *map(str, libraries)])
+    if not force and _up_to_date(lib, digest):
+        return "up to date"
+    # The kernel objects are recompiled unless this run just did: they may be stale or absent otherwise.
+    _compile([ext] if kernels_built else [*kernel_units, ext], [KERNELS / "cpu"])
+    # Linked against the exact versioned libraries (no RPATH): the extension loads only into a process where this
+    # OpenVINO release is already loaded, which `import openvino` does; another release fails to load it.
+    _link([u.obj for u in kernel_units] + [ext.obj, *libraries], lib, digest)
+    return f"built for openvino {version}"
+
+
+def build(force: bool = False, quiet: bool = False, cuda: bool | None = None) -> dict[str, str]:
+    """Build the libraries if out of date (the CUDA one only with `cuda`, default: env VMAMBA_BUILD_CUDA=1).
+    Returns {library name: "built" | "up to date" | "skipped: why"}."""
+    if cuda is None:
+        cuda = os.environ.get("VMAMBA_BUILD_CUDA", "") == "1"
     start = time.perf_counter()
     compiler = _compiler_id()
     cpu_dir = KERNELS / "cpu"
@@ -223,6 +364,12 @@ def build(force: bool = False, quiet: bool = False) -> dict[str, str]:
             _link([u.obj for u in kernel_units] + [op.obj], ort_lib, ort_digest)
             results[ORT_LIBRARY_NAME] = "built"
 
+    results[OPENVINO_LIBRARY_NAME] = build_openvino(kernel_units, kernel_sources, kernels_built, force)
+
+    if cuda:
+        NATIVE_DIR.mkdir(parents=True, exist_ok=True)
+        results[ORT_CUDA_LIBRARY_NAME] = build_cuda(kernel_units, kernel_sources, force, quiet)
+
     for name, what in results.items():
         _say(quiet, f"{name}: {what}")
     _say(quiet, f"done in {time.perf_counter() - start:.1f} s ({NATIVE_DIR.relative_to(REPO)})")
@@ -233,9 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmamba_export.build_kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when the sources are unchanged")
     parser.add_argument("--quiet", action="store_true", help="print only errors")
+    parser.add_argument(
+        "--cuda", action="store_true", help="also build libvmamba_ort_cuda.so with nvcc (minutes; VMAMBA_BUILD_CUDA=1)"
+    )
     args = parser.parse_args(argv)
     try:
-        build(force=args.force, quiet=args.quiet)
+        build(force=args.force, quiet=args.quiet, cuda=args.cuda or None)
     except BuildError as exc:
         print(f"build_kernels: error: {exc}", file=sys.stderr)
         return 1

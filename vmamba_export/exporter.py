@@ -26,7 +26,9 @@ from .targets import Target
 def runtime_version(runtime: str) -> str | None:
     from importlib import metadata
 
-    for dist in {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",)}.get(runtime, ()):
+    dists = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "openvino": ("openvino",), "coreml": ("coremltools",)}
+    dists["tvm"] = ("apache-tvm",)
+    for dist in dists.get(runtime, ()):
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -82,7 +84,7 @@ def export_artifact(
                 "channels": cfg.in_chans,
                 "shape": ["batch", cfg.in_chans, "height", "width"],
                 "dynamic_axes": info.pop("dynamic_axes", None),
-                "min_size": export_min_size(cfg),
+                "min_size": info.pop("min_size", None) or export_min_size(cfg),  # fixed-shape lowerings set it
                 "max_size": options.max_size,
                 "preprocessing": cfg.input.to_dict(),
             },

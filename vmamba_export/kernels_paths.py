@@ -7,6 +7,8 @@ from pathlib import Path
 NATIVE_DIR = Path(__file__).resolve().parent / "_native"
 SCAN_LIBRARY_NAME = "libvmamba_scan.so"  # C API for the torch op (ctypes), kernels/cpu
 ORT_LIBRARY_NAME = "libvmamba_ort.so"  # ONNX Runtime custom-op library, kernels/onnxruntime
+ORT_CUDA_LIBRARY_NAME = "libvmamba_ort_cuda.so"  # the same plus the CUDA kernel (kernels/cuda), built on request
+OPENVINO_LIBRARY_NAME = "libvmamba_openvino.so"  # OpenVINO extension (kernels/openvino)
 
 
 def scan_library_path() -> Path | None:
@@ -18,4 +20,17 @@ def scan_library_path() -> Path | None:
 def ort_library_path() -> Path | None:
     """The ONNX Runtime custom-op library (`SessionOptions.register_custom_ops_library`), or None when not built."""
     path = NATIVE_DIR / ORT_LIBRARY_NAME
+    return path if path.is_file() else None
+
+
+def ort_cuda_library_path() -> Path | None:
+    """The ONNX Runtime custom-op library with the CUDA kernel (`python -m vmamba_export.build_kernels --cuda`), or
+    None when it is not built."""
+    path = NATIVE_DIR / ORT_CUDA_LIBRARY_NAME
+    return path if path.is_file() else None
+
+
+def openvino_extension_path() -> Path | None:
+    """The OpenVINO extension library (`core.add_extension`, `convert_model(extension=...)`), or None when not built."""
+    path = NATIVE_DIR / OPENVINO_LIBRARY_NAME
     return path if path.is_file() else None

@@ -32,6 +32,10 @@ def render_artifact_report(m: dict) -> str:
     ]
     for name, entry in m["files"].items():
         lines.append(f"| {name} | {entry.get('bytes', '-')} | `{entry.get('sha256', '')[:16]}...` |")
+    if (m.get("lowering") or {}).get("quantization"):
+        from .quantize.report import quantization_section
+
+        lines += quantization_section(m["lowering"]["quantization"])
     lines += ["", "## Parity against PyTorch fp32", ""]
     validation = m.get("validation")
     if not validation:
@@ -80,3 +84,68 @@ def render_artifact_report(m: dict) -> str:
     for key, value in m.get("toolchain", {}).items():
         lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def _latency_of(row: dict) -> dict | None:
+    results = row.get("latency") or []
+    return results[0] if results else None
+
+
+def render_build_report(summary: dict) -> str:
+    """The combined report of a build: one row per artifact."""
+    weights = summary["weights"]
+    lines = [
+        f"# Build report: {summary['model']}",
+        "",
+        f"- Weights: {weights.get('kind')} {weights.get('path') or weights.get('name')}",
+        f"- Machine: {summary['machine']}",
+        f"- Parity images: {summary['images']}; labelled accuracy source: {summary.get('accuracy_source') or '-'}",
+        "",
+        "| target | precision | status | rel L2 | cosine min | top-1 agree | top-1 acc | median ms | p90 ms | img/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["artifacts"]:
+        run = (row.get("runs") or [{}])[0]
+        acc = row.get("accuracy") or {}
+        lat = _latency_of(row) or {}
+        status = row["status"] + (f" ({row['note']})" if row.get("note") else "")
+        lines.append(
+            f"| {row['target']} | {row['precision']} | {status} | {_fmt(run.get('rel_l2'))} | "
+            f"{_fmt(run.get('cosine_min'), '.6f')} | {_fmt(run.get('top1_agreement'), '.3f')} | "
+            f"{_fmt(acc.get('artifact_top1'), '.4f')} | {_fmt(lat.get('median_ms'), '.2f')} | "
+            f"{_fmt(lat.get('p90_ms'), '.2f')} | {_fmt(lat.get('throughput'), '.1f')} |"
+        )
+    torch_acc = next((r["accuracy"]["torch_top1"] for r in summary["artifacts"] if r.get("accuracy")), None)
+    if torch_acc is not None:
+        lines += ["", f"PyTorch fp32 top-1 on {summary['accuracy_source']}: {torch_acc:.4f}"]
+    lines += ["", "![latency and accuracy](report.png)", ""]
+    return "\n".join(lines)
+
+
+def render_build_chart(summary: dict, path) -> None:
+    """A horizontal bar chart of median latency per artifact, labelled with parity status and accuracy (Pillow only:
+    no plotting library needed on build machines)."""
+    from PIL import Image, ImageDraw
+
+    rows = summary["artifacts"]
+    bar_h, gap, left, right, top = 26, 10, 330, 260, 50
+    width = 1100
+    height = top + len(rows) * (bar_h + gap) + 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 12), f"{summary['model']}: median latency per artifact (batch 1)", fill="black")
+    latencies = [(_latency_of(r) or {}).get("median_ms") for r in rows]
+    longest = max([v for v in latencies if v] or [1.0])
+    span = width - left - right
+    colours = {"validated": (46, 139, 87), "parity failed": (200, 60, 60), "not validated here": (150, 150, 150)}
+    for i, (row, latency) in enumerate(zip(rows, latencies)):
+        y = top + i * (bar_h + gap)
+        draw.text((10, y + 7), f"{row['target']} {row['precision']}", fill="black")
+        colour = colours.get(row["status"], (230, 140, 30))
+        if latency:
+            draw.rectangle([left, y, left + max(2, int(span * latency / longest)), y + bar_h], fill=colour)
+        acc = (row.get("accuracy") or {}).get("artifact_top1")
+        label = f"{latency:.2f} ms" if latency else "-"
+        label += f"  {row['status']}" + (f"  top-1 {acc:.3f}" if acc is not None else "")
+        draw.text((left + (int(span * latency / longest) if latency else 0) + 8, y + 7), label, fill="black")
+    image.save(path)

@@ -48,6 +48,16 @@ class Target:
 
             if ort_library_path() is None:
                 return False, "custom-op library not built (python -m vmamba_export.build_kernels)"
+        if self.needs_library == "onnxruntime-cuda-custom-op":
+            from .kernels_paths import ort_cuda_library_path
+
+            if ort_cuda_library_path() is None:
+                return False, "CUDA custom-op library not built (python -m vmamba_export.build_kernels --cuda)"
+        if self.needs_library == "openvino-extension":
+            from .kernels_paths import openvino_extension_path
+
+            if openvino_extension_path() is None:
+                return False, "OpenVINO extension not built (python -m vmamba_export.build_kernels)"
         return True, "ok"
 
     def can_run(self) -> tuple[bool, str]:
@@ -55,10 +65,20 @@ class Target:
         if missing:
             return False, f"missing Python packages: {', '.join(missing)}"
         if self.device == "cuda":
-            return False, "needs a CUDA GPU"
+            return cuda_runtime_status(self.runtime)
         if self.device == "apple":
             return False, "needs macOS"
         return True, "ok"
+
+
+def cuda_runtime_status(runtime: str) -> tuple[bool, str]:
+    """Whether `runtime` can run on a CUDA GPU here (onnxruntime-gpu's CUDAExecutionProvider and a visible GPU)."""
+    if runtime != "onnxruntime":
+        return False, "needs a CUDA GPU"
+    from .runtime.onnxruntime_backend import cuda_unavailable_reason
+
+    why = cuda_unavailable_reason()
+    return (False, why) if why else (True, "ok")
 
 
 def list_targets() -> list[Target]:

@@ -70,7 +70,9 @@ class TrainSettings:
     max_shift: int = 2  # pixels of random translation (the 32x32 digit is 4x an 8x8 one: half a source pixel)
     label_smoothing: float = 0.05
     seed: int = 0
-    threads: int = 2
+    # One intra-op thread: on the shared 2-core machine two threads ran 2-4x slower per step (they spin-wait on each
+    # other when another process holds a core), and one thread makes the weights independent of the core count.
+    threads: int = 1
 
 
 @dataclass
@@ -138,7 +140,8 @@ def train_digits(name: str, settings: TrainSettings | None = None, log=print) ->
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup)))
+        opt,
+        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))),
     )
     gen = torch.Generator().manual_seed(s.seed)  # one stream for order and augmentation: same run, same weights
     epoch_log = []
@@ -157,7 +160,11 @@ def train_digits(name: str, settings: TrainSettings | None = None, log=print) ->
             sched.step()
             loss_sum += float(loss.detach()) * len(idx)
             seen += len(idx)
-        entry = {"epoch": epoch + 1, "loss": round(loss_sum / seen, 4), "seconds": round(time.perf_counter() - start, 1)}
+        entry = {
+            "epoch": epoch + 1,
+            "loss": round(loss_sum / seen, 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         epoch_log.append(entry)
         log(f"{name}: epoch {entry['epoch']}/{s.epochs} loss {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
     train_seconds = time.perf_counter() - start
@@ -207,5 +214,6 @@ def save_bundled(model: VMamba, result: TrainResult, out_dir: Path = WEIGHTS_DIR
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     path = out_dir / f"{result.name}.safetensors"
     save_file(state, str(path), metadata=metadata)
+    path.chmod(0o644)  # safetensors writes 0600; installed package data must be readable by every user
     (out_dir / f"{result.name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return path

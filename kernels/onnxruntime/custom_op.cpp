@@ -20,6 +20,9 @@
 #include <vector>
 
 #include "../cpu/selective_scan_2d.h"
+#ifdef VMAMBA_WITH_CUDA
+#include "cuda_op.h"
+#endif
 
 namespace {
 
@@ -148,8 +151,15 @@ struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveS
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-// Registration hook for the CUDA kernel (built only with CUDA; not written yet).
-void add_cuda_ops(Ort::CustomOpDomain& /*domain*/) {}
+// Registration hook for the CUDA kernel: only libvmamba_ort_cuda.so (compiled with -DVMAMBA_WITH_CUDA, linked with
+// cuda_op.cpp and kernels/cuda) has it; libvmamba_ort.so stays free of any CUDA dependency.
+void add_cuda_ops(Ort::CustomOpDomain& domain) {
+#ifdef VMAMBA_WITH_CUDA
+  vmamba_cuda::add_ops(domain);
+#else
+  (void)domain;
+#endif
+}
 
 // The op objects and domains must outlive every session that uses them: static op, domains kept forever (a few
 // hundred bytes per registration; releasing them at exit could run after ORT itself is gone).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from rich.console import Console
@@ -20,8 +21,40 @@ def add_parser(sub) -> None:
     p.add_argument("--max-size", type=int, help="largest input side the artifact must take (target default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--validate", action="store_true", help="also validate parity on the built-in photos")
+    add_int8_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+def add_int8_args(p: argparse.ArgumentParser) -> None:
+    from ..quantize import CALIB_METHODS
+
+    g = p.add_argument_group("int8 (--precision int8): post-training quantization from calibration images")
+    g.add_argument("--calib", default="builtin", metavar="SOURCE", help="calibration images (default: builtin)")
+    g.add_argument("--calib-samples", type=int, default=64, metavar="N", help="calibration images to use (64)")
+    g.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
+    g.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="layers kept float (name, prefix, glob)")
+    g.add_argument("--accuracy", metavar="SOURCE", help="labelled images: measure fp32 vs int8 top-1 on them")
+    g.add_argument(
+        "--max-drop", type=float, metavar="POINTS", help="with --accuracy: keep layers float until the top-1 drop fits"
+    )
+
+
+def int8_options(args: argparse.Namespace):
+    from ..errors import VMambaExportError
+    from ..lowering import ExportOptions
+
+    if args.max_drop is not None and not args.accuracy:
+        raise VMambaExportError("--max-drop needs --accuracy SOURCE (labelled images to measure the drop on)")
+    return ExportOptions(
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_method=args.calib_method,
+        exclude=tuple(args.exclude),
+        accuracy_source=args.accuracy,
+        max_drop=args.max_drop,
+        extra={"show_progress": not args.json},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +66,16 @@ def run(args: argparse.Namespace) -> int:
     target = get_target(args.target)
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_model(args.model, args.checkpoint, args.random_weights, args.seed)
-    with console.status(f"exporting {source.model.config.name} for {target.name} ({args.precision})", spinner="dots"):
-        manifest = export_artifact(source, target, args.out, args.precision, args.max_size, args.overwrite)
+    # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
+    busy = (
+        contextlib.nullcontext()
+        if args.precision == "int8"
+        else console.status(f"exporting {source.model.config.name} for {target.name} ({args.precision})")
+    )
+    with busy:
+        manifest = export_artifact(
+            source, target, args.out, args.precision, args.max_size, args.overwrite, options=int8_options(args)
+        )
     status = 0
     if args.validate:
         from ..validate import validate_artifact
@@ -49,6 +90,20 @@ def run(args: argparse.Namespace) -> int:
             f"[green]wrote[/green] {args.out}: {lw['nodes']} ONNX nodes, {lw['scan_nodes']} scan nodes, "
             f"inputs {manifest['input']['min_size']}..{manifest['input']['max_size']} px"
         )
+        quant = lw.get("quantization")
+        if quant:
+            console.print(
+                f"int8 {quant['format']} ({quant['method']}, {quant['calibration']['samples']} images from "
+                f"{quant['calibration']['source']}): {len(quant['quantized_layers'])} layers quantized, "
+                f"{len(quant['float_layers'])} kept float"
+            )
+            acc = quant.get("accuracy")
+            if acc:
+                console.print(
+                    f"top-1 on {acc['source']}: fp32 {100 * acc['fp32_top1']:.2f}, int8 {100 * acc['int8_top1']:.2f} "
+                    f"(drop {acc['drop_points']:.2f} points; "
+                    f"kept float for accuracy: {len(acc['kept_float_for_accuracy'])})"
+                )
         if manifest.get("validation"):
             console.print(f"parity: {manifest['validation']['status']}")
     return status

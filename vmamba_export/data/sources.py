@@ -74,7 +74,9 @@ def _read_image(path: Path) -> Image.Image | None:
             im.load()  # decode now: a truncated or corrupt file fails here rather than in preprocessing
             return im.copy()  # close() frees the decoded pixels, so keep a copy
     except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, ...; all mean "not an image"
-        warnings.warn(f"skipping {path}: not a readable image ({type(err).__name__}: {err})", SkippedImageWarning)
+        warnings.warn(
+            f"skipping {path}: not a readable image ({type(err).__name__}: {err})", SkippedImageWarning, stacklevel=2
+        )
         return None
 
 
@@ -98,7 +100,9 @@ def _folder_source(root: Path, spec: str) -> ImageSource:
         # ImageFolder layout: one subfolder per class, label = index among the sorted class names.
         class_names = tuple(p.name for p in class_dirs)
         for stray in (p for p in entries if p.is_file()):
-            warnings.warn(f"skipping {stray}: files beside class folders have no class", SkippedImageWarning)
+            warnings.warn(
+                f"skipping {stray}: files beside class folders have no class", SkippedImageWarning, stacklevel=2
+            )
         files = [(f, label) for label, d in enumerate(class_dirs) for f in _files_under(d)]
         expected = f"images in the class folders of {root}"
     else:
@@ -141,7 +145,9 @@ def _list_source(list_path: Path, spec: str) -> ImageSource:
     def items() -> Iterator[Item]:
         for path, label in entries:
             if not path.is_file():
-                warnings.warn(f"skipping {path} (listed in {list_path}): no such file", SkippedImageWarning)
+                warnings.warn(
+                    f"skipping {path} (listed in {list_path}): no such file", SkippedImageWarning, stacklevel=2
+                )
                 continue
             image = _read_image(path)
             if image is not None:

@@ -35,28 +35,93 @@ Lowering = Callable[[VMamba, Target, Path, ExportOptions], tuple[dict, dict]]
 
 def _onnx_custom_op(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
     from ..kernels_paths import ort_library_path
-    from .onnx_export import export_onnx
 
     library = ort_library_path()
     if library is None:
         raise TargetUnavailableError(
             f"target {target.name} needs the ONNX Runtime custom-op library: run python -m vmamba_export.build_kernels"
         )
-    info = export_onnx(model, folder / "model.onnx", scan="custom-op", max_size=options.max_size)
+    info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, library)
     shutil.copy2(library, folder / library.name)
     return {"model": "model.onnx", "custom_op_library": library.name}, info
 
 
 def _onnx_portable(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
+    info = _export_onnx_at(model, folder / "model.onnx", "portable", options, None)
+    return {"model": "model.onnx"}, info
+
+
+def _export_onnx_at(model: VMamba, path: Path, scan: str, options: ExportOptions, library: Path | None) -> dict:
+    """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`."""
     from .onnx_export import export_onnx
 
-    info = export_onnx(model, folder / "model.onnx", scan="portable", max_size=options.max_size)
-    return {"model": "model.onnx"}, info
+    if options.precision != "int8":
+        return export_onnx(model, path, scan=scan, max_size=options.max_size)
+    import tempfile
+
+    from ..quantize.calibration import load_calibration_batch
+    from ..quantize.onnxruntime_int8 import quantize_onnx_int8
+
+    show = options.extra.get("show_progress", True)
+    # Read the calibration images first: a bad source fails in a second, not after a minute of export.
+    calib = load_calibration_batch(options.calib, model.config.input, options.calib_samples, show)
+    with tempfile.TemporaryDirectory(prefix="vmamba-fp32-") as tmp:
+        fp32 = Path(tmp) / "model_fp32.onnx"
+        info = export_onnx(model, fp32, scan=scan, max_size=options.max_size)
+        info["quantization"] = quantize_onnx_int8(
+            fp32, path, model.config.input, options, library, show_progress=show, calib_batch=calib
+        )
+    return info
+
+
+def _coreml(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
+    from .coreml import lower_coreml  # coremltools is imported only when an apple-coreml artifact is built
+
+    return lower_coreml(model, target, folder, options)
+
+
+def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
+    """cuda-onnxruntime: the custom-op graph (fp32, or converted to fp16 with float32 I/O) and the CUDA library."""
+    from ..kernels_paths import ort_cuda_library_path
+    from .onnx_export import IR_VERSION, export_onnx
+
+    library = ort_cuda_library_path()
+    if library is None:
+        raise TargetUnavailableError(
+            f"target {target.name} needs the CUDA custom-op library: run python -m vmamba_export.build_kernels --cuda "
+            "(needs nvcc)"
+        )
+    if options.precision not in ("fp32", "fp16"):
+        raise TargetUnavailableError(f"target {target.name}: precision {options.precision!r} is not implemented")
+    info = export_onnx(model, folder / "model.onnx", scan="custom-op", max_size=options.max_size)
+    if options.precision == "fp16":
+        from .fp16 import convert_file_to_fp16
+
+        info["fp16"] = convert_file_to_fp16(folder / "model.onnx", IR_VERSION)
+    shutil.copy2(library, folder / library.name)
+    entry = {"model": "model.onnx", "custom_op_library": library.name, "providers": ["CUDAExecutionProvider"]}
+    return entry, info
+
+
+def _openvino_ir(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
+    from .openvino_ir import lower_openvino  # openvino is imported only when a cpu-openvino artifact is built
+
+    return lower_openvino(model, target, folder, options)
+
+
+def _tvm_tir(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
+    from .tvm_relax import lower_tvm  # tvm is imported only when a TVM artifact is built
+
+    return lower_tvm(model, target, folder, options)
 
 
 LOWERINGS: dict[str, Lowering] = {
     "custom-op": _onnx_custom_op,
+    "custom-op-cuda": _onnx_custom_op_cuda,
     "portable": _onnx_portable,
+    "mil-composite": _coreml,
+    "openvino-extension": _openvino_ir,
+    "tvm-tir": _tvm_tir,
 }
 
 

@@ -13,6 +13,9 @@ from .predictor import Predictor
 
 _BACKENDS = {
     "onnxruntime": ("onnxruntime_backend", "OnnxRuntimeBackend"),
+    "coreml": ("coreml_backend", "CoreMLBackend"),
+    "openvino": ("openvino_backend", "OpenVinoBackend"),
+    "tvm": ("tvm_backend", "TvmBackend"),
 }
 
 

@@ -19,6 +19,36 @@ def import_onnxruntime():
     return onnxruntime
 
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def _cuda_device_count() -> int:
+    """GPUs the CUDA driver sees (0 without a driver): asked of libcuda directly, so no framework is imported."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when ONNX Runtime can run on a CUDA GPU here, else why not (one line for the user)."""
+    ort = import_onnxruntime()
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return (
+            f"this ONNX Runtime ({ort.__version__}) has no {CUDA_PROVIDER}: pip uninstall onnxruntime && "
+            "pip install onnxruntime-gpu (a build matching your CUDA major version)"
+        )
+    if _cuda_device_count() == 0:
+        return "no CUDA GPU is visible (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides every GPU)"
+    return None
+
+
 def make_session(model_path: Path, library: Path | None, threads: int | None, providers=None):
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -41,9 +71,18 @@ class OnnxRuntimeBackend:
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         entry = manifest["entry"]
         library = entry.get("custom_op_library")
-        self.session = make_session(
-            folder / entry["model"], folder / library if library else None, threads, entry.get("providers")
-        )
+        providers = entry.get("providers")
+        if providers and CUDA_PROVIDER in providers:
+            why = cuda_unavailable_reason()
+            if why:
+                raise TargetUnavailableError(f"artifact {folder} runs on a CUDA GPU: {why}")
+            providers = [*providers, "CPUExecutionProvider"] if "CPUExecutionProvider" not in providers else providers
+        self.session = make_session(folder / entry["model"], folder / library if library else None, threads, providers)
+        if providers and CUDA_PROVIDER in providers and CUDA_PROVIDER not in self.session.get_providers():
+            raise TargetUnavailableError(
+                f"ONNX Runtime could not start {CUDA_PROVIDER} for {folder} (see its log: CUDA/cuDNN libraries "
+                "missing or not matching onnxruntime-gpu?)"
+            )
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:

@@ -1,0 +1,175 @@
+"""CPU benchmark through OpenVINO: VMamba on cpu-openvino (fp32 and bf16) against a ConvNeXt-T peer, same run.
+
+    python benchmarks/cpu_openvino.py [--models vmamba_tiny_s1l8] [--threads 2] [--runs 30] [--out results/x.md]
+
+ConvNeXt-T (benchmarks/convnext.py) goes through the same path as our models: ONNX -> ov.convert_model -> IR, then
+compiled for the CPU with INFERENCE_PRECISION_HINT f32 or bf16. Every (model, precision) is timed in its own process
+(batch 1, 224x224, the given threads) after warm-up; ratios are against ConvNeXt-T in the same precision, measured in
+the same run, so machine load moves both sides. For VMamba, OpenVINO's per-node counters (PERF_COUNT) give the share of
+node time spent in the scan op and in the precision conversions around it. Random weights: speed does not depend on
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # precision -> INFERENCE_PRECISION_HINT
+SCAN_TYPE = "SelectiveScan2D"
+
+
+def worker(xml: str, library: str, hint: str, threads: int, warmup: int, runs: int, profile: int) -> dict:
+    from vmamba_export.bench import peak_rss_mb, time_calls
+    from vmamba_export.runtime.openvino_backend import compile_ir
+
+    compiled = compile_ir(Path(xml), Path(library) if library != "-" else None, hint, threads, profile=bool(profile))
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    stats = time_calls(lambda: request.infer({0: x}, share_inputs=True), warmup, runs)
+    result = {**stats, "peak_rss_mb": peak_rss_mb()}
+    if profile:
+        result["profile"] = node_profile(request, compiled)
+    return result
+
+
+def node_profile(request, compiled) -> dict:
+    """Node time of the last inference by node type (ms), the scan op's share, and its runtime precision."""
+    by_type: dict[str, float] = defaultdict(float)
+    for info in request.get_profiling_info():
+        by_type[info.node_type] += info.real_time.total_seconds() * 1e3
+    total = sum(by_type.values())
+    scan_precisions = {
+        str(op.get_rt_info()["runtimePrecision"])
+        for op in compiled.get_runtime_model().get_ops()
+        if str(op.get_rt_info()["layerType"]) == SCAN_TYPE
+    }
+    top = dict(sorted(by_type.items(), key=lambda kv: -kv[1])[:8])
+    return {
+        "total_node_ms": total,
+        "scan_ms": by_type.get(SCAN_TYPE, 0.0),
+        "scan_share": by_type.get(SCAN_TYPE, 0.0) / total if total else float("nan"),
+        "reorder_convert_ms": by_type.get("Reorder", 0.0) + by_type.get("Convert", 0.0),
+        "scan_runtime_precision": sorted(scan_precisions),
+        "top_node_types_ms": top,
+    }
+
+
+def time_in_subprocess(xml: Path, library: Path | None, hint: str, args, profile: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(xml), str(library or "-"), hint]
+    cmd += [str(v) for v in (args.threads, args.warmup, args.runs if not profile else 5, int(profile))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing {xml} ({hint}) failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def convnext_ir(workdir: Path) -> Path:
+    """ConvNeXt-T as OpenVINO IR (fp32 weights), through ONNX like our models."""
+    import openvino as ov
+    from convnext import export_convnext_onnx
+
+    xml = workdir / "convnext_tiny.xml"
+    if not xml.exists():
+        onnx_path = workdir / "convnext_tiny.onnx"
+        if not onnx_path.exists():
+            export_convnext_onnx(str(onnx_path))
+        ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    return xml
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vmamba_tiny_s1l8"])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--no-profile", action="store_true", help="skip the PERF_COUNT pass (scan share)")
+    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        xml, lib, hint, *nums = args.worker
+        print(json.dumps(worker(xml, lib, hint, *(int(n) for n in nums))))
+        return 0
+
+    from vmamba_export.bench import machine_description
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.targets import get_target
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-ov-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    peer_xml = convnext_ir(workdir)
+    peers = {}
+    for precision in args.precisions:
+        peers[precision] = time_in_subprocess(peer_xml, None, PRECISIONS[precision], args)
+        rows.append({"model": "convnext_tiny (peer)", "precision": precision, **peers[precision]})
+        print(f"convnext_tiny {precision}: {peers[precision]['median_ms']:.1f} ms", file=sys.stderr)
+    for name in args.models:
+        source = None
+        for precision in args.precisions:
+            folder = workdir / f"{name}-cpu-openvino-{precision}"
+            if not (folder / "manifest.json").exists():
+                source = source or resolve_model(name, random_weights=True)
+                t0 = time.perf_counter()
+                export_artifact(source, get_target("cpu-openvino"), folder, precision=precision, overwrite=True)
+                print(f"exported {folder.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            entry = json.loads((folder / "manifest.json").read_text())["entry"]
+            xml, library, hint = (
+                folder / entry["model"],
+                folder / entry["extension_library"],
+                entry["inference_precision"],
+            )
+            stats = time_in_subprocess(xml, library, hint, args)
+            row = {"model": name, "precision": precision, **stats}
+            if not args.no_profile:
+                row["profile"] = time_in_subprocess(xml, library, hint, args, profile=True)["profile"]
+            rows.append(row)
+            print(f"{name} {precision}: {stats['median_ms']:.1f} ms", file=sys.stderr)
+
+    for r in rows:
+        r["vs_convnext"] = r["median_ms"] / peers[r["precision"]]["median_ms"]
+    lines = [
+        f"CPU OpenVINO, {machine_description()}; batch 1, 224x224, {args.threads} threads, "
+        f"{args.runs} runs after {args.warmup} warm-up",
+        "",
+        "| model | precision | median ms | p90 ms | x ConvNeXt-T (same precision) | scan share | scan ms | "
+        "Reorder+Convert ms | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        prof = r.get("profile")
+        share = f"{100 * prof['scan_share']:.1f}%" if prof else "-"
+        scan_ms = f"{prof['scan_ms']:.1f}" if prof else "-"
+        conv = f"{prof['reorder_convert_ms']:.1f}" if prof else "-"
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['vs_convnext']:.2f} | "
+            f"{share} | {scan_ms} | {conv} | {r['peak_rss_mb']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

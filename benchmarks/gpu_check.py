@@ -1,0 +1,580 @@
+"""cuda-onnxruntime on a GPU machine in one run: kernel correctness, kernel bandwidth, model parity and speed.
+
+    python benchmarks/gpu_check.py [--onnx-dir DIR] [--quick] [--out DIR]
+
+Needs: torch with CUDA, onnxruntime-gpu (CUDAExecutionProvider) first on PYTHONPATH, and
+vmamba_export/_native/libvmamba_ort_cuda.so (`python -m vmamba_export.build_kernels --cuda`, built elsewhere and
+carried: the machine needs no compiler). Sections, each recorded and never fatal:
+
+  kernel     the CUDA scan (C launcher through ctypes, torch CUDA tensors) against the float64 reference
+             (vmamba_export.scan.selective_scan_reference, CPU) at small shapes: d_state 1 and 16, float32 and
+             float16, both kernel paths, plus the ORT CUDA op in one-node models
+  bandwidth  the scan kernel alone at the stage-1 shapes (56x56) of vmamba_tiny_s1l8 (Di 96, N 1) and
+             vanilla_vmamba_tiny (Di 192, N 16), batch 128: bytes it must move (inputs read once, y written once)
+             over CUDA-event median time, against the device's copy bandwidth (torch copy_, read + write)
+  model      vmamba_tiny_s1l8 (random weights, seed 0) exported to cuda-onnxruntime fp32 and fp16 (or the artifacts
+             in --onnx-dir/fp32 and --onnx-dir/fp16), parity against PyTorch fp32 (TF32 off), throughput at batch
+             128 (IO binding, inputs already on the GPU) and batch-1 latency, against ConvNeXt-T fp16 through the
+             same ONNX Runtime (benchmarks/convnext.py; --onnx-dir/convnext_fp16.onnx if present)
+
+Writes gpu_check.json and gpu_check.log under $OUT (else ./gpu_results) and prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# Targets of the issue.
+MIN_BANDWIDTH_FRACTION = 0.70
+MIN_FP16_THROUGHPUT = 3000.0
+MIN_CONVNEXT_RATIO = 0.8
+
+LOG: list[str] = []
+RESULTS: dict = {"sections": {}, "errors": []}
+
+
+def log(message: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def section(name: str):
+    """Decorator: run a section, record its result or its traceback, never raise."""
+
+    def wrap(fn):
+        def run(*args, **kwargs):
+            log(f"== {name}")
+            start = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+                RESULTS["sections"][name] = {
+                    "ok": True,
+                    "seconds": round(time.perf_counter() - start, 1),
+                    **(out or {}),
+                }
+            except Exception as exc:  # record and go on
+                tb = traceback.format_exc()
+                log(f"{name} FAILED: {exc!r}\n{tb}")
+                RESULTS["sections"][name] = {"ok": False, "error": repr(exc), "traceback": tb}
+                RESULTS["errors"].append(f"{name}: {exc!r}")
+            return RESULTS["sections"][name]
+
+        return run
+
+    return wrap
+
+
+def cuda_time_ms(fn, runs: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event time of fn() on the current stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_time_ms(fn, runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def scan_inputs(batch, di, n, h, w, dtype, device, seed):
+    """Realistic ranges: dt = softplus(delta + bias) around 0.1..2, A = -(1..16) (v0 init) or -exp(N(0, 0.5))."""
+    g = torch.Generator().manual_seed(seed)
+    k = 4
+    u = torch.randn(batch, di, h, w, generator=g)
+    delta = torch.randn(batch, k, di, h, w, generator=g) * 0.5 - 1.0
+    if n == 1:
+        a_logs = torch.randn(k * di, n, generator=g) * 0.5
+    else:
+        a_logs = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(k * di, 1)
+        a_logs += torch.randn(k * di, n, generator=g) * 0.1
+    b = torch.randn(batch, k, n, h, w, generator=g)
+    c = torch.randn(batch, k, n, h, w, generator=g)
+    d = torch.randn(k * di, generator=g)
+    bias = torch.randn(k * di, generator=g) * 0.5
+    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (u, delta, a_logs, b, c, d, bias))
+
+
+def rel_l2(out, ref) -> float:
+    out64, ref64 = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-300))
+
+
+KERNEL_SHAPES = [  # (batch, d_inner, d_state, H, W): odd sizes, chunking (lines > 32), partial channel tiles
+    (2, 5, 1, 7, 9),
+    (1, 3, 1, 40, 40),
+    (2, 3, 1, 70, 66),
+    (2, 5, 16, 7, 9),
+    (1, 3, 16, 40, 36),
+    (1, 2, 16, 56, 56),
+]
+
+
+def one_node_session(dtype, library: Path, shapes):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    names = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
+    elem = TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(n, elem, list(s)) for n, s in zip(names, shapes)]
+    output = helper.make_tensor_value_info("y", elem, list(shapes[0]))
+    node = helper.make_node("SelectiveScan2D", names, ["y"], domain="ai.vmamba")
+    model = helper.make_model(
+        helper.make_graph([node], "scan", inputs, [output]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.vmamba", 1)],
+        ir_version=10,
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    return session, names
+
+
+@section("kernel")
+def check_kernel(quick: bool) -> dict:
+    from vmamba_export import cuda_kernel
+    from vmamba_export.kernels_paths import ort_cuda_library_path
+    from vmamba_export.scan import selective_scan_reference
+
+    rows = []
+    failures = []
+    shapes = KERNEL_SHAPES[:2] + KERNEL_SHAPES[3:5] if quick else KERNEL_SHAPES
+    for seed, (batch, di, n, h, w) in enumerate(shapes):
+        cpu = scan_inputs(batch, di, n, h, w, torch.float32, "cpu", seed)
+        for dtype, limit in ((torch.float32, 2e-5), (torch.float16, 3e-3)):
+            ins = tuple(t.to(dtype) for t in cpu)
+            ref = selective_scan_reference(*[t.to(torch.float64) for t in ins]).numpy()
+            gpu = tuple(t.cuda() for t in ins)
+            # tile3: 3 channels a block (partial tiles when Di % 3 != 0); chunks3: 3 chunks of several lines
+            for path in ("auto", "global", "tile3", "chunks3"):
+                cuda_kernel.force_path("global" if path == "global" else "auto")
+                cuda_kernel.set_tuning(3 if path == "tile3" else 0, 3 if path == "chunks3" else 0)
+                y = torch.full_like(gpu[0], float("nan"))  # poison: every element must be written
+                cuda_kernel.selective_scan_2d_cuda(*gpu, out=y)
+                torch.cuda.synchronize()
+                config = cuda_kernel.last_config()
+                out = y.float().cpu().numpy()
+                err = rel_l2(out, ref)
+                finite = bool(np.isfinite(out).all())
+                ok = finite and err <= limit
+                row = {
+                    "shape": [batch, di, n, h, w],
+                    "dtype": str(dtype)[6:],
+                    "path": path,
+                    "rel_l2": err,
+                    "finite": finite,
+                    "ok": ok,
+                    "config": config,
+                }
+                rows.append(row)
+                log(
+                    f"kernel {row['shape']} {row['dtype']} {path}: rel_l2 {err:.2e} {'ok' if ok else 'FAIL'} [{config}]"
+                )
+                if not ok:
+                    failures.append(row)
+            cuda_kernel.force_path("auto")
+            cuda_kernel.set_tuning()
+            # The same through ONNX Runtime's CUDA EP (one-node model, GPU-resident inputs via IO binding).
+            try:
+                import onnxruntime as ort
+
+                session, names = one_node_session(dtype, ort_cuda_library_path(), [t.shape for t in ins])
+                binding = session.io_binding()
+                np_dtype = np.float16 if dtype == torch.float16 else np.float32
+                for name, t in zip(names, ins):
+                    binding.bind_ortvalue_input(
+                        name, ort.OrtValue.ortvalue_from_numpy(t.numpy().astype(np_dtype), "cuda", 0)
+                    )
+                binding.bind_output("y", "cuda")
+                session.run_with_iobinding(binding)
+                out = binding.copy_outputs_to_cpu()[0].astype(np.float32)
+                err = rel_l2(out, ref)
+                providers = session.get_providers()
+                ok = bool(np.isfinite(out).all()) and err <= limit and providers[0] == "CUDAExecutionProvider"
+                row = {
+                    "shape": [batch, di, n, h, w],
+                    "dtype": str(dtype)[6:],
+                    "path": "ort-cuda",
+                    "rel_l2": err,
+                    "ok": ok,
+                    "providers": providers,
+                }
+            except Exception as exc:
+                row = {
+                    "shape": [batch, di, n, h, w],
+                    "dtype": str(dtype)[6:],
+                    "path": "ort-cuda",
+                    "ok": False,
+                    "error": repr(exc),
+                }
+            rows.append(row)
+            log(
+                f"kernel {row['shape']} {row['dtype']} ort-cuda: {row.get('rel_l2', row.get('error'))} "
+                f"{'ok' if row['ok'] else 'FAIL'}"
+            )
+            if not row["ok"]:
+                failures.append(row)
+    # A d_state the kernel does not compile must be refused with a message, not crash.
+    try:
+        bad = scan_inputs(1, 2, 3, 4, 4, torch.float32, "cuda", 0)
+        cuda_kernel.selective_scan_2d_cuda(*bad)
+        refused = "accepted d_state 3 (unexpected)"
+        failures.append({"error": refused})
+    except RuntimeError as exc:
+        refused = str(exc)
+    log(f"d_state 3: {refused}")
+    return {"rows": rows, "failures": len(failures), "pass": not failures, "d_state_3": refused}
+
+
+@section("bandwidth")
+def check_bandwidth(quick: bool) -> dict:
+    from vmamba_export import cuda_kernel
+
+    # Copy bandwidth: 1 GiB device-to-device, bytes read + written.
+    n = 1 << 28
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = cuda_time_ms(lambda s=src, d=dst: d.copy_(s), runs=20)
+    copy_gbs = 2 * n * 4 / copy_ms / 1e6
+    del src, dst
+    log(f"copy bandwidth: {copy_gbs:.0f} GB/s")
+    rows = []
+    batch = 128
+    shapes = [("vmamba_tiny_s1l8", 96, 1), ("vanilla_vmamba_tiny", 192, 16)]
+    for name, di, n_state in shapes:
+        for dtype in (torch.float32, torch.float16):
+            for bsz in (batch, 1):
+                ins = scan_inputs(bsz, di, n_state, 56, 56, dtype, "cuda", 0)
+                y = torch.empty_like(ins[0])
+                nbytes = sum(t.numel() * t.element_size() for t in ins) + y.numel() * y.element_size()
+                ms = cuda_time_ms(
+                    lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=10 if quick else 30
+                )
+                gbs = nbytes / ms / 1e6
+                row = {
+                    "model": name,
+                    "d_inner": di,
+                    "d_state": n_state,
+                    "batch": bsz,
+                    "dtype": str(dtype)[6:],
+                    "ms": ms,
+                    "mbytes": nbytes / 1e6,
+                    "gbs": gbs,
+                    "fraction_of_copy": gbs / copy_gbs,
+                    "config": cuda_kernel.last_config(),
+                    "tile_sweep_ms": {},
+                }
+                rows.append(row)
+                if bsz == batch:  # (channels per block, chunk threads) of the shared-memory kernel, for tuning
+                    for tile, chunks in ((1, 0), (2, 0), (4, 0), (8, 0), (0, 32), (0, 16), (0, 8), (0, 4), (0, 2)):
+                        cuda_kernel.set_tuning(tile, chunks)
+                        key = f"ct{tile or 'auto'}-nch{chunks or 'auto'}"
+                        row["tile_sweep_ms"][key] = cuda_time_ms(
+                            lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=5 if quick else 10
+                        )
+                    cuda_kernel.set_tuning()
+                    log(f"  tuning sweep (ms): {row['tile_sweep_ms']}")
+                log(
+                    f"scan {name} b{bsz} {row['dtype']}: {ms:.3f} ms, {gbs:.0f} GB/s = "
+                    f"{100 * gbs / copy_gbs:.0f}% of copy [{row['config']}]"
+                )
+                del ins, y
+    torch.cuda.empty_cache()
+    target_rows = [r for r in rows if r["batch"] == batch and r["dtype"] == "float32"]
+    return {
+        "copy_gbs": copy_gbs,
+        "rows": rows,
+        "pass": all(r["fraction_of_copy"] >= MIN_BANDWIDTH_FRACTION for r in target_rows),
+    }
+
+
+def export_or_load(name: str, precision: str, onnx_dir: Path | None, work: Path) -> Path:
+    """An artifact folder: --onnx-dir/<precision> when given, else exported here."""
+    if onnx_dir is not None:
+        folder = onnx_dir / precision
+        if not (folder / "manifest.json").is_file():
+            raise FileNotFoundError(f"{folder} is not an artifact folder (no manifest.json)")
+        return folder
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.targets import get_target
+
+    source = resolve_model(name, random_weights=True, seed=0)
+    folder = work / f"{name}-{precision}"
+    start = time.perf_counter()
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=512, overwrite=True)
+    log(f"exported {name} {precision} in {time.perf_counter() - start:.0f} s -> {folder}")
+    return folder
+
+
+def ort_speed(session, input_name: str, output_name: str, batch: int, runs: int) -> float:
+    """Median wall ms of one run with the input already on the GPU and the output left there."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    binding.bind_output(output_name, "cuda")
+    return wall_time_ms(lambda: session.run_with_iobinding(binding), runs=runs, warmup=5)
+
+
+@section("model")
+def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
+    from vmamba_export import load
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.scan.op import torch_scan
+    from vmamba_export.validate import parity_metrics, threshold_failures
+
+    name = "vmamba_tiny_s1l8"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = resolve_model(name, random_weights=True, seed=0).model.eval().set_scan(torch_scan).cuda()
+    x = np.random.default_rng(1).standard_normal((8 if quick else 32, 3, 224, 224), dtype=np.float32)
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.from_numpy(x[i : i + 8]).cuda()).cpu().numpy() for i in range(0, len(x), 8)])
+    del model
+    torch.cuda.empty_cache()
+    out: dict = {"precisions": {}}
+    for precision in ("fp32", "fp16"):
+        rec: dict = {}
+        out["precisions"][precision] = rec
+        try:
+            folder = export_or_load(name, precision, onnx_dir, work)
+            predictor = load(folder)
+            session = predictor.backend.session
+            rec["providers"] = session.get_providers()
+            logits = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
+            metrics = parity_metrics(logits, ref)
+            thresholds = predictor.manifest["thresholds"]
+            fails = threshold_failures(metrics, thresholds)
+            rec.update({"parity": metrics, "thresholds": thresholds, "parity_failures": fails, "parity_ok": not fails})
+            log(
+                f"{name} {precision}: rel_l2 {metrics['rel_l2']:.2e} cos_min {metrics['cosine_min']:.6f} "
+                f"top1 {metrics['top1_agreement']:.3f} {'ok' if not fails else 'FAIL ' + '; '.join(fails)}"
+            )
+            inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
+            ms128 = ort_speed(session, inp, outp, 128, runs=5 if quick else 20)
+            ms1 = ort_speed(session, inp, outp, 1, runs=20 if quick else 100)
+            rec.update({"batch128_ms": ms128, "batch128_img_s": 128e3 / ms128, "batch1_ms": ms1})
+            log(f"{name} {precision}: batch 128 {ms128:.1f} ms = {128e3 / ms128:.0f} img/s, batch 1 {ms1:.2f} ms")
+        except Exception as exc:
+            rec["error"] = repr(exc)
+            rec["traceback"] = traceback.format_exc()
+            log(f"{name} {precision} FAILED: {exc!r}\n{rec['traceback']}")
+            RESULTS["errors"].append(f"model {precision}: {exc!r}")
+    # ConvNeXt-T fp16, same runtime, same measurement.
+    conv: dict = {}
+    out["convnext_fp16"] = conv
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        from vmamba_export.lowering.fp16 import convert_model_to_fp16
+
+        path = onnx_dir / "convnext_fp16.onnx" if onnx_dir is not None else None
+        if path is None or not path.is_file():
+            from convnext import export_convnext_onnx
+
+            fp32_path = work / "convnext_fp32.onnx"
+            export_convnext_onnx(str(fp32_path))
+            path = work / "convnext_fp16.onnx"
+            onnx.save_model(convert_model_to_fp16(onnx.load(str(fp32_path)), 10), str(path))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
+        ms128 = ort_speed(session, inp, outp, 128, runs=5 if quick else 20)
+        ms1 = ort_speed(session, inp, outp, 1, runs=20 if quick else 100)
+        conv.update(
+            {
+                "providers": session.get_providers(),
+                "batch128_ms": ms128,
+                "batch128_img_s": 128e3 / ms128,
+                "batch1_ms": ms1,
+            }
+        )
+        log(f"convnext_tiny fp16: batch 128 {ms128:.1f} ms = {128e3 / ms128:.0f} img/s, batch 1 {ms1:.2f} ms")
+    except Exception as exc:
+        conv["error"] = repr(exc)
+        conv["traceback"] = traceback.format_exc()
+        log(f"convnext FAILED: {exc!r}\n{conv['traceback']}")
+        RESULTS["errors"].append(f"convnext: {exc!r}")
+    fp16 = out["precisions"].get("fp16", {})
+    if "batch128_img_s" in fp16:
+        out["fp16_throughput_ok"] = fp16["batch128_img_s"] >= MIN_FP16_THROUGHPUT
+        if "batch128_img_s" in conv:
+            out["vs_convnext"] = fp16["batch128_img_s"] / conv["batch128_img_s"]
+            out["vs_convnext_ok"] = out["vs_convnext"] >= MIN_CONVNEXT_RATIO
+    return out
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update({"gpu": props.name, "sms": props.multi_processor_count, "memory_gb": props.total_memory / 1e9})
+    try:
+        import onnxruntime as ort
+
+        env.update(
+            {
+                "onnxruntime": ort.__version__,
+                "onnxruntime_file": ort.__file__,
+                "providers": ort.get_available_providers(),
+            }
+        )
+    except Exception as exc:
+        env["onnxruntime_error"] = repr(exc)
+    from vmamba_export.kernels_paths import ort_cuda_library_path
+
+    env["cuda_library"] = str(ort_cuda_library_path())
+    return env
+
+
+def fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def summary_table() -> str:
+    s = RESULTS["sections"]
+    lines = ["", "=== gpu_check summary ==="]
+    k = s.get("kernel", {})
+    lines.append(
+        f"kernel parity        : {'PASS' if k.get('pass') else 'FAIL'} "
+        f"({len(k.get('rows', []))} checks, {k.get('failures', '?')} failed){'' if k.get('ok') else ' ERROR'}"
+    )
+    b = s.get("bandwidth", {})
+    lines.append(f"copy bandwidth       : {fmt(b.get('copy_gbs'), '.0f')} GB/s")
+    for r in b.get("rows", []):
+        if r["batch"] == 128:
+            lines.append(
+                f"scan {r['model']:<20} {r['dtype']:<8} b128: {r['ms']:.3f} ms {r['gbs']:.0f} GB/s "
+                f"{100 * r['fraction_of_copy']:.0f}% (target {100 * MIN_BANDWIDTH_FRACTION:.0f}%)"
+            )
+    m = s.get("model", {})
+    for precision, rec in m.get("precisions", {}).items():
+        p = rec.get("parity", {})
+        lines.append(
+            f"tiny_s1l8 {precision}       : parity {'PASS' if rec.get('parity_ok') else 'FAIL'} "
+            f"rel_l2 {fmt(p.get('rel_l2'), '.1e')} cos {fmt(p.get('cosine_min'), '.5f')} "
+            f"top1 {fmt(p.get('top1_agreement'), '.2f')} | b128 {fmt(rec.get('batch128_img_s'), '.0f')} img/s "
+            f"| b1 {fmt(rec.get('batch1_ms'), '.2f')} ms" + (f" | ERROR {rec['error']}" if "error" in rec else "")
+        )
+    c = m.get("convnext_fp16", {})
+    lines.append(
+        f"convnext_t fp16      : b128 {fmt(c.get('batch128_img_s'), '.0f')} img/s | "
+        f"b1 {fmt(c.get('batch1_ms'), '.2f')} ms" + (f" | ERROR {c['error']}" if "error" in c else "")
+    )
+    lines.append(
+        f"fp16 >= {MIN_FP16_THROUGHPUT:.0f} img/s    : {m.get('fp16_throughput_ok', '-')}; "
+        f"vs ConvNeXt {fmt(m.get('vs_convnext'), '.2f')}x (>= {MIN_CONVNEXT_RATIO}: {m.get('vs_convnext_ok', '-')})"
+    )
+    lines.append(f"errors               : {len(RESULTS['errors'])}")
+    return "\n".join(lines)
+
+
+def export_only(folder: Path) -> int:
+    import onnx
+    from convnext import export_convnext_onnx
+
+    from vmamba_export.lowering.fp16 import convert_model_to_fp16
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        for precision in ("fp32", "fp16"):
+            built = export_or_load("vmamba_tiny_s1l8", precision, None, Path(tmp))
+            target = folder / precision
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            built.rename(target)
+            log(f"wrote {target}")
+        fp32_path = Path(tmp) / "convnext_fp32.onnx"
+        export_convnext_onnx(str(fp32_path))
+        onnx.save_model(convert_model_to_fp16(onnx.load(str(fp32_path)), 10), str(folder / "convnext_fp16.onnx"))
+        log(f"wrote {folder / 'convnext_fp16.onnx'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--onnx-dir", type=Path, help="pre-exported artifacts: DIR/fp32, DIR/fp16 (+ convnext_fp16.onnx)"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_results"))
+    parser.add_argument("--skip", action="append", default=[], choices=["kernel", "bandwidth", "model"])
+    parser.add_argument(
+        "--export-only",
+        type=Path,
+        metavar="DIR",
+        help="no GPU needed: write DIR/fp32, DIR/fp16 (vmamba_tiny_s1l8 artifacts) and DIR/convnext_fp16.onnx, for "
+        "--onnx-dir on a machine that cannot export",
+    )
+    args = parser.parse_args(argv)
+    if args.export_only:
+        return export_only(args.export_only)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        import onnxruntime as ort
+
+        if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN from the nvidia-* wheels torch uses
+            ort.preload_dlls()
+    except Exception as exc:
+        log(f"onnxruntime preload: {exc!r}")
+    RESULTS["environment"] = environment()
+    log(json.dumps(RESULTS["environment"]))
+    if not torch.cuda.is_available():
+        log("no CUDA GPU visible to torch: nothing to check")
+    else:
+        with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+            if "kernel" not in args.skip:
+                check_kernel(args.quick)
+            if "bandwidth" not in args.skip:
+                check_bandwidth(args.quick)
+            if "model" not in args.skip:
+                check_model(args.quick, args.onnx_dir, Path(tmp))
+    table = summary_table()
+    (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    (args.out / "gpu_check.log").write_text("\n".join(LOG) + "\n" + table + "\n")
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""int8 vs fp32 latency through ONNX Runtime CPU, with ConvNeXt-T fp32/int8 as the peer, all in one run.
+
+    python benchmarks/int8.py [--model vmamba_tiny_s1l8] [--formats qdq-u8s8 qdq-s8s8 qop-u8s8 qop-s8s8]
+                              [--threads 2] [--rounds 15] [--calib builtin:16] [--workdir DIR] [--out FILE.md]
+
+Every model is quantized with the project's pipeline (vmamba_export/quantize/onnxruntime_int8.py: calibrated once,
+Conv/MatMul/Gemm per-channel int8, scan and its feeding projections float). Timing: batch 1, 224x224, all sessions
+open in one process and called in turn, round after round, so load from other processes on a shared machine moves
+every model alike; medians per model, ratios against the model's own fp32 and against ConvNeXt-T int8.
+Cosine: int8 logits vs the fp32 ONNX logits (which match PyTorch fp32 within rel L2 1e-5) on the builtin photos.
+Random weights (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def build(args, workdir: Path) -> tuple[dict, Path | None]:
+    """{label: (path, library)} for every model to time; the fp32 exports are cached in workdir."""
+    from convnext import export_convnext_onnx
+
+    from vmamba_export.data.sources import load_batch
+    from vmamba_export.kernels_paths import ort_library_path
+    from vmamba_export.lowering.onnx_export import export_onnx
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.quantize.onnxruntime_int8 import calibrate, prepare_model, quantize_with_cache
+
+    library = ort_library_path()
+    source = resolve_model(args.model, random_weights=True)
+    spec = source.model.config.input
+    calib, _, _ = load_batch(args.calib, spec, None)
+    models: dict[str, tuple[Path, Path | None]] = {}
+    for name, export, lib in (
+        (args.model, lambda p: export_onnx(source.model.eval(), p, scan="custom-op", max_size=1024), library),
+        ("convnext_tiny", lambda p: export_convnext_onnx(str(p)), None),
+    ):
+        fp32 = workdir / f"{name}_fp32.onnx"
+        if not fp32.exists():
+            print(f"exporting {name}", file=sys.stderr)
+            export(fp32)
+        models[f"{name} fp32"] = (fp32, lib)
+        prepared = prepare_model(fp32, workdir / f"{name}_prepared.onnx")
+        cache = workdir / f"{name}_ranges.json"
+        if not cache.exists():
+            print(f"calibrating {name}", file=sys.stderr)
+            calibrate(prepared, calib, "minmax", cache, lib, show_progress=False)
+        formats = args.formats if name == args.model else [args.peer_format]
+        for fmt in formats:
+            out = workdir / f"{name}_{fmt}.onnx"
+            quantize_with_cache(prepared, out, cache, "minmax", fmt, prepared.scan_feeders)
+            models[f"{name} int8 {fmt}"] = (out, lib)
+    return models, calib
+
+
+def time_round_robin(models: dict, threads: int, warmup: int, rounds: int) -> dict:
+    from vmamba_export.runtime.onnxruntime_backend import make_session
+
+    sessions = {label: make_session(path, lib, threads) for label, (path, lib) in models.items()}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    feeds = {label: {s.get_inputs()[0].name: x} for label, s in sessions.items()}
+    for label, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[label])
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(rounds):
+        for label, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[label])
+            times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: {"median_ms": statistics.median(t), "min_ms": min(t)} for label, t in times.items()}
+
+
+def cosines(models: dict, calib: np.ndarray, model_name: str) -> dict:
+    from vmamba_export.runtime.onnxruntime_backend import make_session
+    from vmamba_export.validate import parity_metrics
+
+    def logits(path, lib):
+        s = make_session(path, lib, None)
+        return np.concatenate(
+            [s.run(None, {s.get_inputs()[0].name: calib[i : i + 4]})[0] for i in range(0, len(calib), 4)]
+        )
+
+    out = {}
+    for prefix in (model_name, "convnext_tiny"):
+        ref = logits(*models[f"{prefix} fp32"])
+        for label, (path, lib) in models.items():
+            if label.startswith(prefix) and "int8" in label:
+                out[label] = parity_metrics(logits(path, lib), ref)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vmamba_tiny_s1l8")
+    parser.add_argument("--formats", nargs="+", default=["qdq-u8s8", "qdq-s8s8", "qop-u8s8", "qop-s8s8"])
+    parser.add_argument("--peer-format", default="qdq-u8s8", help="int8 format for ConvNeXt-T")
+    parser.add_argument("--calib", default="builtin:16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--out", type=Path, help="write the table (Markdown) and JSON here")
+    args = parser.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-int8-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    models, calib = build(args, workdir)
+    timing = time_round_robin(models, args.threads, args.warmup, args.rounds)
+    parity = cosines(models, calib, args.model)
+    fp32 = {p: timing[f"{p} fp32"]["median_ms"] for p in (args.model, "convnext_tiny")}
+    peer_int8 = timing[f"convnext_tiny int8 {args.peer_format}"]["median_ms"]
+    from vmamba_export.bench import machine_description
+
+    lines = [
+        f"# int8 vs fp32, ONNX Runtime CPU ({args.threads} threads, batch 1, 224x224, {args.rounds} rounds)",
+        "",
+        f"Machine: {machine_description()}. Calibration: {args.calib} ({len(calib)} images), minmax, per-channel.",
+        "",
+        "| model | median ms | min ms | vs own fp32 | vs ConvNeXt-T int8 | cosine min vs fp32 | top-1 agree |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, t in timing.items():
+        own = fp32[args.model if label.startswith(args.model) else "convnext_tiny"]
+        p = parity.get(label, {})
+        cos = f"{p['cosine_min']:.5f}" if p else "-"
+        agree = f"{p['top1_agreement']:.3f}" if p else "-"
+        lines.append(
+            f"| {label} | {t['median_ms']:.1f} | {t['min_ms']:.1f} | {t['median_ms'] / own:.2f} | "
+            f"{t['median_ms'] / peer_int8:.2f} | {cos} | {agree} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps({"timing": timing, "parity": parity}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

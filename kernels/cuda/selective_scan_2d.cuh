@@ -1,0 +1,44 @@
+// CUDA kernel of the fused 2-D selective scan `vmamba::selective_scan_2d` (contract: docs/scan-op.md).
+//
+// float32 or float16 tensors (all seven inputs and the output share one type, as the ONNX op's type constraint T),
+// float32 state and arithmetic. d_state 1 and 16 (every VMamba release) are compiled (the state lives in registers);
+// any other d_state is refused with a clear error.
+//
+// C ABI, so tests and benchmarks can call it through ctypes with torch CUDA tensors, and the ONNX Runtime op
+// (kernels/onnxruntime/cuda_op.cpp) on ORT's compute stream. Asynchronous: returns after queuing on `stream`.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum VmambaScanDtype { VMAMBA_SCAN_F32 = 0, VMAMBA_SCAN_F16 = 1 };
+
+// All pointers are device pointers to dense tensors in the layouts of docs/scan-op.md:
+//   u (batch, d_inner, H, W), delta (batch, 4, d_inner, H, W), A_logs (4 * d_inner, d_state),
+//   B, C (batch, 4, d_state, H, W), D, delta_bias (4 * d_inner), y (batch, d_inner, H, W) (written).
+// `stream` is a cudaStream_t (null: the legacy default stream). Returns null on success, else a static message
+// (bad shape, unsupported d_state, CUDA error at launch). Launch errors only: an asynchronous fault shows later.
+__attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_cuda(
+    int dtype, const void* u, const void* delta, const void* A_logs, const void* B, const void* C, const void* D,
+    const void* delta_bias, void* y, int64_t batch, int64_t d_inner, int64_t d_state, int64_t height, int64_t width,
+    void* stream);
+
+// Forces a path for tests and benchmarks: 0 automatic (default), 1 the shared-memory kernel, 2 the global-memory
+// fallback (used automatically when a channel's map does not fit in shared memory).
+__attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_force_path(int path);
+
+// Tuning of the shared-memory kernel, for benchmarks (0: automatic, the default): channels per block (capped by
+// shared memory and 256 threads a block) and chunk threads per channel (automatic: one per line, at most 64; fewer
+// chunks mean fewer exponentials evaluated twice, less parallelism).
+__attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_tuning(int channels_per_block,
+                                                                                      int chunk_threads);
+
+// Human-readable summary of the launch configuration the last call chose (for benchmarks; not thread-safe).
+__attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_cuda_last_config(void);
+
+#ifdef __cplusplus
+}
+#endif

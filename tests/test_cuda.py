@@ -1,0 +1,256 @@
+"""cuda-onnxruntime: the CPU-side parts everywhere (target, fp16 graph, clear errors without a GPU), the CUDA kernel and
+the artifacts on a GPU (`pytest -m gpu tests/test_cuda.py`; skipped without a GPU or onnxruntime-gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vmamba_export.errors import TargetUnavailableError
+from vmamba_export.kernels_paths import ort_cuda_library_path
+from vmamba_export.lowering import LOWERINGS
+from vmamba_export.lowering.fp16 import convert_model_to_fp16
+from vmamba_export.lowering.onnx_export import IR_VERSION, export_onnx
+from vmamba_export.model_source import resolve_model
+from vmamba_export.scan import selective_scan_reference
+from vmamba_export.targets import get_target
+
+needs_cuda_library = pytest.mark.skipif(ort_cuda_library_path() is None, reason="libvmamba_ort_cuda.so not built")
+
+
+def _cuda_ready() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if ort_cuda_library_path() is None:
+        return "libvmamba_ort_cuda.so not built (python -m vmamba_export.build_kernels --cuda)"
+    try:
+        from vmamba_export.runtime.onnxruntime_backend import cuda_unavailable_reason
+
+        return cuda_unavailable_reason()
+    except TargetUnavailableError as exc:
+        return str(exc)
+
+
+def gpu_ready():
+    why = _cuda_ready()
+    if why:
+        pytest.skip(why)
+
+
+# ---- everywhere ----
+
+
+def test_target_file():
+    target = get_target("cuda-onnxruntime")
+    assert target.device == "cuda" and target.runtime == "onnxruntime"
+    assert target.precisions == ("fp32", "fp16")
+    assert target.scan_lowering in LOWERINGS
+    assert target.thresholds_for("fp32") == {"max_rel_l2": 1e-4, "min_top1_agreement": 1.0}
+    assert target.thresholds_for("fp16") == {"min_cosine": 0.999}
+
+
+def test_int8_is_refused():
+    from vmamba_export.exporter import export_artifact
+
+    source = resolve_model("vmamba_test_v2", random_weights=True, seed=0)
+    with pytest.raises(TargetUnavailableError, match="does not offer precision 'int8'"):
+        export_artifact(source, get_target("cuda-onnxruntime"), "/nonexistent/never-written", precision="int8")
+
+
+@pytest.fixture(scope="module")
+def fp32_graph(tmp_path_factory):
+    model = resolve_model("vmamba_test_v2", random_weights=True, seed=0).model.eval()
+    path = tmp_path_factory.mktemp("cuda") / "model.onnx"
+    export_onnx(model, path, scan="custom-op", max_size=256)
+    return onnx.load(str(path))
+
+
+def _elem_types(proto) -> dict[str, int]:
+    types = {}
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in proto.graph.initializer:
+        types[init.name] = init.data_type
+    for node in proto.graph.node:
+        if node.op_type == "Cast":
+            to = next(a.i for a in node.attribute if a.name == "to")
+            types[node.output[0]] = to
+    return types
+
+
+def test_fp16_graph_structure(fp32_graph):
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    converted = convert_model_to_fp16(fp32_graph, IR_VERSION)
+    assert converted.ir_version == IR_VERSION
+    # float32 at the boundary (keep_io_types)
+    assert [i.type.tensor_type.elem_type for i in converted.graph.input] == [f32]
+    assert [o.type.tensor_type.elem_type for o in converted.graph.output] == [f32]
+    # no float32 weights left; the scan nodes are float16 nodes (their weight inputs are float16 initializers)
+    assert not [i.name for i in converted.graph.initializer if i.data_type == f32]
+    types = _elem_types(converted)
+    scans = [n for n in converted.graph.node if n.op_type == "SelectiveScan2D"]
+    assert len(scans) == len([n for n in fp32_graph.graph.node if n.op_type == "SelectiveScan2D"]) > 0
+    for node in scans:
+        assert node.domain == "ai.vmamba"
+        known = [types[name] for name in node.input if name in types]
+        assert known and all(t == f16 for t in known), (node.name, known)
+    layer_norms = [n for n in converted.graph.node if n.op_type == "LayerNormalization"]
+    assert layer_norms, "expected LayerNormalization nodes (kept in the float16 region)"
+    # exactly one Cast in and one Cast out at the boundary
+    first = [n for n in converted.graph.node if converted.graph.input[0].name in n.input]
+    assert [n.op_type for n in first] == ["Cast"]
+
+
+def test_fp16_graph_runs_on_cpu_with_float32_io(fp32_graph, tmp_path):
+    """The converted graph is valid: ONNX Runtime (CPU) opens it when the scan op has a float16 kernel... which only the
+    CUDA library has; so check it with onnx's checker and shape inference instead."""
+    converted = convert_model_to_fp16(fp32_graph, IR_VERSION)
+    onnx.checker.check_model(converted)
+
+
+def test_runtime_refuses_without_cuda_provider(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from vmamba_export.runtime import onnxruntime_backend
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    why = onnxruntime_backend.cuda_unavailable_reason()
+    assert why and "onnxruntime-gpu" in why
+    manifest = {"entry": {"model": "model.onnx", "providers": ["CUDAExecutionProvider"]}}
+    with pytest.raises(TargetUnavailableError, match="runs on a CUDA GPU"):
+        onnxruntime_backend.OnnxRuntimeBackend(tmp_path, manifest)
+    ok, reason = get_target("cuda-onnxruntime").can_run()
+    assert not ok and "onnxruntime-gpu" in reason
+
+
+def test_runtime_refuses_without_gpu(monkeypatch):
+    import onnxruntime as ort
+
+    from vmamba_export.runtime import onnxruntime_backend
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime_backend, "_cuda_device_count", lambda: 0)
+    assert "no CUDA GPU" in onnxruntime_backend.cuda_unavailable_reason()
+
+
+@needs_cuda_library
+def test_cuda_artifact_export_and_clear_load_error(tmp_path):
+    from vmamba_export import load
+    from vmamba_export.artifact import read_manifest
+    from vmamba_export.exporter import export_artifact
+
+    source = resolve_model("vmamba_test_v0", random_weights=True, seed=0)
+    folder = tmp_path / "fp16"
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision="fp16", max_size=256)
+    manifest = read_manifest(folder)
+    assert manifest["entry"]["providers"] == ["CUDAExecutionProvider"]
+    assert manifest["entry"]["custom_op_library"] == "libvmamba_ort_cuda.so"
+    assert (folder / "libvmamba_ort_cuda.so").is_file()
+    assert manifest["lowering"]["fp16"]["keep_io_types"] is True
+    if _cuda_ready():
+        with pytest.raises(TargetUnavailableError):
+            load(folder)
+
+
+@needs_cuda_library
+def test_cuda_library_loads_without_gpu_and_runs_its_cpu_kernel():
+    """libvmamba_ort_cuda.so also carries the CPU kernel: it must load (static cudart, no GPU needed) and run."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    shapes = [(1, 3, 5, 6), (1, 4, 3, 5, 6), (12, 1), (1, 4, 1, 5, 6), (1, 4, 1, 5, 6), (12,), (12,)]
+    names = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in zip(names, shapes)]
+    node = helper.make_node("SelectiveScan2D", names, ["y"], domain="ai.vmamba")
+    model = helper.make_model(
+        helper.make_graph(
+            [node], "scan", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shapes[0]))]
+        ),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.vmamba", 1)],
+        ir_version=10,
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_cuda_library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+    y = session.run(None, feeds)[0]
+    ref = selective_scan_reference(*[torch.from_numpy(feeds[n]) for n in names]).numpy()
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-5
+
+
+# ---- on a GPU ----
+
+
+def _inputs(batch, di, n, h, w, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = 4
+    ts = (
+        torch.randn(batch, di, h, w, generator=g),
+        torch.randn(batch, k, di, h, w, generator=g) * 0.5 - 1.0,
+        torch.randn(k * di, n, generator=g) * 0.5 + (torch.log(torch.arange(1.0, n + 1)) if n > 1 else 0.0),
+        torch.randn(batch, k, n, h, w, generator=g),
+        torch.randn(batch, k, n, h, w, generator=g),
+        torch.randn(k * di, generator=g),
+        torch.randn(k * di, generator=g) * 0.5,
+    )
+    return tuple(t.to(dtype) for t in ts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 5, 1, 7, 9), (1, 4, 1, 70, 66), (2, 5, 16, 9, 7), (1, 2, 16, 40, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["auto", "global", "tile3", "chunks3"])
+def test_cuda_kernel_matches_reference(shape, dtype, path):
+    gpu_ready()
+    from vmamba_export import cuda_kernel
+
+    ins = _inputs(*shape, dtype)
+    ref = selective_scan_reference(*[t.double() for t in ins]).numpy()
+    cuda_kernel.force_path("global" if path == "global" else "auto")
+    # tile3: 3 channels a block (partial tiles when Di % 3 != 0); chunks3: 3 chunks of several lines each
+    cuda_kernel.set_tuning(3 if path == "tile3" else 0, 3 if path == "chunks3" else 0)
+    try:
+        y = torch.full_like(ins[0], float("nan")).cuda()
+        cuda_kernel.selective_scan_2d_cuda(*[t.cuda() for t in ins], out=y)
+        out = y.double().cpu().numpy()
+    finally:
+        cuda_kernel.force_path("auto")
+        cuda_kernel.set_tuning()
+    assert np.isfinite(out).all()
+    limit = 2e-5 if dtype == torch.float32 else 3e-3
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < limit
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_refuses_unsupported_d_state():
+    gpu_ready()
+    from vmamba_export import cuda_kernel
+
+    with pytest.raises(RuntimeError, match="d_state 1 and 16"):
+        cuda_kernel.selective_scan_2d_cuda(*[t.cuda() for t in _inputs(1, 2, 3, 4, 4, torch.float32)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_artifact_parity(tmp_path, precision):
+    gpu_ready()
+    from vmamba_export import load
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.scan.op import torch_scan
+    from vmamba_export.validate import parity_metrics, threshold_failures
+
+    name = "vmamba_test_v0"
+    source = resolve_model(name, random_weights=True, seed=0)
+    folder = tmp_path / precision
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256)
+    predictor = load(folder)
+    assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64), dtype=np.float32)
+    model = resolve_model(name, random_weights=True, seed=0).model.eval().set_scan(torch_scan)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    metrics = parity_metrics(predictor(x), ref)
+    assert not threshold_failures(metrics, predictor.manifest["thresholds"]), metrics

@@ -1,0 +1,239 @@
+"""cpu-openvino end to end on the small configs: extension op, IR artifacts in fp32 and bf16, loader, parity, errors.
+
+The reference is the PyTorch model with the scan in plain torch (scan/op.py torch_scan), which shares no code with
+the C++ kernel the extension runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ov = pytest.importorskip("openvino")
+
+from vmamba_export import load  # noqa: E402
+from vmamba_export.artifact import read_manifest  # noqa: E402
+from vmamba_export.errors import ArtifactError, TargetUnavailableError  # noqa: E402
+from vmamba_export.exporter import export_artifact  # noqa: E402
+from vmamba_export.kernels_paths import openvino_extension_path  # noqa: E402
+from vmamba_export.model_source import resolve_model  # noqa: E402
+from vmamba_export.scan.op import torch_scan  # noqa: E402
+from vmamba_export.targets import get_target  # noqa: E402
+from vmamba_export.validate import validate_artifact  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    openvino_extension_path() is None, reason="OpenVINO extension not built (python -m vmamba_export.build_kernels)"
+)
+
+MODELS = ("vmamba_test_v2", "vmamba_test_v0")  # d_state 1 and 16
+PRECISIONS = ("fp32", "bf16")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict:
+    """One artifact per (small config, precision), exported once for the module."""
+    root = tmp_path_factory.mktemp("ov-artifacts")
+    built = {}
+    for name in MODELS:
+        source = resolve_model(name, random_weights=True, seed=1)
+        for precision in PRECISIONS:
+            folder = root / f"{name}-{precision}"
+            export_artifact(source, get_target("cpu-openvino"), folder, precision=precision, max_size=256)
+            built[(name, precision)] = folder
+    return built
+
+
+def torch_logits(name: str, x: np.ndarray) -> np.ndarray:
+    model = resolve_model(name, random_weights=True, seed=1).model.set_scan(torch_scan)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def num_blocks(name: str) -> int:
+    return sum(resolve_model(name, random_weights=True).model.config.depths)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ir_has_one_scan_op_per_block(artifacts, name):
+    layers = ET.parse(artifacts[(name, "fp32")] / "model.xml").getroot().iter("layer")
+    types = [(layer.get("type"), layer.get("version")) for layer in layers]
+    assert types.count(("SelectiveScan2D", "vmamba")) == num_blocks(name)
+    assert not {"Loop", "TensorIterator", "Scan"} & {t for t, _ in types}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (3, 3, 45, 37), (2, 3, 64, 100)])
+def test_fp32_matches_pytorch_at_dynamic_batch_and_size(artifacts, name, shape):
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    out = load(artifacts[(name, "fp32")], threads=2)(x)
+    assert out.shape == (shape[0], 10) and out.dtype == np.float32
+    assert rel_l2(out, torch_logits(name, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(2, 3, 224, 224), (3, 3, 45, 37)])
+def test_bf16_is_close_and_really_bf16(artifacts, name, shape):
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    ref = torch_logits(name, x)
+    out = load(artifacts[(name, "bf16")], threads=2)(x)
+    assert min_cosine(out, ref) >= 0.999
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    # bf16 arithmetic must show (8-bit mantissa): identical-to-fp32 output would mean the hint was ignored.
+    assert rel_l2(out, ref) > 1e-4
+
+
+def test_scan_op_runs_in_f32_under_bf16_inference(artifacts):
+    """The CPU plugin keeps the extension op in f32 (converting around it) while the rest runs in bf16."""
+    predictor = load(artifacts[("vmamba_test_v2", "bf16")])
+    runtime = predictor.backend.compiled.get_runtime_model()
+    precisions: dict[str, set] = {}
+    for op in runtime.get_ops():
+        info = op.get_rt_info()
+        precisions.setdefault(str(info["layerType"]), set()).add(str(info["runtimePrecision"]))
+    assert precisions["SelectiveScan2D"] == {"f32"}
+    assert "bf16" in set().union(*precisions.values())
+
+
+def test_torch_export_program_converts_with_the_extension():
+    """The extension also maps the torch op (ExportedProgram name vmamba.selective_scan_2d.default)."""
+    from vmamba_export.lowering.onnx_export import dynamic_input_spec
+
+    model = resolve_model("vmamba_test_v2", random_weights=True, seed=1).model.eval()
+    dims = dynamic_input_spec(model, 256)
+    shapes = {"x": {0: torch.export.Dim("b", **dims["batch"]), 2: torch.export.Dim("h", **dims["height"])}}
+    shapes["x"][3] = torch.export.Dim("w", **dims["width"])
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=shapes)
+    converted = ov.convert_model(program, extension=str(openvino_extension_path()))
+    assert sum(op.get_type_name() == "SelectiveScan2D" for op in converted.get_ops()) == num_blocks("vmamba_test_v2")
+    core = ov.Core()
+    core.add_extension(str(openvino_extension_path()))
+    compiled = core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = np.random.default_rng(2).standard_normal((2, 3, 45, 37), dtype=np.float32)
+    assert rel_l2(compiled(x)[0], torch_logits("vmamba_test_v2", x)) <= 1e-5
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_validate_passes_and_is_recorded(artifacts, precision, tmp_path):
+    folder = tmp_path / "a"
+    shutil.copytree(artifacts[("vmamba_test_v2", precision)], folder)
+    result = validate_artifact(folder, images="builtin", sizes=[224, 160], threads=2, show_progress=False)
+    assert result["status"] == "pass", result
+    for run in result["runs"]:
+        if precision == "fp32":
+            assert run["rel_l2"] <= 1e-5 and run["top1_agreement"] == 1.0
+        else:
+            assert run["cosine_min"] >= 0.999
+    assert read_manifest(folder)["validation"]["status"] == "pass"
+    load(folder)  # the rewritten manifest leaves the payload hashes valid
+
+
+def test_manifest_records_ir_extension_version_and_hint(artifacts):
+    for precision, hint in (("fp32", "f32"), ("bf16", "bf16")):
+        folder = artifacts[("vmamba_test_v0", precision)]
+        m = json.loads((folder / "manifest.json").read_text())
+        entry = m["entry"]
+        assert entry["model"] == "model.xml" and entry["weights"] == "model.bin"
+        assert entry["inference_precision"] == hint
+        assert entry["openvino_version"] == m["runtime"]["version"] == m["toolchain"]["openvino"]
+        assert {entry["model"], entry["weights"], entry["extension_library"]} <= set(m["files"])
+        assert m["thresholds"] == get_target("cpu-openvino").thresholds_for(precision)
+        assert m["lowering"]["scan_ops"] == num_blocks("vmamba_test_v0")
+        # The IR carries the hint too, for a plain core.compile_model(xml).
+        assert f'<INFERENCE_PRECISION_HINT value="{hint}"' in (folder / "model.xml").read_text()
+
+
+def test_concurrent_calls_on_one_predictor(artifacts):
+    predictor = load(artifacts[("vmamba_test_v2", "fp32")], threads=1)
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((1 + i % 2, 3, 40 + 8 * i, 48), dtype=np.float32) for i in range(6)]
+    expected = [predictor(x) for x in inputs]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3):
+                results[i] = predictor(inputs[i])
+                np.testing.assert_array_equal(results[i], expected[i])
+        except BaseException as exc:  # surfaced below: an assert in a thread would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(results) == len(inputs)
+
+
+def test_version_mismatch_is_refused_naming_both(artifacts, tmp_path):
+    folder = tmp_path / "a"
+    shutil.copytree(artifacts[("vmamba_test_v2", "fp32")], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["entry"]["openvino_version"] = "2025.0.0"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    installed = read_manifest(artifacts[("vmamba_test_v2", "fp32")])["entry"]["openvino_version"]
+    with pytest.raises(ArtifactError, match=rf"built for OpenVINO 2025\.0\.0, but OpenVINO {installed} is installed"):
+        load(folder)
+
+
+def test_missing_or_broken_extension_is_refused(artifacts, tmp_path):
+    folder = tmp_path / "a"
+    shutil.copytree(artifacts[("vmamba_test_v2", "fp32")], folder)
+    library = folder / read_manifest(folder)["entry"]["extension_library"]
+    library.unlink()
+    with pytest.raises(ArtifactError, match="libvmamba_openvino.so: missing"):
+        load(folder)
+    with pytest.raises(ArtifactError, match="cannot load the OpenVINO extension"):
+        load(folder, verify=False)
+    library.write_bytes(b"not a shared library")
+    with pytest.raises(ArtifactError, match="cannot load the OpenVINO extension"):
+        load(folder, verify=False)
+
+
+def test_missing_openvino_gives_install_hint(artifacts, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(TargetUnavailableError, match="pip install openvino"):
+        load(artifacts[("vmamba_test_v2", "fp32")])
+
+
+def test_extension_reports_the_release_it_was_built_for():
+    from importlib import metadata
+
+    from vmamba_export.runtime.openvino_backend import extension_built_for
+
+    assert extension_built_for(openvino_extension_path()) == metadata.version("openvino")
+
+
+def test_bench_and_predict_run_on_the_artifact(artifacts, tmp_path):
+    from PIL import Image
+
+    from vmamba_export.bench import bench_artifact
+
+    folder = tmp_path / "a"
+    shutil.copytree(artifacts[("vmamba_test_v0", "bf16")], folder)
+    bench = bench_artifact(folder, sizes=[64], warmup=1, runs=3, show_progress=False)
+    (point,) = bench["results"]
+    assert point["size"] == 64 and point["median_ms"] > 0
+    image = Path(tmp_path / "img.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(image)
+    (top,) = load(folder).predict([image], top_k=3)
+    assert len(top) == 3 and top[0]["score"] >= top[1]["score"]

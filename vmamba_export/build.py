@@ -1,0 +1,137 @@
+"""build: export + validate + bench one model for several targets and precisions, and a combined report.
+
+What CI runs per hardware target. A target this machine cannot run is still built where possible and marked
+"not validated here"; a failure of one artifact is recorded and the others go on; `fail_on_parity` turns parity
+failures into a failing exit status for CI.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import write_json_atomic, write_text_atomic
+from .errors import VMambaExportError
+from .lowering import ExportOptions
+from .model_source import ModelSource
+from .progress import progress_bar
+from .targets import Target, list_targets
+
+
+@dataclass
+class BuildPlan:
+    targets: list[Target]
+    precisions: list[str] | None = None  # None: every precision each target offers
+    images: str = "builtin"
+    sizes: list[int] | None = None
+    accuracy_source: str | None = None
+    calib: str | None = None
+    calib_samples: int = 64
+    batches: list[int] = field(default_factory=lambda: [1])
+    threads: list[int] = field(default_factory=lambda: [2])
+    runs: int = 20
+    warmup: int = 5
+    bench: bool = True
+
+    def precisions_for(self, target: Target) -> list[str]:
+        if self.precisions is None:
+            return list(target.precisions)
+        return [p for p in self.precisions if p in target.precisions]
+
+
+def default_targets() -> list[Target]:
+    """Every target this machine can build."""
+    return [t for t in list_targets() if t.can_build()[0]]
+
+
+def default_sources(model_name: str) -> tuple[str | None, str | None]:
+    """(accuracy source, calibration source) a model's own data suggests: the bundled digits models have labels."""
+    if model_name.startswith("vmamba_digits"):
+        return "digits:holdout", "digits:calib"
+    return None, "builtin"
+
+
+def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
+    from .bench import bench_artifact, machine_description
+    from .exporter import export_artifact
+    from .validate import validate_artifact
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = source.model.config.name
+    accuracy_default, calib_default = default_sources(name)
+    accuracy_source = plan.accuracy_source or accuracy_default
+    jobs = [(t, p) for t in plan.targets for p in plan.precisions_for(t)]
+    rows = []
+    with progress_bar(show_progress) as progress:
+        task = progress.add_task("build", total=len(jobs))
+        for target, precision in jobs:
+            folder = out / f"{name}-{target.name}-{precision}"
+            row = {"target": target.name, "precision": precision, "artifact": str(folder), "status": "built"}
+            progress.update(task, description=f"{target.name} {precision}")
+            try:
+                options = ExportOptions(
+                    calib=plan.calib or calib_default or "builtin",
+                    calib_samples=plan.calib_samples,
+                    accuracy_source=accuracy_source,
+                )
+                export_artifact(source, target, folder, precision, overwrite=overwrite, options=options)
+                can_run, why = target.can_run()
+                if not can_run:
+                    row["status"] = "not validated here"
+                    row["note"] = why
+                else:
+                    validation = validate_artifact(
+                        folder,
+                        images=plan.images,
+                        sizes=plan.sizes,
+                        accuracy_source=accuracy_source,
+                        show_progress=False,
+                    )
+                    row["parity"] = validation["status"]
+                    row["runs"] = validation["runs"]
+                    row["accuracy"] = validation["accuracy"]
+                    if plan.bench:
+                        bench = bench_artifact(
+                            folder,
+                            plan.batches,
+                            plan.threads,
+                            warmup=plan.warmup,
+                            runs=plan.runs,
+                            show_progress=False,
+                        )
+                        row["latency"] = bench["results"]
+                    row["status"] = "validated" if validation["status"] == "pass" else "parity failed"
+            except VMambaExportError as exc:
+                row["status"] = "error"
+                row["note"] = str(exc)
+            except Exception as exc:  # one broken target must not stop the others; the trace goes to the report
+                row["status"] = "error"
+                row["note"] = f"{type(exc).__name__}: {exc}"
+                row["trace"] = traceback.format_exc(limit=8)
+            rows.append(row)
+            progress.advance(task)
+    summary = {
+        "model": name,
+        "weights": source.weights,
+        "machine": machine_description(),
+        "accuracy_source": accuracy_source,
+        "images": plan.images,
+        "artifacts": rows,
+    }
+    from .report import render_build_chart, render_build_report
+
+    write_json_atomic(out / "report.json", summary)
+    write_text_atomic(out / "report.md", render_build_report(summary))
+    render_build_chart(summary, out / "report.png")
+    return summary
+
+
+def exit_status(summary: dict, fail_on_parity: bool) -> int:
+    statuses = [r["status"] for r in summary["artifacts"]]
+    if "error" in statuses:
+        return 1
+    if fail_on_parity and "parity failed" in statuses:
+        return 1
+    return 0

@@ -1,0 +1,83 @@
+"""cpu-openvino: the model as OpenVINO IR (model.xml + model.bin) holding one `SelectiveScan2D` extension op per
+block, plus the extension library (kernels/openvino) the runtime loads to run it.
+
+Path: the same ONNX graph as cpu-onnxruntime (onnx_export.export_onnx with scan="custom-op": one ai.vmamba node per
+block), converted by OpenVINO's ONNX frontend with the extension mapping that node to the op. The other path the
+extension supports, `ov.convert_model(torch.export program)`, was measured against it on vmamba_tiny_s1l8: it gave
+a graph with more nodes (867 against 839) that ran slower (about 25% in fp32 and bf16, on a loaded machine), and
+its conversion took longer; the ONNX graph is also the one the ONNX Runtime target already proves right.
+
+bf16 is an inference precision, not a storage one: the IR keeps fp32 weights (compress_to_fp16=False) and the
+manifest entry says which INFERENCE_PRECISION_HINT to compile with ("f32" or "bf16"). The hint is also written into
+the IR's rt_info (runtime_options), so a plain `core.compile_model(xml)` picks the same precision.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import TargetUnavailableError
+from ..models import VMamba
+from ..targets import Target
+from . import ExportOptions
+
+# precision -> OpenVINO CPU INFERENCE_PRECISION_HINT. int8 (NNCF) is a separate lowering step, not a hint.
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+SCAN_OP_TYPE = "SelectiveScan2D"
+MODEL_XML = "model.xml"
+MODEL_BIN = "model.bin"
+
+
+def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
+    from ..kernels_paths import openvino_extension_path
+    from ..runtime.openvino_backend import check_version, extension_built_for, import_openvino
+    from .onnx_export import export_onnx
+
+    ov = import_openvino()
+    library = openvino_extension_path()
+    if library is None:
+        raise TargetUnavailableError(
+            f"target {target.name} needs the OpenVINO extension: run python -m vmamba_export.build_kernels"
+        )
+    hint = PRECISION_HINTS.get(options.precision)
+    if hint is None:
+        raise TargetUnavailableError(f"target {target.name}: precision {options.precision!r} is not implemented")
+    # A library built against another OpenVINO release would not even load; say so before exporting for minutes.
+    try:
+        version = check_version(extension_built_for(library), f"the extension library {library}")
+    except Exception as exc:
+        raise TargetUnavailableError(f"{exc}; rebuild it: python -m vmamba_export.build_kernels") from None
+
+    with tempfile.TemporaryDirectory(prefix="vmamba-ov-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        info = export_onnx(model, onnx_path, scan="custom-op", max_size=options.max_size)
+        ov_model = ov.convert_model(str(onnx_path), extension=str(library))
+
+    scans = sum(1 for op in ov_model.get_ops() if op.get_type_name() == SCAN_OP_TYPE)
+    expected = sum(model.config.depths)
+    if scans != expected:  # the scan must stay one op per block: never decomposed, never duplicated
+        raise TargetUnavailableError(f"OpenVINO conversion gave {scans} {SCAN_OP_TYPE} ops for {expected} blocks")
+    ov_model.set_rt_info(hint, ["runtime_options", "INFERENCE_PRECISION_HINT"])
+    ov.save_model(ov_model, str(folder / MODEL_XML), compress_to_fp16=False)
+    shutil.copy2(library, folder / library.name)
+
+    entry = {
+        "model": MODEL_XML,
+        "weights": MODEL_BIN,
+        "extension_library": library.name,
+        "inference_precision": hint,
+        "device": "CPU",
+        "openvino_version": version,
+    }
+    info.update(
+        {
+            "via": "onnx (custom-op node) -> ov.convert_model with the extension",
+            "openvino_version": version,
+            "ov_ops": len(ov_model.get_ops()),
+            "scan_ops": scans,
+            "inference_precision": hint,
+        }
+    )
+    return entry, info

@@ -1,0 +1,144 @@
+"""The selective scan (docs/scan-op.md) as one TIR kernel source, scheduled per TVM target kind.
+
+One source, `scan_kernel(di, h, w, d_state, lanes)`, holds two blocks:
+
+- "scan": one block instance per (batch, direction, channel group of `lanes` channels). Its body runs the recurrence
+  over the L = H*W positions of that direction with the state (d_state x lanes floats) in local memory; the direction's
+  traversal order is index arithmetic on the loop counter, so no cross-scan copies exist. Each direction writes its own
+  slice of a (B, K, Di, H, W) scratch buffer: the four directions of one channel then never write the same element, so
+  they can run in parallel (CPU cores, GPU threads) without atomics.
+- "merge": y = sum over the four directions of that scratch buffer (an elementwise pass).
+
+The lane loops inside "scan" are `T.vectorized(lanes)`: on CPU lanes = 8/16 contiguous channel indices become one
+SIMD vector (a vectorised loop with nested serial loops inside produced wrong results with TVM 0.27's vectoriser, so
+the lanes are the innermost loops by construction); on GPUs lanes = 1 (one thread per channel) and those loops vanish.
+Everything else is the per-target schedule:
+
+- llvm: parallel over fused (batch, direction, channel group); merge parallel over (batch, channel).
+- cuda / metal: one thread per (batch, direction, channel), `threads` per block; merge one thread per element.
+
+d_state, Di, H and W are compile-time constants (local arrays need a constant size on GPUs); the batch is a symbolic
+TIR variable, so one compiled kernel takes any batch. Kernels are tagged `tirx.is_scheduled` so that dlight and
+meta-schedule leave them alone.
+
+TVM is imported lazily by the callers (lowering/tvm_relax.py): this module imports it at module level, and is only
+imported once a TVM target is built.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+K_DIRECTIONS = 4
+GPU_THREADS = 128
+
+
+def cpu_lanes(d_inner: int) -> int:
+    """Channels per SIMD vector on CPU: the widest of 16/8/4 dividing Di (16 fp32 = one AVX-512 register; LLVM splits
+    it into narrower registers on CPUs without AVX-512)."""
+    for lanes in (16, 8, 4):
+        if d_inner % lanes == 0:
+            return lanes
+    return 1
+
+
+def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1) -> tvm.tirx.PrimFunc:
+    """Unscheduled TIR of selective_scan_2d for fixed (Di, H, W, d_state), symbolic batch, `lanes` channels per block."""
+    if di % lanes:
+        raise ValueError(f"lanes {lanes} must divide d_inner {di}")
+    K = K_DIRECTIONS  # noqa: N806 (the contract's name)
+    L = h * w  # noqa: N806
+    kd = K * di
+    groups = di // lanes
+
+    @T.prim_func(s_tir=True)
+    def selective_scan_2d(
+        var_u: T.handle,
+        var_delta: T.handle,
+        A_logs: T.Buffer((kd, n), "float32"),
+        var_b: T.handle,
+        var_c: T.handle,
+        Ds: T.Buffer((kd,), "float32"),
+        delta_bias: T.Buffer((kd,), "float32"),
+        var_y: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        bsz = T.int64()
+        u = T.match_buffer(var_u, (bsz, di, h, w), "float32")
+        delta = T.match_buffer(var_delta, (bsz, K, di, h, w), "float32")
+        Bm = T.match_buffer(var_b, (bsz, K, n, h, w), "float32")
+        Cm = T.match_buffer(var_c, (bsz, K, n, h, w), "float32")
+        y = T.match_buffer(var_y, (bsz, di, h, w), "float32")
+        ys = T.alloc_buffer((bsz, K, di, h, w), "float32")
+        for b, k, g in T.grid(bsz, K, groups):
+            with T.sblock("scan"):
+                vb, vk, vg = T.axis.remap("SSS", [b, k, g])
+                T.reads(
+                    u[vb, vg * lanes : vg * lanes + lanes, 0:h, 0:w],
+                    delta[vb, vk, vg * lanes : vg * lanes + lanes, 0:h, 0:w],
+                    A_logs[vk * di + vg * lanes : vk * di + vg * lanes + lanes, 0:n],
+                    Bm[vb, vk, 0:n, 0:h, 0:w],
+                    Cm[vb, vk, 0:n, 0:h, 0:w],
+                    Ds[vk * di + vg * lanes : vk * di + vg * lanes + lanes],
+                    delta_bias[vk * di + vg * lanes : vk * di + vg * lanes + lanes],
+                )
+                T.writes(ys[vb, vk, vg * lanes : vg * lanes + lanes, 0:h, 0:w])
+                state = T.sblock_alloc_buffer((n, lanes), "float32", scope="local")
+                a = T.sblock_alloc_buffer((n, lanes), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                dt = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                uu = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                for i in range(n):
+                    for l in T.vectorized(lanes):
+                        state[i, l] = T.float32(0)
+                        a[i, l] = -T.exp(A_logs[vk * di + vg * lanes + l, i])
+                for t in range(L):
+                    # Direction k's t-th position: k even row-major, k odd column-major, k >= 2 reversed.
+                    tt: T.let[T.int64] = T.if_then_else(vk >= 2, T.int64(L - 1) - t, t)
+                    hh: T.let[T.int64] = T.if_then_else(vk % 2 == 0, tt // w, tt % h)
+                    ww: T.let[T.int64] = T.if_then_else(vk % 2 == 0, tt % w, tt // h)
+                    for l in T.vectorized(lanes):
+                        dt[l] = delta[vb, vk, vg * lanes + l, hh, ww] + delta_bias[vk * di + vg * lanes + l]
+                        # softplus as PyTorch: x above 20, log1p(exp(x)) below
+                        dt[l] = T.if_then_else(dt[l] > T.float32(20), dt[l], T.log1p(T.exp(dt[l])))
+                        uu[l] = u[vb, vg * lanes + l, hh, ww]
+                        acc[l] = Ds[vk * di + vg * lanes + l] * uu[l]
+                    for i in range(n):
+                        for l in T.vectorized(lanes):
+                            state[i, l] = T.exp(dt[l] * a[i, l]) * state[i, l] + dt[l] * Bm[vb, vk, i, hh, ww] * uu[l]
+                            acc[l] = acc[l] + Cm[vb, vk, i, hh, ww] * state[i, l]
+                    for l in T.vectorized(lanes):
+                        ys[vb, vk, vg * lanes + l, hh, ww] = acc[l]
+        for b, d, i, j in T.grid(bsz, di, h, w):
+            with T.sblock("merge"):
+                vb, vd, vi, vj = T.axis.remap("SSSS", [b, d, i, j])
+                y[vb, vd, vi, vj] = (
+                    ys[vb, 0, vd, vi, vj] + ys[vb, 1, vd, vi, vj] + ys[vb, 2, vd, vi, vj] + ys[vb, 3, vd, vi, vj]
+                )
+
+    return selective_scan_2d
+
+
+def schedule_scan(func: tvm.tirx.PrimFunc, target_kind: str, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
+    """Apply the `target_kind` schedule ("llvm", "cuda", "metal") to a `scan_kernel` and tag it scheduled."""
+    sch = tvm.s_tir.Schedule(func)
+    scan, merge = sch.get_sblock("scan"), sch.get_sblock("merge")
+    if target_kind == "llvm":
+        sch.parallel(sch.fuse(*sch.get_loops(scan)))
+        b, d, _, _ = sch.get_loops(merge)
+        sch.parallel(sch.fuse(b, d))
+    elif target_kind in ("cuda", "metal"):
+        for block in (scan, merge):
+            outer, inner = sch.split(sch.fuse(*sch.get_loops(block)), [None, threads])
+            sch.bind(outer, "blockIdx.x")
+            sch.bind(inner, "threadIdx.x")
+    else:
+        raise ValueError(f"no scan schedule for TVM target kind {target_kind!r}")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def scheduled_scan(di: int, h: int, w: int, n: int, target_kind: str) -> tvm.tirx.PrimFunc:
+    """The scan kernel for one block's shape, scheduled for `target_kind`."""
+    lanes = cpu_lanes(di) if target_kind == "llvm" else 1
+    return schedule_scan(scan_kernel(di, h, w, n, lanes), target_kind)

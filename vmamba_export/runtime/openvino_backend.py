@@ -1,0 +1,123 @@
+"""OpenVINO backend: loads the artifact's extension library, compiles its IR for the CPU with the recorded inference
+precision, and runs it; safe to call from several threads at once (one infer request per concurrent call).
+
+The extension library is linked against one OpenVINO release's versioned libraries, so the release recorded in the
+manifest must be the installed one: checked before anything is loaded, with both versions in the error.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, TargetUnavailableError
+
+INSTALL_HINT = "pip install openvino==2026.4.1"
+
+
+def import_openvino():
+    """The openvino module, or TargetUnavailableError with the install command."""
+    try:
+        import openvino
+    except ImportError:
+        raise TargetUnavailableError(f"this artifact needs OpenVINO: {INSTALL_HINT}") from None
+    return openvino
+
+
+def installed_openvino_version() -> str:
+    """The installed release as "2026.4.1" (the wheel's version; openvino.__version__ adds a build suffix)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:  # an OpenVINO not installed from a wheel: use its build string
+        return import_openvino().__version__.split("-", 1)[0]
+
+
+def extension_built_for(library: Path) -> str:
+    """The OpenVINO release the extension library was compiled against (its exported vmamba_openvino_version()).
+
+    Loading the library needs that release's libopenvino already in the process; `import openvino` first."""
+    import ctypes
+
+    import_openvino()
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as exc:
+        raise ArtifactError(
+            f"cannot load the OpenVINO extension {library} into OpenVINO {installed_openvino_version()}: {exc}"
+        ) from None
+    fn = lib.vmamba_openvino_version
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def check_version(built_for: str | None, what: str) -> str:
+    """Refuse an extension compiled for another OpenVINO release than the installed one; returns the installed one."""
+    installed = installed_openvino_version()
+    if built_for != installed:
+        raise ArtifactError(
+            f"{what} was built for OpenVINO {built_for}, but OpenVINO {installed} is installed: install "
+            f"openvino=={built_for} or re-export the artifact with this OpenVINO"
+        )
+    return installed
+
+
+def compile_config(precision_hint: str, threads: int | None, profile: bool = False) -> dict:
+    """CPU plugin properties: the inference precision must be explicit, since on CPUs with AMX/AVX512-BF16 the
+    plugin defaults to bf16 (FIELD-NOTES.md), which would break fp32 parity."""
+    config: dict = {"INFERENCE_PRECISION_HINT": precision_hint, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    if profile:
+        config["PERF_COUNT"] = True
+    return config
+
+
+def compile_ir(xml: Path, library: Path | None, precision_hint: str, threads: int | None = None, profile: bool = False):
+    """An ov.CompiledModel for the CPU (extension `library` loaded first, if any); errors become ArtifactError with
+    OpenVINO's first line."""
+    ov = import_openvino()
+    core = ov.Core()
+    try:
+        if library is not None:
+            core.add_extension(str(library))
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+        raise ArtifactError(
+            f"cannot load the OpenVINO extension {library}: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    try:
+        return core.compile_model(str(xml), "CPU", compile_config(precision_hint, threads, profile))
+    except Exception as exc:
+        raise ArtifactError(f"OpenVINO cannot compile {xml}: {str(exc).strip().splitlines()[0]}") from None
+
+
+class OpenVinoBackend:
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
+        import_openvino()
+        entry = manifest["entry"]
+        for key in ("model", "extension_library", "inference_precision"):
+            if key not in entry:
+                raise ArtifactError(f"artifact {folder}: manifest entry lacks {key!r} (not an OpenVINO artifact?)")
+        check_version(entry.get("openvino_version"), f"artifact {folder}")
+        self.precision_hint = entry["inference_precision"]
+        self.compiled = compile_ir(
+            folder / entry["model"], folder / entry["extension_library"], self.precision_hint, threads
+        )
+        # Idle infer requests: a request holds its input/output buffers and is not re-entrant, so each concurrent
+        # call takes its own (created on demand) and gives it back; a batch of calls reuses the warmed-up ones.
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            request = self._idle.pop() if self._idle else self.compiled.create_infer_request()
+        try:
+            # share_inputs: the batch is contiguous float32 (Predictor.check_input) and outlives the call;
+            # the output is copied out of the request's buffer (share_outputs defaults to False).
+            return request.infer({0: batch}, share_inputs=True)[0]
+        finally:
+            with self._lock:
+                self._idle.append(request)
