@@ -47,6 +47,15 @@ MIN_CONVNEXT_RATIO = 0.8
 
 LOG: list[str] = []
 RESULTS: dict = {"sections": {}, "errors": []}
+OUT_DIR: Path | None = None
+
+
+def flush_results() -> None:
+    """Write what is known so far: a run cut off by the device's time limit still leaves its results."""
+    if OUT_DIR is None:
+        return
+    (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    (OUT_DIR / "gpu_check.log").write_text("\n".join(LOG) + "\n")
 
 
 def log(message: str) -> None:
@@ -74,6 +83,7 @@ def section(name: str):
                 log(f"{name} FAILED: {exc!r}\n{tb}")
                 RESULTS["sections"][name] = {"ok": False, "error": repr(exc), "traceback": tb}
                 RESULTS["errors"].append(f"{name}: {exc!r}")
+            flush_results()
             return RESULTS["sections"][name]
 
         return run
@@ -157,11 +167,42 @@ def one_node_session(dtype, library: Path, shapes):
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # The library also has a float32 CPU kernel: fail instead of quietly running the node there.
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options.register_custom_ops_library(str(library))
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     return session, names
+
+
+def scan_node_providers(folder: Path) -> dict:
+    """{execution provider: number of SelectiveScan2D node runs} from one profiled batch-1 run of the artifact."""
+    import onnxruntime as ort
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "gpu_check_profile")
+    options.register_custom_ops_library(str(folder / manifest["entry"]["custom_op_library"]))
+    session = ort.InferenceSession(
+        str(folder / manifest["entry"]["model"]), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    session.run(None, {session.get_inputs()[0].name: x})
+    profile = Path(session.end_profiling())
+    counts: dict = {}
+    for event in json.loads(profile.read_text()):
+        args = event.get("args", {})
+        if (
+            event.get("cat") == "Node"
+            and args.get("op_name") == "SelectiveScan2D"
+            and event["name"].endswith("_kernel_time")
+        ):
+            counts[args.get("provider", "?")] = counts.get(args.get("provider", "?"), 0) + 1
+    profile.unlink(missing_ok=True)
+    return counts
 
 
 @section("kernel")
@@ -369,6 +410,7 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
     del model
     torch.cuda.empty_cache()
     out: dict = {"precisions": {}}
+    RESULTS["sections"]["model"] = out  # partial results reach the JSON as they come
     for precision in ("fp32", "fp16"):
         rec: dict = {}
         out["precisions"][precision] = rec
@@ -377,6 +419,8 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
             predictor = load(folder)
             session = predictor.backend.session
             rec["providers"] = session.get_providers()
+            rec["scan_node_providers"] = scan_node_providers(folder)
+            log(f"{name} {precision}: scan nodes ran on {rec['scan_node_providers']}")
             logits = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
             metrics = parity_metrics(logits, ref)
             thresholds = predictor.manifest["thresholds"]
@@ -396,6 +440,7 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
             rec["traceback"] = traceback.format_exc()
             log(f"{name} {precision} FAILED: {exc!r}\n{rec['traceback']}")
             RESULTS["errors"].append(f"model {precision}: {exc!r}")
+        flush_results()
     # ConvNeXt-T fp16, same runtime, same measurement.
     conv: dict = {}
     out["convnext_fp16"] = conv
@@ -492,7 +537,8 @@ def summary_table() -> str:
             f"tiny_s1l8 {precision}       : parity {'PASS' if rec.get('parity_ok') else 'FAIL'} "
             f"rel_l2 {fmt(p.get('rel_l2'), '.1e')} cos {fmt(p.get('cosine_min'), '.5f')} "
             f"top1 {fmt(p.get('top1_agreement'), '.2f')} | b128 {fmt(rec.get('batch128_img_s'), '.0f')} img/s "
-            f"| b1 {fmt(rec.get('batch1_ms'), '.2f')} ms" + (f" | ERROR {rec['error']}" if "error" in rec else "")
+            f"| b1 {fmt(rec.get('batch1_ms'), '.2f')} ms | scan on {rec.get('scan_node_providers', '-')}"
+            + (f" | ERROR {rec['error']}" if "error" in rec else "")
         )
     c = m.get("convnext_fp16", {})
     lines.append(
@@ -550,6 +596,8 @@ def main(argv=None) -> int:
     if args.export_only:
         return export_only(args.export_only)
     args.out.mkdir(parents=True, exist_ok=True)
+    global OUT_DIR
+    OUT_DIR = args.out
     try:
         import onnxruntime as ort
 

@@ -72,27 +72,19 @@ def dynamic_input_spec(model: VMamba, max_size: int) -> dict:
 
 def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> dict:
     """Export `model` to `path` with the scan lowered as `scan` ("custom-op" or "portable"). Returns the input spec
-    (dynamic axes with their ranges, scan levels for the portable form) to record in the manifest."""
+    (dynamic axes with their ranges, scan levels for the portable form) to record in the manifest.
+
+    Both lowerings trace the model once with the scan as one custom node per block. For "portable", the scan alone is
+    then exported once as its own graph (plain tensor ops, every dimension dynamic) and inlined at every node: tracing
+    the prefix scan inside the whole model repeats torch.export's symbolic-shape work per block and took minutes.
+    """
     import onnx
 
+    if scan not in ("custom-op", "portable"):
+        raise ValueError(f"unknown scan lowering {scan!r}")
     cfg = model.config
     dims = dynamic_input_spec(model, max_size)
     info: dict = {"dynamic_axes": dims, "opset": OPSET, "scan_lowering": scan}
-    export_kwargs: dict = {}
-    portable_scan = None
-    if scan == "custom-op":
-        export_kwargs["custom_translation_table"] = _scan_translation_table()
-        traced = model
-    elif scan == "portable":
-        # The prefix scan has a fixed depth in the graph: enough levels for the longest stage-1 sequence allowed.
-        stage1 = -(-max_size // 4)
-        levels = levels_for(stage1 * stage1)
-        info["scan_levels"] = levels
-        traced = model
-        portable_scan = functools.partial(selective_scan_portable, levels=levels)
-    else:
-        raise ValueError(f"unknown scan lowering {scan!r}")
-
     # Batch 2 and a side that keeps every stage >= 2 positions: torch.export specialises sizes 0 and 1.
     side = max(dims["height"]["min"], min(cfg.input.image_size, max_size))
     example = torch.randn(2, cfg.in_chans, side, side)
@@ -103,9 +95,9 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
             3: torch.export.Dim("width", **dims["width"]),
         }
     }
-    with _quiet_exporter(), scan_replaced(traced, portable_scan):
+    with _quiet_exporter():
         program = torch.onnx.export(
-            traced,
+            model,
             (example,),
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
@@ -114,15 +106,97 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
             opset_version=OPSET,
             optimize=True,
             verbose=False,
-            **export_kwargs,
+            custom_translation_table=_scan_translation_table(),
         )
     proto = program.model_proto
+    if scan == "portable":
+        # The prefix scan has a fixed depth in the graph: enough levels for the longest stage-1 sequence allowed.
+        stage1 = -(-max_size // 4)
+        info["scan_levels"] = levels_for(stage1 * stage1)
+        proto = inline_portable_scan(proto, info["scan_levels"], cfg.d_state)
     proto.ir_version = IR_VERSION
     proto.producer_name = "vmamba-export"
     onnx.save_model(proto, str(path))
     info["nodes"] = len(proto.graph.node)
     info["scan_nodes"] = sum(1 for n in proto.graph.node if n.domain == ONNX_DOMAIN)
     return info
+
+
+class _PortableScan(torch.nn.Module):
+    def __init__(self, levels: int):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, u, delta, A_logs, B, C, D, delta_bias):
+        return selective_scan_portable(u, delta, A_logs, B, C, D, delta_bias, levels=self.levels)
+
+
+def portable_scan_function(levels: int, d_state: int):
+    """The portable scan as an ONNX function `ai.vmamba::SelectiveScan2D`: batch, channels, height and width
+    dynamic; d_state fixed (a model has one)."""
+    import onnx
+    from onnx import helper
+
+    b, di, h, w, k = 2, 3, 5, 6, 4
+    args = (
+        torch.randn(b, di, h, w),
+        torch.randn(b, k, di, h, w),
+        torch.randn(k * di, d_state),
+        torch.randn(b, k, d_state, h, w),
+        torch.randn(b, k, d_state, h, w),
+        torch.randn(k * di),
+        torch.randn(k * di),
+    )
+    batch = torch.export.Dim("scan_batch", min=1, max=4096)
+    chans = torch.export.Dim("scan_channels", min=1, max=16384)
+    height = torch.export.Dim("scan_height", min=2, max=8192)
+    width = torch.export.Dim("scan_width", min=2, max=8192)
+    per_direction = {0: batch, 3: height, 4: width}
+    dynamic_shapes = {
+        "u": {0: batch, 1: chans, 2: height, 3: width},
+        "delta": {0: batch, 2: chans, 3: height, 4: width},
+        "A_logs": {0: 4 * chans},
+        "B": per_direction,
+        "C": per_direction,
+        "D": {0: 4 * chans},
+        "delta_bias": {0: 4 * chans},
+    }
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            _PortableScan(levels),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=list(SCAN_INPUTS),
+            output_names=["y"],
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    graph = program.model_proto.graph
+    # A function has no initializers: the graph's constants become Constant nodes.
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
+    return helper.make_function(
+        ONNX_DOMAIN,
+        ONNX_OP,
+        [i.name for i in graph.input],
+        [o.name for o in graph.output],
+        constants + list(graph.node),
+        [onnx.helper.make_opsetid("", OPSET)],
+    )
+
+
+def inline_portable_scan(proto, levels: int, d_state: int):
+    """Replace every SelectiveScan2D node by the portable scan's ops: standard ONNX only afterwards."""
+    import onnx.inliner
+
+    proto.functions.append(portable_scan_function(levels, d_state))
+    proto = onnx.inliner.inline_local_functions(proto)
+    del proto.functions[:]
+    kept = [o for o in proto.opset_import if o.domain != ONNX_DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """torch.export -> Relax -> a TVM library, for the `cpu-tvm`, `cuda-tvm` and `metal-tvm` targets (scan lowering
 `tvm-tir`).
 
-The model is exported with `torch.export` (the scan op `vmamba::selective_scan_2d` stays one node per block), imported
-with `relax.frontend.torch.from_exported_program`, and each scan node becomes a `call_tir` of the hand-written TIR kernel
-of lowering/tvm_scan.py, scheduled for the target and tagged `tirx.is_scheduled`. The rest of the graph is legalized by
-TVM's default pipeline for the target (CPU: plain loops, untuned; CUDA: dlight default GPU schedules; Metal: the same
-without dlight's Matmul rule, which segfaults for Metal in TVM 0.27, FIELD-NOTES.md).
+The model is exported with `torch.export` (the scan op `vmamba::selective_scan_2d` stays one node per block),
+imported with `relax.frontend.torch.from_exported_program`, and each scan node becomes a `call_tir` of the hand-written
+TIR kernel of lowering/tvm_scan.py, scheduled for the target and tagged `tirx.is_scheduled`. The rest of the graph is
+legalized by TVM's default pipeline for the target (CPU: plain loops, untuned; CUDA: dlight default GPU schedules;
+Metal: the same without dlight's Matmul rule, which segfaults for Metal in TVM 0.27, FIELD-NOTES.md).
 
 Shapes: height and width are fixed at export (the manifest records min_size = max_size = that side; the scan kernel
 has Di, H, W and d_state as constants, which GPU local arrays need); the batch is dynamic (a symbolic TIR variable in
@@ -182,24 +182,27 @@ def gpu_pipeline(target, matmul_rule: bool):
     return _pipeline
 
 
-def build(mod, target, target_kind: str, tune: dict | None = None):
-    """Compile the Relax module for the target; returns the Executable."""
+def build(mod, target, target_kind: str):
+    """Compile the Relax module for the target; returns the Executable. The CPU graph outside the scan is TVM's
+    default legalization, untuned (meta-schedule tuning is not wired in yet)."""
     import tvm
 
     if target_kind == "llvm":
-        if tune:
-            from .tvm_tune import tuned_cpu_build
-
-            return tuned_cpu_build(mod, target, **tune)
         return tvm.compile(mod, target=target)
     return tvm.compile(mod, target=target, relax_pipeline=gpu_pipeline(target, matmul_rule=target_kind == "cuda"))
 
 
 def device_sources(executable) -> dict[str, str]:
     """Generated device source per imported module kind (e.g. {"cuda": ..., "metal": ...})."""
-    sources = {}
-    for module in executable.mod.imports:
-        with contextlib.suppress(Exception):  # host-only modules may not expose source
+    sources: dict[str, str] = {}
+    pending, seen = list(executable.mod.imports), set()
+    while pending:  # the device module hangs below the host (llvm) module in the import tree
+        module = pending.pop()
+        if module.kind in seen:
+            continue
+        seen.add(module.kind)
+        pending.extend(module.imports)
+        if module.kind in ("cuda", "metal"):
             sources[module.kind] = module.inspect_source()
     return sources
 
@@ -218,15 +221,7 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     blocks = sum(1 for m in model.modules() if isinstance(m, SS2D))
     if converter.calls != blocks:
         raise RuntimeError(f"{converter.calls} scan nodes were converted for {blocks} SS2D blocks")
-    tune = options.extra.get("tvm_tune") if kind == "llvm" else None
-    tune_info = None
-    if tune:
-        tune = {**tune, "work_dir": folder / "tuning"}
-    executable = build(mod, tvm_target, kind, tune)
-    if tune:
-        from .tvm_tune import tuning_record
-
-        tune_info = tuning_record(folder / "tuning")
+    executable = build(mod, tvm_target, kind)
     sources = device_sources(executable)
     if kind == "metal":
         library = "model.tar"  # object files for arm64 macOS; linked on the Mac by tvm.runtime.load_module
@@ -248,7 +243,7 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
         "nodes": _count_bindings(main),
         "scan_nodes": converter.calls,
         "device_source_bytes": {k: len(v) for k, v in sources.items()},
-        "tuning": tune_info,
+        "tuning": None,  # untuned: TVM's default schedules outside the scan kernels
         # Fixed-shape spatial size: the manifest's size range is the one side the library takes.
         "dynamic_axes": {"batch": {"min": 1, "max": MAX_BATCH}},
         "min_size": size,

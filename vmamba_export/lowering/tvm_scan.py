@@ -43,14 +43,22 @@ def cpu_lanes(d_inner: int) -> int:
     return 1
 
 
-def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1) -> tvm.tirx.PrimFunc:
-    """Unscheduled TIR of selective_scan_2d for fixed (Di, H, W, d_state), symbolic batch, `lanes` channels per block."""
+def _log1p_via_log(x):
+    """log(1 + x), for Metal: the Metal Shading Language has no log1p (TVM 0.27 emits `log1pf`, which does not
+    compile). Inexact only where exp(x) < 1e-7, i.e. dt < 1e-7, whose contribution to the state is negligible."""
+    return tvm.tirx.log(tvm.tirx.const(1.0, "float32") + x)
+
+
+def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool = True) -> tvm.tirx.PrimFunc:
+    """Unscheduled TIR of selective_scan_2d for fixed (Di, H, W, d_state), symbolic batch, `lanes` channels per block.
+    `has_log1p`: False for targets whose language lacks log1p (Metal)."""
     if di % lanes:
         raise ValueError(f"lanes {lanes} must divide d_inner {di}")
     K = K_DIRECTIONS  # noqa: N806 (the contract's name)
     L = h * w  # noqa: N806
     kd = K * di
     groups = di // lanes
+    log1p = T.log1p if has_log1p else _log1p_via_log
 
     @T.prim_func(s_tir=True)
     def selective_scan_2d(
@@ -101,7 +109,7 @@ def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1) -> tvm.tirx.Pri
                     for l in T.vectorized(lanes):
                         dt[l] = delta[vb, vk, vg * lanes + l, hh, ww] + delta_bias[vk * di + vg * lanes + l]
                         # softplus as PyTorch: x above 20, log1p(exp(x)) below
-                        dt[l] = T.if_then_else(dt[l] > T.float32(20), dt[l], T.log1p(T.exp(dt[l])))
+                        dt[l] = T.if_then_else(dt[l] > T.float32(20), dt[l], log1p(T.exp(dt[l])))
                         uu[l] = u[vb, vg * lanes + l, hh, ww]
                         acc[l] = Ds[vk * di + vg * lanes + l] * uu[l]
                     for i in range(n):
@@ -141,4 +149,4 @@ def schedule_scan(func: tvm.tirx.PrimFunc, target_kind: str, threads: int = GPU_
 def scheduled_scan(di: int, h: int, w: int, n: int, target_kind: str) -> tvm.tirx.PrimFunc:
     """The scan kernel for one block's shape, scheduled for `target_kind`."""
     lanes = cpu_lanes(di) if target_kind == "llvm" else 1
-    return schedule_scan(scan_kernel(di, h, w, n, lanes), target_kind)
+    return schedule_scan(scan_kernel(di, h, w, n, lanes, has_log1p=target_kind != "metal"), target_kind)

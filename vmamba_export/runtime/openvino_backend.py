@@ -8,6 +8,7 @@ manifest must be the installed one: checked before anything is loaded, with both
 from __future__ import annotations
 
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,11 @@ def compile_ir(xml: Path, library: Path | None, precision_hint: str, threads: in
         raise ArtifactError(f"OpenVINO cannot compile {xml}: {str(exc).strip().splitlines()[0]}") from None
 
 
+def cpu_capabilities() -> list[str]:
+    """The CPU plugin's OPTIMIZATION_CAPABILITIES here ("BF16" only where the CPU has AVX512-BF16 or AMX)."""
+    return list(import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
 class OpenVinoBackend:
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         import_openvino()
@@ -103,6 +109,14 @@ class OpenVinoBackend:
                 raise ArtifactError(f"artifact {folder}: manifest entry lacks {key!r} (not an OpenVINO artifact?)")
         check_version(entry.get("openvino_version"), f"artifact {folder}")
         self.precision_hint = entry["inference_precision"]
+        if self.precision_hint == "bf16" and "BF16" not in cpu_capabilities():
+            # Correct but slow: without AVX512-BF16/AMX the plugin emulates bf16 (seen 20x slower than f32).
+            warnings.warn(
+                "this CPU has no native bf16 (no AVX512-BF16 or AMX): OpenVINO emulates it, far slower than the fp32 "
+                "artifact",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.compiled = compile_ir(
             folder / entry["model"], folder / entry["extension_library"], self.precision_hint, threads
         )
