@@ -171,7 +171,7 @@ def one_node_session(dtype, library: Path, shapes):
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options.register_custom_ops_library(str(library))
     session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        model.SerializeToString(), options, providers=["CUDAExecutionProvider"]
     )
     return session, names
 

@@ -29,9 +29,13 @@ from vmamba_export.scan.op import torch_scan  # noqa: E402
 from vmamba_export.targets import get_target  # noqa: E402
 from vmamba_export.validate import validate_artifact  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    openvino_extension_path() is None, reason="OpenVINO extension not built (python -m vmamba_export.build_kernels)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        openvino_extension_path() is None, reason="OpenVINO extension not built (python -m vmamba_export.build_kernels)"
+    ),
+    # On CPUs without AVX512-BF16/AMX the bf16 artifacts still run (emulated, slowly) and the backend warns so.
+    pytest.mark.filterwarnings("ignore:this CPU has no native bf16:RuntimeWarning"),
+]
 
 MODELS = ("vmamba_test_v2", "vmamba_test_v0")  # d_state 1 and 16
 PRECISIONS = ("fp32", "bf16")
@@ -241,3 +245,16 @@ def test_bench_and_predict_run_on_the_artifact(artifacts, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(image)
     (top,) = load(folder).predict([image], top_k=3)
     assert len(top) == 3 and top[0]["score"] >= top[1]["score"]
+
+
+def test_build_skips_the_extension_without_openvino(monkeypatch):
+    import importlib.util
+
+    from vmamba_export import build_kernels
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a)
+    )
+    result = build_kernels.build_openvino(build_kernels._scan_units(), [], kernels_built=False, force=False)
+    assert result == "skipped: the openvino package is not installed (pip install openvino)"

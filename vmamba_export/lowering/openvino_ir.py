@@ -4,8 +4,9 @@ block, plus the extension library (kernels/openvino) the runtime loads to run it
 Path: the same ONNX graph as cpu-onnxruntime (onnx_export.export_onnx with scan="custom-op": one ai.vmamba node per
 block), converted by OpenVINO's ONNX frontend with the extension mapping that node to the op. The other path the
 extension supports, `ov.convert_model(torch.export program)`, was measured against it on vmamba_tiny_s1l8: it gave
-a graph with more nodes (867 against 839) that ran slower (about 25% in fp32 and bf16, on a loaded machine), and
-its conversion took longer; the ONNX graph is also the one the ONNX Runtime target already proves right.
+a graph with more nodes (867 against 839) that ran slower (median 803 against 642 ms in fp32, 1740 against 1470 ms
+in bf16, both on a heavily loaded machine, 2 threads), and its conversion took longer; the ONNX graph is also the one
+the ONNX Runtime target already proves right.
 
 bf16 is an inference precision, not a storage one: the IR keeps fp32 weights (compress_to_fp16=False) and the
 manifest entry says which INFERENCE_PRECISION_HINT to compile with ("f32" or "bf16"). The hint is also written into

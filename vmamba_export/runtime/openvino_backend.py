@@ -115,7 +115,7 @@ class OpenVinoBackend:
                 "this CPU has no native bf16 (no AVX512-BF16 or AMX): OpenVINO emulates it, far slower than the fp32 "
                 "artifact",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         self.compiled = compile_ir(
             folder / entry["model"], folder / entry["extension_library"], self.precision_hint, threads
