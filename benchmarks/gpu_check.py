@@ -170,9 +170,7 @@ def one_node_session(dtype, library: Path, shapes):
     # The library also has a float32 CPU kernel: fail instead of quietly running the node there.
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     options.register_custom_ops_library(str(library))
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CUDAExecutionProvider"]
-    )
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
     return session, names
 
 

@@ -16,7 +16,6 @@ Every error is a CheckpointError subclass whose message is one line and starts w
 from __future__ import annotations
 
 import collections
-import hashlib
 import pickle
 import re
 import warnings
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .artifact import sha256_file
 from .errors import CheckpointError, ConfigDetectionError, StateDictMismatchError
 from .models import VMamba, VMambaConfig, get_config, list_configs
 from .models.adapt import adapt_legacy_keys, is_legacy
@@ -400,14 +400,6 @@ def load_checkpoint(path: str | Path, name: str | None = None, strict: bool = Tr
         raise type(exc)(f"{path}: {exc}") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tensors(n: int) -> str:
     return "1 tensor" if n == 1 else f"{n} tensors"
 
@@ -440,7 +432,7 @@ def inspect_checkpoint(path: str | Path, name: str | None = None, key: str | Non
         "wrapper": info.wrapper,
         "stripped_prefix": info.stripped_prefix,
         "file_size": path.stat().st_size,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "tensors": len(sd),
         "elements": sum(v.numel() for v in sd.values()),
         "dtypes": dict(dtypes),

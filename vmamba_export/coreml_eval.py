@@ -32,7 +32,8 @@ class UnsupportedMILOpError(VMambaExportError):
 
 def load_program(path: str | Path):
     """The MIL program stored in a saved `.mlpackage` (weights read from its blob file)."""
-    from .lowering.coreml import _quiet, import_coremltools
+    from .lowering.coreml import import_coremltools
+    from .lowering.quiet import quiet_toolchain
 
     ct = import_coremltools()
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
@@ -40,7 +41,7 @@ def load_program(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise VMambaExportError(f"no Core ML package at {path}")
-    with _quiet():
+    with quiet_toolchain("coremltools"):
         model = ct.models.MLModel(str(path), skip_model_load=True)
         spec = model.get_spec()
         if spec.WhichOneof("Type") != "mlProgram":

@@ -315,10 +315,14 @@ def _builtin_source(spec: str, count: int | None) -> ImageSource:
     def items() -> Iterator[Item]:
         loaded: list[tuple[str, Image.Image]] = []
         for name, path in photos:
+            if count is not None and len(loaded) >= count:  # builtin:N is N images, the photos first
+                return
             image = _read_image(path)
             if image is not None:
                 loaded.append((name, image))
                 yield name, image, None
+        if not loaded:
+            return
         n = len(loaded) if count is None else count
         # More asked for than there are photos: cycle through deterministic variants of them.
         for j in range(max(0, n - len(loaded))):

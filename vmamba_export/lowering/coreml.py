@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import logging
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from ..errors import TargetUnavailableError
 from ..models import SS2D, VMamba
 from ..scan.chunked import chunk_levels_for, default_chunk, default_intra, selective_scan_chunked
 from .onnx_export import scan_replaced
+from .quiet import quiet_toolchain
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -49,7 +48,7 @@ PRECISIONS = ("fp32", "fp16", "w8", "w8a8")
 
 def import_coremltools():
     try:
-        with _quiet():
+        with quiet_toolchain("coremltools"):
             import coremltools
     except ImportError:
         raise TargetUnavailableError(
@@ -73,23 +72,6 @@ def _register_torch_fixes() -> None:
     register_torch_op(alias)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """coremltools logs a line per missing native proxy on Linux and warns about untested torch versions; the CLI
-    output should stay ours. Errors still raise."""
-    loggers = [logging.getLogger(n) for n in ("coremltools", "torch.export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def chunked_scan_for(model: VMamba, size: int):
     """The chunked scan with its chunk and prefix depth fixed for `model` at input side `size`."""
     from ..models.shapes import stage_sizes
@@ -101,7 +83,7 @@ def chunked_scan_for(model: VMamba, size: int):
 
 
 def _exported_program(model: torch.nn.Module, example: torch.Tensor):
-    with _quiet():
+    with quiet_toolchain("coremltools"):
         ep = torch.export.export(model, (example,))
         return ep.run_decompositions({})
 
@@ -112,7 +94,10 @@ def convert_program(model: torch.nn.Module, example: torch.Tensor, compute_preci
     _register_torch_fixes()
     ep = _exported_program(model, example)
     precision = ct.precision.FLOAT16 if compute_precision == "fp16" else ct.precision.FLOAT32
-    with _quiet(), contextlib.redirect_stderr(io.StringIO()):  # tqdm progress bars of every MIL pass
+    with (
+        quiet_toolchain("coremltools"),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):  # tqdm progress bars of every MIL pass
         return ct.convert(
             ep,
             inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(example.shape), dtype=np.float32)],
@@ -129,7 +114,7 @@ def quantize_weights_int8(mlmodel):
     import coremltools.optimize.coreml as cto
 
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
-    with _quiet():
+    with quiet_toolchain("coremltools"):
         return cto.linear_quantize_weights(mlmodel, config=config)
 
 
@@ -152,7 +137,7 @@ def w8a8_torch_model(model: VMamba, calib: np.ndarray) -> torch.nn.Module:
         }
     )
     example = torch.from_numpy(calib[:1])
-    with _quiet():
+    with quiet_toolchain("coremltools"):
         quantizer = LinearQuantizer(qmodel, config)
         prepared = quantizer.prepare(example_inputs=(example,), inplace=True)
         quantizer.step()
@@ -220,7 +205,7 @@ def export_coreml(
     info["scan_blocks"] = sum(1 for m in model.modules() if isinstance(m, SS2D))
     if counts.get("while_loop"):
         raise RuntimeError("the Core ML program holds a while_loop: the scan was not lowered to the chunked form")
-    with _quiet():
+    with quiet_toolchain("coremltools"):
         mlmodel.save(str(folder / MODEL_FILE))
     # A fixed-shape program: the manifest's size range is the one size it takes.
     info["dynamic_axes"] = None

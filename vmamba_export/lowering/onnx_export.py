@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from ..models import SS2D, VMamba
 from ..models.shapes import export_min_size
 from ..scan import QUALIFIED_NAME
 from ..scan.portable import levels_for, selective_scan_portable
+from .quiet import quiet_toolchain
 
 ONNX_DOMAIN = "ai.vmamba"
 ONNX_OP = "SelectiveScan2D"
@@ -95,7 +93,7 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
             3: torch.export.Dim("width", **dims["width"]),
         }
     }
-    with _quiet_exporter():
+    with quiet_toolchain("onnxscript"):
         program = torch.onnx.export(
             model,
             (example,),
@@ -161,7 +159,7 @@ def portable_scan_function(levels: int, d_state: int):
         "D": {0: 4 * chans},
         "delta_bias": {0: 4 * chans},
     }
-    with _quiet_exporter():
+    with quiet_toolchain("onnxscript"):
         program = torch.onnx.export(
             _PortableScan(levels),
             args,
@@ -213,27 +211,3 @@ def scan_replaced(model: VMamba, fn):
     finally:
         for block, original in zip(blocks, saved):
             block.scan_fn = original
-
-
-class _quiet_exporter:
-    """torch.onnx prints progress and torchvision warnings on every export; keep the CLI's output ours."""
-
-    def __enter__(self):
-        self._loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
-        self._levels = [lg.level for lg in self._loggers]
-        for lg in self._loggers:
-            lg.setLevel(logging.ERROR)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        self._stdout = io.StringIO()
-        self._redirect = contextlib.redirect_stdout(self._stdout)
-        self._redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._redirect.__exit__(*exc)
-        self._warnings.__exit__(*exc)
-        for lg, level in zip(self._loggers, self._levels):
-            lg.setLevel(level)
-        return False

@@ -23,11 +23,8 @@ Artifacts:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +32,7 @@ import torch
 from ..errors import TargetUnavailableError
 from ..models import SS2D, VMamba
 from ..scan import QUALIFIED_NAME
+from .quiet import quiet_toolchain
 
 MAX_BATCH = 4096
 TVM_KINDS = {"cpu": "llvm", "cuda": "cuda", "apple": "metal"}
@@ -117,21 +115,6 @@ class _ScanConverter:
         return bb.emit(relax.call_tir(self.kernels[key], list(args), out))
 
 
-@contextlib.contextmanager
-def _quiet():
-    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def to_relax(model: VMamba, size: int, target_kind: str):
     """(Relax IRModule, converter) for `model` at input side `size`, dynamic batch."""
     import_tvm()
@@ -141,11 +124,11 @@ def to_relax(model: VMamba, size: int, target_kind: str):
     # Batch 2 in the example: torch.export specialises a dimension traced at size 1.
     example = torch.randn(2, cfg.in_chans, size, size)
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
-    with _quiet(), torch.no_grad():
+    with quiet_toolchain(), torch.no_grad():
         ep = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic)
     converter = _ScanConverter(target_kind)
     op_name = QUALIFIED_NAME.split("::")[1]
-    with _quiet():
+    with quiet_toolchain():
         mod = from_exported_program(ep, custom_convert_map={f"{op_name}.default": converter})
     return mod, converter
 

@@ -83,6 +83,20 @@ def _strip_param(name: str) -> str:
     return name
 
 
+def _module_scope(node) -> str | None:
+    """The torch module a node was traced in (`layers.0.blocks.0.mlp.fc1`), from the dynamo exporter's metadata."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2] else None
+    return None
+
+
 def prepare_model(src: Path, dst: Path) -> PreparedModel:
     """Fold constant weight-reshaping nodes, rename quantizable nodes by layer, find the scan feeders; save `dst`."""
     import onnx
@@ -139,8 +153,11 @@ def prepare_model(src: Path, dst: Path) -> PreparedModel:
         if "." not in base:
             feeder = real_producer(node.input[0])
             prev = names.get(id(feeder)) if feeder is not None else None
+            module = _module_scope(node)
             if prev is not None and prev.endswith("x_proj.dt"):
                 base = prev[: -len("x_proj.dt")] + "dt_projs"
+            elif module and module not in taken:
+                base = module  # the exporter folded the weight into an unnamed constant; its module path names it
             elif prev is not None:
                 base = f"{prev.rsplit('.', 1)[0]}.{node.name or base}"
             else:
