@@ -80,10 +80,10 @@ def chunked_recurrence(
     x = x.reshape(-1, length)
     b = b.reshape(-1, length)
     pad = (-length) % chunk
-    if pad:
-        # Padding at the end (decay 1, input 0) cannot change earlier states; it is sliced off below.
-        x = F.pad(x, (0, pad))
-        b = F.pad(b, (0, pad))
+    # Padding at the end (decay 1, input 0) cannot change earlier states; it is sliced off below. Unconditional (a
+    # zero pad is a no-op) so that a symbolic length traces without a guard.
+    x = F.pad(x, (0, pad))
+    b = F.pad(b, (0, pad))
     nc = (length + pad) // chunk
     if levels is None:
         levels = chunk_levels_for(length, chunk)
