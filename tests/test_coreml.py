@@ -158,7 +158,7 @@ def test_targets_say_build_here_but_not_run():
     assert TARGET.can_build() == (True, "ok")
     ok, why = TARGET.can_run()
     assert not ok and "macOS" in why
-    assert TARGET.precisions == ("fp32", "fp16", "w8", "w8a8")
+    assert TARGET.precisions == ("fp32", "fp16", "w8")  # w8a8 not offered until its FX trace works
 
 
 # ------------------------------------------------------------------------------------------ bundled digits models
@@ -168,7 +168,7 @@ BUNDLED = [n for n in ("vmamba_digits_v2", "vmamba_digits_v0") if n in bundled_n
 @pytest.mark.slow  # a conversion and a held-out evaluation per case through the numpy evaluator
 @pytest.mark.skipif(not BUNDLED, reason="no bundled digits weights yet")
 @pytest.mark.parametrize("name", BUNDLED or ["none"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "w8", "w8a8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "w8"])
 def test_bundled_model(name, precision, tmp_path):
     folder = tmp_path / "a"
     options = ExportOptions(calib="digits:calib", calib_samples=64)
