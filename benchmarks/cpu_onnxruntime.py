@@ -140,12 +140,9 @@ def main() -> int:
             f"| {r['model']} | {r['lowering']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['vs_convnext']:.2f} | "
             f"{vs_custom} | {share} | {r['peak_rss_mb']:.0f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    from vmamba_export.bench import write_results
+
+    write_results(args.out, "\n".join(lines), rows)
     return 0
 
 

@@ -179,12 +179,9 @@ def main() -> int:
         )
     if "bf16" in args.precisions and "BF16" not in caps:
         lines += ["", "No native bf16 on this CPU (no AVX512-BF16/AMX): the bf16 rows are OpenVINO's emulation."]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    from vmamba_export.bench import write_results
+
+    write_results(args.out, "\n".join(lines), rows)
     return 0
 
 

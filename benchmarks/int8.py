@@ -14,7 +14,6 @@ Random weights (speed does not depend on them).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -141,12 +140,9 @@ def main() -> int:
             f"| {label} | {t['median_ms']:.1f} | {t['min_ms']:.1f} | {t['median_ms'] / own:.2f} | "
             f"{t['median_ms'] / peer_int8:.2f} | {cos} | {agree} |"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        args.out.with_suffix(".json").write_text(json.dumps({"timing": timing, "parity": parity}, indent=2) + "\n")
+    from vmamba_export.bench import write_results
+
+    write_results(args.out, "\n".join(lines), {"timing": timing, "parity": parity})
     return 0
 
 

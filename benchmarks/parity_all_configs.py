@@ -10,7 +10,6 @@ thresholds of the targets (fp32: relative L2 <= 1e-5, 100% top-1 agreement). Slo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -64,11 +63,9 @@ def main() -> int:
             f"| {r['model']} | {r['target']} | {r['size']} | {r['rel_l2']:.2e} | {r['max_abs']:.2e} | "
             f"{r['cosine_min']:.7f} | {r['top1_agreement']:.2f} | {'yes' if r['passed'] else 'NO'} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    from vmamba_export.bench import write_results
+
+    write_results(args.out, "\n".join(lines), rows)
     return 0 if all(r["passed"] for r in rows) else 1
 
 

@@ -41,6 +41,15 @@ def time_calls(fn: Callable[[], object], warmup: int, runs: int) -> dict:
     }
 
 
+def write_results(out: Path | None, table: str, rows: list | dict) -> None:
+    """Print a benchmark's Markdown table; with `out`, also keep it there and its rows as JSON beside it."""
+    print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
 def peak_rss_mb() -> float:
     import resource
 
