@@ -107,17 +107,6 @@ def cuda_time_ms(fn, runs: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def wall_time_ms(fn, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def scan_inputs(batch, di, n, h, w, dtype, device, seed):
     """Realistic ranges: dt = softplus(delta + bias) around 0.1..2, A = -(1..16) (v0 init) or -exp(N(0, 0.5))."""
     g = torch.Generator().manual_seed(seed)
@@ -388,7 +377,9 @@ def ort_speed(session, input_name: str, output_name: str, batch: int, runs: int)
     binding = session.io_binding()
     binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
     binding.bind_output(output_name, "cuda")
-    return wall_time_ms(lambda: session.run_with_iobinding(binding), runs=runs, warmup=5)
+    from vmamba_export.bench import time_calls
+
+    return time_calls(lambda: session.run_with_iobinding(binding), warmup=5, runs=runs)["median_ms"]
 
 
 @section("model")

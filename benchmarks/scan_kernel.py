@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vmamba_export.bench import time_calls  # noqa: E402
 from vmamba_export.kernels_paths import ort_library_path, scan_library_path  # noqa: E402
 from vmamba_export.scan import native, selective_scan_portable  # noqa: E402
 
@@ -48,14 +47,7 @@ def make_inputs(d_inner: int, d_state: int, h: int = 56, w: int = 56, batch: int
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return time_calls(fn, warmup, runs)["median_ms"]
 
 
 def ort_runner(args: tuple[torch.Tensor, ...], threads: int) -> Callable[[], object] | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VMambaExportError
+from .lowering.coreml import mil_op_counts
 
 
 class UnsupportedMILOpError(VMambaExportError):
@@ -319,7 +320,7 @@ class MILEvaluator:
         self.path = Path(path)
         self.program = load_program(self.path)
         self.function = self.program.functions["main"]
-        self.op_counts = op_counts(self.program)
+        self.op_counts = mil_op_counts(self.program)
         unknown = sorted(t for t in self.op_counts if t != "const" and t not in KERNELS)
         if unknown:
             raise UnsupportedMILOpError(
@@ -385,20 +386,6 @@ class MILEvaluator:
                     f"MIL op {op.op_type!r} ({op.name}) produced shape {value.shape}, program says {tuple(var.shape)}"
                 )
             env[var.name] = value
-
-
-def op_counts(program) -> Counter:
-    """Op types in the main function, nested blocks included."""
-    counts: Counter = Counter()
-
-    def visit(block):
-        for op in block.operations:
-            counts[op.op_type] += 1
-            for inner in op.blocks:
-                visit(inner)
-
-    visit(program.functions["main"])
-    return counts
 
 
 def package_bytes(path: str | Path) -> int:
