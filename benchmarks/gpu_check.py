@@ -134,6 +134,7 @@ KERNEL_SHAPES = [  # (batch, d_inner, d_state, H, W): odd sizes, chunking (lines
     (2, 5, 1, 7, 9),
     (1, 3, 1, 40, 40),
     (2, 3, 1, 70, 66),
+    (2, 4, 1, 80, 70),  # two segments of the block kernel
     (2, 5, 16, 7, 9),
     (1, 3, 16, 40, 36),
     (1, 2, 16, 56, 56),
@@ -207,10 +208,10 @@ def check_kernel(quick: bool) -> dict:
             ins = tuple(t.to(dtype) for t in cpu)
             ref = selective_scan_reference(*[t.to(torch.float64) for t in ins]).numpy()
             gpu = tuple(t.cuda() for t in ins)
-            # tile3: 3 channels a block (partial tiles when Di % 3 != 0); chunks3: 3 chunks of several lines
-            for path in ("auto", "global", "tile3", "chunks3"):
-                cuda_kernel.force_path("global" if path == "global" else "auto")
-                cuda_kernel.set_tuning(3 if path == "tile3" else 0, 3 if path == "chunks3" else 0)
+            for path in cuda_kernel.KERNEL_VARIANTS:
+                if path.startswith("block") and n != 1:
+                    continue  # the block kernel is the d_state-1 path
+                cuda_kernel.apply_variant(path)
                 y = torch.full_like(gpu[0], float("nan"))  # poison: every element must be written
                 cuda_kernel.selective_scan_2d_cuda(*gpu, out=y)
                 torch.cuda.synchronize()
@@ -234,8 +235,7 @@ def check_kernel(quick: bool) -> dict:
                 )
                 if not ok:
                     failures.append(row)
-            cuda_kernel.force_path("auto")
-            cuda_kernel.set_tuning()
+            cuda_kernel.apply_variant("auto")
             # The same through ONNX Runtime's CUDA EP (one-node model, GPU-resident inputs via IO binding).
             try:
                 import onnxruntime as ort
@@ -327,15 +327,18 @@ def check_bandwidth(quick: bool) -> dict:
                     "tile_sweep_ms": {},
                 }
                 rows.append(row)
-                if bsz == batch:  # (channels per block, chunk threads) of the shared-memory kernel, for tuning
-                    for tile, chunks in ((1, 0), (2, 0), (4, 0), (8, 0), (0, 32), (0, 16), (0, 8), (0, 4), (0, 2)):
+                if bsz == batch:  # the other variants, for tuning: block-kernel steps, chunked-kernel tiles
+                    variants = [("block1", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)] if n_state == 1 else []
+                    variants += [("smem", 2, 0), ("smem", 4, 0), ("smem", 0, 16)]
+                    for variant, tile, chunks in variants:
+                        cuda_kernel.apply_variant(variant)
                         cuda_kernel.set_tuning(tile, chunks)
-                        key = f"ct{tile or 'auto'}-nch{chunks or 'auto'}"
+                        key = variant if not (tile or chunks) else f"{variant}-ct{tile or 'auto'}-nch{chunks or 'auto'}"
                         row["tile_sweep_ms"][key] = cuda_time_ms(
                             lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=5 if quick else 10
                         )
-                    cuda_kernel.set_tuning()
-                    log(f"  tuning sweep (ms): {row['tile_sweep_ms']}")
+                    cuda_kernel.apply_variant("auto")
+                    log(f"  variants (ms): {row['tile_sweep_ms']}")
                 log(
                     f"scan {name} b{bsz} {row['dtype']}: {ms:.3f} ms, {gbs:.0f} GB/s = "
                     f"{100 * gbs / copy_gbs:.0f}% of copy [{row['config']}]"

@@ -200,25 +200,27 @@ def _inputs(batch, di, n, h, w, dtype, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 5, 1, 7, 9), (1, 4, 1, 70, 66), (2, 5, 16, 9, 7), (1, 2, 16, 40, 40)])
+# (2, 4, 1, 80, 70): two segments of the block kernel; (1, 2, 16, 40, 40): d_state 16 (chunked kernel)
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 1, 7, 9), (1, 4, 1, 70, 66), (2, 4, 1, 80, 70), (2, 5, 16, 9, 7), (1, 2, 16, 40, 40)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("path", ["auto", "global", "tile3", "chunks3"])
-def test_cuda_kernel_matches_reference(shape, dtype, path):
+@pytest.mark.parametrize("variant", ["auto", "block1", "block2", "smem", "global", "tile3", "chunks3"])
+def test_cuda_kernel_matches_reference(shape, dtype, variant):
     gpu_ready()
     from vmamba_export import cuda_kernel
 
+    if variant.startswith("block") and shape[2] != 1:
+        pytest.skip("the block kernel is the d_state-1 path")
     ins = _inputs(*shape, dtype)
     ref = selective_scan_reference(*[t.double() for t in ins]).numpy()
-    cuda_kernel.force_path("global" if path == "global" else "auto")
-    # tile3: 3 channels a block (partial tiles when Di % 3 != 0); chunks3: 3 chunks of several lines each
-    cuda_kernel.set_tuning(3 if path == "tile3" else 0, 3 if path == "chunks3" else 0)
+    cuda_kernel.apply_variant(variant)
     try:
         y = torch.full_like(ins[0], float("nan")).cuda()
         cuda_kernel.selective_scan_2d_cuda(*[t.cuda() for t in ins], out=y)
         out = y.double().cpu().numpy()
     finally:
-        cuda_kernel.force_path("auto")
-        cuda_kernel.set_tuning()
+        cuda_kernel.apply_variant("auto")
     assert np.isfinite(out).all()
     limit = 2e-5 if dtype == torch.float32 else 3e-3
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < limit

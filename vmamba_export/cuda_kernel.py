@@ -17,7 +17,7 @@ from .errors import TargetUnavailableError
 from .kernels_paths import ort_cuda_library_path
 
 F32, F16 = 0, 1
-PATHS = {"auto": 0, "smem": 1, "global": 2}
+PATHS = {"auto": 0, "smem": 1, "global": 2, "block": 3}
 
 
 @functools.cache
@@ -34,17 +34,41 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
     lib.vmamba_selective_scan_2d_cuda_set_tuning.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_set_tuning.restype = None
+    lib.vmamba_selective_scan_2d_cuda_set_block_variant.argtypes = [ctypes.c_int]
+    lib.vmamba_selective_scan_2d_cuda_set_block_variant.restype = None
     return lib
 
 
 def force_path(path: str = "auto") -> None:
-    """Pick the kernel path for later calls: "auto", "smem" (shared-memory kernel) or "global" (fallback)."""
+    """Pick the kernel path for later calls: "auto", "block" (block scan, d_state 1), "smem" (chunked
+    shared-memory kernel) or "global" (fallback)."""
     load_library().vmamba_selective_scan_2d_cuda_force_path(PATHS[path])
 
 
 def set_tuning(channels_per_block: int = 0, chunk_threads: int = 0) -> None:
     """Channels per block and chunk threads per channel of the shared-memory kernel (0: automatic)."""
     load_library().vmamba_selective_scan_2d_cuda_set_tuning(channels_per_block, chunk_threads)
+
+
+def set_block_variant(variant: int = 0) -> None:
+    """Block-scan kernel variant: 0 automatic, 1 one channel a block, 2 two channels, 4 two channels uncapped."""
+    load_library().vmamba_selective_scan_2d_cuda_set_block_variant(variant)
+
+
+def apply_variant(variant: str) -> None:
+    """Select a kernel variant by name for tests and benchmarks (reset with "auto").
+
+    auto, block, global, smem: paths; block1 / block2: the block kernel with one / two channels a block
+    (block2 falls back to one when d_inner is odd); block2r: two channels, registers uncapped; tile3: the chunked kernel
+    with 3 channels a block (partial tiles when Di % 3 != 0); chunks3: the chunked kernel with 3 chunks of lines.
+    """
+    path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
+    force_path(path)
+    set_tuning(3 if variant == "tile3" else 0, 3 if variant == "chunks3" else 0)
+    set_block_variant({"block1": 1, "block2": 2, "block2r": 4}.get(variant, 0))
+
+
+KERNEL_VARIANTS = ("auto", "block1", "block2", "smem", "tile3", "chunks3", "global")
 
 
 def last_config() -> str:

@@ -26,8 +26,9 @@ __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_cuda
     const void* delta_bias, void* y, int64_t batch, int64_t d_inner, int64_t d_state, int64_t height, int64_t width,
     void* stream);
 
-// Forces a path for tests and benchmarks: 0 automatic (default), 1 the shared-memory kernel, 2 the global-memory
-// fallback (used automatically when a channel's map does not fit in shared memory).
+// Forces a path for tests and benchmarks: 0 automatic (default), 1 the chunked shared-memory kernel, 2 the
+// global-memory fallback (used automatically when a channel's map does not fit in shared memory), 3 the block-scan
+// kernel (d_state 1; automatic whenever its planes fit in shared memory).
 __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_force_path(int path);
 
 // Tuning of the shared-memory kernel, for benchmarks (0: automatic, the default): channels per block (capped by
@@ -35,6 +36,10 @@ __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_force_
 // chunks mean fewer exponentials evaluated twice, less parallelism).
 __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_tuning(int channels_per_block,
                                                                                       int chunk_threads);
+
+// Variant of the block-scan kernel, for benchmarks: 0 automatic, 1 one channel a block (three blocks per
+// multiprocessor), 2 two channels a block (the default when d_inner is even), 4 two channels, registers uncapped.
+__attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_block_variant(int variant);
 
 // Human-readable summary of the launch configuration the last call chose (for benchmarks; not thread-safe).
 __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_cuda_last_config(void);
