@@ -135,6 +135,7 @@ KERNEL_SHAPES = [  # (batch, d_inner, d_state, H, W): odd sizes, chunking (lines
     (1, 3, 1, 40, 40),
     (2, 3, 1, 70, 66),
     (2, 4, 1, 80, 70),  # two segments of the block kernel
+    (2, 4, 1, 56, 56),  # quad-vectorised staging (width % 4 == 0)
     (2, 5, 16, 7, 9),
     (1, 3, 16, 40, 36),
     (1, 2, 16, 56, 56),
@@ -328,7 +329,9 @@ def check_bandwidth(quick: bool) -> dict:
                 }
                 rows.append(row)
                 if bsz == batch:  # the other variants, for tuning: block-kernel steps, chunked-kernel tiles
-                    variants = [("block1", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)] if n_state == 1 else []
+                    variants = (
+                        [("block1", 0, 0), ("block2s", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)] if n_state == 1 else []
+                    )
                     variants += [("smem", 2, 0), ("smem", 4, 0), ("smem", 0, 16)]
                     for variant, tile, chunks in variants:
                         cuda_kernel.apply_variant(variant)

@@ -200,12 +200,14 @@ def _inputs(batch, di, n, h, w, dtype, seed=0):
 
 
 @pytest.mark.gpu
-# (2, 4, 1, 80, 70): two segments of the block kernel; (1, 2, 16, 40, 40): d_state 16 (chunked kernel)
+# (2, 4, 1, 80, 70): two segments of the block kernel; (2, 4, 1, 28, 56): its quad-vectorised staging;
+# (1, 2, 16, 40, 40): d_state 16 (chunked kernel)
 @pytest.mark.parametrize(
-    "shape", [(2, 5, 1, 7, 9), (1, 4, 1, 70, 66), (2, 4, 1, 80, 70), (2, 5, 16, 9, 7), (1, 2, 16, 40, 40)]
+    "shape",
+    [(2, 5, 1, 7, 9), (1, 4, 1, 70, 66), (2, 4, 1, 80, 70), (2, 4, 1, 28, 56), (2, 5, 16, 9, 7), (1, 2, 16, 40, 40)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("variant", ["auto", "block1", "block2", "smem", "global", "tile3", "chunks3"])
+@pytest.mark.parametrize("variant", ["auto", "block1", "block2", "block2s", "smem", "global", "tile3", "chunks3"])
 def test_cuda_kernel_matches_reference(shape, dtype, variant):
     gpu_ready()
     from vmamba_export import cuda_kernel

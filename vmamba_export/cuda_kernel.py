@@ -59,16 +59,17 @@ def apply_variant(variant: str) -> None:
     """Select a kernel variant by name for tests and benchmarks (reset with "auto").
 
     auto, block, global, smem: paths; block1 / block2: the block kernel with one / two channels a block
-    (block2 falls back to one when d_inner is odd); block2r: two channels, registers uncapped; tile3: the chunked kernel
+    (block2 falls back to one when d_inner is odd); block2r: two channels, registers uncapped; block2s: two
+    channels, scalar staging loads; tile3: the chunked kernel
     with 3 channels a block (partial tiles when Di % 3 != 0); chunks3: the chunked kernel with 3 chunks of lines.
     """
     path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
     force_path(path)
     set_tuning(3 if variant == "tile3" else 0, 3 if variant == "chunks3" else 0)
-    set_block_variant({"block1": 1, "block2": 2, "block2r": 4}.get(variant, 0))
+    set_block_variant({"block1": 1, "block2": 2, "block2r": 4, "block2s": 2 + 8}.get(variant, 0))
 
 
-KERNEL_VARIANTS = ("auto", "block1", "block2", "smem", "tile3", "chunks3", "global")
+KERNEL_VARIANTS = ("auto", "block1", "block2", "block2s", "smem", "tile3", "chunks3", "global")
 
 
 def last_config() -> str:

@@ -39,6 +39,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 namespace {
@@ -66,6 +67,24 @@ __device__ __forceinline__ __half from_f<__half>(float x) {
   return __float2half_rn(x);
 }
 
+// Four consecutive elements (16-byte aligned for float, 8 for half) as float.
+__device__ __forceinline__ void load4(const float* ptr, float (&out)[4]) {
+  const float4 v = __ldg(reinterpret_cast<const float4*>(ptr));
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+}
+__device__ __forceinline__ void load4(const __half* ptr, float (&out)[4]) {
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(ptr));
+  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  out[0] = lo.x;
+  out[1] = lo.y;
+  out[2] = hi.x;
+  out[3] = hi.y;
+}
+
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
 
 // softplus for the block kernel: log1p(z) = log(w) * z / (w - 1) with w = 1 + z corrects the rounding of w, so the
@@ -90,6 +109,7 @@ struct Params {
   int wp;   // shared-memory row stride (odd)
   int ct;   // channels per block
   int nch;  // chunk threads per channel
+  int vec4;  // block kernel: rows of whole quads and aligned tensors, so staging loads four elements at once
 };
 
 // One chunk (lines [l0, l1) in direction K's order) of one channel. `delta`, `b_mat`, `c_mat` point at the
@@ -504,6 +524,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_block_kernel(Params
       a2[ch] = -expf(to_f(A_logs[k * di + c0 + ch])) * kLog2e;
     }
     __syncthreads();  // the previous direction is done with the staged planes
+    if (P.vec4) {
+      // Quads of one row: one 16-byte (8 for half) load per tensor and thread instead of four.
+      const int wq = width >> 2;
+      int qrow = threadIdx.x / wq, qcol = threadIdx.x - (threadIdx.x / wq) * wq;
+      const int qstep_rows = blockDim.x / wq, qstep_cols = blockDim.x - (blockDim.x / wq) * wq;
+      for (int qi = threadIdx.x; qi < (len >> 2); qi += blockDim.x) {
+        const int p = qi << 2;
+        float dv[CPB][4], bv[4], cv[4];
+#pragma unroll
+        for (int ch = 0; ch < CPB; ++ch) load4(delta_c + ch * len + p, dv[ch]);
+        load4(b_map + p, bv);
+        load4(c_map + p, cv);
+        const int m = qrow * stride + (qcol << 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+#pragma unroll
+          for (int ch = 0; ch < CPB; ++ch) sdt[ch * plane + m + e] = softplus_fast(dv[ch][e] + bias[ch]);
+          sb[m + e] = bv[e];
+          sc[m + e] = cv[e];
+        }
+        qrow += qstep_rows;
+        qcol += qstep_cols;
+        if (qcol >= wq) {
+          qcol -= wq;
+          ++qrow;
+        }
+      }
+      __syncthreads();
+      block_scan_direction_k<I, CPB>(k, len, height, width, stride, plane, a2, sdt, su, sb, sc, sy, wtot);
+      continue;
+    }
     // kStageBatch strides of loads in flight per thread before any is used; (row, col) advanced without divisions.
     int row = row0, col = col0;
     for (int base = threadIdx.x; base < len; base += kStageBatch * blockDim.x) {
@@ -619,8 +670,8 @@ const char* launch_block_variant(Params P, cudaStream_t stream) {
   const dim3 grid(P.di / CPB, P.batch);
   const dim3 block(32 * warps);
   std::snprintf(g_last_config, sizeof(g_last_config),
-                "block N=1 %s items=%d channels=%d threads<=%d minblocks=%d grid=%ux%u block=%u smem=%zu",
-                sizeof(T) == 2 ? "f16" : "f32", I, CPB, kThreads, kMinBlocks, grid.x, grid.y, block.x, bytes);
+                "block N=1 %s items=%d channels=%d vec4=%d threads<=%d minblocks=%d grid=%ux%u block=%u smem=%zu",
+                sizeof(T) == 2 ? "f16" : "f32", I, CPB, P.vec4, kThreads, kMinBlocks, grid.x, grid.y, block.x, bytes);
   kernel<<<grid, block, bytes, stream>>>(P);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (block kernel) launch");
@@ -628,15 +679,18 @@ const char* launch_block_variant(Params P, cudaStream_t stream) {
 
 // The block kernel when it fits (null `*used` otherwise). Two channels a block when d_inner is even and their
 // planes fit (default), else one; g_block_variant forces one for benchmarks (1: one channel, three blocks per
-// multiprocessor; 2: two channels, two blocks; 4: two channels, registers uncapped).
+// multiprocessor; 2: two channels, two blocks; 4: two channels, registers uncapped; + 8: scalar staging loads).
 template <typename T>
 const char* launch_block(Params P, cudaStream_t stream, size_t smem_optin, bool* used) {
   P.wp = (P.width % 2 == 0) ? P.width + 1 : P.width;
+  const uintptr_t align = 4 * sizeof(T) - 1;
+  P.vec4 = (g_block_variant & 8) == 0 && P.width % 4 == 0 && ((reinterpret_cast<uintptr_t>(P.delta) | reinterpret_cast<uintptr_t>(P.B) |
+                                 reinterpret_cast<uintptr_t>(P.C)) & align) == 0;
   const bool two_fit = P.di % 2 == 0 && block_smem_bytes(P.height, P.wp, 2) <= smem_optin;
   const bool one_fits = block_smem_bytes(P.height, P.wp, 1) <= smem_optin;
   *used = two_fit || one_fits;
-  if (two_fit && g_block_variant != 1) {
-    if (g_block_variant == 4) return launch_block_variant<T, 7, 2, 512, 1>(P, stream);
+  if (two_fit && (g_block_variant & 7) != 1) {
+    if ((g_block_variant & 7) == 4) return launch_block_variant<T, 7, 2, 512, 1>(P, stream);
     return launch_block_variant<T, 7, 2, 448, 2>(P, stream);
   }
   if (one_fits) return launch_block_variant<T, 7, 1, 448, 3>(P, stream);
