@@ -2,8 +2,8 @@
 
 `custom-op`: every `vmamba::selective_scan_2d` becomes one `ai.vmamba::SelectiveScan2D` node, which the project's
 custom-op library implements for ONNX Runtime (kernels/). `portable`: the scan is replaced before tracing by the
-plain-tensor-op form (vmamba_export/scan/portable.py), so the graph holds standard ONNX ops only, with no Loop or Scan.
-Both take a dynamic batch, height and width.
+plain-tensor-op form (vmamba_export/scan/portable.py: a blocked scan, O(L) work), so the graph holds standard ONNX ops
+only, with no Loop or Scan. Both take a dynamic batch, height and width.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import torch
 from ..models import SS2D, VMamba
 from ..models.shapes import export_min_size
 from ..scan import QUALIFIED_NAME
-from ..scan.portable import levels_for, selective_scan_portable
+from ..scan.portable import DEFAULT_CHUNK, blocked_depth, levels_for, selective_scan_prefix
 from .quiet import quiet_toolchain
 
 ONNX_DOMAIN = "ai.vmamba"
 ONNX_OP = "SelectiveScan2D"
-OPSET = 18
+# 20: GELU is one Gelu node (CPU and CUDA kernels in ONNX Runtime); at 18 it is five nodes that ONNX Runtime's
+# fusion does not catch, ~12% of vmamba_tiny_s1l8's CPU time.
+OPSET = 20
 IR_VERSION = 10  # onnxruntime-gpu 1.31 refuses the IR 14 that onnx 1.23 writes (FIELD-NOTES.md)
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -108,10 +110,12 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
         )
     proto = program.model_proto
     if scan == "portable":
-        # The prefix scan has a fixed depth in the graph: enough levels for the longest stage-1 sequence allowed.
+        # The blocked scan's recursion depth is fixed in the graph: enough for the longest stage-1 sequence allowed.
         stage1 = -(-max_size // 4)
-        info["scan_levels"] = levels_for(stage1 * stage1)
-        proto = inline_portable_scan(proto, info["scan_levels"], cfg.d_state)
+        info["scan_max_length"] = stage1 * stage1
+        info["scan_chunk"] = DEFAULT_CHUNK
+        info["scan_depth"] = blocked_depth(stage1 * stage1, DEFAULT_CHUNK)
+        proto = inline_portable_scan(proto, stage1 * stage1, cfg.d_state)
     proto.ir_version = IR_VERSION
     proto.producer_name = "vmamba-export"
     onnx.save_model(proto, str(path))
@@ -120,18 +124,31 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
     return info
 
 
-class _PortableScan(torch.nn.Module):
+PORTABLE_FORMS = ("blocked", "prefix")
+
+
+class _PrefixScan(torch.nn.Module):
     def __init__(self, levels: int):
         super().__init__()
         self.levels = levels
 
     def forward(self, u, delta, A_logs, B, C, D, delta_bias):
-        return selective_scan_portable(u, delta, A_logs, B, C, D, delta_bias, levels=self.levels)
+        return selective_scan_prefix(u, delta, A_logs, B, C, D, delta_bias, levels=self.levels)
 
 
-def portable_scan_function(levels: int, d_state: int):
+def portable_scan_function(max_length: int, d_state: int, form: str = "blocked", chunk: int = DEFAULT_CHUNK):
     """The portable scan as an ONNX function `ai.vmamba::SelectiveScan2D`: batch, channels, height and width
-    dynamic; d_state fixed (a model has one)."""
+    dynamic (sequences up to `max_length` positions); d_state fixed (a model has one).
+
+    "blocked" (what the lowering exports): the blocked scan built op by op (onnx_portable_scan.py). "prefix": the
+    log-depth form this lowering exported before, traced from torch (kept so that benchmarks can compare)."""
+    if form == "blocked":
+        from .onnx_portable_scan import blocked_scan_function
+
+        depth = blocked_depth(max_length, chunk)
+        return blocked_scan_function(ONNX_DOMAIN, ONNX_OP, OPSET, d_state, chunk, depth, SCAN_INPUTS)
+    if form != "prefix":
+        raise ValueError(f"unknown portable scan form {form!r}")
     import onnx
     from onnx import helper
 
@@ -161,7 +178,7 @@ def portable_scan_function(levels: int, d_state: int):
     }
     with quiet_toolchain("onnxscript"):
         program = torch.onnx.export(
-            _PortableScan(levels),
+            _PrefixScan(levels_for(max_length)),
             args,
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
@@ -184,11 +201,11 @@ def portable_scan_function(levels: int, d_state: int):
     )
 
 
-def inline_portable_scan(proto, levels: int, d_state: int):
+def inline_portable_scan(proto, max_length: int, d_state: int, form: str = "blocked", chunk: int = DEFAULT_CHUNK):
     """Replace every SelectiveScan2D node by the portable scan's ops: standard ONNX only afterwards."""
     import onnx.inliner
 
-    proto.functions.append(portable_scan_function(levels, d_state))
+    proto.functions.append(portable_scan_function(max_length, d_state, form, chunk))
     proto = onnx.inliner.inline_local_functions(proto)
     del proto.functions[:]
     kept = [o for o in proto.opset_import if o.domain != ONNX_DOMAIN]
