@@ -13,7 +13,12 @@ from vmamba_export.models import VMamba, build_model, get_config, list_configs
 from vmamba_export.models.shapes import export_min_size, stage_sizes
 from vmamba_export.scan import native, selective_scan_portable, selective_scan_reference
 from vmamba_export.scan import selective_scan_2d as scan_op
-from vmamba_export.scan.portable import selective_scan_sequential
+from vmamba_export.scan.portable import (
+    blocked_depth,
+    blocked_recurrence,
+    selective_scan_prefix,
+    selective_scan_sequential,
+)
 
 K = 4
 OP = torch.ops.vmamba.selective_scan_2d
@@ -71,10 +76,34 @@ def test_op_matches_reference(case, references):
 def test_torch_forms_match_reference(case, references):
     args = scan_inputs(*case)
     assert rel_l2(selective_scan_portable(*args), references[case]) <= 1e-5
-    # A fixed depth larger than needed (what an exported graph carries) changes nothing.
-    assert rel_l2(selective_scan_portable(*args, levels=13), references[case]) <= 1e-5
+    # A recursion deeper than needed (what an exported graph carries) and other chunk sizes change nothing.
+    for chunk in (4, 16, 32):
+        assert rel_l2(selective_scan_portable(*args, chunk=chunk, max_length=256 * 256), references[case]) <= 1e-5
+    assert rel_l2(selective_scan_prefix(*args, levels=13), references[case]) <= 1e-5
     if case[3] * case[4] <= 196:  # one Python step per position: keep it to the small maps
         assert rel_l2(selective_scan_sequential(*args), references[case]) <= 1e-5
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 255, 256, 257, 1000])
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_blocked_recurrence_against_a_loop(length, chunk):
+    """h_l = a_l * h_{l-1} + b_l in float64 one step at a time, against the blocked scheme at several depths,
+    including sequences that are not a multiple of the chunk and decays that reach 0 and 1."""
+    g = torch.Generator().manual_seed(length)
+    a = torch.rand(3, 2, length, generator=g, dtype=torch.float64)
+    a[0, 0, ::7] = 0.0
+    a[0, 1, ::5] = 1.0
+    b = torch.randn(3, 2, length, generator=g, dtype=torch.float64)
+    want = torch.empty_like(b)
+    state = torch.zeros(3, 2, dtype=torch.float64)
+    for pos in range(length):
+        state = a[..., pos] * state + b[..., pos]
+        want[..., pos] = state
+    depth = blocked_depth(length, chunk)
+    for extra in (0, 2):
+        got = blocked_recurrence(a, b, chunk, depth + extra)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert blocked_depth(chunk**3, chunk) == 3 and blocked_depth(chunk**3 + 1, chunk) == 4
 
 
 def test_reference_by_hand():
@@ -202,3 +231,112 @@ def test_dynamic_export_from_min_size(name):
             torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="(?i)constraint"):
         torch.export.export(model, example, dynamic_shapes=spec(lo - 1))
+
+
+# ------------------------------------------------------------------------------------------- portable ONNX function
+
+
+def portable_scan_model(d_state: int, max_length: int, chunk: int = 16, keep_decays: bool = True):
+    """A graph holding one SelectiveScan2D node (every dimension symbolic) with the onnx-portable scan inlined."""
+    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.onnx_export import IR_VERSION, OPSET, inline_portable_scan
+
+    dims = {
+        "u": ["b", "d", "h", "w"],
+        "delta": ["b", K, "d", "h", "w"],
+        "A_logs": ["kd", d_state],
+        "B": ["b", K, d_state, "h", "w"],
+        "C": ["b", K, d_state, "h", "w"],
+        "D": ["kd"],
+        "delta_bias": ["kd"],
+    }
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in SCAN_NAMES]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims["u"])
+    node = helper.make_node("SelectiveScan2D", list(SCAN_NAMES), ["y"], domain="ai.vmamba")
+    proto = helper.make_model(
+        helper.make_graph([node], "scan", inputs, [output]),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.vmamba", 1)],
+        ir_version=IR_VERSION,
+    )
+    return inline_portable_scan(proto, max_length, d_state, "blocked", chunk, keep_decays)
+
+
+SCAN_NAMES = ("u", "delta", "A_logs", "B", "C", "D", "delta_bias")
+# (batch, Di, d_state, H, W, delta shift) on top of CASES: odd sizes, H != W, and a map that needs a recursion.
+ONNX_CASES = CASES + [(2, 3, 16, 33, 47, 10.0), (1, 2, 1, 37, 19, -10.0), (3, 2, 16, 9, 4, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def portable_sessions():
+    import onnxruntime as ort
+
+    sessions = {}
+    for n in (1, 16):
+        # max_length 256 * 256: the default max_size 1024 (depth 4 at chunk 16); 64 * 64 at chunk 64: depth 2.
+        for max_length, chunk in ((256 * 256, 16), (64 * 64, 64)):
+            proto = portable_scan_model(n, max_length, chunk)
+            sessions[(n, max_length)] = ort.InferenceSession(proto.SerializeToString())
+    return sessions
+
+
+@pytest.mark.parametrize("case", ONNX_CASES, ids=lambda c: "b{}-di{}-n{}-{}x{}-shift{:+g}".format(*c))
+def test_portable_onnx_function_matches_reference(case, portable_sessions):
+    args = scan_inputs(*case)
+    ref = selective_scan_reference(*args)
+    feeds = {name: t.numpy() for name, t in zip(SCAN_NAMES, args, strict=True)}
+    for max_length in (256 * 256, 64 * 64):
+        (y,) = portable_sessions[(case[2], max_length)].run(None, feeds)
+        assert y.shape == tuple(args[0].shape)
+        assert rel_l2(torch.from_numpy(y), ref) <= 1e-5, max_length
+
+
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_portable_onnx_function_is_standard_and_agrees_with_reference_evaluator(d_state):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    proto = portable_scan_model(d_state, 32 * 32, chunk=4)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert not {"Loop", "Scan", "If", "Softplus"} & {n.op_type for n in proto.graph.node}
+    args = scan_inputs(2, 3, d_state, 7, 5, delta_shift=-3.0, seed=2)
+    feeds = {name: t.numpy() for name, t in zip(SCAN_NAMES, args, strict=True)}
+    (y,) = ReferenceEvaluator(proto).run(None, feeds)
+    assert rel_l2(torch.from_numpy(y), selective_scan_reference(*args)) <= 1e-5
+
+
+def test_portable_softplus_is_accurate():
+    """The Softplus-free softplus of the ONNX function against float64, from -80 to 80 and around 0."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.onnx_portable_scan import _Builder
+
+    g = _Builder()
+    out = g.softplus("x")
+    g.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    graph = helper.make_graph(
+        g.nodes,
+        "softplus",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = np.concatenate([np.linspace(-80, 80, 100001), np.logspace(-9, 1, 2001), -np.logspace(-9, 1, 2001)])
+    x = x.astype(np.float32)
+    (y,) = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    want = np.logaddexp(0.0, x.astype(np.float64))
+    assert np.max(np.abs(y - want) / want) <= 1e-6
+
+
+@pytest.mark.parametrize("case", [(2, 3, 1, 33, 47, 10.0), (2, 3, 16, 37, 19, -10.0)], ids=["n1", "n16"])
+def test_portable_onnx_function_rebuilding_decays_matches_reference(case):
+    import onnxruntime as ort
+
+    args = scan_inputs(*case)
+    proto = portable_scan_model(case[2], 64 * 64, 16, keep_decays=False)
+    feeds = {name: t.numpy() for name, t in zip(SCAN_NAMES, args, strict=True)}
+    (y,) = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)
+    assert rel_l2(torch.from_numpy(y), selective_scan_reference(*args)) <= 1e-5

@@ -37,9 +37,9 @@ def selective_scan_train(
     delta_bias: torch.Tensor,
 ) -> torch.Tensor:
     """The op's contract, differentiable, fast to train on CPU: one step per position, each step building only its
-    own (B, K, Di, N) decay and input. `selective_scan_portable` materialises (B, K, Di, N, L) tensors log2(L)
-    times and spends most of a d_state-16 training step copying them (about 5x slower here); the sequential
-    fallback writes in place, which autograd cannot differentiate."""
+    own (B, K, Di, N) decay and input. The log-depth prefix form (`selective_scan_prefix`) materialises
+    (B, K, Di, N, L) tensors log2(L) times and spent most of a d_state-16 training step copying them (about 5x
+    slower); the sequential fallback writes in place, which autograd cannot differentiate."""
     bsz, di, h, w = u.shape
     k, n = delta.shape[1], A_logs.shape[1]
     us = cross_scan(u)  # (B, K, Di, L)

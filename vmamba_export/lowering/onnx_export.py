@@ -136,7 +136,9 @@ class _PrefixScan(torch.nn.Module):
         return selective_scan_prefix(u, delta, A_logs, B, C, D, delta_bias, levels=self.levels)
 
 
-def portable_scan_function(max_length: int, d_state: int, form: str = "blocked", chunk: int = DEFAULT_CHUNK):
+def portable_scan_function(
+    max_length: int, d_state: int, form: str = "blocked", chunk: int = DEFAULT_CHUNK, keep_decays: bool = True
+):
     """The portable scan as an ONNX function `ai.vmamba::SelectiveScan2D`: batch, channels, height and width
     dynamic (sequences up to `max_length` positions); d_state fixed (a model has one).
 
@@ -146,7 +148,7 @@ def portable_scan_function(max_length: int, d_state: int, form: str = "blocked",
         from .onnx_portable_scan import blocked_scan_function
 
         depth = blocked_depth(max_length, chunk)
-        return blocked_scan_function(ONNX_DOMAIN, ONNX_OP, OPSET, d_state, chunk, depth, SCAN_INPUTS)
+        return blocked_scan_function(ONNX_DOMAIN, ONNX_OP, OPSET, d_state, chunk, depth, SCAN_INPUTS, keep_decays)
     if form != "prefix":
         raise ValueError(f"unknown portable scan form {form!r}")
     import onnx
@@ -201,11 +203,18 @@ def portable_scan_function(max_length: int, d_state: int, form: str = "blocked",
     )
 
 
-def inline_portable_scan(proto, max_length: int, d_state: int, form: str = "blocked", chunk: int = DEFAULT_CHUNK):
+def inline_portable_scan(
+    proto,
+    max_length: int,
+    d_state: int,
+    form: str = "blocked",
+    chunk: int = DEFAULT_CHUNK,
+    keep_decays: bool = True,
+):
     """Replace every SelectiveScan2D node by the portable scan's ops: standard ONNX only afterwards."""
     import onnx.inliner
 
-    proto.functions.append(portable_scan_function(max_length, d_state, form, chunk))
+    proto.functions.append(portable_scan_function(max_length, d_state, form, chunk, keep_decays))
     proto = onnx.inliner.inline_local_functions(proto)
     del proto.functions[:]
     kept = [o for o in proto.opset_import if o.domain != ONNX_DOMAIN]
