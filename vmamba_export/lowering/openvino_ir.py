@@ -11,6 +11,9 @@ the ONNX Runtime target already proves right.
 bf16 is an inference precision, not a storage one: the IR keeps fp32 weights (compress_to_fp16=False) and the
 manifest entry says which INFERENCE_PRECISION_HINT to compile with ("f32" or "bf16"). The hint is also written into
 the IR's rt_info (runtime_options), so a plain `core.compile_model(xml)` picks the same precision.
+
+int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
+weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from ..models import VMamba
 from ..targets import Target
 from . import ExportOptions
 
-# precision -> OpenVINO CPU INFERENCE_PRECISION_HINT. int8 (NNCF) is a separate lowering step, not a hint.
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+# precision -> OpenVINO CPU INFERENCE_PRECISION_HINT. int8 comes from NNCF's FakeQuantize ops in the IR; the layers it
+# leaves float (the scan among them) run in f32.
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 SCAN_OP_TYPE = "SelectiveScan2D"
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
@@ -51,10 +55,28 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
     except Exception as exc:
         raise TargetUnavailableError(f"{exc}; rebuild it: python -m vmamba_export.build_kernels") from None
 
+    show = options.extra.get("show_progress", True)
+    calib = None
+    if options.precision == "int8":
+        from ..quantize.calibration import load_calibration_batch
+        from ..quantize.openvino_int8 import import_nncf, nncf_settings
+
+        import_nncf()
+        nncf_settings(options)  # a method NNCF lacks fails now, not after the export
+        # Read the calibration images first: a bad source fails in a second, not after a minute of export.
+        calib = load_calibration_batch(options.calib, model.config.input, options.calib_samples, show)
+
     with tempfile.TemporaryDirectory(prefix="vmamba-ov-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         info = export_onnx(model, onnx_path, scan="custom-op", max_size=options.max_size)
-        ov_model = ov.convert_model(str(onnx_path), extension=str(library))
+        if calib is None:
+            ov_model = ov.convert_model(str(onnx_path), extension=str(library))
+        else:
+            from ..quantize.openvino_int8 import quantize_openvino_int8
+
+            ov_model, info["quantization"] = quantize_openvino_int8(
+                onnx_path, library, model.config.input, options, show_progress=show, calib_batch=calib
+            )
 
     scans = sum(1 for op in ov_model.get_ops() if op.get_type_name() == SCAN_OP_TYPE)
     expected = sum(model.config.depths)

@@ -27,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VMambaExportError
+from .accuracy import (
+    QuantizationError,
+    accuracy_record,
+    activation_rounding_error,
+    keep_float_until_within_budget,
+    weight_rounding_error,
+)
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 # Ops that move or reshape data without computing: walking through them finds what really produces a tensor.
@@ -52,10 +58,6 @@ PORTABLE_FORMAT = "qdq-u8s8"
 
 # VMamba's x_proj weight is split into (dt, B, C) projections: name the three 1x1 convs after what they produce.
 SPLIT_NAMES = {"x_proj_weight": ("x_proj.dt", "x_proj.B", "x_proj.C")}
-
-
-class QuantizationError(VMambaExportError):
-    """int8 quantization cannot be done as asked (unknown layer name, method, format, or accuracy budget missed)."""
 
 
 @dataclass
@@ -461,23 +463,17 @@ def layer_sensitivity(
     def act_error(tensor: str) -> float:
         if tensor not in values or tensor not in ranges:
             return 0.0
-        x = values[tensor].astype(np.float64)
         low, high = (np.asarray(v, dtype=np.float64) for v in ranges[tensor].range_value)
-        lo, hi = min(float(low.min()), 0.0), max(float(high.max()), 0.0)
-        scale = (hi - lo) / 255 or 1.0
-        zero = np.round(-lo / scale)
-        q = np.clip(np.round(x / scale) + zero, 0, 255)
-        return float(np.linalg.norm((q - zero) * scale - x) / max(np.linalg.norm(x), 1e-30))
+        return activation_rounding_error(values[tensor], low.min(), high.max())
 
     scores = {}
     for name, node in nodes.items():
         w_err = 0.0
         if len(node.input) > 1 and node.input[1] in inits:
-            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-            flat = w.reshape(w.shape[0], -1) if node.op_type == "Conv" else w.reshape(-1, w.shape[-1]).T
-            scale = np.maximum(np.abs(flat).max(axis=1, keepdims=True) / 127, 1e-30)
-            wq = np.clip(np.round(flat / scale), -127, 127) * scale
-            w_err = float(np.linalg.norm(wq - flat) / max(np.linalg.norm(flat), 1e-30))
+            w = numpy_helper.to_array(inits[node.input[1]])
+            w_err = weight_rounding_error(
+                w.reshape(w.shape[0], -1) if node.op_type == "Conv" else w.reshape(-1, w.shape[-1]).T
+            )
         scores[name] = act_error(node.input[0]) + w_err + act_error(node.output[0])
     return scores
 
@@ -487,13 +483,11 @@ def layer_sensitivity(
 
 def _top1(path: Path, library: Path | None, batch: np.ndarray, labels: np.ndarray, chunk: int = 64) -> float:
     from ..runtime.onnxruntime_backend import make_session
+    from .accuracy import top1
 
     session = make_session(path, library, threads=None)
     name = session.get_inputs()[0].name
-    preds = np.concatenate(
-        [session.run(None, {name: batch[s : s + chunk]})[0].argmax(1) for s in range(0, len(batch), chunk)]
-    )
-    return float((preds == labels).mean())
+    return top1(lambda x: session.run(None, {name: x})[0], batch, labels, chunk)
 
 
 def quantize_onnx_int8(
@@ -519,6 +513,9 @@ def quantize_onnx_int8(
     if fmt not in FORMATS:
         raise QuantizationError(f"unknown int8 format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _method(options.calib_method)  # fail on a bad method before any work
+    nncf_only = [f"--{k.replace('_', '-')}" for k in ("smooth_quant", "bias_correction") if k in options.extra]
+    if nncf_only:
+        raise QuantizationError(f"{', '.join(nncf_only)}: NNCF settings, only for target cpu-openvino")
     if options.max_drop is not None and not options.accuracy_source:
         raise QuantizationError("--max-drop needs --accuracy SOURCE (labelled images to measure the drop on)")
     with tempfile.TemporaryDirectory(prefix="vmamba-int8-") as tmp_dir:
@@ -543,39 +540,24 @@ def quantize_onnx_int8(
             labels_arr = np.asarray(labels)
             fp32_top1 = _top1(prepared.path, library, acc_batch, labels_arr)
             int8_top1 = _top1(out_path, library, acc_batch, labels_arr)
-            trials = [{"kept_float": 0, "int8_top1": int8_top1}]
-            kept: list[str] = []
-            budget = options.max_drop
-            if budget is not None and 100 * (fp32_top1 - int8_top1) > budget:
-                # Keep the most sensitive layers float, doubling their number until the drop is within budget.
-                candidates = [n for n in prepared.layers if n not in float_layers]
-                scores = layer_sensitivity(prepared, batch[:16], cache, candidates, library)
-                ranked = sorted(candidates, key=lambda n: -scores[n])
-                count = 1
-                while 100 * (fp32_top1 - int8_top1) > budget:
-                    if count > len(ranked):
-                        raise QuantizationError(
-                            f"int8 top-1 drop {100 * (fp32_top1 - int8_top1):.2f} points exceeds --max-drop {budget:g} "
-                            f"even with every layer but the first {len(ranked)} sensitive ones float; "
-                            "try another --calib-method or more --calib-samples"
-                        )
-                    kept = ranked[:count]
-                    trial_float = dict(float_layers) | {n: "accuracy budget" for n in kept}
-                    quantize_with_cache(prepared, out_path, cache, options.calib_method, fmt, list(trial_float))
-                    int8_top1 = _top1(out_path, library, acc_batch, labels_arr)
-                    trials.append({"kept_float": len(kept), "int8_top1": int8_top1})
-                    count *= 2
-                float_layers.update({n: "accuracy budget" for n in kept})
-            accuracy = {
-                "source": options.accuracy_source,
-                "num_images": int(len(labels_arr)),
-                "fp32_top1": fp32_top1,
-                "int8_top1": int8_top1,
-                "drop_points": 100 * (fp32_top1 - int8_top1),
-                "max_drop": budget,
-                "kept_float_for_accuracy": kept,
-                "trials": trials,
-            }
+
+            def requantize(kept: list[str]) -> float:
+                trial_float = dict(float_layers) | {n: "accuracy budget" for n in kept}
+                quantize_with_cache(prepared, out_path, cache, options.calib_method, fmt, list(trial_float))
+                return _top1(out_path, library, acc_batch, labels_arr)
+
+            int8_top1, kept, trials = keep_float_until_within_budget(
+                fp32_top1,
+                int8_top1,
+                options.max_drop,
+                [n for n in prepared.layers if n not in float_layers],
+                lambda candidates: layer_sensitivity(prepared, batch[:16], cache, candidates, library),
+                requantize,
+            )
+            float_layers.update({n: "accuracy budget" for n in kept})
+            accuracy = accuracy_record(
+                options.accuracy_source, labels_arr, fp32_top1, int8_top1, options.max_drop, kept, trials
+            )
         quantized = quantized_layers(out_path, prepared.layers)
         bad = scan_inputs_quantized(out_path)
         if bad:
