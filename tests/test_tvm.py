@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ from tvm.target import Target  # noqa: E402
 from vmamba_export import load  # noqa: E402
 from vmamba_export.errors import InputError, TargetUnavailableError  # noqa: E402
 from vmamba_export.exporter import export_artifact  # noqa: E402
-from vmamba_export.lowering.tvm_scan import scheduled_scan  # noqa: E402
+from vmamba_export.lowering import ExportOptions  # noqa: E402
+from vmamba_export.lowering.tvm_scan import fast_exp_nonpos, fast_softplus, scheduled_scan  # noqa: E402
 from vmamba_export.model_source import resolve_model  # noqa: E402
 from vmamba_export.scan.op import torch_scan  # noqa: E402
 from vmamba_export.scan.reference import selective_scan_reference  # noqa: E402
@@ -59,6 +61,31 @@ def test_tir_scan_kernel_matches_float64_reference(n, di, h, w):
         out = tvm.runtime.empty((bsz, di, h, w), "float32", tvm.cpu())
         lib["main"](*[tvm.runtime.tensor(a.numpy()) for a in args], out)
         assert rel_l2(out.numpy(), expected) <= 1e-6
+
+
+def test_fast_math_matches_float64_on_extreme_inputs():
+    """The polynomial exp/softplus of the CPU scan kernel, over the whole float range the kernel can see."""
+    from tvm.script import tirx as T
+
+    x = np.concatenate([[-1e4, -120.0, -87.5, -87.0, -30.0, -1e-6, 0.0, 1e-6, 19.99, 20.0, 20.01, 90.0]])
+    x = np.concatenate([x, np.linspace(-40.0, 40.0, 4001)]).astype(np.float32)
+    n = len(x)
+
+    @T.prim_func
+    def f(a: T.Buffer((n,), "float32"), e: T.Buffer((n,), "float32"), sp: T.Buffer((n,), "float32")):
+        for i in range(n):
+            e[i] = fast_exp_nonpos(T.min(a[i], T.float32(0)))
+            sp[i] = fast_softplus(a[i])
+
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=Target({"kind": "llvm", "num-cores": 2}))
+    e, sp = tvm.runtime.empty((n,), "float32"), tvm.runtime.empty((n,), "float32")
+    lib["main"](tvm.runtime.tensor(x), e, sp)
+    x64 = x.astype(np.float64)
+    exp_ref = np.exp(np.minimum(x64, 0.0))
+    sp_ref = np.where(x64 > 20, x64, np.log1p(np.exp(np.minimum(x64, 20))))
+    # relative error within a few float32 ulps; exp below -87 flushes to 0 (absolute error < 2e-38)
+    assert np.all(np.abs(e.numpy() - exp_ref) <= 4e-7 * exp_ref + 2e-38)
+    assert np.all(np.abs(sp.numpy() - sp_ref) <= 4e-7 * sp_ref + 2e-38)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +151,63 @@ def test_cpu_tvm_runs_without_importing_tvm(cpu_artifacts):
     assert out.stdout.startswith("(2, 10) False TVM runtime only"), out.stdout + out.stderr
 
 
+def test_cpu_tvm_tuning_saves_and_reuses_its_database(tmp_path):
+    """A tiny tuning run (one round of the costliest op) on a small config: the schedule it found is in the artifact's
+    database (hashed in the manifest), the artifact still matches PyTorch, and a second build started from that
+    artifact tunes nothing and applies the same schedule."""
+    source = resolve_model("vmamba_test_v0", random_weights=True, seed=1)
+    first = tmp_path / "tuned"
+    extra = {"tune_trials": 8, "tune_budget": 1, "show_progress": False}
+    m = export_artifact(source, get_target("cpu-tvm"), first, max_size=SIZE, options=ExportOptions(extra=extra))
+    tuning = m["lowering"]["tuning"]
+    assert tuning["trials"] >= 1 and tuning["tuning_seconds"] > 0 and tuning["tasks_reused"] == 0
+    assert 1 <= tuning["tasks_covered"] < tuning["tasks"]  # scan kernels are not tasks; the rest stays default
+    assert {"tuning/database_workload.json", "tuning/database_tuning_record.json"} <= set(m["files"])
+    assert m["lowering"]["tvm_target"]["mcpu"]  # tuned for this machine's CPU
+    assert m["lowering"]["batch_range"] == [1, 1]  # meta-schedule tunes static shapes
+    records = (first / "tuning" / "database_tuning_record.json").read_text()
+    assert len(records.splitlines()) == tuning["tasks_covered"]  # the best record per tuned op, nothing else
+    predictor = load(first)
+    x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE), dtype=np.float32)  # 3 runs of the batch-1 lib
+    out, ref = predictor(x), torch_logits("vmamba_test_v0", x)
+    assert rel_l2(out, ref) <= 1e-5 and (out.argmax(1) == ref.argmax(1)).all()
+
+    second = tmp_path / "reused"
+    extra = {"tune_db": str(first), "show_progress": False}  # no budget: apply the database, tune nothing
+    m2 = export_artifact(source, get_target("cpu-tvm"), second, max_size=SIZE, options=ExportOptions(extra=extra))
+    t2 = m2["lowering"]["tuning"]
+    assert t2["trials"] == 0 and t2["tuning_seconds"] == 0 and t2["database_from"] == str(first / "tuning")
+    assert t2["tasks_reused"] == t2["tasks_covered"] == tuning["tasks_covered"]
+    assert (second / "tuning" / "database_tuning_record.json").read_text() == records
+    assert rel_l2(load(second)(x), ref) <= 1e-5
+
+
+def test_cpu_tvm_with_weights_outside_the_library(tmp_path):
+    """separate_params (the cuda-tvm default): main takes the weights as inputs from params.bin, whose bytes are
+    reproducible from the state_dict (the GPU check rebuilds the file from the seed)."""
+    from vmamba_export.lowering.tvm_relax import params_bytes
+
+    source = resolve_model("vmamba_test_v2", random_weights=True, seed=1)
+    folder = tmp_path / "params"
+    extra = {"separate_params": True}
+    m = export_artifact(source, get_target("cpu-tvm"), folder, max_size=SIZE, options=ExportOptions(extra=extra))
+    spec = m["entry"]["params"]
+    assert spec["file"] == "params.bin" and "params.bin" in m["files"]
+    assert params_bytes(source.model.state_dict(), spec) == (folder / "params.bin").read_bytes()
+    assert (folder / "model.so").stat().st_size < (folder / "params.bin").stat().st_size  # code only
+    x = np.random.default_rng(5).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
+    out, ref = load(folder)(x), torch_logits("vmamba_test_v2", x)
+    assert rel_l2(out, ref) <= 1e-5
+
+
+def test_tune_db_errors_are_actionable(tmp_path):
+    from vmamba_export.errors import VMambaExportError
+    from vmamba_export.lowering.tvm_tune import database_folder
+
+    with pytest.raises(VMambaExportError, match="no meta-schedule database"):
+        database_folder(tmp_path)
+
+
 def test_cuda_tvm_builds_with_cuda_kernels_in_the_library(tmp_path):
     folder = tmp_path / "cuda"
     source = resolve_model("vmamba_test_v0", random_weights=True, seed=1)
@@ -135,8 +219,33 @@ def test_cuda_tvm_builds_with_cuda_kernels_in_the_library(tmp_path):
     for kernel in m["lowering"]["scan_kernels"]:
         assert f"__global__ void __launch_bounds__(128) selective_scan_2d_{kernel}_kernel(".encode() in data
     assert b"float state_ptr[16];" in data and b"for (int t = 0; t < 256; ++t)" in data
+    # Weights beside the library, not in it; the kernels precompiled for the GPU machine's runtime-only loader.
+    assert m["entry"]["params"]["file"] in m["files"]
+    if shutil.which("nvcc"):
+        assert m["entry"]["cuda_binary"] in m["files"] and m["lowering"]["cuda_binary"]["arch"] == "sm_90"
+        assert (folder / m["entry"]["cuda_binary"]).read_bytes()[:4] == b"\x50\xed\x55\xba"  # fatbin magic
+    if _cuda_visible():
+        return  # a GPU here: test_cuda_tvm_runs_on_the_gpu runs it
     with pytest.raises(TargetUnavailableError):  # no GPU on this machine: a clear refusal, not a crash
         load(folder)
+
+
+def _cuda_visible() -> bool:
+    from vmamba_export.runtime.onnxruntime_backend import _cuda_device_count
+
+    return _cuda_device_count() > 0
+
+
+@pytest.mark.gpu
+def test_cuda_tvm_runs_on_the_gpu(tmp_path):
+    if not _cuda_visible():
+        pytest.skip("no CUDA GPU visible")
+    folder = tmp_path / "cuda"
+    source = resolve_model("vmamba_test_v0", random_weights=True, seed=1)
+    export_artifact(source, get_target("cuda-tvm"), folder, max_size=SIZE)
+    x = np.random.default_rng(2).standard_normal((3, 3, SIZE, SIZE), dtype=np.float32)
+    out, ref = load(folder)(x), torch_logits("vmamba_test_v0", x)
+    assert rel_l2(out, ref) <= 1e-4 and (out.argmax(1) == ref.argmax(1)).all()
 
 
 def test_metal_tvm_generates_scan_kernel_source(tmp_path):

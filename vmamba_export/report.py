@@ -32,6 +32,18 @@ def render_artifact_report(m: dict) -> str:
     ]
     for name, entry in m["files"].items():
         lines.append(f"| {name} | {entry.get('bytes', '-')} | `{entry.get('sha256', '')[:16]}...` |")
+    tuning = (m.get("lowering") or {}).get("tuning")
+    if tuning:  # cpu-tvm built with meta-schedule (lowering/tvm_tune.py)
+        lines += [
+            "",
+            "## TVM tuning",
+            "",
+            f"{tuning['tuning_seconds']:.0f} s spent tuning ({tuning['trials']} trials, budget "
+            f"{_fmt(tuning.get('budget_seconds'))} s, {tuning['measure_threads']} threads); "
+            f"{tuning['tasks_covered']} of {tuning['tasks']} ops have a measured schedule "
+            f"({tuning['tasks_reused']} reused from {tuning.get('database_from') or '-'}), "
+            f"{tuning.get('tasks_sampled', 0)} an unmeasured sampled one; database in `{tuning['database']}`.",
+        ]
     if (m.get("lowering") or {}).get("quantization"):
         from .quantize.report import quantization_section
 

@@ -4,16 +4,20 @@
 The model is exported with `torch.export` (the scan op `vmamba::selective_scan_2d` stays one node per block),
 imported with `relax.frontend.torch.from_exported_program`, and each scan node becomes a `call_tir` of the hand-written
 TIR kernel of lowering/tvm_scan.py, scheduled for the target and tagged `tirx.is_scheduled`. The rest of the graph is
-legalized by TVM's default pipeline for the target (CPU: plain loops, untuned; CUDA: dlight default GPU schedules;
-Metal: the same without dlight's Matmul rule, which segfaults for Metal in TVM 0.27, FIELD-NOTES.md).
+legalized by TVM's default pipeline for the target (CPU: plain loops, unless meta-schedule tuned by lowering/tvm_tune.py
+with options.extra tune_budget / tune_trials / tune_db; CUDA: dlight default GPU schedules; Metal: the same without
+dlight's Matmul rule, which segfaults for Metal in TVM 0.27, FIELD-NOTES.md).
 
 Shapes: height and width are fixed at export (the manifest records min_size = max_size = that side; the scan kernel
 has Di, H, W and d_state as constants, which GPU local arrays need); the batch is dynamic (a symbolic TIR variable in
-every kernel), 1..MAX_BATCH.
+every kernel), 1..MAX_BATCH, except for tuned builds (meta-schedule tunes static shapes): fixed, 1 by default.
 
 Artifacts:
 - cpu-tvm, cuda-tvm: `model.so` (`export_library`), loadable with only TVM's runtime (runtime/tvm_backend.py). For
-  CUDA the library holds CUDA C source, compiled when the library is loaded on the GPU machine (NVRTC or nvcc).
+  CUDA the library holds CUDA C source; nvcc here compiles it into `cuda_kernels.fatbin`, which the runtime-only
+  loader hands to TVM's runtime in place of a compiler. cuda-tvm keeps the weights outside the library, in
+  `params.bin` (raw float32, `main`'s argument order; `separate_params` in options.extra for other targets).
+- cpu-tvm tuned: `tuning/` holds the meta-schedule database (best record per op), reusable by later builds.
 - metal-tvm: no macOS linker here, so `model.tar` (host object code for arm64 macOS + the packed Metal module; on a Mac
   `tvm.runtime.load_module("model.tar")` links it) and `metal_kernels.metal`, the generated Metal source to inspect.
 
@@ -23,6 +27,7 @@ Artifacts:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -73,7 +78,7 @@ def make_target(device: str, extra: dict):
         # CPU. "native" resolves to this machine's CPU name (recorded in the manifest).
         mcpu = extra.get("tvm_mcpu")
         if mcpu == "native":
-            mcpu = tvm.target.codegen.llvm_get_system_cpu_name()
+            mcpu = host_cpu()
         if mcpu:
             spec["mcpu"] = mcpu
         return tvm.target.Target(spec), spec
@@ -84,6 +89,12 @@ def make_target(device: str, extra: dict):
         spec = {"kind": "metal"}
         host = {"kind": "llvm", "mtriple": METAL_HOST}  # the host code runs on the Mac
     return tvm.target.Target(spec, host=host), {**spec, "host": host}
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. "skylake-avx512"): code built for it uses all its vector features."""
+    tvm = import_tvm()
+    return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
 class _ScanConverter:
@@ -115,22 +126,36 @@ class _ScanConverter:
         return bb.emit(relax.call_tir(self.kernels[key], list(args), out))
 
 
-def to_relax(model: VMamba, size: int, target_kind: str):
-    """(Relax IRModule, converter) for `model` at input side `size`, dynamic batch."""
+def to_relax(model: VMamba, size: int, target_kind: str, batch: int | None = None, keep_params: bool = False):
+    """(Relax IRModule, converter, params) for `model` at input side `size`; dynamic batch, or fixed at `batch`.
+    `keep_params`: the weights become inputs of `main` after the image (params: [(state_dict name, array)] in that
+    order) instead of constants compiled into the library; else params is None."""
     import_tvm()
     from tvm.relax.frontend.torch import from_exported_program
 
     cfg = model.config
-    # Batch 2 in the example: torch.export specialises a dimension traced at size 1.
-    example = torch.randn(2, cfg.in_chans, size, size)
-    dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    if batch is None:
+        # Batch 2 in the example: torch.export specialises a dimension traced at size 1.
+        example = torch.randn(2, cfg.in_chans, size, size)
+        dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+    else:
+        example, dynamic = torch.randn(batch, cfg.in_chans, size, size), None
     with quiet_toolchain(), torch.no_grad():
         ep = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic)
     converter = _ScanConverter(target_kind)
     op_name = QUALIFIED_NAME.split("::")[1]
     with quiet_toolchain():
-        mod = from_exported_program(ep, custom_convert_map={f"{op_name}.default": converter})
-    return mod, converter
+        mod = from_exported_program(
+            ep, keep_params_as_input=keep_params, custom_convert_map={f"{op_name}.default": converter}
+        )
+    if not keep_params:
+        return mod, converter, None
+    from tvm import relax
+
+    mod, detached = relax.frontend.detach_params(mod)
+    fqn = dict(ep.graph_signature.inputs_to_parameters) | dict(ep.graph_signature.inputs_to_buffers)
+    names = [fqn.get(v.name, v.name) for v in mod["main"].params[1:]]
+    return mod, converter, list(zip(names, [t.numpy() for t in detached["main"]]))
 
 
 def gpu_pipeline(target, matmul_rule: bool):
@@ -166,8 +191,8 @@ def gpu_pipeline(target, matmul_rule: bool):
 
 
 def build(mod, target, target_kind: str):
-    """Compile the Relax module for the target; returns the Executable. The CPU graph outside the scan is TVM's
-    default legalization, untuned (meta-schedule tuning is not wired in yet)."""
+    """Compile the Relax module for the target; returns the Executable. On CPU the graph outside the scan is TVM's
+    default legalization, or the schedules tvm_tune applied (then the legalization passes find nothing left)."""
     import tvm
 
     if target_kind == "llvm":
@@ -198,12 +223,31 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     cfg = model.config
     # Fixed spatial size: options.extra["input_size"], else the model's input size capped by --max-size.
     size = int(options.extra.get("input_size") or min(cfg.input.image_size, options.max_size))
-    tvm_target, target_spec = make_target(target.device, options.extra)
     kind = TVM_KINDS[target.device]
-    mod, converter = to_relax(model, size, kind)
+    tune = tune_settings(options.extra)
+    extra = dict(options.extra)
+    if tune is not None:
+        if kind != "llvm":
+            raise TargetUnavailableError(f"target {target.name}: meta-schedule tuning is wired for cpu-tvm only")
+        # Tuning measures on this machine: build for its CPU, and for one batch size (meta-schedule tunes static
+        # shapes; the runtime runs other batches in slices of it).
+        extra.setdefault("tvm_mcpu", "native")
+        extra["batch"] = int(extra.get("batch") or 1)
+    batch = int(extra["batch"]) if extra.get("batch") else None
+    tvm_target, target_spec = make_target(target.device, extra)
+    # CUDA: weights in a file beside the library, not in it (a 120 MB library of tiny_s1l8 could not travel to the
+    # GPU machine; the GPU check regenerates the file there from the seed and the manifest's hash proves it equal).
+    separate = bool(extra.get("separate_params", kind == "cuda"))
+    mod, converter, params = to_relax(model, size, kind, batch, keep_params=separate)
     blocks = sum(1 for m in model.modules() if isinstance(m, SS2D))
     if converter.calls != blocks:
         raise RuntimeError(f"{converter.calls} scan nodes were converted for {blocks} SS2D blocks")
+    main = mod["main"]
+    tuning = None
+    if tune is not None:
+        from .tvm_tune import tune_and_apply
+
+        mod, tuning = tune_and_apply(mod, tvm_target, tune, folder)
     executable = build(mod, tvm_target, kind)
     sources = device_sources(executable)
     if kind == "metal":
@@ -213,22 +257,22 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     else:
         library = "model.so"
         executable.export_library(str(folder / library))
-    main = mod["main"]
     info = {
         "scan_lowering": "tvm-tir",
         "tvm_version": tvm_version(),
         "tvm_target": target_spec,
         "device": target.device,
-        "input_shape": ["batch", cfg.in_chans, size, size],
-        "batch_range": [1, MAX_BATCH],
+        "input_shape": [batch or "batch", cfg.in_chans, size, size],
+        "batch_range": [batch, batch] if batch else [1, MAX_BATCH],
         "scan_kernels": sorted("d{}_h{}_w{}_n{}".format(*k) for k in converter.kernels),
         "scan_schedule": _schedule_description(kind),
         "nodes": _count_bindings(main),
         "scan_nodes": converter.calls,
         "device_source_bytes": {k: len(v) for k, v in sources.items()},
-        "tuning": None,  # untuned: TVM's default schedules outside the scan kernels
+        # None: untuned (TVM's default schedules outside the scan kernels); else what tvm_tune recorded
+        "tuning": tuning,
         # Fixed-shape spatial size: the manifest's size range is the one side the library takes.
-        "dynamic_axes": {"batch": {"min": 1, "max": MAX_BATCH}},
+        "dynamic_axes": None if batch else {"batch": {"min": 1, "max": MAX_BATCH}},
         "min_size": size,
     }
     options.max_size = size  # exporter.py records options.max_size after the lowering ran
@@ -241,8 +285,90 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     if kind == "metal":
         entry["metal_source"] = "metal_kernels.metal"
         entry["needs_link"] = "macOS (tvm.runtime.load_module links the .tar with clang)"
+    if params is not None:
+        entry["params"] = write_params(params, folder / PARAMS_FILE)
+    if kind == "cuda":
+        arch = target_spec["arch"]
+        binary = compile_cuda_fatbin(sources.get("cuda", ""), arch, folder / CUDA_BINARY)
+        entry["cuda_source_sha256"] = hashlib.sha256(sources.get("cuda", "").encode()).hexdigest()
+        if binary is not None:
+            entry["cuda_binary"] = CUDA_BINARY
+        info["cuda_binary"] = binary  # how the kernels were compiled, or None: compiled on the GPU machine (NVRTC)
     json.dumps(info)  # fail here, not in the manifest writer, if something is not serialisable
     return entry, info
+
+
+CUDA_BINARY = "cuda_kernels.fatbin"
+PARAMS_FILE = "params.bin"
+
+
+def write_params(params: list, path: Path) -> dict:
+    """The weights as one raw little-endian float32 file in `main`'s argument order (byte-identical for identical
+    weights, unlike a zip); returns the manifest entry naming and shaping each tensor."""
+    import numpy as np
+
+    tensors = []
+    with open(path, "wb") as fh:
+        for name, array in params:
+            array = np.ascontiguousarray(array, dtype="<f4")
+            fh.write(array.tobytes())
+            tensors.append({"name": name, "shape": list(array.shape)})
+    return {"file": path.name, "dtype": "float32", "tensors": tensors}
+
+
+def params_bytes(state_dict: dict, entry: dict) -> bytes:
+    """params.bin content for a model's state_dict (torch tensors), in the order the entry lists."""
+    import numpy as np
+
+    out = []
+    for t in entry["tensors"]:
+        array = state_dict[t["name"]].detach().cpu().numpy()
+        if list(array.shape) != t["shape"]:
+            raise ValueError(f"{t['name']}: shape {list(array.shape)} in the model, {t['shape']} in the manifest")
+        out.append(np.ascontiguousarray(array, dtype="<f4").tobytes())
+    return b"".join(out)
+
+
+def compile_cuda_fatbin(source: str, arch: str, out: Path) -> dict | None:
+    """Compile the library's CUDA source with nvcc here into `out` (SASS for `arch` + PTX), or None without nvcc.
+
+    Why: the apache-tvm wheel's compiler has no CUDA, so the library stores CUDA C source and TVM's runtime compiles it
+    when loaded, through a `tvm_callback_cuda_compile` function that only the full `tvm` package (with NVRTC from
+    cuda-bindings, and CUDA headers) provides. The runtime-only loader (runtime/tvm_backend.py) answers that callback
+    with this file instead: the GPU machine needs no compiler."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or not source:
+        return None
+    sm = arch.removeprefix("sm_")
+    with tempfile.TemporaryDirectory(prefix="vmamba-cuda-") as tmp:
+        src = Path(tmp) / "kernels.cu"
+        src.write_text(source)
+        cmd = [nvcc, "--fatbin", "-O3", f"-gencode=arch=compute_{sm},code=sm_{sm}"]
+        cmd += [f"-gencode=arch=compute_{sm},code=compute_{sm}", "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on the generated CUDA source: {proc.stderr.strip()[-2000:]}")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return {"file": out.name, "compiler": version, "arch": arch, "ptx": f"compute_{sm}"}
+
+
+def tune_settings(extra: dict):
+    """TuneSettings from the export options (`tune_budget` seconds, `tune_trials`, `tune_db`), or None: no tuning
+    and no database to apply."""
+    if not (extra.get("tune_budget") or extra.get("tune_trials") or extra.get("tune_db")):
+        return None
+    from .tvm_tune import TuneSettings
+
+    return TuneSettings(
+        budget_s=float(extra["tune_budget"]) if extra.get("tune_budget") else None,
+        max_trials=int(extra["tune_trials"]) if extra.get("tune_trials") else None,
+        db=Path(extra["tune_db"]) if extra.get("tune_db") else None,
+        show_progress=bool(extra.get("show_progress", True)),
+    )
 
 
 def _schedule_description(kind: str) -> str:

@@ -49,9 +49,86 @@ def _log1p_via_log(x):
     return tvm.tirx.log(tvm.tirx.const(1.0, "float32") + x)
 
 
-def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool = True) -> tvm.tirx.PrimFunc:
+def _f32(v: float):
+    return tvm.tirx.const(v, "float32")
+
+
+def _let(value, body, name: str = "v"):
+    """`body(v)` with v bound once to `value`: keeps the polynomial helpers' expression trees from duplicating."""
+    var = tvm.tirx.Var(name, "float32")  # every helper value here is float32
+    return tvm.tirx.Let(var, value, body(var))
+
+
+def fast_exp_nonpos(x):
+    """exp(x) for x <= 0 (dt * A, and -|x| in softplus), the Cephes expf polynomial of the C++ CPU kernel
+    (kernels/cpu/selective_scan_2d.cpp), about 1 ulp, written with float/int bit casts so that LLVM vectorises it.
+    Why: LLVM lowers a vectorised `exp` to one libm call per lane, which made the CPU scan ~20x slower than the C++
+    kernel. Below -87 it returns 0 (off by < 2e-38)."""
+
+    def body(xc):
+        def with_shift(shifted):
+            def with_n(n):
+                def with_r(r):
+                    p = _f32(1.9875691500e-4)
+                    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+                        p = p * r + _f32(c)
+                    e = p * (r * r) + r + _f32(1.0)
+                    n_int = tvm.tirx.reinterpret("int32", shifted) - tvm.tirx.const(0x4B400000, "int32")
+                    bits = tvm.tirx.reinterpret("int32", e) + tvm.tirx.shift_left(n_int, tvm.tirx.const(23, "int32"))
+                    return tvm.tirx.Select(xc <= _f32(-87.0), _f32(0.0), tvm.tirx.reinterpret("float32", bits))
+
+                return _let(xc - n * _f32(0.693359375) - n * _f32(-2.12194440e-4), with_r, "r")
+
+            return _let(shifted - _f32(12582912.0), with_n, "n")
+
+        # adding 1.5 * 2^23 rounds x / ln2 to an integer, held in the low mantissa bits
+        return _let(xc * _f32(1.44269504088896341) + _f32(12582912.0), with_shift, "shifted")
+
+    return _let(tvm.tirx.max(x, _f32(-87.0)), body, "xc")
+
+
+def fast_log1p_unit(e):
+    """log1p(e) for e in [0, 1]: Cephes logf of u = 1 + e plus the first-order correction for the rounding of 1 + e
+    (the C++ kernel's log1p_unit); polynomial only, so it vectorises."""
+
+    def with_u_of(e, u):
+        def with_big(big):
+            def with_x(x):
+                def with_z(z):
+                    y = _f32(7.0376836292e-2)
+                    for c in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1):
+                        y = y * x + _f32(c)
+                    for c in (-1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+                        y = y * x + _f32(c)
+                    y = y * x * z + big * _f32(-2.12194440e-4) - _f32(0.5) * z
+                    log_u = x + y + big * _f32(0.693359375)
+                    return log_u + (e - (u - _f32(1.0))) * (_f32(1.5) - _f32(0.5) * u)
+
+                return _let(x * x, with_z, "z")
+
+            return _let(tvm.tirx.Select(big > _f32(0.5), u * _f32(0.5), u) - _f32(1.0), with_x, "x")
+
+        return _let(tvm.tirx.Select(u > _f32(1.41421356237), _f32(1.0), _f32(0.0)), with_big, "big")
+
+    # e is bound once: it is itself a Let expression (fast_exp_nonpos), and a Let may be defined only once
+    return _let(e, lambda ev: _let(_f32(1.0) + ev, lambda u: with_u_of(ev, u), "u"), "e")
+
+
+def fast_softplus(x):
+    """softplus as PyTorch (x itself above 20), as max(x, 0) + log1p(exp(-|x|)) so that exp never overflows."""
+    return tvm.tirx.Select(
+        x > _f32(20.0),
+        x,
+        tvm.tirx.max(x, _f32(0.0)) + fast_log1p_unit(fast_exp_nonpos(_f32(0.0) - tvm.tirx.abs(x))),
+    )
+
+
+def scan_kernel(
+    di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool = True, fast_math: bool = False
+) -> tvm.tirx.PrimFunc:
     """Unscheduled TIR of selective_scan_2d for fixed (Di, H, W, d_state), symbolic batch, `lanes` channels per block.
-    `has_log1p`: False for targets whose language lacks log1p (Metal)."""
+    `has_log1p`: False for targets whose language lacks log1p (Metal). `fast_math`: the vectorisable polynomial exp
+    and softplus (CPU), instead of the `exp`/`log1p` intrinsics (GPU languages have fast ones)."""
     if di % lanes:
         raise ValueError(f"lanes {lanes} must divide d_inner {di}")
     K = K_DIRECTIONS  # noqa: N806 (the contract's name)
@@ -59,6 +136,14 @@ def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool
     kd = K * di
     groups = di // lanes
     log1p = T.log1p if has_log1p else _log1p_via_log
+    if fast_math:
+        softplus, exp_nonpos = fast_softplus, fast_exp_nonpos
+    else:
+
+        def softplus(x):
+            return T.if_then_else(x > T.float32(20), x, log1p(T.exp(x)))
+
+        exp_nonpos = T.exp
 
     @T.prim_func(s_tir=True)
     def selective_scan_2d(
@@ -109,12 +194,14 @@ def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool
                     for l in T.vectorized(lanes):
                         dt[l] = delta[vb, vk, vg * lanes + l, hh, ww] + delta_bias[vk * di + vg * lanes + l]
                         # softplus as PyTorch: x above 20, log1p(exp(x)) below
-                        dt[l] = T.if_then_else(dt[l] > T.float32(20), dt[l], log1p(T.exp(dt[l])))
+                        dt[l] = softplus(dt[l])
                         uu[l] = u[vb, vg * lanes + l, hh, ww]
                         acc[l] = Ds[vk * di + vg * lanes + l] * uu[l]
                     for i in range(n):
                         for l in T.vectorized(lanes):
-                            state[i, l] = T.exp(dt[l] * a[i, l]) * state[i, l] + dt[l] * Bm[vb, vk, i, hh, ww] * uu[l]
+                            state[i, l] = (
+                                exp_nonpos(dt[l] * a[i, l]) * state[i, l] + dt[l] * Bm[vb, vk, i, hh, ww] * uu[l]
+                            )
                             acc[l] = acc[l] + Cm[vb, vk, i, hh, ww] * state[i, l]
                     for l in T.vectorized(lanes):
                         ys[vb, vk, vg * lanes + l, hh, ww] = acc[l]
@@ -149,4 +236,5 @@ def schedule_scan(func: tvm.tirx.PrimFunc, target_kind: str, threads: int = GPU_
 def scheduled_scan(di: int, h: int, w: int, n: int, target_kind: str) -> tvm.tirx.PrimFunc:
     """The scan kernel for one block's shape, scheduled for `target_kind`."""
     lanes = cpu_lanes(di) if target_kind == "llvm" else 1
-    return schedule_scan(scan_kernel(di, h, w, n, lanes, has_log1p=target_kind != "metal"), target_kind)
+    func = scan_kernel(di, h, w, n, lanes, has_log1p=target_kind != "metal", fast_math=target_kind == "llvm")
+    return schedule_scan(func, target_kind)
