@@ -6,6 +6,7 @@ vmamba_export/coreml_eval.py. Small models are converted at a small fixed input 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 
@@ -18,10 +19,13 @@ pytest.importorskip("coremltools")
 from vmamba_export import load  # noqa: E402
 from vmamba_export.artifact import read_manifest  # noqa: E402
 from vmamba_export.coreml_eval import KERNELS, MILEvaluator, UnsupportedMILOpError  # noqa: E402
+from vmamba_export.data.sources import load_batch  # noqa: E402
 from vmamba_export.errors import ArtifactError, TargetUnavailableError  # noqa: E402
 from vmamba_export.exporter import export_artifact  # noqa: E402
 from vmamba_export.lowering import ExportOptions  # noqa: E402
+from vmamba_export.lowering.coreml import Calibration, export_coreml  # noqa: E402
 from vmamba_export.model_source import bundled_names, resolve_model  # noqa: E402
+from vmamba_export.quantize.coreml_int8 import qdq_inserted, quantizable_layers  # noqa: E402
 from vmamba_export.runtime.coreml_backend import EVALUATOR_ENV, NUMPY_LABEL  # noqa: E402
 from vmamba_export.scan import selective_scan_reference  # noqa: E402
 from vmamba_export.scan.chunked import selective_scan_chunked  # noqa: E402
@@ -158,7 +162,124 @@ def test_targets_say_build_here_but_not_run():
     assert TARGET.can_build() == (True, "ok")
     ok, why = TARGET.can_run()
     assert not ok and "macOS" in why
-    assert TARGET.precisions == ("fp32", "fp16", "w8")  # w8a8 not offered until its FX trace works
+    assert TARGET.precisions == ("fp32", "fp16", "w8", "w8a8")
+
+
+# ------------------------------------------------------------------------------------------ int8 ops and w8a8
+# The evaluator's quantize / dequantize / constexpr_affine_dequantize against torch's quantized tensors, an
+# independent implementation of the same affine arithmetic (round half to even, saturate at the dtype's range).
+
+
+def _kernel(op_type, **inputs):
+    return KERNELS[op_type](**inputs)
+
+
+def _qd():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+    return torch.ops.quantized_decomposed
+
+
+def test_quantize_rounds_half_to_even_and_saturates_as_torch():
+    qd, scale = _qd(), 0.5
+    # Ties (x / scale = k + 0.5), values beyond both ends of int8, and ordinary values.
+    x = np.array([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 63.74, 63.76, 100.0, -64.0, -64.3, -1e9, 1e9, 0.1], np.float32)
+    q = _kernel("quantize", input=x, scale=np.float32(scale), output_dtype="int8")
+    ref = qd.quantize_per_tensor(torch.from_numpy(x), scale, 0, -128, 127, torch.int8).numpy()
+    assert q.dtype == np.int8 and np.array_equal(q, ref)
+    assert q[:6].tolist() == [0, 2, 2, 0, -2, -2] and q[8] == 127 and q[11] == -128
+    # uint8 with a zero point: the zero point is added after rounding, then the result saturates at 0 / 255.
+    qu = _kernel("quantize", input=x, scale=np.float32(scale), zero_point=np.uint8(128), output_dtype="uint8")
+    ref_u = qd.quantize_per_tensor(torch.from_numpy(x), scale, 128, 0, 255, torch.uint8)
+    assert qu.dtype == np.uint8 and np.array_equal(qu, ref_u.numpy())
+    deq = _kernel("dequantize", input=qu, scale=np.float32(scale), zero_point=np.uint8(128))
+    assert np.array_equal(deq, qd.dequantize_per_tensor(ref_u, scale, 128, 0, 255, torch.uint8).numpy())
+    with pytest.raises(UnsupportedMILOpError, match="int4"):
+        _kernel("quantize", input=x, scale=np.float32(scale), output_dtype="int4")
+
+
+def test_per_channel_quantize_and_constexpr_dequantize_match_torch():
+    qd, g = _qd(), torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, generator=g) * torch.arange(1, 7).reshape(6, 1, 1, 1)
+    scales = w.abs().amax(dim=(1, 2, 3)) / 127
+    zps = torch.tensor([0, 1, -2, 3, 0, -5])
+    ref = qd.quantize_per_channel(w, scales, zps, 0, -128, 127, torch.int8)
+    zp8 = zps.numpy().astype(np.int8)
+    q = _kernel("quantize", input=w.numpy(), scale=scales.numpy(), zero_point=zp8, axis=0, output_dtype="int8")
+    assert np.array_equal(q, ref.numpy())
+    deq = _kernel("constexpr_affine_dequantize", quantized_data=q, zero_point=zp8, scale=scales.numpy(), axis=0)
+    ref_deq = qd.dequantize_per_channel(ref, scales, zps, 0, -128, 127, torch.int8).numpy()
+    np.testing.assert_allclose(deq, ref_deq, rtol=1e-6, atol=1e-7)
+    # A per-channel vector that does not fit the axis is refused, not broadcast along another axis.
+    with pytest.raises(UnsupportedMILOpError, match="axis"):
+        _kernel("dequantize", input=q, scale=scales.numpy(), axis=1)
+
+
+def test_calibration_ranges_are_the_layer_inputs_and_bad_options_are_named():
+    from vmamba_export.quantize.coreml_int8 import (
+        CoreMLQuantizationError,
+        calibrate_ranges,
+        select_layers,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3)).eval()
+    x = torch.randn(20, 6, generator=g) * 3
+    with torch.no_grad():
+        hidden = net[1](net[0](x))
+    layers, floats = select_layers(net)
+    assert layers == ["0", "2"] and all("scan" in why for why in floats.values())
+    ranges = calibrate_ranges(net, layers, x.numpy(), "minmax", batch_size=7)
+    assert ranges == pytest.approx({"0": float(x.abs().max()), "2": float(hidden.abs().max())})
+    # percentile: the mean over batches of each batch's 99.99th percentile of |x|, so below the max here.
+    pct = calibrate_ranges(net, layers, x.numpy(), "percentile", batch_size=10)
+    expected = np.mean([float(torch.quantile(x[i : i + 10].abs().flatten(), 0.9999)) for i in (0, 10)])
+    assert pct["0"] == pytest.approx(expected) and pct["0"] < ranges["0"]
+    with pytest.raises(CoreMLQuantizationError, match="'entropy' is not offered for apple-coreml"):
+        calibrate_ranges(net, layers, x.numpy(), "entropy")
+    with pytest.raises(CoreMLQuantizationError, match="'blocks.*' names no quantizable layer"):
+        select_layers(net, ("blocks.*",))
+    assert select_layers(net, ("2",)) == (["0"], {**floats, "2": "--exclude"})
+
+
+@pytest.fixture(scope="module")
+def w8a8_program(tmp_path_factory):
+    """vmamba_test_v2 (random weights) at SIDE, w8a8 calibrated on 8 builtin photos, with fp32 compute so that the
+    evaluator can be compared with torch's int8 ops without fp16 rounding in between."""
+    folder = tmp_path_factory.mktemp("w8a8")
+    model = resolve_model("vmamba_test_v2", random_weights=True, seed=1).model
+    spec = dataclasses.replace(model.config.input, image_size=SIDE, resize=SIDE)
+    batch, _, names = load_batch("builtin:8", spec)
+    info = export_coreml(model, folder, "w8a8", Calibration(batch, names, "builtin:8"), SIDE, compute_precision="fp32")
+    return model, folder / "model.mlpackage", info, spec
+
+
+def test_w8a8_program_computes_torch_int8_model(w8a8_program):
+    model, package, info, spec = w8a8_program
+    q = info["quantization"]
+    layers = quantizable_layers(model)
+    assert q["quantized_layers"] == layers and q["calibration"]["samples"] == 8
+    ops = MILEvaluator(package).op_counts
+    # The saved package's non-const ops are those the conversion reported (loading may split off a few consts).
+    assert {k: v for k, v in ops.items() if k != "const"} == {k: v for k, v in info["mil_ops"].items() if k != "const"}
+    assert ops["quantize"] == ops["dequantize"] == ops["constexpr_affine_dequantize"] == len(layers)
+    x, _, _ = load_batch("builtin:10", spec)
+    x = x[8:]  # not among the calibration images
+    evaluator = MILEvaluator(package)
+    out = np.concatenate([evaluator(x[i : i + 1]) for i in range(len(x))])
+    with torch.no_grad():
+        float_ref = model.set_scan(torch_scan)(torch.from_numpy(x)).numpy()
+        with qdq_inserted(model, q["activation_scales"]):
+            int8_ref = model(torch.from_numpy(x)).numpy()
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    # The program is the int8 model: agrees with torch's int8 ops far more closely than with the float model
+    # (a value on a rounding boundary may land one step apart, so not bit-exact).
+    assert rel(out, int8_ref) <= 1e-5
+    assert rel(out, float_ref) > 10 * rel(out, int8_ref)
+    assert rel(out, float_ref) <= 0.1  # and int8 is still a close approximation of the float model
 
 
 # ------------------------------------------------------------------------------------------ bundled digits models
@@ -168,7 +289,7 @@ BUNDLED = [n for n in ("vmamba_digits_v2", "vmamba_digits_v0") if n in bundled_n
 @pytest.mark.slow  # a conversion and a held-out evaluation per case through the numpy evaluator
 @pytest.mark.skipif(not BUNDLED, reason="no bundled digits weights yet")
 @pytest.mark.parametrize("name", BUNDLED or ["none"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "w8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "w8", "w8a8"])
 def test_bundled_model(name, precision, tmp_path):
     folder = tmp_path / "a"
     options = ExportOptions(calib="digits:calib", calib_samples=64)
@@ -189,5 +310,9 @@ def test_bundled_model(name, precision, tmp_path):
         ops = manifest["lowering"]["mil_ops"]
         if precision == "w8":  # int8 weights, dequantised at load
             assert ops.get("constexpr_affine_dequantize", 0) + ops.get("constexpr_blockwise_shift_scale", 0) > 0
-        else:  # int8 activations: quantize/dequantize pairs in the program
-            assert ops.get("quantize", 0) > 0 and ops.get("dequantize", 0) > 0
+        else:  # int8 activations: one quantize/dequantize pair and int8 weights per quantised layer
+            layers = manifest["lowering"]["quantization"]["quantized_layers"]
+            assert len(layers) == len(quantizable_layers(resolve_model(name).model)) > 0
+            assert ops["quantize"] == ops["dequantize"] == ops["constexpr_affine_dequantize"] == len(layers)
+            calibration = manifest["lowering"]["quantization"]["calibration"]
+            assert (calibration["source"], calibration["samples"]) == ("digits:calib", 64)

@@ -190,19 +190,24 @@ def _reduce(fn):
     return kernel
 
 
+def _per_axis(t, x, axis):
+    """A scale / zero point broadcast along `axis` of `x` (a scalar, or a vector of x.shape[axis] values)."""
+    t = np.asarray(t, np.float32)
+    if t.size == 1:
+        return t.reshape(())
+    if axis is None or t.ndim != 1 or t.size != x.shape[int(axis)]:
+        raise UnsupportedMILOpError(
+            f"per-axis quantization parameter of shape {t.shape} does not fit input {x.shape} along axis {axis}"
+        )
+    shape = [1] * x.ndim
+    shape[int(axis)] = -1
+    return t.reshape(shape)
+
+
 def _affine_dequantize(quantized_data, zero_point, scale, axis):
-    """iOS16 constexpr: (q - zero_point) * scale, zero_point and scale per slice along `axis` (or scalars)."""
+    """iOS16 constexpr: scale * (quantized_data - zero_point), each a scalar or a vector along `axis`."""
     q = quantized_data.astype(np.float32)
-    shape = [1] * q.ndim
-    zp, sc = np.asarray(zero_point, np.float32), np.asarray(scale, np.float32)
-    if zp.ndim:
-        shape[int(axis)] = -1
-        zp = zp.reshape(shape)
-    shape = [1] * q.ndim
-    if sc.ndim:
-        shape[int(axis)] = -1
-        sc = sc.reshape(shape)
-    return (q - zp) * sc
+    return (q - _per_axis(zero_point, q, axis)) * _per_axis(scale, q, axis)
 
 
 def _blockwise_shift_scale(data, scale, offset=None):
@@ -218,27 +223,30 @@ def _blockwise_shift_scale(data, scale, offset=None):
     return d
 
 
-def _per_axis(t, x, axis):
-    t = np.asarray(t, np.float32)
-    if t.ndim == 0 or axis is None:
-        return t
-    shape = [1] * x.ndim
-    shape[int(axis)] = -1
-    return t.reshape(shape)
+_INT_RANGES = {"int8": (-128, 127, np.int8), "uint8": (0, 255, np.uint8)}
 
 
 def _quantize(input, scale, zero_point=None, axis=None, output_dtype="uint8"):
+    """iOS17 quantize: clip(round(input / scale) + zero_point) into int8 / uint8.
+
+    round() is round-half-to-even (numpy's rint), as torch's quantize_per_tensor and the IEEE default; the clip
+    saturates, so an input beyond the calibrated range maps to -128 / 127 (0 / 255) rather than wrapping."""
+    if output_dtype not in _INT_RANGES:
+        raise UnsupportedMILOpError(f"quantize output_dtype {output_dtype!r} is not implemented")
+    lo, hi, dtype = _INT_RANGES[output_dtype]
     x = _f32(input)
-    zp = 0.0 if zero_point is None else _per_axis(zero_point, x, axis)
-    lo, hi = (0, 255) if output_dtype == "uint8" else (-128, 127)
-    q = np.clip(np.rint(x / _per_axis(scale, x, axis) + zp), lo, hi)
-    return q.astype(np.uint8 if output_dtype == "uint8" else np.int8)
+    q = np.rint(x / _per_axis(scale, x, axis))
+    if zero_point is not None:
+        q = q + _per_axis(zero_point, x, axis)
+    return np.clip(q, lo, hi).astype(dtype)
 
 
 def _dequantize(input, scale, zero_point=None, axis=None):
+    """iOS17 dequantize: scale * (input - zero_point), in float32 before the declared output dtype."""
     q = input.astype(np.float32)
-    zp = 0.0 if zero_point is None else _per_axis(zero_point, q, axis)
-    return (q - zp) * _per_axis(scale, q, axis)
+    if zero_point is not None:
+        q = q - _per_axis(zero_point, q, axis)
+    return q * _per_axis(scale, q, axis)
 
 
 def _binary(fn):
@@ -331,6 +339,22 @@ class MILEvaluator:
         self.input_shapes = {name: tuple(var.shape) for name, var in self.function.inputs.items()}
         self.output_names = [v.name for v in self.function.outputs]
         self.dtypes = Counter(str(_np_dtype(op.outputs[0].dtype)) for op in self.function.operations if op.outputs)
+        # Values no later op reads are dropped as the run goes: a 224x224 program's intermediates (segsum tiles of
+        # hundreds of MB) would not all fit in memory at once.
+        self._dead_after = self._liveness()
+
+    def _liveness(self) -> list[list[str]]:
+        last_use: dict[str, int] = {}
+        for i, op in enumerate(self.function.operations):
+            for var in op.inputs.values():
+                for v in var if isinstance(var, (list, tuple)) else (var,):
+                    last_use[v.name] = i
+        keep = set(self.output_names)
+        dead: list[list[str]] = [[] for _ in self.function.operations]
+        for name, i in last_use.items():
+            if name not in keep:
+                dead[i].append(name)
+        return dead
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[str, object] = {}
@@ -341,8 +365,10 @@ class MILEvaluator:
             if tuple(value.shape) != tuple(var.shape):
                 raise VMambaExportError(f"input {name!r} must have shape {tuple(var.shape)}, got {value.shape}")
             env[name] = value.astype(_np_dtype(var.dtype))
-        for op in self.function.operations:
+        for op, dead in zip(self.function.operations, self._dead_after):
             self._execute(op, env)
+            for name in dead:
+                env.pop(name, None)
         return {v.name: np.asarray(env[v.name]) for v in self.function.outputs}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

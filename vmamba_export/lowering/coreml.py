@@ -11,9 +11,10 @@ Precisions:
 - fp16: compute_precision FLOAT16 (weights and activations fp16; inputs and outputs stay fp32).
 - w8: the fp16 program with int8 weights (`linear_quantize_weights`, per-channel symmetric): a size cut; activations
   stay fp16.
-- w8a8: int8 weights and activations, calibrated in torch with `coremltools.optimize.torch.quantization
-  .LinearQuantizer` (Core ML itself cannot predict, hence cannot calibrate, off macOS), then converted; the fake
-  quantisation becomes MIL quantize/dequantize pairs.
+- w8a8: int8 activations (per-tensor, calibrated in torch on `--calib` images) in front of every Linear/Conv, and
+  int8 per-channel weights of those layers; the rest of the program fp16. The calibrated quantize/dequantize ops
+  are written into the torch module before tracing (vmamba_export/quantize/coreml_int8.py says why and how) and come
+  out as MIL quantize / dequantize / constexpr_affine_dequantize. The scan and the projections feeding it stay float.
 
 The program has a fixed input shape (1, C, S, S), S the model's input size: coremltools' torch.export frontend
 specialises the chunk padding and the shape arithmetic at trace time. The runtime backend runs batches image by image.
@@ -26,6 +27,7 @@ public registration API), and conversion starts from `ep.run_decompositions({})`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 from collections import Counter
@@ -118,37 +120,6 @@ def quantize_weights_int8(mlmodel):
         return cto.linear_quantize_weights(mlmodel, config=config)
 
 
-def w8a8_torch_model(model: VMamba, calib: np.ndarray) -> torch.nn.Module:
-    """Fake-quantised (int8 weights and activations) copy of `model`, calibrated on `calib` (N, C, S, S)."""
-    import copy
-
-    from coremltools.optimize.torch.quantization import LinearQuantizer, LinearQuantizerConfig
-
-    qmodel = copy.deepcopy(model).eval()
-    config = LinearQuantizerConfig.from_dict(
-        {
-            "global_config": {
-                "quantization_scheme": "symmetric",
-                "weight_dtype": "qint8",
-                "activation_dtype": "quint8",
-                "weight_per_channel": True,
-                "milestones": [0, 1000, 1000, 0],  # observers on from step 0; never freeze BN (there is none)
-            }
-        }
-    )
-    example = torch.from_numpy(calib[:1])
-    with quiet_toolchain("coremltools"):
-        quantizer = LinearQuantizer(qmodel, config)
-        prepared = quantizer.prepare(example_inputs=(example,), inplace=True)
-        quantizer.step()
-        prepared.eval()
-        # Observers record in eval mode too until they are disabled: calibration is forward passes only.
-        with torch.no_grad():
-            for start in range(0, len(calib), 8):
-                prepared(torch.from_numpy(calib[start : start + 8]))
-        return quantizer.finalize(inplace=True)
-
-
 def mil_op_counts(program) -> Counter:
     """Op types of the main function, recursing into nested blocks (a `while_loop` would show up here)."""
     counts: Counter = Counter()
@@ -163,13 +134,39 @@ def mil_op_counts(program) -> Counter:
     return counts
 
 
+@dataclasses.dataclass
+class Calibration:
+    """Calibration images for w8a8, preprocessed as the artifact sees them, and where they came from."""
+
+    batch: np.ndarray  # (N, C, S, S) float32
+    names: list[str]
+    source: str
+    method: str = "minmax"
+    exclude: tuple[str, ...] = ()
+
+
+def quantized_weight_names(program) -> list[str]:
+    """Names of the weights stored int8 in `program` (outputs of its constexpr dequantize ops)."""
+    kinds = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
+    return [op.outputs[0].name for op in program.functions["main"].operations if op.op_type in kinds]
+
+
 def export_coreml(
-    model: VMamba, folder: Path, precision: str, calib: np.ndarray | None = None, size: int | None = None
+    model: VMamba,
+    folder: Path,
+    precision: str,
+    calibration: Calibration | None = None,
+    size: int | None = None,
+    compute_precision: str | None = None,
 ) -> dict:
     """Write `folder/model.mlpackage` for (1, C, size, size) inputs (None: the model's input size); return what the
-    manifest records about the lowering."""
+    manifest records about the lowering. `compute_precision` ("fp32"/"fp16") overrides the precision's default
+    (fp32 for fp32, fp16 otherwise): tests build an fp32 w8a8 program to compare with torch's own int8 ops."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown Core ML precision {precision!r}; expected one of {PRECISIONS}")
+    compute = compute_precision or ("fp32" if precision == "fp32" else "fp16")
+    if compute not in ("fp32", "fp16"):
+        raise ValueError(f"unknown compute precision {compute!r}; expected fp32 or fp16")
     cfg = model.config
     size = size or cfg.input.image_size
     example = torch.zeros(1, cfg.in_chans, size, size)
@@ -185,16 +182,37 @@ def export_coreml(
     }
     with scan_replaced(model, scan):
         if precision == "w8a8":
-            if calib is None or len(calib) == 0:
+            from ..quantize import coreml_int8 as q
+
+            if calibration is None or len(calibration.batch) == 0:
                 raise ValueError("w8a8 needs calibration images")
-            traced = w8a8_torch_model(model, calib)
-            info["calibration_images"] = int(len(calib))
+            layers, floats = q.select_layers(model, calibration.exclude)
+            # Calibrated through the chunked scan the program holds: the ranges are those of this very function.
+            ranges = q.calibrate_ranges(model, layers, calibration.batch, calibration.method)
+            scales = {name: q.activation_scale(ranges[name]) for name in layers}
+            with q.qdq_inserted(model, scales):
+                mlmodel = convert_program(model, example, compute)
+            info["quantization"] = q.quantization_record(
+                layers, floats, ranges, calibration.method, calibration.source, calibration.names
+            )
         else:
-            traced = model
-        mlmodel = convert_program(traced, example, "fp32" if precision == "fp32" else "fp16")
+            mlmodel = convert_program(model, example, compute)
     if precision == "w8":
         mlmodel = quantize_weights_int8(mlmodel)
-    info["compute_precision"] = "float32" if precision == "fp32" else "float16"
+        info["quantization"] = {
+            "tool": "coremltools.optimize.coreml.linear_quantize_weights",
+            "format": "constexpr_affine_dequantize (weights dequantized at load)",
+            "quant_format": "weight-only",
+            "activation_type": "float16 (not quantized)",
+            "weight_type": "int8 symmetric",
+            "per_channel": True,
+            "method": "weights only: no calibration (weight_threshold 2048: smaller tensors stay fp16)",
+            "calibration": {"source": "none (weight-only)", "samples": 0},
+            "quantized_layers": quantized_weight_names(mlmodel._mil_program),
+            "float_layers": {},
+            "scan": "float (program fp16)",
+        }
+    info["compute_precision"] = {"fp32": "float32", "fp16": "float16"}[compute]
     info["weights"] = {"fp32": "float32", "fp16": "float16", "w8": "int8", "w8a8": "int8"}[precision]
     info["activations"] = {"fp32": "float32", "fp16": "float16", "w8": "float16", "w8a8": "int8 (quantize/dequantize)"}[
         precision
@@ -205,6 +223,9 @@ def export_coreml(
     info["scan_blocks"] = sum(1 for m in model.modules() if isinstance(m, SS2D))
     if counts.get("while_loop"):
         raise RuntimeError("the Core ML program holds a while_loop: the scan was not lowered to the chunked form")
+    if precision == "w8a8" and not (counts.get("quantize") and counts.get("dequantize")):
+        # The guard that a w8a8 program cannot pass for float: a converter change dropping the ops fails here.
+        raise RuntimeError("the w8a8 Core ML program holds no quantize/dequantize ops")
     with quiet_toolchain("coremltools"):
         mlmodel.save(str(folder / MODEL_FILE))
     # A fixed-shape program: the manifest's size range is the one size it takes.
@@ -216,22 +237,22 @@ def export_coreml(
 def lower_coreml(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]:
     """The `mil-composite` lowering (registered in lowering/__init__.py)."""
     import_coremltools()
-    import dataclasses
-
     # options.extra["input_size"] picks another fixed input side (tests use small ones to keep conversion short).
     size = int(options.extra.get("input_size") or model.config.input.image_size)
-    calib = None
+    calibration = None
     if options.precision == "w8a8":
-        from ..data.sources import load_batch
+        from ..quantize.calibration import load_calibration_batch
 
         spec = model.config.input
         if size != spec.image_size:
             spec = dataclasses.replace(
                 spec, image_size=size, resize=max(size, round(size * spec.resize / spec.image_size))
             )
-        calib, _, _ = load_batch(options.calib, spec, options.calib_samples, purpose="calibration")
-    info = export_coreml(model, folder, options.precision, calib, size)
-    if calib is not None:
-        info["calibration"] = {"source": options.calib, "num_images": int(len(calib))}
+        # Read the images first: a bad source fails in a second, not after the calibration passes.
+        batch, names = load_calibration_batch(
+            options.calib, spec, options.calib_samples, options.extra.get("show_progress", True)
+        )
+        calibration = Calibration(batch, names, options.calib, options.calib_method, tuple(options.exclude))
+    info = export_coreml(model, folder, options.precision, calibration, size)
     options.max_size = size
     return {"model": MODEL_FILE}, info
