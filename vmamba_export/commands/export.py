@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--validate", action="store_true", help="also validate parity on the built-in photos")
     add_int8_args(p)
+    add_tvm_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -38,6 +39,40 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-drop", type=float, metavar="POINTS", help="with --accuracy: keep layers float until the top-1 drop fits"
     )
+    g.add_argument(
+        "--smooth-quant", type=float, metavar="ALPHA", help="cpu-openvino (NNCF): SmoothQuant alpha 0..1 (default off)"
+    )
+    g.add_argument(
+        "--bias-correction",
+        choices=("fast", "full", "none"),
+        help="cpu-openvino (NNCF): bias correction after quantization (default fast)",
+    )
+
+
+def add_tvm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TVM (cpu-tvm): meta-schedule tuning of the graph outside the scan kernels")
+    g.add_argument("--tune-budget", type=float, metavar="SECONDS", help="tune on this machine for up to SECONDS")
+    g.add_argument("--tune-trials", type=int, metavar="N", help="tune at most N measured candidates in all")
+    g.add_argument(
+        "--tune-db",
+        type=Path,
+        metavar="PATH",
+        help="start from this tuning database (an artifact folder, or its tuning/ folder); covered ops are not tuned",
+    )
+    g.add_argument("--tvm-mcpu", metavar="CPU", help="LLVM CPU to build for ('native': this machine; tuning's default)")
+    g.add_argument("--tvm-batch", type=int, metavar="N", help="fixed batch size (tuning's default: 1)")
+
+
+def tvm_extra(args: argparse.Namespace) -> dict:
+    """TVM settings for ExportOptions.extra (lowering/tvm_relax.py reads them); empty when none was given."""
+    pairs = {
+        "tune_budget": args.tune_budget,
+        "tune_trials": args.tune_trials,
+        "tune_db": args.tune_db and str(args.tune_db),
+        "tvm_mcpu": args.tvm_mcpu,
+        "batch": args.tvm_batch,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
 
 
 def int8_options(args: argparse.Namespace):
@@ -53,7 +88,10 @@ def int8_options(args: argparse.Namespace):
         exclude=tuple(args.exclude),
         accuracy_source=args.accuracy,
         max_drop=args.max_drop,
-        extra={"show_progress": not args.json},
+        extra={"show_progress": not args.json}
+        | ({"smooth_quant": args.smooth_quant} if args.smooth_quant is not None else {})
+        | ({"bias_correction": args.bias_correction} if args.bias_correction else {})
+        | tvm_extra(args),
     )
 
 
@@ -90,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
             f"[green]wrote[/green] {args.out}: {lw['nodes']} ONNX nodes, {lw['scan_nodes']} scan nodes, "
             f"inputs {manifest['input']['min_size']}..{manifest['input']['max_size']} px"
         )
+        tuning = lw.get("tuning")
+        if tuning:
+            console.print(
+                f"tuning: {tuning['tuning_seconds']:.0f} s, {tuning['trials']} trials; {tuning['tasks_covered']} of "
+                f"{tuning['tasks']} ops tuned ({tuning['tasks_reused']} from {tuning['database_from'] or '-'}); "
+                f"database in {args.out}/{tuning['database']}"
+            )
         quant = lw.get("quantization")
         if quant:
             console.print(
