@@ -82,6 +82,34 @@ def test_ir_has_one_scan_op_per_block(artifacts, name):
     assert not {"Loop", "TensorIterator", "Scan"} & {t for t, _ in types}
 
 
+def test_channel_first_layer_norms_run_without_transposes(artifacts):
+    """v2 models export LayerNorm2d in its in-place form for OpenVINO: the compiled graph has no Transpose pair per
+    LayerNorm2d (the permuted form gave two each)."""
+    from vmamba_export.models.vmamba import LayerNorm2d
+    from vmamba_export.runtime.openvino_backend import compile_ir
+
+    model = resolve_model("vmamba_test_v2", random_weights=True).model
+    norms = sum(isinstance(m, LayerNorm2d) for m in model.modules())
+    folder = artifacts[("vmamba_test_v2", "fp32")]
+    compiled = compile_ir(folder / "model.xml", openvino_extension_path(), "f32", 1)
+    types = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
+    assert norms > 0 and types.count("Transpose") < norms / 2
+
+
+def test_layer_norm_2d_forms_agree():
+    from vmamba_export.models.vmamba import LayerNorm2d, channel_axis_layer_norms
+
+    norm = LayerNorm2d(12).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 12, 5, 7, dtype=torch.float64) * 3 + 1
+    permuted = norm(x)
+    with channel_axis_layer_norms(norm):
+        in_place = norm(x)
+    assert not norm.channel_axis_stats  # restored
+    torch.testing.assert_close(in_place, permuted, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("shape", [(1, 3, 224, 224), (3, 3, 45, 37), (2, 3, 64, 100)])
 def test_fp32_matches_pytorch_at_dynamic_batch_and_size(artifacts, name, shape):
