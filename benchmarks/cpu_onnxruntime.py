@@ -1,10 +1,11 @@
 """CPU benchmark through ONNX Runtime: VMamba-T models in both ONNX lowerings against a ConvNeXt-T peer, same run.
 
-    python benchmarks/cpu_onnxruntime.py [--models ...] [--threads 2] [--runs 30] [--out benchmarks/results/...md]
+    python benchmarks/cpu_onnxruntime.py [--models ...] [--threads 2] [--rounds 3] [--runs 20] [--out results/x.md]
 
-Every model is timed in its own process (batch 1, 224x224, the given threads), after warm-up; ratios are against
-ConvNeXt-T measured in the same run, so machine load moves both sides. For the custom-op artifacts ONNX Runtime's
-profiler gives the share of time spent in the scan nodes. Random weights: speed does not depend on them.
+Every model is timed in its own process (batch 1, 224x224, the given threads), after warm-up, once per round, the
+models and ConvNeXt-T in turn; each ratio is the median over rounds of the ratio within a round, so the drift of a
+shared machine's speed (tens of percent over minutes, seen here) moves both sides. For the custom-op artifacts ONNX
+Runtime's profiler gives the share of time spent in the scan nodes. Random weights: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def time_in_subprocess(model_path: Path, library: Path | None, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def scan_share(model_path: Path, library: Path, threads: int, runs: int = 10) -> float:
     """Fraction of node time spent in SelectiveScan2D nodes, from ONNX Runtime's profiler."""
     import onnxruntime as ort
@@ -78,7 +85,8 @@ def main() -> int:
     parser.add_argument("--lowerings", nargs="+", default=LOWERINGS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=3, help="each graph timed once per round, round-robin")
     parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
     parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
@@ -90,19 +98,18 @@ def main() -> int:
 
     from convnext import export_convnext_onnx
 
+    from vmamba_export.bench import interleaved, machine_description, merge_rounds, paired_ratio
     from vmamba_export.exporter import export_artifact
     from vmamba_export.model_source import resolve_model
     from vmamba_export.targets import get_target
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
     peer_path = workdir / "convnext_tiny.onnx"
     if not peer_path.exists():
         export_convnext_onnx(str(peer_path))
-    peer = time_in_subprocess(peer_path, None, args)
-    rows.append({"model": "convnext_tiny (peer)", "lowering": "standard ONNX", **peer})
-    print(f"convnext_tiny: {peer['median_ms']:.1f} ms", file=sys.stderr)
+    peer_key = ("convnext_tiny (peer)", "standard ONNX")
+    graphs = {peer_key: (peer_path, None)}  # (model, lowering) -> (onnx file, custom-op library or None)
     for name in args.models:
         source = resolve_model(name, random_weights=True)
         for lowering in args.lowerings:
@@ -113,22 +120,32 @@ def main() -> int:
                 print(f"exported {folder.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             manifest = json.loads((folder / "manifest.json").read_text())
             library = manifest["entry"].get("custom_op_library")
-            library = folder / library if library else None
-            stats = time_in_subprocess(folder / manifest["entry"]["model"], library, args)
-            row = {"model": name, "lowering": lowering, **stats}
-            if library is not None:
-                row["scan_share"] = scan_share(folder / manifest["entry"]["model"], library, args.threads)
-            rows.append(row)
-            print(f"{name} {lowering}: {stats['median_ms']:.1f} ms", file=sys.stderr)
+            graphs[(name, lowering)] = (folder / manifest["entry"]["model"], folder / library if library else None)
 
-    by_key = {(r["model"], r["lowering"]): r for r in rows}
-    for r in rows:
-        r["vs_convnext"] = r["median_ms"] / peer["median_ms"]
-        custom = by_key.get((r["model"], "cpu-onnxruntime"))
-        if r["lowering"] == "onnx-portable" and custom:
-            r["vs_custom_op"] = r["median_ms"] / custom["median_ms"]
+    def measure(key):
+        def run() -> dict:
+            stats = time_in_subprocess(*graphs[key], args)
+            print(f"{key[0]} {key[1]}: {stats['median_ms']:.1f} ms", file=sys.stderr)
+            return stats
+
+        return run
+
+    samples = interleaved({key: measure(key) for key in graphs}, args.rounds)
+    rows = []
+    for key, results in samples.items():
+        row = {"model": key[0], "lowering": key[1], **merge_rounds(results)}
+        row["vs_convnext"] = paired_ratio(results, samples[peer_key])
+        custom = samples.get((key[0], "cpu-onnxruntime"))
+        if key[1] == "onnx-portable" and custom:
+            row["vs_custom_op"] = paired_ratio(results, custom)
+        library = graphs[key][1]
+        if library is not None:
+            row["scan_share"] = scan_share(graphs[key][0], library, args.threads)
+        rows.append(row)
     lines = [
-        f"CPU ONNX Runtime, batch 1, 224x224, {args.threads} threads, {args.runs} runs after {args.warmup} warm-up",
+        f"CPU ONNX Runtime {ort_version()}, {machine_description()}; batch 1, 224x224, {args.threads} threads; "
+        f"{args.rounds} interleaved rounds of {args.runs} "
+        f"runs after {args.warmup} warm-up; ratios: median over rounds of the ratio within a round",
         "",
         "| model | lowering | median ms | p90 ms | x ConvNeXt-T | portable / custom-op | scan share | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

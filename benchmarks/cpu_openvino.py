@@ -1,11 +1,12 @@
 """CPU benchmark through OpenVINO: VMamba on cpu-openvino (fp32 and bf16) against a ConvNeXt-T peer, same run.
 
-    python benchmarks/cpu_openvino.py [--models vmamba_tiny_s1l8] [--threads 2] [--runs 30] [--out results/x.md]
+    python benchmarks/cpu_openvino.py [--models vmamba_tiny_s1l8] [--rounds 3] [--runs 20] [--out results/x.md]
 
 ConvNeXt-T (benchmarks/convnext.py) goes through the same path as our models: ONNX -> ov.convert_model -> IR, then
 compiled for the CPU with INFERENCE_PRECISION_HINT f32 or bf16. Every (model, precision) is timed in its own process
-(batch 1, 224x224, the given threads) after warm-up; ratios are against ConvNeXt-T in the same precision, measured in
-the same run, so machine load moves both sides. For VMamba, OpenVINO's per-node counters (PERF_COUNT) give the share of
+(batch 1, 224x224, the given threads) after warm-up, once per round, in turn with ConvNeXt-T; each ratio (against
+ConvNeXt-T in the same precision) is the median over rounds of the ratio within a round, so machine drift moves both
+sides. For VMamba, OpenVINO's per-node counters (PERF_COUNT) give the share of
 node time spent in the scan ops and in the precision conversions (Reorder nodes) at their inputs and outputs.
 Random weights: speed does not depend on them.
 """
@@ -108,7 +109,8 @@ def main() -> int:
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=3, help="each graph timed once per round, round-robin")
     parser.add_argument("--no-profile", action="store_true", help="skip the PERF_COUNT pass (scan share)")
     parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
@@ -119,20 +121,17 @@ def main() -> int:
         print(json.dumps(worker(xml, lib, hint, *(int(n) for n in nums))))
         return 0
 
-    from vmamba_export.bench import machine_description
+    from vmamba_export.bench import interleaved, machine_description, merge_rounds, paired_ratio
     from vmamba_export.exporter import export_artifact
     from vmamba_export.model_source import resolve_model
     from vmamba_export.targets import get_target
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-ov-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
     peer_xml = convnext_ir(workdir)
-    peers = {}
+    graphs = {}  # (model, precision) -> (IR, extension library or None, inference precision hint)
     for precision in args.precisions:
-        peers[precision] = time_in_subprocess(peer_xml, None, PRECISIONS[precision], args)
-        rows.append({"model": "convnext_tiny (peer)", "precision": precision, **peers[precision]})
-        print(f"convnext_tiny {precision}: {peers[precision]['median_ms']:.1f} ms", file=sys.stderr)
+        graphs[("convnext_tiny (peer)", precision)] = (peer_xml, None, PRECISIONS[precision])
     for name in args.models:
         source = None
         for precision in args.precisions:
@@ -143,26 +142,35 @@ def main() -> int:
                 export_artifact(source, get_target("cpu-openvino"), folder, precision=precision, overwrite=True)
                 print(f"exported {folder.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             entry = json.loads((folder / "manifest.json").read_text())["entry"]
-            xml, library, hint = (
+            graphs[(name, precision)] = (
                 folder / entry["model"],
                 folder / entry["extension_library"],
                 entry["inference_precision"],
             )
-            stats = time_in_subprocess(xml, library, hint, args)
-            row = {"model": name, "precision": precision, **stats}
-            if not args.no_profile:
-                row["profile"] = time_in_subprocess(xml, library, hint, args, profile=True)["profile"]
-            rows.append(row)
-            print(f"{name} {precision}: {stats['median_ms']:.1f} ms", file=sys.stderr)
 
-    for r in rows:
-        r["vs_convnext"] = r["median_ms"] / peers[r["precision"]]["median_ms"]
+    def measure(key):
+        def run() -> dict:
+            stats = time_in_subprocess(*graphs[key], args)
+            print(f"{key[0]} {key[1]}: {stats['median_ms']:.1f} ms", file=sys.stderr)
+            return stats
+
+        return run
+
+    samples = interleaved({key: measure(key) for key in graphs}, args.rounds)
+    rows = []
+    for (name, precision), results in samples.items():
+        row = {"model": name, "precision": precision, **merge_rounds(results)}
+        row["vs_convnext"] = paired_ratio(results, samples[("convnext_tiny (peer)", precision)])
+        if graphs[(name, precision)][1] is not None and not args.no_profile:
+            row["profile"] = time_in_subprocess(*graphs[(name, precision)], args, profile=True)["profile"]
+        rows.append(row)
     from vmamba_export.runtime.openvino_backend import cpu_capabilities, installed_openvino_version
 
     caps = cpu_capabilities()
     lines = [
         f"CPU OpenVINO {installed_openvino_version()}, {machine_description()}; batch 1, 224x224, {args.threads} "
-        f"threads, {args.runs} runs after {args.warmup} warm-up; CPU plugin capabilities: {', '.join(caps)}",
+        f"threads; {args.rounds} interleaved rounds of {args.runs} runs after {args.warmup} warm-up (ratios: median "
+        f"over rounds of the ratio within a round); CPU plugin capabilities: {', '.join(caps)}",
         "",
         "| model | precision | median ms | p90 ms | x ConvNeXt-T (same precision) | scan share | scan ms | "
         "reorders at scan ms | peak RSS MB |",

@@ -1,12 +1,12 @@
 """int8 vs fp32 latency through ONNX Runtime CPU, with ConvNeXt-T fp32/int8 as the peer, all in one run.
 
     python benchmarks/int8.py [--model vmamba_tiny_s1l8] [--formats qdq-u8s8 qdq-s8s8 qop-u8s8 qop-s8s8]
-                              [--threads 2] [--rounds 15] [--calib builtin:16] [--workdir DIR] [--out FILE.md]
+                              [--rounds 5] [--runs 15] [--calib builtin:16] [--workdir DIR] [--out FILE.md]
 
 Every model is quantized with the project's pipeline (vmamba_export/quantize/onnxruntime_int8.py: calibrated once,
-Conv/MatMul/Gemm per-channel int8, scan and its feeding projections float). Timing: batch 1, 224x224, all sessions
-open in one process and called in turn, round after round, so load from other processes on a shared machine moves
-every model alike; medians per model, ratios against the model's own fp32 and against ConvNeXt-T int8.
+Conv/MatMul/Gemm per-channel int8, scan and its feeding projections float). Timing: batch 1, 224x224, every model in
+its own process, all timed in turn round after round, so drift of a shared machine moves every model alike; ratios
+against the model's own fp32 and against ConvNeXt-T int8 are medians over rounds of the ratio within a round.
 Cosine: int8 logits vs the fp32 ONNX logits (which match PyTorch fp32 within rel L2 1e-5) on the builtin photos.
 Random weights (speed does not depend on them).
 """
@@ -14,10 +14,8 @@ Random weights (speed does not depend on them).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -64,22 +62,19 @@ def build(args, workdir: Path) -> tuple[dict, Path | None]:
     return models, calib
 
 
-def time_round_robin(models: dict, threads: int, warmup: int, rounds: int) -> dict:
-    from vmamba_export.runtime.onnxruntime_backend import make_session
+def time_interleaved(models: dict, args) -> dict:
+    """{label: merged rounds} and {label: per-round results}: each model timed in its own process once per round,
+    in turn (benchmarks/cpu_onnxruntime.py's worker). Sessions never share a process: an idle ONNX Runtime pool
+    spins after each run and would slow the next model's threads on a 2-core machine."""
+    from cpu_onnxruntime import time_in_subprocess
 
-    sessions = {label: make_session(path, lib, threads) for label, (path, lib) in models.items()}
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    feeds = {label: {s.get_inputs()[0].name: x} for label, s in sessions.items()}
-    for label, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, feeds[label])
-    times: dict[str, list[float]] = {label: [] for label in sessions}
-    for _ in range(rounds):
-        for label, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[label])
-            times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: {"median_ms": statistics.median(t), "min_ms": min(t)} for label, t in times.items()}
+    from vmamba_export.bench import interleaved, merge_rounds
+
+    def measure(label):
+        return lambda: time_in_subprocess(*models[label], args)
+
+    samples = interleaved({label: measure(label) for label in models}, args.rounds)
+    return {label: merge_rounds(results) for label, results in samples.items()}, samples
 
 
 def cosines(models: dict, calib: np.ndarray, model_name: str) -> dict:
@@ -108,8 +103,9 @@ def main() -> int:
     parser.add_argument("--peer-format", default="qdq-u8s8", help="int8 format for ConvNeXt-T")
     parser.add_argument("--calib", default="builtin:16")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="each model timed once per round, round-robin")
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per round")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--out", type=Path, help="write the table (Markdown) and JSON here")
     args = parser.parse_args()
@@ -117,14 +113,14 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-int8-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     models, calib = build(args, workdir)
-    timing = time_round_robin(models, args.threads, args.warmup, args.rounds)
+    timing, samples = time_interleaved(models, args)
     parity = cosines(models, calib, args.model)
-    fp32 = {p: timing[f"{p} fp32"]["median_ms"] for p in (args.model, "convnext_tiny")}
-    peer_int8 = timing[f"convnext_tiny int8 {args.peer_format}"]["median_ms"]
-    from vmamba_export.bench import machine_description
+    peer_int8 = samples[f"convnext_tiny int8 {args.peer_format}"]
+    from vmamba_export.bench import machine_description, paired_ratio
 
     lines = [
-        f"# int8 vs fp32, ONNX Runtime CPU ({args.threads} threads, batch 1, 224x224, {args.rounds} rounds)",
+        f"# int8 vs fp32, ONNX Runtime CPU ({args.threads} threads, batch 1, 224x224, {args.rounds} interleaved rounds "
+        f"of {args.runs} runs; ratios: median over rounds of the ratio within a round)",
         "",
         f"Machine: {machine_description()}. Calibration: {args.calib} ({len(calib)} images), minmax, per-channel.",
         "",
@@ -132,13 +128,13 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, t in timing.items():
-        own = fp32[args.model if label.startswith(args.model) else "convnext_tiny"]
+        own = samples[f"{args.model if label.startswith(args.model) else 'convnext_tiny'} fp32"]
         p = parity.get(label, {})
         cos = f"{p['cosine_min']:.5f}" if p else "-"
         agree = f"{p['top1_agreement']:.3f}" if p else "-"
         lines.append(
-            f"| {label} | {t['median_ms']:.1f} | {t['min_ms']:.1f} | {t['median_ms'] / own:.2f} | "
-            f"{t['median_ms'] / peer_int8:.2f} | {cos} | {agree} |"
+            f"| {label} | {t['median_ms']:.1f} | {t['min_ms']:.1f} | {paired_ratio(samples[label], own):.2f} | "
+            f"{paired_ratio(samples[label], peer_int8):.2f} | {cos} | {agree} |"
         )
     from vmamba_export.bench import write_results
 

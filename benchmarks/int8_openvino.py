@@ -1,15 +1,15 @@
 """int8 vs fp32 latency through OpenVINO CPU (NNCF), with ConvNeXt-T fp32/int8 as the peer, all in one run.
 
-    python benchmarks/int8_openvino.py [--model vmamba_tiny_s1l8] [--threads 2] [--rounds 20] [--calib builtin:32]
+    python benchmarks/int8_openvino.py [--model vmamba_tiny_s1l8] [--rounds 5] [--runs 15] [--calib builtin:32]
                                        [--workdir DIR] [--out benchmarks/results/int8-openvino.md]
 
 VMamba goes through the project's pipeline (export_artifact for cpu-openvino, fp32 and int8: NNCF with the scan ops and
 the projections feeding them float, quantize/openvino_int8.py). ConvNeXt-T (benchmarks/convnext.py) goes ONNX ->
 ov.convert_model, and is quantized by the same `quantize_model` call (same NNCF settings, same calibration images,
 nothing kept float). Everything is compiled with INFERENCE_PRECISION_HINT f32 (int8 layers run int8, the rest f32),
-batch 1, 224x224, the given threads; all four compiled models live in one process and are called in turn, round after
-round, so load from other processes on a shared machine moves every model alike; medians per model. Ratios: int8 over
-its own fp32 (goal <= 0.6) and VMamba int8 over ConvNeXt-T int8 (goal <= 1.3). Cosine: VMamba int8 vs fp32 logits on the
+batch 1, 224x224, the given threads; each model in its own process, all timed in turn round after round, so drift
+of a shared machine moves every model alike. Ratios (median over rounds of the ratio within a round): int8 over its
+own fp32 (goal <= 0.6) and VMamba int8 over ConvNeXt-T int8 (goal <= 1.3). Cosine: VMamba int8 vs fp32 logits on the
 built-in photos. Random weights (speed does not depend on them).
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -78,23 +77,20 @@ def build_convnext(args, workdir: Path, calib: np.ndarray) -> dict:
     return {"fp32": (fp32_xml, None), "int8": (int8_xml, None)}
 
 
-def time_round_robin(models: dict, threads: int, warmup: int, rounds: int) -> dict:
-    from vmamba_export.runtime.openvino_backend import compile_ir
+def time_interleaved(models: dict, args) -> tuple[dict, dict]:
+    """{label: merged rounds}, {label: per-round results}: each compiled model timed in its own process (f32 hint: the
+    int8 layers run int8, the rest f32) once per round, in turn (benchmarks/cpu_openvino.py's worker). Models never
+    share a process, so no idle thread pool competes with the one being timed."""
+    from cpu_openvino import time_in_subprocess
 
-    requests = {
-        label: compile_ir(xml, lib, "f32", threads).create_infer_request() for label, (xml, lib) in models.items()
-    }
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
-    for request in requests.values():
-        for _ in range(warmup):
-            request.infer({0: x}, share_inputs=True)
-    times: dict[str, list[float]] = {label: [] for label in requests}
-    for _ in range(rounds):
-        for label, request in requests.items():
-            start = time.perf_counter()
-            request.infer({0: x}, share_inputs=True)
-            times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: {"median_ms": statistics.median(t), "min_ms": min(t)} for label, t in times.items()}
+    from vmamba_export.bench import interleaved, merge_rounds
+
+    def measure(label):
+        xml, lib = models[label]
+        return lambda: time_in_subprocess(xml, lib, "f32", args)
+
+    samples = interleaved({label: measure(label) for label in models}, args.rounds)
+    return {label: merge_rounds(results) for label, results in samples.items()}, samples
 
 
 def cosine(models: dict, images: np.ndarray) -> dict:
@@ -114,13 +110,14 @@ def main() -> int:
     parser.add_argument("--calib", default="builtin")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="each model timed once per round, round-robin")
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per round")
     parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
     parser.add_argument("--out", type=Path, help="write the table (Markdown) and JSON here")
     args = parser.parse_args()
 
-    from vmamba_export.bench import machine_description, write_results
+    from vmamba_export.bench import machine_description, paired_ratio, write_results
     from vmamba_export.data.sources import load_batch
     from vmamba_export.model_source import resolve_model
     from vmamba_export.quantize.calibration import load_calibration_batch
@@ -135,21 +132,21 @@ def main() -> int:
     models = {f"{args.model} {p}": v for p, v in vmamba.items()} | {
         f"convnext_tiny {p}": v for p, v in convnext.items()
     }
-    timing = time_round_robin(models, args.threads, args.warmup, args.rounds)
+    timing, samples = time_interleaved(models, args)
     photos, _, _ = load_batch("builtin", spec, None)
     parity = cosine(vmamba, photos)
 
-    med = {label: t["median_ms"] for label, t in timing.items()}
-    ratios = {
-        f"{args.model} int8/fp32": med[f"{args.model} int8"] / med[f"{args.model} fp32"],
-        "convnext_tiny int8/fp32": med["convnext_tiny int8"] / med["convnext_tiny fp32"],
-        f"{args.model} int8 / convnext_tiny int8": med[f"{args.model} int8"] / med["convnext_tiny int8"],
-        f"{args.model} fp32 / convnext_tiny fp32": med[f"{args.model} fp32"] / med["convnext_tiny fp32"],
+    pairs = {
+        f"{args.model} int8/fp32": (f"{args.model} int8", f"{args.model} fp32"),
+        "convnext_tiny int8/fp32": ("convnext_tiny int8", "convnext_tiny fp32"),
+        f"{args.model} int8 / convnext_tiny int8": (f"{args.model} int8", "convnext_tiny int8"),
+        f"{args.model} fp32 / convnext_tiny fp32": (f"{args.model} fp32", "convnext_tiny fp32"),
     }
+    ratios = {name: paired_ratio(samples[a], samples[b]) for name, (a, b) in pairs.items()}
     goals = {f"{args.model} int8/fp32": 0.6, f"{args.model} int8 / convnext_tiny int8": 1.3}
     lines = [
         f"# int8 vs fp32, OpenVINO {installed_openvino_version()} CPU ({args.threads} threads, batch 1, 224x224, "
-        f"{args.rounds} rounds)",
+        f"{args.rounds} interleaved rounds of {args.runs} runs)",
         "",
         f"Machine: {machine_description()}; CPU plugin capabilities: {', '.join(cpu_capabilities())}. Calibration: "
         f"{args.calib} ({len(calib)} images), NNCF minmax, transformer model type, fast bias correction.",
@@ -158,7 +155,7 @@ def main() -> int:
         "|---|---:|---:|",
     ]
     lines += [f"| {label} | {t['median_ms']:.1f} | {t['min_ms']:.1f} |" for label, t in timing.items()]
-    lines += ["", "| ratio (medians) | value | goal |", "|---|---:|---:|"]
+    lines += ["", "| ratio (median over rounds of the ratio within a round) | value | goal |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.2f} | {'<= ' + str(goals[k]) if k in goals else '-'} |" for k, v in ratios.items()]
     lines += [
         "",

@@ -51,10 +51,50 @@ def write_results(out: Path | None, table: str, rows: list | dict) -> None:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MB. Linux: VmHWM, which exec resets; ru_maxrss is not reset by exec
+    (the kernel carries the forking parent's peak into it), so a worker started from a big parent would report the
+    parent's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def interleaved(measures: dict, rounds: int) -> dict:
+    """Run every measurement `rounds` times, round-robin: {key: [result of round 0, 1, ...]}.
+
+    On a shared machine speed drifts by tens of percent over minutes; timing a model and its peer in alternation and
+    comparing them round by round (`paired_ratio`) keeps that drift out of the ratio."""
+    samples: dict = {key: [] for key in measures}
+    for _ in range(rounds):
+        for key, measure in measures.items():
+            samples[key].append(measure())
+    return samples
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One row from the rounds of one measurement: medians of the per-round figures, the best minimum, the largest
+    peak memory, and the per-round medians themselves."""
+    merged = {
+        "median_ms": statistics.median(r["median_ms"] for r in results),
+        "p90_ms": statistics.median(r["p90_ms"] for r in results),
+        "min_ms": min(r["min_ms"] for r in results),
+        "round_medians_ms": [r["median_ms"] for r in results],
+    }
+    if all("peak_rss_mb" in r for r in results):
+        merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    return merged
+
+
+def paired_ratio(results: list[dict], peer_results: list[dict]) -> float:
+    """Median over rounds of (median ms / the peer's median ms in the same round)."""
+    return statistics.median(r["median_ms"] / p["median_ms"] for r, p in zip(results, peer_results, strict=True))
 
 
 def bench_point(folder: Path, batch: int, threads: int, size: int, warmup: int, runs: int) -> dict:

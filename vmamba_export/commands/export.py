@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
 def add_int8_args(p: argparse.ArgumentParser) -> None:
     from ..quantize import CALIB_METHODS
 
-    g = p.add_argument_group("int8 (--precision int8): post-training quantization from calibration images")
+    g = p.add_argument_group(
+        "int8 (--precision int8; apple-coreml: w8a8): post-training quantization from calibration images"
+    )
     g.add_argument("--calib", default="builtin", metavar="SOURCE", help="calibration images (default: builtin)")
     g.add_argument("--calib-samples", type=int, default=64, metavar="N", help="calibration images to use (64)")
     g.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
