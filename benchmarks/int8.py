@@ -1,6 +1,6 @@
 """int8 vs fp32 latency through ONNX Runtime CPU, with ConvNeXt-T fp32/int8 as the peer, all in one run.
 
-    python benchmarks/int8.py [--model vmamba_tiny_s1l8] [--formats qdq-u8s8 qdq-s8s8 qop-u8s8 qop-s8s8]
+    python benchmarks/int8.py [--model vmamba_tiny_s1l8] [--scan custom-op|portable] [--formats qdq-u8s8 ...]
                               [--rounds 5] [--runs 15] [--calib builtin:16] [--workdir DIR] [--out FILE.md]
 
 Every model is quantized with the project's pipeline (vmamba_export/quantize/onnxruntime_int8.py: calibrated once,
@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def build(args, workdir: Path) -> tuple[dict, Path | None]:
-    """{label: (path, library)} for every model to time; the fp32 exports are cached in workdir."""
+def build(args, workdir: Path) -> tuple[dict, np.ndarray, str]:
+    """{label: (path, library)} for every model to time (fp32 exports cached in workdir), the calibration images, and
+    the VMamba model's label."""
     from convnext import export_convnext_onnx
 
     from vmamba_export.data.sources import load_batch
@@ -40,26 +41,31 @@ def build(args, workdir: Path) -> tuple[dict, Path | None]:
     spec = source.model.config.input
     calib, _, _ = load_batch(args.calib, spec, None)
     models: dict[str, tuple[Path, Path | None]] = {}
+    # onnx-portable: the scan as standard ops, so no custom-op library (and QDQ, the portable lowering's format).
+    label = args.model if args.scan == "custom-op" else f"{args.model} portable"
     for name, export, lib in (
-        (args.model, lambda p: export_onnx(source.model.eval(), p, scan="custom-op", max_size=1024), library),
+        (label, lambda p: export_onnx(source.model.eval(), p, scan=args.scan, max_size=1024), library),
         ("convnext_tiny", lambda p: export_convnext_onnx(str(p)), None),
     ):
-        fp32 = workdir / f"{name}_fp32.onnx"
+        if name == label and args.scan == "portable":
+            lib = None
+        stem = name.replace(" ", "_")
+        fp32 = workdir / f"{stem}_fp32.onnx"
         if not fp32.exists():
             print(f"exporting {name}", file=sys.stderr)
             export(fp32)
         models[f"{name} fp32"] = (fp32, lib)
-        prepared = prepare_model(fp32, workdir / f"{name}_prepared.onnx")
-        cache = workdir / f"{name}_ranges.json"
+        prepared = prepare_model(fp32, workdir / f"{stem}_prepared.onnx")
+        cache = workdir / f"{stem}_ranges.json"
         if not cache.exists():
             print(f"calibrating {name}", file=sys.stderr)
             calibrate(prepared, calib, "minmax", cache, lib, show_progress=False)
-        formats = args.formats if name == args.model else [args.peer_format]
+        formats = args.formats if name == label else [args.peer_format]
         for fmt in formats:
-            out = workdir / f"{name}_{fmt}.onnx"
+            out = workdir / f"{stem}_{fmt}.onnx"
             quantize_with_cache(prepared, out, cache, "minmax", fmt, prepared.scan_feeders)
             models[f"{name} int8 {fmt}"] = (out, lib)
-    return models, calib
+    return models, calib, label
 
 
 def time_interleaved(models: dict, args) -> dict:
@@ -100,6 +106,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
     parser.add_argument("--formats", nargs="+", default=["qdq-u8s8", "qdq-s8s8", "qop-u8s8", "qop-s8s8"])
+    parser.add_argument(
+        "--scan",
+        choices=["custom-op", "portable"],
+        default="custom-op",
+        help="the model's lowering: custom-op (cpu-onnxruntime) or portable (onnx-portable; use --formats qdq-u8s8)",
+    )
     parser.add_argument("--peer-format", default="qdq-u8s8", help="int8 format for ConvNeXt-T")
     parser.add_argument("--calib", default="builtin:16")
     parser.add_argument("--threads", type=int, default=2)
@@ -112,9 +124,9 @@ def main() -> int:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-int8-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    models, calib = build(args, workdir)
+    models, calib, model_label = build(args, workdir)
     timing, samples = time_interleaved(models, args)
-    parity = cosines(models, calib, args.model)
+    parity = cosines(models, calib, model_label)
     peer_int8 = samples[f"convnext_tiny int8 {args.peer_format}"]
     from vmamba_export.bench import machine_description, paired_ratio
 
@@ -128,7 +140,7 @@ def main() -> int:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, t in timing.items():
-        own = samples[f"{args.model if label.startswith(args.model) else 'convnext_tiny'} fp32"]
+        own = samples[f"{model_label if label.startswith(model_label) else 'convnext_tiny'} fp32"]
         p = parity.get(label, {})
         cos = f"{p['cosine_min']:.5f}" if p else "-"
         agree = f"{p['top1_agreement']:.3f}" if p else "-"

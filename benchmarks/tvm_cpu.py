@@ -1,13 +1,13 @@
 """cpu-tvm (meta-schedule tuned) against cpu-onnxruntime fp32, same model, same run, same threads.
 
     python benchmarks/tvm_cpu.py [--model vmamba_tiny_s1l8] [--tune-budget 300] [--tune-db DIR] [--threads 2]
-                                 [--runs 20] [--parity] [--workdir DIR] [--out benchmarks/results/tvm_cpu.md]
+                                 [--rounds 3] [--runs 20] [--parity] [--workdir DIR] [--out results/tvm_cpu.md]
 
 Builds (unless already in --workdir) the cpu-onnxruntime artifact and a cpu-tvm artifact tuned on this machine for
 --tune-budget seconds (starting from --tune-db if given: a previous artifact or its tuning/ folder), then times both at
-batch 1, 224x224, random weights, each in its own process (`vmamba_export.bench.time_calls` after warm-up). Prints the
-latency ratio TVM / ONNX Runtime (goal: <= 1.5) and the tuning time spent. --parity also validates the cpu-tvm
-artifact on the built-in photos against PyTorch fp32 (rel L2 <= 1e-5, top-1 100%).
+batch 1, 224x224, random weights, each in its own process, in turn, round after round. Prints the latency ratio
+TVM / ONNX Runtime (median over rounds of the ratio within a round; goal: <= 1.5) and the tuning time spent.
+--parity also validates the cpu-tvm artifact on the built-in photos against PyTorch fp32 (rel L2 <= 1e-5, top-1 100%).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main() -> int:
     parser.add_argument("--tune-db", type=Path, help="start from this database (artifact folder or its tuning/)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=3, help="both artifacts timed once per round, in turn")
     parser.add_argument("--parity", action="store_true", help="also validate cpu-tvm on the built-in photos")
     parser.add_argument("--workdir", type=Path, help="keep the artifacts here (default: a temp folder)")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
@@ -97,9 +98,14 @@ def main() -> int:
         f"{tuning['tasks_covered']}/{tuning['tasks']} ops tuned ({tuning['tasks_reused']} reused)",
         file=sys.stderr,
     )
-    ort = time_in_subprocess(ort_dir, args)
-    tvm = time_in_subprocess(tvm_dir, args)
-    ratio = tvm["median_ms"] / ort["median_ms"]
+    from vmamba_export.bench import interleaved, merge_rounds, paired_ratio
+
+    samples = interleaved(
+        {"ort": lambda: time_in_subprocess(ort_dir, args), "tvm": lambda: time_in_subprocess(tvm_dir, args)},
+        args.rounds,
+    )
+    ort, tvm = merge_rounds(samples["ort"]), merge_rounds(samples["tvm"])
+    ratio = paired_ratio(samples["tvm"], samples["ort"])
     parity = None
     if args.parity:
         from vmamba_export.validate import validate_artifact
@@ -125,7 +131,8 @@ def main() -> int:
     }
     lines = [
         f"cpu-tvm (meta-schedule tuned) vs cpu-onnxruntime fp32: {args.model}, random weights, batch 1, "
-        f"{args.size}x{args.size}, {args.threads} threads, median of {args.runs} runs after {args.warmup} warm-up",
+        f"{args.size}x{args.size}, {args.threads} threads, {args.rounds} interleaved rounds of {args.runs} runs after "
+        f"{args.warmup} warm-up (ratio: median over rounds of the ratio within a round)",
         f"Machine: {rows['machine']}; TVM target {manifest['lowering']['tvm_target']}",
         "",
         "| target | median ms | p90 ms | min ms | peak RSS MB |",
