@@ -122,15 +122,7 @@ def main() -> int:
             library = manifest["entry"].get("custom_op_library")
             graphs[(name, lowering)] = (folder / manifest["entry"]["model"], folder / library if library else None)
 
-    def measure(key):
-        def run() -> dict:
-            stats = time_in_subprocess(*graphs[key], args)
-            print(f"{key[0]} {key[1]}: {stats['median_ms']:.1f} ms", file=sys.stderr)
-            return stats
-
-        return run
-
-    samples = interleaved({key: measure(key) for key in graphs}, args.rounds)
+    samples = interleaved(graphs, lambda key: time_in_subprocess(*graphs[key], args), args.rounds, " ".join)
     rows = []
     for key, results in samples.items():
         row = {"model": key[0], "lowering": key[1], **merge_rounds(results)}

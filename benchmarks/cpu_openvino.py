@@ -148,15 +148,7 @@ def main() -> int:
                 entry["inference_precision"],
             )
 
-    def measure(key):
-        def run() -> dict:
-            stats = time_in_subprocess(*graphs[key], args)
-            print(f"{key[0]} {key[1]}: {stats['median_ms']:.1f} ms", file=sys.stderr)
-            return stats
-
-        return run
-
-    samples = interleaved({key: measure(key) for key in graphs}, args.rounds)
+    samples = interleaved(graphs, lambda key: time_in_subprocess(*graphs[key], args), args.rounds, " ".join)
     rows = []
     for (name, precision), results in samples.items():
         row = {"model": name, "precision": precision, **merge_rounds(results)}

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from vmamba_export.bench import cuda_time_ms  # noqa: E402
 
 # Targets of the issue.
 MIN_BANDWIDTH_FRACTION = 0.70
@@ -91,22 +92,6 @@ def section(name: str):
     return wrap
 
 
-def cuda_time_ms(fn, runs: int = 20, warmup: int = 3) -> float:
-    """Median CUDA-event time of fn() on the current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def scan_inputs(batch, di, n, h, w, dtype, device, seed):
     """Realistic ranges: dt = softplus(delta + bias) around 0.1..2, A = -(1..16) (v0 init) or -exp(N(0, 0.5))."""
     g = torch.Generator().manual_seed(seed)
@@ -144,18 +129,11 @@ KERNEL_SHAPES = [  # (batch, d_inner, d_state, H, W): odd sizes, chunking (lines
 
 def one_node_session(dtype, library: Path, shapes):
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
-    names = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
-    elem = TensorProto.FLOAT16 if dtype == torch.float16 else TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info(n, elem, list(s)) for n, s in zip(names, shapes)]
-    output = helper.make_tensor_value_info("y", elem, list(shapes[0]))
-    node = helper.make_node("SelectiveScan2D", names, ["y"], domain="ai.vmamba")
-    model = helper.make_model(
-        helper.make_graph([node], "scan", inputs, [output]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.vmamba", 1)],
-        ir_version=10,
-    )
+    from vmamba_export.lowering.onnx_export import SCAN_INPUTS, one_node_scan_model
+
+    names = list(SCAN_INPUTS)
+    model = one_node_scan_model(shapes=shapes, float16=dtype == torch.float16)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # The library also has a float32 CPU kernel: fail instead of quietly running the node there.

@@ -24,7 +24,6 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -112,6 +111,7 @@ def check_model(prepared: Path, info: dict, same_weights: bool, runs: int) -> di
     import torch
     from gpu_tvm_prepare import make_input
 
+    from vmamba_export.bench import time_calls
     from vmamba_export.model_source import resolve_model
     from vmamba_export.runtime import load
     from vmamba_export.runtime.tvm_backend import TvmBackend
@@ -148,47 +148,18 @@ def check_model(prepared: Path, info: dict, same_weights: bool, runs: int) -> di
             row["rel_l2_vs_reference"] = rel_l2(out, stored)
             row["top1_vs_reference"] = float((out.argmax(1) == stored.argmax(1)).mean())
             row["parity_pass"] = row["rel_l2_vs_reference"] <= MAX_REL_L2 and row["top1_vs_reference"] == 1.0
-        row["end_to_end_ms"] = wall_ms(lambda x=x: backend.run(x), runs)
+        row["end_to_end_ms"] = time_calls(lambda x=x: backend.run(x), 3, runs)["median_ms"]
         dev_in = vm._to_device(x)
 
         def device_only(dev_in=dev_in):
             vm.main(dev_in, *vm.params)
             torch.cuda.synchronize()
 
-        row["device_ms"] = wall_ms(device_only, runs)
+        row["device_ms"] = time_calls(device_only, 3, runs)["median_ms"]
         row["images_per_s"] = b / row["device_ms"] * 1e3
         log(json.dumps(row))
         rows.append(row)
     return {"rows": rows, "evaluated_with": backend.evaluated_with}
-
-
-def wall_ms(fn, runs: int, warmup: int = 3) -> float:
-    """Median wall-clock ms (vmamba_export.bench.time_calls would import rich, which the GPU image may lack)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def cuda_time_ms(fn, runs: int = 30, warmup: int = 5) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def check_scan(prepared: Path, info: dict) -> dict:
@@ -196,6 +167,7 @@ def check_scan(prepared: Path, info: dict) -> dict:
     import tvm_ffi
     from gpu_check import scan_inputs
 
+    from vmamba_export.bench import cuda_time_ms
     from vmamba_export.runtime.tvm_backend import CUDA, _load_runtime_libraries, _serve_cuda_binary
     from vmamba_export.scan.reference import selective_scan_reference
 
@@ -221,11 +193,11 @@ def check_scan(prepared: Path, info: dict) -> dict:
     size = 1 << 28  # 1 GiB copy, read + written
     src = torch.randn(size, device="cuda")
     dst = torch.empty_like(src)
-    copy_gbs = 2 * size * 4 / cuda_time_ms(lambda s=src, d=dst: d.copy_(s), runs=20) / 1e6
+    copy_gbs = 2 * size * 4 / cuda_time_ms(lambda s=src, d=dst: d.copy_(s), runs=20, warmup=5) / 1e6
     del src, dst
     ins = scan_inputs(s["batch"], di, n, h, w, torch.float32, "cuda", 0)
     y = torch.empty_like(ins[0])
-    ms = cuda_time_ms(lambda: run(ins, y))
+    ms = cuda_time_ms(lambda: run(ins, y), runs=30, warmup=5)
     must = sum(t.numel() * 4 for t in ins) + y.numel() * 4
     scratch = 2 * s["batch"] * 4 * di * h * w * 4  # per-direction outputs written, then read by the merge pass
     gbs = must / ms / 1e6

@@ -76,10 +76,7 @@ def time_interleaved(models: dict, args) -> dict:
 
     from vmamba_export.bench import interleaved, merge_rounds
 
-    def measure(label):
-        return lambda: time_in_subprocess(*models[label], args)
-
-    samples = interleaved({label: measure(label) for label in models}, args.rounds)
+    samples = interleaved(models, lambda label: time_in_subprocess(*models[label], args), args.rounds)
     return {label: merge_rounds(results) for label, results in samples.items()}, samples
 
 

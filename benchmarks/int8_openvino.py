@@ -85,11 +85,7 @@ def time_interleaved(models: dict, args) -> tuple[dict, dict]:
 
     from vmamba_export.bench import interleaved, merge_rounds
 
-    def measure(label):
-        xml, lib = models[label]
-        return lambda: time_in_subprocess(xml, lib, "f32", args)
-
-    samples = interleaved({label: measure(label) for label in models}, args.rounds)
+    samples = interleaved(models, lambda label: time_in_subprocess(*models[label], "f32", args), args.rounds)
     return {label: merge_rounds(results) for label, results in samples.items()}, samples
 
 

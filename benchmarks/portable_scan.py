@@ -24,8 +24,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NAMES = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
-
 
 def parse_form(form: str) -> tuple[str, int, bool]:
     """ "prefix", or "blockedT" with an optional "keep"/"rebuild" suffix (pass 2 reuses or rebuilds the decays)."""
@@ -35,41 +33,16 @@ def parse_form(form: str) -> tuple[str, int, bool]:
     return "blocked", int(form.removeprefix("blocked").removesuffix("keep").removesuffix("rebuild")), keep
 
 
-def one_node_model(d_state: int):
-    """A graph holding one SelectiveScan2D node, every dimension symbolic."""
-    from onnx import TensorProto, helper
-
-    from vmamba_export.lowering.onnx_export import IR_VERSION, OPSET
-
-    dims = {
-        "u": ["b", "d", "h", "w"],
-        "delta": ["b", 4, "d", "h", "w"],
-        "A_logs": ["kd", d_state],
-        "B": ["b", 4, d_state, "h", "w"],
-        "C": ["b", 4, d_state, "h", "w"],
-        "D": ["kd"],
-        "delta_bias": ["kd"],
-    }
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in NAMES]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims["u"])
-    node = helper.make_node("SelectiveScan2D", NAMES, ["y"], domain="ai.vmamba")
-    return helper.make_model(
-        helper.make_graph([node], "scan", inputs, [output]),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.vmamba", 1)],
-        ir_version=IR_VERSION,
-    )
-
-
 def build_session(form: str, d_state: int, max_length: int, threads: int):
     import onnxruntime as ort
 
     from vmamba_export.kernels_paths import ort_library_path
-    from vmamba_export.lowering.onnx_export import inline_portable_scan
+    from vmamba_export.lowering.onnx_export import inline_portable_scan, one_node_scan_model
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    proto = one_node_model(d_state)
+    proto = one_node_scan_model(d_state)
     if form == "custom":
         options.register_custom_ops_library(str(ort_library_path()))
         nodes = 1

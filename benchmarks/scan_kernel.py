@@ -55,16 +55,10 @@ def ort_runner(args: tuple[torch.Tensor, ...], threads: int) -> Callable[[], obj
     if library is None:
         return None
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(t.shape)) for n, t in zip(NAMES, args)]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(args[0].shape))
-    node = helper.make_node("SelectiveScan2D", NAMES, ["y"], domain="ai.vmamba")
-    model = helper.make_model(
-        helper.make_graph([node], "scan", inputs, [output]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.vmamba", 1)],
-        ir_version=10,
-    )
+    from vmamba_export.lowering.onnx_export import one_node_scan_model
+
+    model = one_node_scan_model(shapes=[tuple(t.shape) for t in args])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.register_custom_ops_library(str(library))

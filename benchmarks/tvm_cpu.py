@@ -100,10 +100,8 @@ def main() -> int:
     )
     from vmamba_export.bench import interleaved, merge_rounds, paired_ratio
 
-    samples = interleaved(
-        {"ort": lambda: time_in_subprocess(ort_dir, args), "tvm": lambda: time_in_subprocess(tvm_dir, args)},
-        args.rounds,
-    )
+    folders = {"ort": ort_dir, "tvm": tvm_dir}
+    samples = interleaved(folders, lambda key: time_in_subprocess(folders[key], args), args.rounds)
     ort, tvm = merge_rounds(samples["ort"]), merge_rounds(samples["tvm"])
     ratio = paired_ratio(samples["tvm"], samples["ort"])
     parity = None

@@ -158,19 +158,12 @@ def test_cuda_artifact_export_and_clear_load_error(tmp_path):
 def test_cuda_library_loads_without_gpu_and_runs_its_cpu_kernel():
     """libvmamba_ort_cuda.so also carries the CPU kernel: it must load (static cudart, no GPU needed) and run."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.onnx_export import SCAN_INPUTS, one_node_scan_model
 
     shapes = [(1, 3, 5, 6), (1, 4, 3, 5, 6), (12, 1), (1, 4, 1, 5, 6), (1, 4, 1, 5, 6), (12,), (12,)]
-    names = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in zip(names, shapes)]
-    node = helper.make_node("SelectiveScan2D", names, ["y"], domain="ai.vmamba")
-    model = helper.make_model(
-        helper.make_graph(
-            [node], "scan", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shapes[0]))]
-        ),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.vmamba", 1)],
-        ir_version=10,
-    )
+    names = list(SCAN_INPUTS)
+    model = one_node_scan_model(shapes=shapes)
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(ort_cuda_library_path()))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

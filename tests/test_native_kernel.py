@@ -155,25 +155,9 @@ def _repo_root() -> str:
 
 def _one_node_model(d_state_dim: int | str = "N"):
     pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
+    from vmamba_export.lowering.onnx_export import one_node_scan_model
 
-    names = ["u", "delta", "A_logs", "B", "C", "D", "delta_bias"]
-    dims = {
-        "u": ["b", "di", "h", "w"],
-        "delta": ["b", 4, "di", "h", "w"],
-        "A_logs": ["kdi", d_state_dim],
-        "B": ["b", 4, d_state_dim, "h", "w"],
-        "C": ["b", 4, d_state_dim, "h", "w"],
-        "D": ["kdi"],
-        "delta_bias": ["kdi"],
-    }
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in names]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "di", "h", "w"])
-    node = helper.make_node("SelectiveScan2D", names, ["y"], domain="ai.vmamba")
-    graph = helper.make_graph([node], "scan", inputs, [output])
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.vmamba", 1)], ir_version=10
-    )
+    model = one_node_scan_model(d_state_dim)
     return model.SerializeToString()
 
 

@@ -238,27 +238,9 @@ def test_dynamic_export_from_min_size(name):
 
 def portable_scan_model(d_state: int, max_length: int, chunk: int = 16, keep_decays: bool = True):
     """A graph holding one SelectiveScan2D node (every dimension symbolic) with the onnx-portable scan inlined."""
-    from onnx import TensorProto, helper
+    from vmamba_export.lowering.onnx_export import inline_portable_scan, one_node_scan_model
 
-    from vmamba_export.lowering.onnx_export import IR_VERSION, OPSET, inline_portable_scan
-
-    dims = {
-        "u": ["b", "d", "h", "w"],
-        "delta": ["b", K, "d", "h", "w"],
-        "A_logs": ["kd", d_state],
-        "B": ["b", K, d_state, "h", "w"],
-        "C": ["b", K, d_state, "h", "w"],
-        "D": ["kd"],
-        "delta_bias": ["kd"],
-    }
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims[n]) for n in SCAN_NAMES]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims["u"])
-    node = helper.make_node("SelectiveScan2D", list(SCAN_NAMES), ["y"], domain="ai.vmamba")
-    proto = helper.make_model(
-        helper.make_graph([node], "scan", inputs, [output]),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.vmamba", 1)],
-        ir_version=IR_VERSION,
-    )
+    proto = one_node_scan_model(d_state)
     return inline_portable_scan(proto, max_length, d_state, "blocked", chunk, keep_decays)
 
 

@@ -13,8 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,24 @@ def time_calls(fn: Callable[[], object], warmup: int, runs: int) -> dict:
         "mean_ms": statistics.fmean(times),
         "min_ms": times[0],
     }
+
+
+def cuda_time_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event time of fn() on torch's current stream, in milliseconds (GPU benchmarks only)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def write_results(out: Path | None, table: str, rows: list | dict) -> None:
@@ -66,15 +85,17 @@ def peak_rss_mb() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
-def interleaved(measures: dict, rounds: int) -> dict:
-    """Run every measurement `rounds` times, round-robin: {key: [result of round 0, 1, ...]}.
+def interleaved(keys: Iterable, measure: Callable[[Any], dict], rounds: int, name: Callable[[Any], str] = str) -> dict:
+    """Run `measure(key)` for every key, `rounds` times, round-robin: {key: [result of round 0, 1, ...]}. Each
+    result's median_ms is printed to stderr as it comes.
 
     On a shared machine speed drifts by tens of percent over minutes; timing a model and its peer in alternation and
     comparing them round by round (`paired_ratio`) keeps that drift out of the ratio."""
-    samples: dict = {key: [] for key in measures}
+    samples: dict = {key: [] for key in keys}
     for _ in range(rounds):
-        for key, measure in measures.items():
-            samples[key].append(measure())
+        for key, results in samples.items():
+            results.append(measure(key))
+            print(f"{name(key)}: {results[-1]['median_ms']:.1f} ms", file=sys.stderr)
     return samples
 
 

@@ -73,33 +73,29 @@ constexpr float kLog2e = 1.44269504088896341f;
 // and 2^r on [-0.5, 0.5] is 1 + r * P(r) with Cephes' exp2f polynomial (about 1e-7 relative). Below -125 it returns
 // 0 (off by < 3e-38). About 10 vector ops, against 15 for exp(x) with its reduction: d_state 16 computes sixteen of
 // these per position and channel, so this is most of the kernel's arithmetic.
-VM_INLINE vf exp2_nonpos(vf x) {
-#if defined(__AVX512F__)
-  // AVX-512: round and scale by 2^n in one instruction each (vscalefps underflows to 0 by itself).
-  x = x < -150.0f ? splat(-150.0f) : x;
-  const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vf r = x - n;
+VM_INLINE vf exp2_reduced(vf r) {  // 2^r for r in [-0.5, 0.5]
   vf p = splat(1.535336188319500e-4f);
   p = p * r + 1.339887440266574e-3f;
   p = p * r + 9.618437357674640e-3f;
   p = p * r + 5.550332471162809e-2f;
   p = p * r + 2.402264791363012e-1f;
   p = p * r + 6.931472028550421e-1f;
-  return _mm512_scalef_ps(p * r + 1.0f, n);
+  return p * r + 1.0f;
+}
+
+VM_INLINE vf exp2_nonpos(vf x) {
+#if defined(__AVX512F__)
+  // AVX-512: round and scale by 2^n in one instruction each (vscalefps underflows to 0 by itself).
+  x = x < -150.0f ? splat(-150.0f) : x;
+  const vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_reduced(x - n), n);
 #else
   const vi tiny = x < -125.0f;
   x = tiny ? splat(-125.0f) : x;
   const vf shifted = x + 12582912.0f;  // 1.5 * 2^23: rounds x to an integer
   const vf n = shifted - 12582912.0f;
   const vi n_int = reinterpret_cast<vi>(shifted) - 0x4B400000;
-  const vf r = x - n;
-  vf p = splat(1.535336188319500e-4f);
-  p = p * r + 1.339887440266574e-3f;
-  p = p * r + 9.618437357674640e-3f;
-  p = p * r + 5.550332471162809e-2f;
-  p = p * r + 2.402264791363012e-1f;
-  p = p * r + 6.931472028550421e-1f;
-  const vf e = p * r + 1.0f;
+  const vf e = exp2_reduced(x - n);
   const vf scaled = reinterpret_cast<vf>(reinterpret_cast<vi>(e) + (n_int << 23));
   return tiny ? splat(0.0f) : scaled;
 #endif

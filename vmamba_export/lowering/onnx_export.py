@@ -136,6 +136,33 @@ class _PrefixScan(torch.nn.Module):
         return selective_scan_prefix(u, delta, A_logs, B, C, D, delta_bias, levels=self.levels)
 
 
+def one_node_scan_model(d_state: int | str = "N", shapes=None, float16: bool = False):
+    """An ONNX ModelProto holding one SelectiveScan2D node (inputs SCAN_INPUTS, output y), for kernel tests and
+    benchmarks: every dimension symbolic (d_state fixed when an int), or the static input `shapes` when given."""
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
+    if shapes is None:
+        dims = {
+            "u": ["b", "d", "h", "w"],
+            "delta": ["b", 4, "d", "h", "w"],
+            "A_logs": ["kd", d_state],
+            "B": ["b", 4, d_state, "h", "w"],
+            "C": ["b", 4, d_state, "h", "w"],
+            "D": ["kd"],
+            "delta_bias": ["kd"],
+        }
+        shapes = [dims[name] for name in SCAN_INPUTS]
+    inputs = [helper.make_tensor_value_info(n, elem, list(shape)) for n, shape in zip(SCAN_INPUTS, shapes)]
+    output = helper.make_tensor_value_info("y", elem, list(shapes[0]))
+    node = helper.make_node(ONNX_OP, list(SCAN_INPUTS), ["y"], domain=ONNX_DOMAIN)
+    return helper.make_model(
+        helper.make_graph([node], "scan", inputs, [output]),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
+        ir_version=IR_VERSION,
+    )
+
+
 def portable_scan_function(
     max_length: int, d_state: int, form: str = "blocked", chunk: int = DEFAULT_CHUNK, keep_decays: bool = True
 ):

@@ -19,6 +19,17 @@ class QuantizationError(VMambaExportError):
     """int8 quantization cannot be done as asked (unknown layer name, method, format, or accuracy budget missed)."""
 
 
+def labelled_batch(source: str, input_spec) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of an `--accuracy` source, preprocessed by `input_spec`; a source without labels is an
+    error."""
+    from ..data.sources import load_batch
+
+    batch, labels, _ = load_batch(source, input_spec, None)
+    if labels is None:
+        raise QuantizationError(f"--accuracy {source!r}: the images have no labels")
+    return batch, np.asarray(labels)
+
+
 def top1(predict: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, labels: np.ndarray, chunk: int = 64) -> float:
     """Top-1 accuracy of `predict` (images -> logits) on `batch`, `chunk` images per call."""
     preds = np.concatenate([predict(batch[s : s + chunk]).argmax(1) for s in range(0, len(batch), chunk)])

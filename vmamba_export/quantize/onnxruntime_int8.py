@@ -32,6 +32,7 @@ from .accuracy import (
     accuracy_record,
     activation_rounding_error,
     keep_float_until_within_budget,
+    labelled_batch,
     weight_rounding_error,
 )
 
@@ -506,7 +507,6 @@ def quantize_onnx_int8(
     calibration images already loaded (load_calibration_batch), so a caller can fail fast before exporting."""
     import tempfile
 
-    from ..data.sources import load_batch
     from .calibration import load_calibration_batch
 
     fmt = fmt or options.extra.get("int8_format") or (DEFAULT_FORMAT if library is not None else PORTABLE_FORMAT)
@@ -534,10 +534,7 @@ def quantize_onnx_int8(
 
         accuracy = None
         if options.accuracy_source:
-            acc_batch, labels, _ = load_batch(options.accuracy_source, input_spec, None)
-            if labels is None:
-                raise QuantizationError(f"--accuracy {options.accuracy_source!r}: the images have no labels")
-            labels_arr = np.asarray(labels)
+            acc_batch, labels_arr = labelled_batch(options.accuracy_source, input_spec)
             fp32_top1 = _top1(prepared.path, library, acc_batch, labels_arr)
             int8_top1 = _top1(out_path, library, acc_batch, labels_arr)
 

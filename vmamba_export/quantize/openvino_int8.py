@@ -35,6 +35,7 @@ from .accuracy import (
     accuracy_record,
     activation_rounding_error,
     keep_float_until_within_budget,
+    labelled_batch,
     top1,
     weight_rounding_error,
 )
@@ -335,7 +336,6 @@ def quantize_openvino_int8(
     top-1. `calib_batch` (images, names): calibration images already loaded, so a caller can fail fast."""
     import openvino as ov
 
-    from ..data.sources import load_batch
     from .calibration import load_calibration_batch
     from .onnxruntime_int8 import match_layers, prepare_model
 
@@ -359,10 +359,7 @@ def quantize_openvino_int8(
 
     accuracy = None
     if options.accuracy_source:
-        acc_batch, labels, _ = load_batch(options.accuracy_source, input_spec, None)
-        if labels is None:
-            raise QuantizationError(f"--accuracy {options.accuracy_source!r}: the images have no labels")
-        labels_arr = np.asarray(labels)
+        acc_batch, labels_arr = labelled_batch(options.accuracy_source, input_spec)
         fp32_top1 = model_top1(fp32_model, acc_batch, labels_arr)
         int8_top1 = model_top1(int8_model, acc_batch, labels_arr)
         trial: dict = {}
