@@ -26,14 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def parse_form(form: str) -> tuple[str, int, bool]:
-    """ "prefix", or "blockedT" with an optional "keep"/"rebuild" suffix (pass 2 reuses or rebuilds the decays)."""
-    if form == "prefix":
-        return "prefix", 16, True
-    keep = not form.endswith("rebuild")
-    return "blocked", int(form.removeprefix("blocked").removesuffix("keep").removesuffix("rebuild")), keep
+from portable_scan import parse_form  # noqa: E402  (the form names are the scan benchmark's)
 
 
 def model_file(workdir: Path, name: str, form: str) -> Path:
