@@ -1,7 +1,8 @@
 """Latency of an artifact: median, p90 and throughput after warm-up, per batch size and thread count, and peak memory.
 
 Each (batch, threads, size) point runs in its own process, so thread settings do not leak between points and the
-peak resident memory measured is that point's alone (ONNX Runtime does not give memory back).
+peak resident memory measured is that point's alone (ONNX Runtime does not give memory back). Also the helpers the
+benchmarks/ scripts share: CUDA-event timing, and interleaved rounds with paired ratios against a peer.
 """
 
 from __future__ import annotations
