@@ -42,13 +42,11 @@ def build(args, workdir: Path) -> tuple[dict, np.ndarray, str]:
     calib, _, _ = load_batch(args.calib, spec, None)
     models: dict[str, tuple[Path, Path | None]] = {}
     # onnx-portable: the scan as standard ops, so no custom-op library (and QDQ, the portable lowering's format).
-    label = args.model if args.scan == "custom-op" else f"{args.model} portable"
+    label, model_lib = (args.model, library) if args.scan == "custom-op" else (f"{args.model} portable", None)
     for name, export, lib in (
-        (label, lambda p: export_onnx(source.model.eval(), p, scan=args.scan, max_size=1024), library),
+        (label, lambda p: export_onnx(source.model.eval(), p, scan=args.scan, max_size=1024), model_lib),
         ("convnext_tiny", lambda p: export_convnext_onnx(str(p)), None),
     ):
-        if name == label and args.scan == "portable":
-            lib = None
         stem = name.replace(" ", "_")
         fp32 = workdir / f"{stem}_fp32.onnx"
         if not fp32.exists():
