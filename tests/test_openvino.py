@@ -131,20 +131,109 @@ def test_bf16_is_close_and_really_bf16(artifacts, name, shape):
     assert rel_l2(out, ref) > 1e-4
 
 
-def test_scan_op_runs_in_f32_under_bf16_inference(artifacts):
-    """The CPU plugin runs the extension op as a generic 'Reference' node in f32, converting around it, while the
-    convolutions and matmuls run in bf16."""
-    folder = artifacts[("vmamba_test_v2", "bf16")]
-    predictor = load(folder)
-    ir = ET.parse(folder / "model.xml").getroot().iter("layer")
-    scan_names = {layer.get("name") for layer in ir if layer.get("type") == "SelectiveScan2D"}
-    runtime: dict[str, tuple[str, str]] = {}
-    for op in predictor.backend.compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        runtime[op.get_friendly_name()] = (info["layerType"].astype(str), info["runtimePrecision"].astype(str))
-    assert len(scan_names) == num_blocks("vmamba_test_v2")
-    assert {runtime[name] for name in scan_names} == {("Reference", "f32")}
-    assert ("Convolution", "bf16") in set(runtime.values()) or ("FullyConnected", "bf16") in set(runtime.values())
+def test_scan_op_runs_on_bf16_data_under_bf16_inference(artifacts):
+    """In a bf16 artifact the CPU plugin runs the extension op (a generic 'Reference' node) on bf16 data, so no f32
+    conversion surrounds it, while convolutions and matmuls run in bf16; in an fp32 artifact everything stays f32.
+    Either way B and C reach the op flattened over the directions (no Reshape to 5-D before it), and the dt
+    projection is fused into it: input 1 is the projection's (B, 4 * dt_rank, H, W) input, input 8 its weights."""
+    config = resolve_model("vmamba_test_v2", random_weights=True).model.config
+    for precision, scan_precision in (("bf16", "bf16"), ("fp32", "f32")):
+        folder = artifacts[("vmamba_test_v2", precision)]
+        predictor = load(folder)
+        layers = list(ET.parse(folder / "model.xml").getroot().iter("layer"))
+        scans = [layer for layer in layers if layer.get("type") == "SelectiveScan2D"]
+        runtime: dict[str, tuple[str, str]] = {}
+        for op in predictor.backend.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            runtime[op.get_friendly_name()] = (info["layerType"].astype(str), info["runtimePrecision"].astype(str))
+        assert len(scans) == num_blocks("vmamba_test_v2")
+        assert {runtime[layer.get("name")] for layer in scans} == {("Reference", scan_precision)}
+        for layer in scans:
+            ports = layer.find("input").findall("port")
+            assert [len(port.findall("dim")) for port in ports] == [4, 4, 2, 4, 4, 1, 1, 3]
+            precisions = [port.get("precision") for port in ports]
+            assert [precisions[i] for i in (2, 5, 6, 7)] == ["FP32"] * 4  # parameters stay f32
+            assert {precisions[i] for i in (0, 1, 3, 4)} == {"BF16" if precision == "bf16" else "FP32"}
+            d_inner, rank = (int(dim.text) for dim in ports[7].findall("dim")[1:])
+            assert (d_inner, rank) in set(zip(config.d_inner, config.dt_rank, strict=True))
+            assert int(ports[1].findall("dim")[1].text) == 4 * rank
+        if precision == "bf16":
+            kinds = set(runtime.values())
+            assert ("Convolution", "bf16") in kinds or ("FullyConnected", "bf16") in kinds
+
+
+def _one_scan_node_ir(shapes: list[list[int]], bf16: bool, folder: Path):
+    """One SelectiveScan2D node converted from ONNX with the extension; f32 model inputs and output, and with `bf16`
+    Casts to bf16 on u, delta, B and C and back from y, so the op itself runs on bf16 data."""
+    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, ONNX_OP, OPSET, SCAN_INPUTS
+
+    nodes, names = [], []
+    for i, name in enumerate(SCAN_INPUTS):
+        if bf16 and i in (0, 1, 3, 4):
+            nodes.append(helper.make_node("Cast", [name], [name + "_bf16"], to=TensorProto.BFLOAT16))
+            name += "_bf16"
+        names.append(name)
+    nodes.append(helper.make_node(ONNX_OP, names, ["y_op"], domain=ONNX_DOMAIN))
+    nodes.append(helper.make_node("Cast", ["y_op"], ["y"], to=TensorProto.FLOAT))
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(SCAN_INPUTS, shapes)]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[0])
+    model = helper.make_model(
+        helper.make_graph(nodes, "scan", inputs, [output]),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
+        ir_version=IR_VERSION,
+    )
+    path = folder / f"scan_{'bf16' if bf16 else 'f32'}.onnx"
+    path.write_bytes(model.SerializeToString())
+    core = ov.Core()
+    core.add_extension(str(openvino_extension_path()))
+    converted = ov.convert_model(str(path), extension=str(openvino_extension_path()))
+    return core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2})
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 16, 1, 1, 1, 0.0),
+        (2, 17, 1, 5, 7, 0.0),
+        (1, 3, 1, 56, 56, 0.0),
+        (2, 31, 16, 7, 4, 2.0),
+        (1, 20, 16, 6, 9, -3.0),
+    ],
+    ids=lambda c: "b{}_di{}_n{}_{}x{}_dt{:+g}".format(*c),
+)
+@pytest.mark.parametrize("flat", [False, True], ids=["5d", "flattened"])
+def test_extension_bf16_data_matches_f32_kernel_rounded(case, flat, tmp_path):
+    """The bf16 path reads bf16 inputs exactly (widened) and rounds y to nearest even: on bf16-representable inputs
+    its y is bit for bit the f32 kernel's y rounded to bf16, and within bf16 rounding of the float64 reference."""
+    from vmamba_export.scan import selective_scan_reference
+
+    b, di, n, h, w, shift = case
+    g = torch.Generator().manual_seed(3)
+    args = [
+        torch.randn(b, di, h, w, generator=g),
+        torch.randn(b, 4, di, h, w, generator=g) + shift,
+        torch.randn(4 * di, n, generator=g) * 0.5,
+        torch.randn(b, 4, n, h, w, generator=g),
+        torch.randn(b, 4, n, h, w, generator=g),
+        torch.randn(4 * di, generator=g),
+        torch.randn(4 * di, generator=g) * 0.1,
+    ]
+    for i in (0, 1, 3, 4):  # make the data bf16-representable, so both paths see the same numbers
+        args[i] = args[i].to(torch.bfloat16).float()
+    feeds = [a.numpy() for a in args]
+    if flat:
+        for i in (1, 3, 4):
+            feeds[i] = feeds[i].reshape(b, -1, h, w)
+    shapes = [list(f.shape) for f in feeds]
+    y16 = _one_scan_node_ir(shapes, True, tmp_path)(feeds)[0]
+    y32 = _one_scan_node_ir(shapes, False, tmp_path)(feeds)[0]
+    rounded = torch.from_numpy(y32).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(y16, rounded)
+    ref = selective_scan_reference(*args).numpy()
+    assert rel_l2(y16, ref) <= 4e-3  # bf16 keeps 8 mantissa bits: rounding is at most 2^-9 relative
+    assert rel_l2(y32, ref) <= 1e-5
 
 
 def test_torch_export_program_converts_with_the_extension():

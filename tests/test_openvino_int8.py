@@ -136,11 +136,18 @@ def test_scan_stays_float_and_the_rest_is_int8(artifacts, name):
     feeders = [n for n, why in quant["float_layers"].items() if why == "feeds the selective scan"]
     assert {f.rsplit(".", 1)[-1] for f in feeders} >= {"B", "C", "dt_projs"}
     assert not set(feeders) & set(quant["quantized_layers"])
+    # The dt projection is fused into the scan op (lowering/openvino_ir.py fuse_dt_projection): its f32 weights are
+    # the op's 8th input, its input the op's 2nd; the B and C projections remain layers of their own.
     by_name = {op.get_friendly_name(): op for op in model.get_ops()}
     for layer in feeders:
-        op = by_name[layer]
-        assert op.input(1).get_source_output().get_node().get_element_type() == ov.Type.f32
-        assert source_through_shape_ops(op.input(0).get_source_output()).get_type_name() != "FakeQuantize"
+        assert (layer in by_name) != layer.endswith("dt_projs"), layer
+        if layer in by_name:
+            op = by_name[layer]
+            assert op.input(1).get_source_output().get_node().get_element_type() == ov.Type.f32
+            assert source_through_shape_ops(op.input(0).get_source_output()).get_type_name() != "FakeQuantize"
+    for scan in scans:
+        assert scan.get_input_size() == 8
+        assert scan.input(7).get_source_output().get_node().get_type_name() == "Constant"
     # The compiled model: scan ops run as f32 reference nodes; convolutions / fully connected layers on u8 inputs.
     runtime = runtime_layers(folder)
     assert {runtime[scan.get_friendly_name()] for scan in scans} == {("Reference", "f32")}

@@ -38,6 +38,7 @@ namespace vmamba {
 namespace VMAMBA_SCAN_VARIANT {
 
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 
 namespace {
 
@@ -65,6 +66,39 @@ VM_INLINE vf load(const float* p) {
   return v;
 }
 VM_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Storage of the data tensors: float, or bfloat16 bits (the upper half of a float32) in a uint16_t.
+typedef uint16_t vh __attribute__((vector_size(kNative * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(kNative * sizeof(uint32_t))));
+
+VM_INLINE float to_float(float x) { return x; }
+VM_INLINE float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+VM_INLINE void from_float(float x, float* dst) { *dst = x; }
+VM_INLINE void from_float(float x, uint16_t* dst) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  // Round to nearest even; a NaN keeps a set mantissa bit (rounding could carry it into an infinity).
+  *dst = x != x ? static_cast<uint16_t>((bits >> 16) | 0x40) : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+VM_INLINE vf load_row(const float* p) { return load(p); }
+VM_INLINE vf load_row(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
+}
+VM_INLINE void store_row(float* p, vf v) { store(p, v); }
+VM_INLINE void store_row(uint16_t* p, vf v) {
+  const vu bits = reinterpret_cast<vu>(v);
+  const vu rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vu kept = v != v ? ((bits >> 16) | 0x40u) : rounded;
+  const vh h = __builtin_convertvector(kept, vh);
+  std::memcpy(p, &h, sizeof(h));
+}
 
 constexpr float kLog2e = 1.44269504088896341f;
 
@@ -151,14 +185,15 @@ VM_INLINE void butterfly(vf* rows) {
 VM_INLINE void transpose_block(vf* rows) { butterfly<kNative / 2>(rows); }
 
 // dst[p * kLanes + c] = src[c * src_stride + p] for c < nc (0 for the padding lanes c >= nc), p < len.
-void to_lanes(const float* src, int64_t src_stride, int64_t nc, int64_t len, float* dst) {
+template <typename T>
+void to_lanes(const T* src, int64_t src_stride, int64_t nc, int64_t len, float* dst) {
   int64_t p0 = 0;
   for (; p0 + kNative <= len; p0 += kNative) {
     for (int64_t g = 0; g < kLanes; g += kNative) {
       vf rows[kNative];
       for (int r = 0; r < kNative; ++r) {
         if (g + r < nc) {
-          std::memcpy(&rows[r], src + (g + r) * src_stride + p0, sizeof(vf));
+          rows[r] = load_row(src + (g + r) * src_stride + p0);
         } else {
           rows[r] = vf{};
         }
@@ -168,12 +203,13 @@ void to_lanes(const float* src, int64_t src_stride, int64_t nc, int64_t len, flo
     }
   }
   for (; p0 < len; ++p0) {
-    for (int64_t c = 0; c < kLanes; ++c) dst[p0 * kLanes + c] = c < nc ? src[c * src_stride + p0] : 0.0f;
+    for (int64_t c = 0; c < kLanes; ++c) dst[p0 * kLanes + c] = c < nc ? to_float(src[c * src_stride + p0]) : 0.0f;
   }
 }
 
 // dst[c * dst_stride + p] = src[p * kLanes + c] for c < nc, p < len.
-void from_lanes(const float* src, int64_t nc, int64_t len, float* dst, int64_t dst_stride) {
+template <typename T>
+void from_lanes(const float* src, int64_t nc, int64_t len, T* dst, int64_t dst_stride) {
   int64_t p0 = 0;
   for (; p0 + kNative <= len; p0 += kNative) {
     for (int64_t g = 0; g < kLanes && g < nc; g += kNative) {
@@ -181,12 +217,45 @@ void from_lanes(const float* src, int64_t nc, int64_t len, float* dst, int64_t d
       for (int r = 0; r < kNative; ++r) std::memcpy(&rows[r], src + (p0 + r) * kLanes + g, sizeof(vf));
       transpose_block(rows);
       for (int r = 0; r < kNative && g + r < nc; ++r) {
-        std::memcpy(dst + (g + r) * dst_stride + p0, &rows[r], sizeof(vf));
+        store_row(dst + (g + r) * dst_stride + p0, rows[r]);
       }
     }
   }
   for (; p0 < len; ++p0) {
-    for (int64_t c = 0; c < nc; ++c) dst[c * dst_stride + p0] = src[p0 * kLanes + c];
+    for (int64_t c = 0; c < nc; ++c) from_float(src[p0 * kLanes + c], dst + c * dst_stride + p0);
+  }
+}
+
+// dst[p * kLanes + c] = sum_j w[c * r + j] * low[j * len + p] for c < nc (0 for the padding lanes): delta of one
+// direction from the input of its dt projection, computed straight into the lane layout. `w_lanes` is scratch for
+// r * kLanes floats. Vectorised along positions (each row of `low` is read once per kNative positions, as whole
+// vectors, and every weight is a broadcast operand of its FMA), then transposed into lanes like `to_lanes`: one
+// position at a time (a scalar load, convert and broadcast per FMA) made the op 60% slower.
+template <typename T>
+void project_to_lanes(const T* low, int64_t r, const float* w, int64_t nc, int64_t len, float* w_lanes, float* dst) {
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t c = 0; c < kLanes; ++c) w_lanes[j * kLanes + c] = c < nc ? w[c * r + j] : 0.0f;
+  }
+  for (int64_t p0 = 0; p0 < len; p0 += kNative) {
+    // The last block may be partial (maps of 14 x 14, 7 x 7): its positions are read zero-padded, as whole vectors too.
+    const int np = static_cast<int>(std::min<int64_t>(kNative, len - p0));
+    for (int64_t g = 0; g < kLanes; g += kNative) {
+      vf rows[kNative] = {};  // rows[q]: channel g + q at positions p0 ... p0 + kNative - 1
+      for (int64_t j = 0; j < r; ++j) {
+        vf x;
+        if (np == kNative) {
+          x = load_row(low + j * len + p0);
+        } else {
+          alignas(64) float part[kNative] = {};
+          for (int q = 0; q < np; ++q) part[q] = to_float(low[j * len + p0 + q]);
+          x = load(part);
+        }
+        const float* wj = w_lanes + j * kLanes + g;
+        for (int q = 0; q < kNative; ++q) rows[q] += splat(wj[q]) * x;
+      }
+      transpose_block(rows);
+      for (int q = 0; q < np; ++q) store(dst + (p0 + q) * kLanes + g, rows[q]);
+    }
   }
 }
 
@@ -211,9 +280,9 @@ Walk walk_for(int64_t k, int64_t h, int64_t w) {
 // NS > 0 fixes d_state at compile time (state kept in registers / fully unrolled); NS = 0 reads it from n.
 // bias[g], a[j * kGroups + g] (A * log2 e) and the state h[j * kGroups + g] are native vectors covering lanes
 // g * kNative...
-template <int NS>
+template <int NS, typename TB>
 void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float* u_t, float* y_t, const vf* bias,
-                    const vf* a, const float* bsrc, const float* csrc, int64_t pos_stride, int64_t state_stride,
+                    const vf* a, const TB* bsrc, const TB* csrc, int64_t pos_stride, int64_t state_stride,
                     vf* state_scratch) {
   const int64_t ns = NS > 0 ? NS : n;
   vf state_local[NS > 0 ? NS * kGroups : 1];
@@ -223,8 +292,8 @@ void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float
   for (int64_t o = 0; o < wk.n_outer; ++o, p_outer += wk.outer_step) {
     int64_t p = p_outer;
     for (int64_t i = 0; i < wk.n_inner; ++i, p += wk.inner_step) {
-      const float* bp = bsrc + p * pos_stride;
-      const float* cp = csrc + p * pos_stride;
+      const TB* bp = bsrc + p * pos_stride;
+      const TB* cp = csrc + p * pos_stride;
       vf dt[kGroups], dtu[kGroups], acc[kGroups];
       for (int g = 0; g < kGroups; ++g) {
         dt[g] = softplus(load(delta_t + p * kLanes + g * kNative) + bias[g]);
@@ -232,8 +301,8 @@ void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float
         acc[g] = vf{};
       }
       for (int64_t j = 0; j < ns; ++j) {
-        const float bj = bp[j * state_stride];
-        const float cj = cp[j * state_stride];
+        const float bj = to_float(bp[j * state_stride]);
+        const float cj = to_float(cp[j * state_stride]);
         for (int g = 0; g < kGroups; ++g) {
           vf& hj = h[j * kGroups + g];
           hj = exp2_nonpos(dt[g] * a[j * kGroups + g]) * hj + dtu[g] * bj;
@@ -268,8 +337,9 @@ class FlushDenormals {
 #endif
 };
 
+template <typename T>
 struct Job {
-  ScanTensors t;
+  ScanTensorsOf<T> t;
   ScanShape s;
   int64_t blocks;      // channel blocks per batch element
   const float* bc_t;   // d_state > 1: (batch, 4, L, [B(N) | C(N)]), else null
@@ -285,19 +355,21 @@ struct AlignedBuffer {
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
 };
 
+template <typename T>
 void run_item(void* arg, int64_t item) {
-  Job& job = *static_cast<Job*>(arg);
+  Job<T>& job = *static_cast<Job<T>*>(arg);
   const FlushDenormals ftz;
-  const ScanTensors& t = job.t;
+  const ScanTensorsOf<T>& t = job.t;
   const ScanShape& s = job.s;
   const int64_t di = s.d_inner, n = s.d_state, len = s.height * s.width;
   const int64_t b = item / job.blocks;
   const int64_t d0 = (item % job.blocks) * kLanes;
   const int64_t nc = std::min<int64_t>(kLanes, di - d0);
 
-  // Scratch: u, delta and y tiles, then per-state decay rates A and (generic d_state) the state itself.
+  // Scratch: u, delta and y tiles, then per-state decay rates A and (generic d_state) the state itself, then the
+  // fused dt projection's weights in lanes.
   const int64_t tile = len * kLanes;
-  AlignedBuffer buf(3 * tile + 2 * n * kLanes);  // a and state: n * kGroups vectors each
+  AlignedBuffer buf(3 * tile + 2 * n * kLanes + t.dt_rank * kLanes);  // a and state: n * kGroups vectors each
   if (buf.p == nullptr) {
     job.failed.store(true, std::memory_order_relaxed);
     return;
@@ -307,6 +379,7 @@ void run_item(void* arg, int64_t item) {
   float* y_t = delta_t + tile;
   vf* a = reinterpret_cast<vf*>(y_t + tile);
   vf* state = a + n * kGroups;
+  float* w_lanes = reinterpret_cast<float*>(state + n * kGroups);
 
   to_lanes(t.u + (b * di + d0) * len, len, nc, len, u_t);
 
@@ -323,7 +396,12 @@ void run_item(void* arg, int64_t item) {
   }
 
   for (int64_t k = 0; k < 4; ++k) {
-    to_lanes(t.delta + ((b * 4 + k) * di + d0) * len, len, nc, len, delta_t);
+    if (t.dt_weight != nullptr) {
+      project_to_lanes(t.delta + (b * 4 + k) * t.dt_rank * len, t.dt_rank, t.dt_weight + (k * di + d0) * t.dt_rank,
+                       nc, len, w_lanes, delta_t);
+    } else {
+      to_lanes(t.delta + ((b * 4 + k) * di + d0) * len, len, nc, len, delta_t);
+    }
     alignas(64) float bias_lanes[kLanes] = {};
     for (int64_t c = 0; c < nc; ++c) bias_lanes[c] = t.delta_bias[k * di + d0 + c];
     vf bias[kGroups];
@@ -336,8 +414,8 @@ void run_item(void* arg, int64_t item) {
     }
     const Walk wk = walk_for(k, s.height, s.width);
     if (n == 1) {
-      const float* bsrc = t.B + (b * 4 + k) * len;
-      const float* csrc = t.C + (b * 4 + k) * len;
+      const T* bsrc = t.B + (b * 4 + k) * len;
+      const T* csrc = t.C + (b * 4 + k) * len;
       scan_direction<1>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, csrc, 1, 0, state);
     } else {
       const float* bsrc = job.bc_t + (b * 4 + k) * len * 2 * n;
@@ -353,16 +431,17 @@ void run_item(void* arg, int64_t item) {
 }
 
 // d_state > 1: copy B and C of (batch b, direction k) into [position][B(0..N-1) | C(0..N-1)].
+template <typename T>
 void gather_bc(void* arg, int64_t item) {
-  Job& job = *static_cast<Job*>(arg);
+  Job<T>& job = *static_cast<Job<T>*>(arg);
   const int64_t n = job.s.d_state, len = job.s.height * job.s.width;
-  const float* bsrc = job.t.B + item * n * len;
-  const float* csrc = job.t.C + item * n * len;
+  const T* bsrc = job.t.B + item * n * len;
+  const T* csrc = job.t.C + item * n * len;
   float* dst = const_cast<float*>(job.bc_t) + item * len * 2 * n;
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t p = 0; p < len; ++p) {
-      dst[p * 2 * n + j] = bsrc[j * len + p];
-      dst[p * 2 * n + n + j] = csrc[j * len + p];
+      dst[p * 2 * n + j] = to_float(bsrc[j * len + p]);
+      dst[p * 2 * n + n + j] = to_float(csrc[j * len + p]);
     }
   }
 }
@@ -371,12 +450,11 @@ void serial_for(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   for (int64_t i = 0; i < n; ++i) fn(arg, i);
 }
 
-}  // namespace
-
-const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx) {
+template <typename T>
+const char* run_typed(const ScanTensorsOf<T>& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx) {
   if (parallel_for == nullptr) parallel_for = serial_for;
   const int64_t len = s.height * s.width;
-  Job job;
+  Job<T> job;
   job.t = t;
   job.s = s;
   job.blocks = (s.d_inner + kLanes - 1) / kLanes;
@@ -385,10 +463,20 @@ const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_f
   if (s.d_state > 1) {
     if (bc.p == nullptr) return "out of memory";
     job.bc_t = bc.p;
-    parallel_for(parallel_ctx, s.batch * 4, gather_bc, &job);
+    parallel_for(parallel_ctx, s.batch * 4, gather_bc<T>, &job);
   }
-  parallel_for(parallel_ctx, s.batch * job.blocks, run_item, &job);
+  parallel_for(parallel_ctx, s.batch * job.blocks, run_item<T>, &job);
   return job.failed.load() ? "out of memory" : nullptr;
+}
+
+}  // namespace
+
+const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx) {
+  return run_typed(t, s, parallel_for, parallel_ctx);
+}
+
+const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx) {
+  return run_typed(t, s, parallel_for, parallel_ctx);
 }
 
 }  // namespace VMAMBA_SCAN_VARIANT
@@ -398,21 +486,25 @@ const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_f
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
 namespace x86_64_v3 {
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 }
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
 namespace x86_64_v4 {
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 }
 #endif
 
 namespace {
 
 using RunFn = const char* (*)(const ScanTensors&, const ScanShape&, ParallelFor, void*);
+using RunBf16Fn = const char* (*)(const ScanTensorsBf16&, const ScanShape&, ParallelFor, void*);
 
 struct Variant {
   const char* name;
   RunFn run;
+  RunBf16Fn run_bf16;
 };
 
 Variant pick_variant() {
@@ -424,13 +516,13 @@ Variant pick_variant() {
   __builtin_cpu_init();
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
-  if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) return {"x86-64-v4", x86_64_v4::run};
+  if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) return {"x86-64-v4", x86_64_v4::run, x86_64_v4::run_bf16};
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
-  if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) return {"x86-64-v3", x86_64_v3::run};
+  if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16};
 #endif
   (void)allowed;
-  return {"generic", VMAMBA_SCAN_VARIANT::run};
+  return {"generic", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16};
 }
 
 const Variant& variant() {
@@ -452,12 +544,32 @@ const char* check_scan_shape(const ScanShape& s) {
   return nullptr;
 }
 
+namespace {
+
+// nullptr when the call can go to the kernel; else why not (or "" for an empty y: nothing to do).
+template <typename T>
+const char* check_call(const ScanTensorsOf<T>& t, const ScanShape& s) {
+  if (const char* err = check_scan_shape(s)) return err;
+  if (s.batch == 0 || s.d_inner == 0 || s.height == 0 || s.width == 0) return "";
+  if (!t.u || !t.delta || !t.A_logs || !t.B || !t.C || !t.D || !t.delta_bias || !t.y) return "null tensor pointer";
+  if (t.dt_weight != nullptr && (t.dt_rank < 1 || t.dt_rank > (int64_t{1} << 20))) return "dt_rank must be >= 1";
+  return nullptr;
+}
+
+const char* empty_is_success(const char* err) { return err != nullptr && *err == '\0' ? nullptr : err; }
+
+}  // namespace
+
 const char* selective_scan_2d_f32(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for,
                                   void* parallel_ctx) {
-  if (const char* err = check_scan_shape(s)) return err;
-  if (s.batch == 0 || s.d_inner == 0 || s.height == 0 || s.width == 0) return nullptr;  // empty y
-  if (!t.u || !t.delta || !t.A_logs || !t.B || !t.C || !t.D || !t.delta_bias || !t.y) return "null tensor pointer";
+  if (const char* err = check_call(t, s)) return empty_is_success(err);
   return variant().run(t, s, parallel_for, parallel_ctx);
+}
+
+const char* selective_scan_2d_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for,
+                                   void* parallel_ctx) {
+  if (const char* err = check_call(t, s)) return empty_is_success(err);
+  return variant().run_bf16(t, s, parallel_for, parallel_ctx);
 }
 
 const char* scan_isa() { return variant().name; }

@@ -14,6 +14,18 @@ bf16 is an inference precision, not a storage one: the IR keeps fp32 weights (co
 manifest entry says which INFERENCE_PRECISION_HINT to compile with ("f32" or "bf16"). The hint is also written into
 the IR's rt_info (runtime_options), so a plain `core.compile_model(xml)` picks the same precision.
 
+Three rewrites of the scan ops after conversion (`connect_scan_ops`), all for the CPU plugin's layouts. The plugin
+keeps convolution outputs in channel-blocked layouts and hands an extension op planar f32 tensors, converting in
+between. (1) B and C are taken straight from the convolutions that make them, flattened over the directions,
+instead of through a Reshape to 5-D (a Reshape needs a planar input, so each was reordered once for the Reshape and
+once more for the op). (2) The dt projection (the grouped 1x1 convolution making delta) is fused into the op
+(`fuse_dt_projection`): the op takes its (B, 4 * dt_rank, H, W) input, 1/16 the size of delta, and computes delta
+tile by tile, so the largest scan input is neither reordered nor stored. (3) In bf16 the op takes and gives bf16
+data (the kernel widens it exactly and keeps f32 state), where every input used to be converted to f32 and y back.
+Measured on vmamba_tiny_s1l8 in bf16 (OpenVINO per-node counters, median of 15 inferences, 2 threads): Reorders
+2.6 -> 0.7 ms, grouped convolutions 1.2 -> 0.4 ms, the scan ops 4.2 -> 4.5 ms (they now do the projection), the
+whole graph 26.8 -> 21.4 ms per image.
+
 int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
 weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
 """
@@ -83,6 +95,7 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
                 onnx_path, library, model.config.input, options, show_progress=show, calib_batch=calib
             )
 
+    connect_scan_ops(ov_model, bf16=hint == "bf16")
     scans = sum(1 for op in ov_model.get_ops() if op.get_type_name() == SCAN_OP_TYPE)
     expected = sum(model.config.depths)
     if scans != expected:  # the scan must stay one op per block: never decomposed, never duplicated
@@ -109,3 +122,67 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
         }
     )
     return entry, info
+
+
+# Inputs of SelectiveScan2D that carry data (the rest, A_logs, D and delta_bias, are f32 parameters), and those of
+# them made by a Reshape of a (B, K*C, H, W) convolution output.
+SCAN_DATA_INPUTS = (0, 1, 3, 4)
+SCAN_FLATTENED_INPUTS = (1, 3, 4)
+
+
+def connect_scan_ops(ov_model, bf16: bool) -> None:
+    """Rewire every scan op for the CPU plugin (module docstring): delta, B and C from the Reshapes' inputs when
+    all three are 4-D (the extension takes them flattened over the directions, the same memory); with `bf16`, Converts
+    to bf16 on the data inputs and back to f32 on y, so the plugin runs the op on bf16 data."""
+    import openvino as ov
+    from openvino import opset13
+
+    for op in ov_model.get_ops():
+        if op.get_type_name() != SCAN_OP_TYPE:
+            continue
+        producers = [op.input(i).get_source_output().get_node() for i in SCAN_FLATTENED_INPUTS]
+        # All three or none: the extension takes delta, B and C either all 5-D or all flattened.
+        if all(
+            p.get_type_name() == "Reshape" and p.get_input_partial_shape(0).rank.get_length() == 4 for p in producers
+        ):
+            for i, producer in zip(SCAN_FLATTENED_INPUTS, producers, strict=True):
+                op.input(i).replace_source_output(producer.input(0).get_source_output())
+            fuse_dt_projection(op)
+        if bf16:
+            for i in SCAN_DATA_INPUTS:  # dt_weight, when fused, stays f32 like the other parameters
+                source = op.input(i).get_source_output()
+                op.input(i).replace_source_output(opset13.convert(source, ov.Type.bf16).output(0))
+        op.validate_and_infer_types()
+        if bf16:
+            consumers = list(op.output(0).get_target_inputs())
+            back = opset13.convert(op.output(0), ov.Type.f32)
+            for consumer in consumers:
+                consumer.replace_source_output(back.output(0))
+    ov_model.validate_nodes_and_infer_types()
+
+
+def fuse_dt_projection(op) -> bool:
+    """Move the dt projection into the scan op when delta comes straight from it: a GroupConvolution of K groups
+    with constant (K, Di, R, 1, 1) weights. The op then takes the projection's input (B, K*R, H, W) and the weights
+    (K, Di, R) as an 8th input (kernels/openvino/extension.cpp). False, and nothing changed, for any other producer
+    (an int8 model whose projection NNCF quantized, say)."""
+    import numpy as np
+    from openvino import opset13
+
+    conv = op.input(1).get_source_output().get_node()
+    if conv.get_type_name() != "GroupConvolution":
+        return False
+    weights = conv.input(1).get_source_output().get_node()
+    if weights.get_type_name() != "Constant" or conv.get_input_partial_shape(0).rank.get_length() != 4:
+        return False
+    w = weights.get_data()
+    k, di = 4, op.get_input_partial_shape(0)[1].get_length()
+    if w.ndim != 5 or w.shape[:2] != (k, di) or w.shape[3:] != (1, 1) or w.dtype != np.float32:
+        return False
+    if any(conv.get_attributes()[name] != value for name, value in (("strides", [1, 1]), ("dilations", [1, 1]))):
+        return False
+    args = [op.input(i).get_source_output() for i in range(op.get_input_size())]
+    args[1] = conv.input(0).get_source_output()
+    args.append(opset13.constant(np.ascontiguousarray(w.reshape(k, di, w.shape[2]))).output(0))
+    op.set_arguments(args)
+    return True
