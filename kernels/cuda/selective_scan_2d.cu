@@ -10,11 +10,12 @@
 // kernel runs near the copy bandwidth instead of being bound by the latency of a long serial chain. Shared-memory
 // rows are padded to an odd stride, so the column directions (lanes kItems rows apart) are free of bank conflicts.
 //
-// d_state 16 (v0 models) and the d_state-1 maps too large for the block path (`scan_smem_kernel`): one thread block owns (batch b, a tile of `ct` channels) and
-// runs all four directions one after the other, so y is accumulated on chip: the block keeps the channels' y
-// (float32) and u in shared memory for the whole call and writes y to device memory once at the end. No two blocks
-// touch the same y element (no atomics, no per-direction scratch): the device-memory traffic is the floor, each
-// input read once from DRAM (B and C, shared by all channels of a direction, come from L2) and y written once.
+// d_state 16 (v0 models) and the d_state-1 maps too large for the block path (`scan_smem_kernel`): one thread block
+// owns (batch b, a tile of `ct` channels) and runs all four directions one after the other, so y is accumulated on
+// chip: the block keeps the channels' y (float32; and u, for d_state 1) in shared memory for the whole call and
+// writes y to device memory once at the end. No two blocks touch the same y element (no atomics, no per-direction
+// scratch). For d_state 16, B and C are first copied position-major ([position][B(16) | C(16)], `gather_bc_kernel`),
+// so a step reads them as eight 16-byte loads from one line instead of 32 loads from 32 planes.
 //
 // Inside a block each direction's sequence is cut into chunks of whole lines (rows for directions 0 and 2, columns
 // for 1 and 3; consecutive lanes own consecutive lines): a column-direction step of a warp then reads consecutive
@@ -41,6 +42,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <type_traits>
 
 namespace {
 
@@ -110,14 +112,59 @@ struct Params {
   int ct;   // channels per block
   int nch;  // chunk threads per channel
   int vec4;  // block kernel: rows of whole quads and aligned tensors, so staging loads four elements at once
+  const float* bc;  // d_state > 1: B and C position-major, (batch, 4, H*W, [B(N) | C(N)]) float32 (gather_bc_kernel)
 };
 
+// d_state > 1: B and C of every (b, k) copied position-major, [p][B(0..N-1) | C(0..N-1)] in float32, so a scan step
+// reads its 2N values as N/2 aligned 16-byte loads from one 128-byte line, instead of 2N loads N planes apart (which,
+// with the lanes of a warp on different lines of the map, touched 32 sectors per load: the d_state-16 kernel ran at
+// 2% of the copy bandwidth). One thread per (b, k, position); the reads are coalesced along positions.
+template <int N, typename T>
+__global__ void gather_bc_kernel(const T* __restrict__ B, const T* __restrict__ C, float* __restrict__ bc,
+                                 int64_t planes, int len) {
+  static_assert(N % 4 == 0, "position-major B/C is written as float4");
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= planes * len) return;
+  const int64_t plane = idx / len;
+  const int p = static_cast<int>(idx - plane * len);
+  const T* b = B + plane * N * len + p;
+  const T* c = C + plane * N * len + p;
+  float4* dst = reinterpret_cast<float4*>(bc + idx * 2 * N);
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    dst[i] = make_float4(to_f(b[(4 * i) * len]), to_f(b[(4 * i + 1) * len]), to_f(b[(4 * i + 2) * len]),
+                         to_f(b[(4 * i + 3) * len]));
+    dst[N / 4 + i] = make_float4(to_f(c[(4 * i) * len]), to_f(c[(4 * i + 1) * len]), to_f(c[(4 * i + 2) * len]),
+                                 to_f(c[(4 * i + 3) * len]));
+  }
+}
+
+// The B and C a scan of plane (b, k) reads: the input planes for d_state 1, the position-major copy otherwise
+// (`c_mat` unused then: C follows B in each position's row).
+template <typename BT>
+struct BcPlanes {
+  const BT* b;
+  const BT* c;
+};
+
+template <int N, typename T>
+__device__ __forceinline__ auto bc_planes(const Params& P, int64_t plane_bk, int len) {
+  if constexpr (N == 1) {
+    return BcPlanes<T>{static_cast<const T*>(P.B) + plane_bk * len, static_cast<const T*>(P.C) + plane_bk * len};
+  } else {
+    const float* bc = P.bc + plane_bk * len * 2 * N;
+    return BcPlanes<float>{bc, bc + N};
+  }
+}
+
 // One chunk (lines [l0, l1) in direction K's order) of one channel. `delta`, `b_mat`, `c_mat` point at the
-// (b, k, channel) / (b, k) planes; `u_row` / `y_row` are maps of row stride `stride` (shared or device memory).
+// (b, k, channel) / (b, k) planes; `u_map` is the channel's u (row stride `u_stride`) and `y_map` its y accumulator
+// (row stride `stride`), each in shared or device memory.
 // kPassB: add C . h to y; otherwise accumulate the chunk's dt sum (pass A).
-template <int N, typename T, typename UT, int K, bool kPassB>
-__device__ __forceinline__ void scan_chunk(int height, int width, int stride, int l0, int l1, const T* __restrict__ delta,
-                                           const T* __restrict__ b_mat, const T* __restrict__ c_mat, const UT* u_map,
+template <int N, typename T, typename BT, typename UT, int K, bool kPassB>
+__device__ __forceinline__ void scan_chunk(int height, int width, int stride, int u_stride, int l0, int l1,
+                                           const T* __restrict__ delta,
+                                           const BT* __restrict__ b_mat, const BT* __restrict__ c_mat, const UT* u_map,
                                            float* y_map, float bias, const float (&a2)[N], float (&h)[N],
                                            float& dt_sum) {
   constexpr bool kRows = (K % 2) == 0;
@@ -135,12 +182,25 @@ __device__ __forceinline__ void scan_chunk(int height, int width, int stride, in
       const int p = row * width + col;
       const int m = row * stride + col;
       const float dt = softplus(to_f(delta[p]) + bias);
-      const float dtu = dt * to_f(u_map[m]);
+      const float dtu = dt * to_f(u_map[row * u_stride + col]);
       float acc = 0.0f;
+      if constexpr (N == 1) {
+        h[0] = ex2(dt * a2[0]) * h[0] + dtu * to_f(b_mat[p]);
+        if constexpr (kPassB) acc = h[0] * to_f(c_mat[p]);
+      } else {
+        // Position-major B | C (bc_planes): N/4 + N/4 float4 loads from one line.
+        const float4* row4 = reinterpret_cast<const float4*>(b_mat + static_cast<int64_t>(p) * 2 * N);
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        h[n] = ex2(dt * a2[n]) * h[n] + dtu * to_f(b_mat[n * len + p]);
-        if constexpr (kPassB) acc += h[n] * to_f(c_mat[n * len + p]);
+        for (int i = 0; i < N / 4; ++i) {
+          const float4 bv = __ldg(row4 + i);
+          const float bq[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) h[4 * i + e] = ex2(dt * a2[4 * i + e]) * h[4 * i + e] + dtu * bq[e];
+          if constexpr (kPassB) {
+            const float4 cv = __ldg(row4 + N / 4 + i);
+            acc += h[4 * i] * cv.x + h[4 * i + 1] * cv.y + h[4 * i + 2] * cv.z + h[4 * i + 3] * cv.w;
+          }
+        }
       }
       if constexpr (kPassB) {
         y_map[m] += acc;
@@ -151,26 +211,26 @@ __device__ __forceinline__ void scan_chunk(int height, int width, int stride, in
   }
 }
 
-template <int N, typename T, typename UT, bool kPassB>
-__device__ __forceinline__ void scan_chunk_k(int k, int height, int width, int stride, int l0, int l1,
-                                             const T* delta, const T* b_mat, const T* c_mat, const UT* u_map,
+template <int N, typename T, typename BT, typename UT, bool kPassB>
+__device__ __forceinline__ void scan_chunk_k(int k, int height, int width, int stride, int u_stride, int l0, int l1,
+                                             const T* delta, const BT* b_mat, const BT* c_mat, const UT* u_map,
                                              float* y_map, float bias, const float (&a2)[N], float (&h)[N],
                                              float& dt_sum) {
   switch (k) {
     case 0:
-      scan_chunk<N, T, UT, 0, kPassB>(height, width, stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
+      scan_chunk<N, T, BT, UT, 0, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
                                       dt_sum);
       break;
     case 1:
-      scan_chunk<N, T, UT, 1, kPassB>(height, width, stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
+      scan_chunk<N, T, BT, UT, 1, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
                                       dt_sum);
       break;
     case 2:
-      scan_chunk<N, T, UT, 2, kPassB>(height, width, stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
+      scan_chunk<N, T, BT, UT, 2, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
                                       dt_sum);
       break;
     default:
-      scan_chunk<N, T, UT, 3, kPassB>(height, width, stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
+      scan_chunk<N, T, BT, UT, 3, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
                                       dt_sum);
       break;
   }
@@ -193,15 +253,17 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
   const int height = P.height, width = P.width, di = P.di, stride = P.wp, nch = P.nch;
   const int len = height * width;
   const int plane = height * stride;
-  float* sy = smem;                    // [ct][plane] y accumulator
-  float* su = sy + P.ct * plane;       // [ct][plane] u
-  float* carry = su + P.ct * plane;    // [ct][nch][N + 1] chunk end states and dt sums, then initial states
+  // d_state 16 reads u from device memory (through L1) instead of staging it: half the shared memory per channel,
+  // so more blocks per multiprocessor to hide the latency of the serial steps (vanilla tiny stage 1, batch 128, H200:
+  // 21.0 -> 17.2 ms). d_state 1 (here only for maps too large for the block kernel) stages it (3.1 against 4.5 ms).
+  constexpr bool kStageU = N == 1;
+  float* sy = smem;                                  // [ct][plane] y accumulator
+  float* su = sy + P.ct * plane;                     // d_state 1: [ct][plane] u
+  float* carry = su + (kStageU ? P.ct * plane : 0);  // [ct][nch][N + 1] chunk end states and dt sums, then states in
 
   const T* u = static_cast<const T*>(P.u);
   const T* delta = static_cast<const T*>(P.delta);
   const T* A_logs = static_cast<const T*>(P.A_logs);
-  const T* Bm = static_cast<const T*>(P.B);
-  const T* Cm = static_cast<const T*>(P.C);
   const T* D = static_cast<const T*>(P.D);
   const T* dbias = static_cast<const T*>(P.delta_bias);
   T* y = static_cast<T*>(P.y);
@@ -210,7 +272,7 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
   const int c0 = blockIdx.x * P.ct;
   const int nc = min(P.ct, di - c0);
 
-  // u into shared memory (coalesced), y = (sum over directions of D) * u.
+  // y = (sum over directions of D) * u (coalesced reads).
   for (int idx = threadIdx.x; idx < nc * len; idx += blockDim.x) {
     const int cl = idx / len;
     const int p = idx - cl * len;
@@ -218,7 +280,7 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
     const int col = p - row * width;
     const float uu = to_f(u[(static_cast<int64_t>(b) * di + c0 + cl) * len + p]);
     const int m = cl * plane + row * stride + col;
-    su[m] = uu;
+    if constexpr (kStageU) su[m] = uu;
     sy[m] = d_sum(D, di, c0 + cl) * uu;
   }
   __syncthreads();
@@ -238,8 +300,17 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
     const int l1 = min(nlines, l0 + lpc);
     const int64_t plane_bk = static_cast<int64_t>(b) * 4 + k;
     const T* delta_c = delta + (plane_bk * di + c) * len;
-    const T* b_mat = Bm + plane_bk * N * len;
-    const T* c_mat = Cm + plane_bk * N * len;
+    const auto [b_mat, c_mat] = bc_planes<N, T>(P, plane_bk, len);
+    using BT = std::remove_cv_t<std::remove_pointer_t<decltype(b_mat)>>;
+    // This channel's u: staged (row stride `stride`) or in device memory (row stride `width`).
+    using UT = std::conditional_t<kStageU, float, T>;
+    const UT* u_c;
+    if constexpr (kStageU) {
+      u_c = su + cl * plane;
+    } else {
+      u_c = u + (static_cast<int64_t>(b) * di + c) * len;
+    }
+    const int u_stride = kStageU ? stride : width;
     float a2[N];
     load_a2<N>(A_logs, di, k, c, a2);
     const float bias = to_f(dbias[k * di + c]);
@@ -251,8 +322,8 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
       // Pass A: every chunk but the last, from a zero state.
       float dt_sum = 0.0f;
       if (active && q + 1 < nchunks) {
-        scan_chunk_k<N, T, float, false>(k, height, width, stride, l0, l1, delta_c, b_mat, c_mat,
-                                         su + cl * plane, nullptr, bias, a2, h, dt_sum);
+        scan_chunk_k<N, T, BT, UT, false>(k, height, width, stride, u_stride, l0, l1, delta_c, b_mat, c_mat, u_c,
+                                          nullptr, bias, a2, h, dt_sum);
 #pragma unroll
         for (int n = 0; n < N; ++n) my_carry[n] = h[n];
         my_carry[N] = dt_sum;
@@ -286,7 +357,7 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
     // Pass B: from the true initial state, adding C . h into y.
     if (active) {
       float unused = 0.0f;
-      scan_chunk_k<N, T, float, true>(k, height, width, stride, l0, l1, delta_c, b_mat, c_mat, su + cl * plane,
+      scan_chunk_k<N, T, BT, UT, true>(k, height, width, stride, u_stride, l0, l1, delta_c, b_mat, c_mat, u_c,
                                       sy + cl * plane, bias, a2, h, unused);
     }
     __syncthreads();  // the next direction's chunks cover other lines of the same y; carry slots are reused
@@ -623,8 +694,7 @@ __global__ void __launch_bounds__(128) scan_global_kernel(Params P, float* acc) 
   for (int k = 0; k < 4; ++k) {
     const int64_t plane_bk = static_cast<int64_t>(b) * 4 + k;
     const T* delta_c = static_cast<const T*>(P.delta) + (plane_bk * di + c) * len;
-    const T* b_mat = static_cast<const T*>(P.B) + plane_bk * N * len;
-    const T* c_mat = static_cast<const T*>(P.C) + plane_bk * N * len;
+    const auto [b_mat, c_mat] = bc_planes<N, T>(P, plane_bk, len);
     float a2[N];
     load_a2<N>(A_logs, di, k, c, a2);
     const float bias = to_f(static_cast<const T*>(P.delta_bias)[k * di + c]);
@@ -633,7 +703,8 @@ __global__ void __launch_bounds__(128) scan_global_kernel(Params P, float* acc) 
     for (int n = 0; n < N; ++n) h[n] = 0.0f;
     float unused = 0.0f;
     const int nlines = (k % 2 == 0) ? height : width;
-    scan_chunk_k<N, T, T, true>(k, height, width, width, 0, nlines, delta_c, b_mat, c_mat, u_map, y_map, bias, a2,
+    using BT = std::remove_cv_t<std::remove_pointer_t<decltype(b_mat)>>;
+    scan_chunk_k<N, T, BT, T, true>(k, height, width, width, width, 0, nlines, delta_c, b_mat, c_mat, u_map, y_map, bias, a2,
                                 h, unused);
   }
 }
@@ -698,7 +769,36 @@ const char* launch_block(Params P, cudaStream_t stream, size_t smem_optin, bool*
 }
 
 template <int N, typename T>
+const char* launch_scan(const Params& base, cudaStream_t stream);
+
+// d_state > 1: stage B and C position-major in a scratch buffer on the stream (gather_bc_kernel), scan, free it.
+template <int N, typename T>
 const char* launch(const Params& base, cudaStream_t stream) {
+  if constexpr (N == 1) {
+    return launch_scan<N, T>(base, stream);
+  } else {
+    Params P = base;
+    const int64_t planes = static_cast<int64_t>(P.batch) * 4;
+    const int64_t positions = planes * P.height * P.width;
+    float* bc = nullptr;
+    cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&bc), positions * 2 * N * sizeof(float), stream);
+    if (err != cudaSuccess) return cuda_error(err, "cudaMallocAsync (position-major B and C)");
+    gather_bc_kernel<N, T><<<static_cast<unsigned>((positions + 255) / 256), 256, 0, stream>>>(
+        static_cast<const T*>(P.B), static_cast<const T*>(P.C), bc, planes, P.height * P.width);
+    err = cudaGetLastError();
+    const char* result = err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (B/C staging) launch");
+    if (result == nullptr) {
+      P.bc = bc;
+      result = launch_scan<N, T>(P, stream);
+    }
+    const cudaError_t free_err = cudaFreeAsync(bc, stream);
+    if (result == nullptr && free_err != cudaSuccess) result = cuda_error(free_err, "cudaFreeAsync");
+    return result;
+  }
+}
+
+template <int N, typename T>
+const char* launch_scan(const Params& base, cudaStream_t stream) {
   Params P = base;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -722,7 +822,8 @@ const char* launch(const Params& base, cudaStream_t stream) {
   P.nch = std::min(lines, g_chunks > 0 ? g_chunks : 64);
   P.wp = (P.width % 2 == 0) ? P.width + 1 : P.width;
   auto smem_bytes = [&](int ct) {
-    return static_cast<size_t>(ct) * (2 * static_cast<size_t>(P.height) * P.wp + P.nch * (N + 1)) * sizeof(float);
+    const size_t planes = N == 1 ? 2 : 1;  // y, and u for d_state 1 (scan_smem_kernel)
+    return static_cast<size_t>(ct) * (planes * P.height * P.wp + P.nch * (N + 1)) * sizeof(float);
   };
   // More channels per block share B and C through L1 (they are per direction, not per channel), fewer keep more
   // blocks in flight when the batch is small.
