@@ -375,3 +375,30 @@ def test_build_skips_the_extension_without_openvino(monkeypatch):
     )
     result = build_kernels.build_openvino(build_kernels._scan_units(), [], kernels_built=False, force=False)
     assert result == "skipped: the openvino package is not installed (pip install openvino)"
+
+
+def test_extension_build_flags_come_from_the_wheels_cmake_config(tmp_path):
+    """The build reads openvino::runtime's definitions, include directory and libraries from the wheel's CMake export
+    files (no CMake run): checked on the installed wheel, then on a hand-written export file, then a missing one."""
+    from vmamba_export import build_kernels
+
+    toolchain = build_kernels.openvino_toolchain()
+    assert "OV_THREAD=OV_THREAD_TBB_ADAPTIVE" in toolchain.definitions
+    assert (toolchain.include / "openvino" / "core" / "version.hpp").is_file()
+    assert [lib.name.split(".so")[0] for lib in toolchain.libraries] == ["libopenvino", "libtbb"]
+    assert all(lib.is_file() for lib in toolchain.libraries)
+
+    export = tmp_path / "Targets.cmake"
+    export.write_text(
+        'set_target_properties(other PROPERTIES\n  X "1"\n)\n'
+        "set_target_properties(ns::lib PROPERTIES\n"
+        '  INTERFACE_COMPILE_DEFINITIONS "A=1;B"\n'
+        '  INTERFACE_INCLUDE_DIRECTORIES "${_IMPORT_PREFIX}/inc"\n'
+        ")\n"
+    )
+    props = build_kernels._cmake_target_properties(export, "ns::lib", Path("/prefix"))
+    assert props == {"INTERFACE_COMPILE_DEFINITIONS": "A=1;B", "INTERFACE_INCLUDE_DIRECTORIES": "/prefix/inc"}
+    with pytest.raises(build_kernels.BuildError, match="defines no target ns::missing"):
+        build_kernels._cmake_target_properties(export, "ns::missing", Path("/prefix"))
+    with pytest.raises(build_kernels.BuildError, match="Nope.cmake"):
+        build_kernels._cmake_target_properties(tmp_path / "Nope.cmake", "ns::lib", Path("/prefix"))

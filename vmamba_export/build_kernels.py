@@ -12,8 +12,11 @@ is skipped with a message when nvcc is absent. VMAMBA_CUDA_ARCHS="90" (space- or
 architectures for a quick local build. It is linked with `-cudart static` and never against ONNX Runtime.
 
 g++ is called directly (no CMake): five small translation units compiled in parallel take seconds, which matters
-because CI builds on every fresh clone. On x86-64 the kernel is compiled three times (baseline, x86-64-v3 = AVX2/FMA,
-x86-64-v4 = AVX-512) and picks one at run time from CPUID, so the libraries are portable; never -march=native.
+because CI builds on every fresh clone. The OpenVINO extension still builds against the CMake config the openvino
+wheel ships: its compile definitions, include directory and libraries are read from the wheel's
+cmake/OpenVINOTargets*.cmake and TBBTargets-release.cmake (`openvino_toolchain`). On x86-64 the kernel is compiled
+three times (baseline, x86-64-v3 = AVX2/FMA, x86-64-v4 = AVX-512) and picks one at run time from CPUID, so the
+libraries are portable; never -march=native.
 
 ONNX Runtime's pip wheels ship no C/C++ headers. They come from Debian trixie's `libonnxruntime-dev` (1.21), fetched
 with `apt-get download` through a one-off sources list and unpacked with `dpkg -x` under kernels/build/ (git-ignored):
@@ -30,6 +33,7 @@ import argparse
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -270,11 +274,38 @@ def build_cuda(
     return f"built ({time.perf_counter() - start:.0f} s)"
 
 
-def openvino_toolchain() -> tuple[str, Path, list[Path]]:
-    """(version, include dir, [libopenvino, libtbb]) of the installed openvino wheel, found without importing it.
+@dataclass(frozen=True)
+class OpenVINOToolchain:
+    """What the openvino wheel's CMake config (cmake/OpenVINOTargets*.cmake, TBBTargets-release.cmake) gives a
+    consumer of `openvino::runtime`: its compile definitions, include directory and the imported libraries (the
+    versioned libopenvino.so.<YYYYMP> and the libtbb it depends on)."""
 
-    The wheel ships its headers and versioned libraries (libopenvino.so.2641 for 2026.4.1, no unversioned link), so
-    the extension is compiled with g++ directly against them, like the other libraries; no CMake needed."""
+    version: str
+    definitions: tuple[str, ...]
+    include: Path
+    libraries: tuple[Path, ...]
+
+
+def _cmake_target_properties(cmake_file: Path, target: str, prefix: Path) -> dict[str, str]:
+    """The properties a CMake export file sets on `target` (set_target_properties blocks), ${_IMPORT_PREFIX}
+    replaced by `prefix`."""
+    if not cmake_file.is_file():
+        raise BuildError(f"the openvino wheel has no {cmake_file} (its CMake config): reinstall openvino")
+    text = cmake_file.read_text()
+    properties: dict[str, str] = {}
+    for block in re.finditer(rf"set_target_properties\({re.escape(target)} PROPERTIES(.*?)\n\s*\)", text, re.S):
+        for name, value in re.findall(r'^\s*([A-Z_]+) "([^"]*)"', block.group(1), re.M):
+            properties[name] = value.replace("${_IMPORT_PREFIX}", str(prefix))
+    if not properties:
+        raise BuildError(f"{cmake_file} defines no target {target}")
+    return properties
+
+
+def openvino_toolchain() -> OpenVINOToolchain:
+    """The installed openvino wheel as its CMake config describes `openvino::runtime`, read without importing
+    openvino or running CMake: the extension is compiled with g++ directly (seconds), with exactly the definitions,
+    include directory and libraries `find_package(OpenVINO)` + `target_link_libraries(... openvino::runtime)` would
+    give it."""
     import importlib.util
     from importlib import metadata
 
@@ -282,13 +313,19 @@ def openvino_toolchain() -> tuple[str, Path, list[Path]]:
     if spec is None or not spec.submodule_search_locations:
         raise BuildError("the openvino package is not installed (pip install openvino)")
     root = Path(list(spec.submodule_search_locations)[0])
-    include, libs = root / "include", root / "libs"
+    cmake, prefix = root / "cmake", root.parent  # the export files compute _IMPORT_PREFIX three levels up
+    runtime = _cmake_target_properties(cmake / "OpenVINOTargets.cmake", "openvino::runtime", prefix)
+    imported = _cmake_target_properties(cmake / "OpenVINOTargets-release.cmake", "openvino::runtime", prefix)
+    tbb = _cmake_target_properties(cmake / "TBBTargets-release.cmake", "TBB::tbb", prefix)
+    include = Path(runtime.get("INTERFACE_INCLUDE_DIRECTORIES", "").split(";")[0])
     if not (include / "openvino" / "core" / "version.hpp").is_file():
-        raise BuildError(f"{root} holds no C++ headers (include/openvino)")
-    found = [sorted(libs.glob(f"{name}.so.*")) for name in ("libopenvino", "libtbb")]
-    if not all(found):
-        raise BuildError(f"{libs} holds no libopenvino.so.* / libtbb.so.* (only Linux wheels are supported)")
-    return metadata.version("openvino"), include, [paths[0] for paths in found]
+        raise BuildError(f"{include} (INTERFACE_INCLUDE_DIRECTORIES of openvino::runtime) holds no C++ headers")
+    libraries = tuple(Path(props.get("IMPORTED_LOCATION_RELEASE", "")) for props in (imported, tbb))
+    missing = [str(lib) for lib in libraries if not lib.is_file()]
+    if missing:
+        raise BuildError(f"libraries named by the openvino CMake config are missing: {', '.join(missing)}")
+    definitions = tuple(d for d in runtime.get("INTERFACE_COMPILE_DEFINITIONS", "").split(";") if d)
+    return OpenVINOToolchain(metadata.version("openvino"), definitions, include, libraries)
 
 
 def build_openvino(
@@ -297,16 +334,17 @@ def build_openvino(
     """The OpenVINO extension library; "skipped: why" when openvino is not installed."""
     lib = NATIVE_DIR / OPENVINO_LIBRARY_NAME
     try:
-        version, include, libraries = openvino_toolchain()
+        toolchain = openvino_toolchain()
     except BuildError as exc:
         return f"skipped: {exc}"
     ext = Unit(
         KERNELS / "openvino" / "extension.cpp",
         BUILD / "obj" / "openvino_extension.o",
-        # What OpenVINO's CMake config gives its users (OpenVINOTargets.cmake, openvino::runtime); -isystem keeps
-        # the -Wextra noise of OpenVINO's headers out of the build log.
-        ["-D_GLIBCXX_USE_CXX11_ABI=1", "-DOV_THREAD=OV_THREAD_TBB_ADAPTIVE", "-isystem", str(include)],
+        # The wheel's CMake config for openvino::runtime (openvino_toolchain); -isystem keeps the -Wextra noise of
+        # OpenVINO's headers out of the build log.
+        [*(f"-D{d}" for d in toolchain.definitions), "-isystem", str(toolchain.include)],
     )
+    version, libraries = toolchain.version, list(toolchain.libraries)
     digest = _digest([*kernel_sources, ext.source, " ".join(ext.flags), version, *map(str, libraries)])
     if not force and _up_to_date(lib, digest):
         return "up to date"
