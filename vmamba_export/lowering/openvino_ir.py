@@ -22,9 +22,9 @@ once more for the op). (2) The dt projection (the grouped 1x1 convolution making
 (`fuse_dt_projection`): the op takes its (B, 4 * dt_rank, H, W) input, 1/16 the size of delta, and computes delta
 tile by tile, so the largest scan input is neither reordered nor stored. (3) In bf16 the op takes and gives bf16
 data (the kernel widens it exactly and keeps f32 state), where every input used to be converted to f32 and y back.
-Measured on vmamba_tiny_s1l8 in bf16 (OpenVINO per-node counters, median of 15 inferences, 2 threads): Reorders
-2.6 -> 0.7 ms, grouped convolutions 1.2 -> 0.4 ms, the scan ops 4.2 -> 4.5 ms (they now do the projection), the
-whole graph 26.8 -> 21.4 ms per image.
+Measured on vmamba_tiny_s1l8 in bf16 by benchmarks/cpu_openvino.py's per-node counters (results/cpu_openvino.json,
+before and after): all Reorders 3.9 -> 0.7 ms per image, grouped convolutions 1.4 -> 0.4 ms, the scan ops 3.4 ->
+4.5 ms (they now do the projection), node total 27.8 -> 21.9 ms; latency 1.38x -> 1.21x ConvNeXt-T bf16.
 
 int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
 weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
