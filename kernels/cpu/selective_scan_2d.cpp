@@ -83,7 +83,8 @@ VM_INLINE void from_float(float x, uint16_t* dst) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   // Round to nearest even; a NaN keeps a set mantissa bit (rounding could carry it into an infinity).
-  *dst = x != x ? static_cast<uint16_t>((bits >> 16) | 0x40) : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  *dst = x != x ? static_cast<uint16_t>((bits >> 16) | 0x40)
+                : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 VM_INLINE vf load_row(const float* p) { return load(p); }
 VM_INLINE vf load_row(const uint16_t* p) {
@@ -237,7 +238,7 @@ void project_to_lanes(const T* low, int64_t r, const float* w, int64_t nc, int64
     for (int64_t c = 0; c < kLanes; ++c) w_lanes[j * kLanes + c] = c < nc ? w[c * r + j] : 0.0f;
   }
   for (int64_t p0 = 0; p0 < len; p0 += kNative) {
-    // The last block may be partial (maps of 14 x 14, 7 x 7): its positions are read zero-padded, as whole vectors too.
+    // The last block may be partial (14 x 14, 7 x 7 maps): its positions are read zero-padded, as whole vectors too.
     const int np = static_cast<int>(std::min<int64_t>(kNative, len - p0));
     for (int64_t g = 0; g < kLanes; g += kNative) {
       vf rows[kNative] = {};  // rows[q]: channel g + q at positions p0 ... p0 + kNative - 1
@@ -516,10 +517,14 @@ Variant pick_variant() {
   __builtin_cpu_init();
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
-  if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) return {"x86-64-v4", x86_64_v4::run, x86_64_v4::run_bf16};
+  if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) {
+    return {"x86-64-v4", x86_64_v4::run, x86_64_v4::run_bf16};
+  }
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
-  if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16};
+  if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) {
+    return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16};
+  }
 #endif
   (void)allowed;
   return {"generic", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16};

@@ -218,20 +218,20 @@ __device__ __forceinline__ void scan_chunk_k(int k, int height, int width, int s
                                              float& dt_sum) {
   switch (k) {
     case 0:
-      scan_chunk<N, T, BT, UT, 0, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
-                                      dt_sum);
+      scan_chunk<N, T, BT, UT, 0, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
+                                            y_map, bias, a2, h, dt_sum);
       break;
     case 1:
-      scan_chunk<N, T, BT, UT, 1, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
-                                      dt_sum);
+      scan_chunk<N, T, BT, UT, 1, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
+                                            y_map, bias, a2, h, dt_sum);
       break;
     case 2:
-      scan_chunk<N, T, BT, UT, 2, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
-                                      dt_sum);
+      scan_chunk<N, T, BT, UT, 2, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
+                                            y_map, bias, a2, h, dt_sum);
       break;
     default:
-      scan_chunk<N, T, BT, UT, 3, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map, y_map, bias, a2, h,
-                                      dt_sum);
+      scan_chunk<N, T, BT, UT, 3, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
+                                            y_map, bias, a2, h, dt_sum);
       break;
   }
 }
@@ -704,8 +704,8 @@ __global__ void __launch_bounds__(128) scan_global_kernel(Params P, float* acc) 
     float unused = 0.0f;
     const int nlines = (k % 2 == 0) ? height : width;
     using BT = std::remove_cv_t<std::remove_pointer_t<decltype(b_mat)>>;
-    scan_chunk_k<N, T, BT, T, true>(k, height, width, width, width, 0, nlines, delta_c, b_mat, c_mat, u_map, y_map, bias, a2,
-                                h, unused);
+    scan_chunk_k<N, T, BT, T, true>(k, height, width, width, width, 0, nlines, delta_c, b_mat, c_mat, u_map, y_map,
+                                    bias, a2, h, unused);
   }
 }
 

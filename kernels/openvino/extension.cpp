@@ -53,8 +53,8 @@ class SelectiveScan2D : public ov::op::Op {
   void validate_and_infer_types() override {
     const size_t count = get_input_size();
     NODE_VALIDATION_CHECK(this, count == kNumInputs || count == kNumInputs + 1,
-                          "SelectiveScan2D expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias) or 8 (+ dt_weight), "
-                          "got ", count);
+                          "SelectiveScan2D expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias) or 8 "
+                          "(+ dt_weight), got ", count);
     const auto type = get_input_element_type(0);
     NODE_VALIDATION_CHECK(this, type.is_dynamic() || type == ov::element::f32 || type == ov::element::bf16,
                           "input 'u' must be f32 or bf16, got ", type);
