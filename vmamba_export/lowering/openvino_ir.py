@@ -24,7 +24,7 @@ tile by tile, so the largest scan input is neither reordered nor stored. (3) In 
 data (the kernel widens it exactly and keeps f32 state), where every input used to be converted to f32 and y back.
 Measured on vmamba_tiny_s1l8 in bf16 by benchmarks/cpu_openvino.py's per-node counters (results/cpu_openvino.json,
 before and after): all Reorders 3.9 -> 0.7 ms per image, grouped convolutions 1.4 -> 0.4 ms, the scan ops 3.4 ->
-4.5 ms (they now do the projection), node total 27.8 -> 21.9 ms; latency 1.38x -> 1.21x ConvNeXt-T bf16.
+4.5 ms (they now do the projection), node total 27.8 -> 21.6 ms; latency 1.38x -> 1.21x ConvNeXt-T bf16.
 
 int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
 weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
