@@ -402,3 +402,23 @@ def test_extension_build_flags_come_from_the_wheels_cmake_config(tmp_path):
         build_kernels._cmake_target_properties(export, "ns::missing", Path("/prefix"))
     with pytest.raises(build_kernels.BuildError, match="Nope.cmake"):
         build_kernels._cmake_target_properties(tmp_path / "Nope.cmake", "ns::lib", Path("/prefix"))
+
+
+def test_connect_scan_ops_leaves_other_producers_alone(tmp_path):
+    """The rewiring only touches what it recognises: a scan whose inputs are plain model inputs (no Reshape, no
+    grouped convolution) keeps its 7 inputs and 5-D shapes; with bf16 it only gains the Converts."""
+    from vmamba_export.lowering.onnx_export import one_node_scan_model
+    from vmamba_export.lowering.openvino_ir import connect_scan_ops
+
+    path = tmp_path / "scan.onnx"
+    path.write_bytes(one_node_scan_model(1).SerializeToString())
+    for bf16 in (False, True):
+        model = ov.convert_model(str(path), extension=str(openvino_extension_path()))
+        connect_scan_ops(model, bf16=bf16)
+        (scan,) = [op for op in model.get_ops() if op.get_type_name() == "SelectiveScan2D"]
+        assert scan.get_input_size() == 7
+        assert scan.get_input_partial_shape(1).rank.get_length() == 5
+        converts = [op for op in model.get_ops() if op.get_type_name() == "Convert"]
+        assert len(converts) == (5 if bf16 else 0)  # u, delta, B, C to bf16 and y back
+        assert scan.get_input_element_type(0) == (ov.Type.bf16 if bf16 else ov.Type.f32)
+        assert scan.get_input_element_type(2) == ov.Type.f32
