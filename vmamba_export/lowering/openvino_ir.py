@@ -179,7 +179,9 @@ def fuse_dt_projection(op) -> bool:
     k, di = 4, op.get_input_partial_shape(0)[1].get_length()
     if w.ndim != 5 or w.shape[:2] != (k, di) or w.shape[3:] != (1, 1) or w.dtype != np.float32:
         return False
-    if any(conv.get_attributes()[name] != value for name, value in (("strides", [1, 1]), ("dilations", [1, 1]))):
+    expected = {"strides": [1, 1], "dilations": [1, 1], "pads_begin": [0, 0], "pads_end": [0, 0]}
+    attributes = conv.get_attributes()
+    if any(attributes.get(name) != value for name, value in expected.items()):
         return False
     args = [op.input(i).get_source_output() for i in range(op.get_input_size())]
     args[1] = conv.input(0).get_source_output()
