@@ -551,30 +551,29 @@ const char* check_scan_shape(const ScanShape& s) {
 
 namespace {
 
-// nullptr when the call can go to the kernel; else why not (or "" for an empty y: nothing to do).
-template <typename T>
-const char* check_call(const ScanTensorsOf<T>& t, const ScanShape& s) {
+// The checks shared by both entry points, then `run` (nullptr: success, including an empty y; else why not).
+template <typename T, typename Run>
+const char* checked_run(const ScanTensorsOf<T>& t, const ScanShape& s, Run run, ParallelFor parallel_for,
+                        void* parallel_ctx) {
   if (const char* err = check_scan_shape(s)) return err;
-  if (s.batch == 0 || s.d_inner == 0 || s.height == 0 || s.width == 0) return "";
+  if (s.batch == 0 || s.d_inner == 0 || s.height == 0 || s.width == 0) return nullptr;  // empty y
   if (!t.u || !t.delta || !t.A_logs || !t.B || !t.C || !t.D || !t.delta_bias || !t.y) return "null tensor pointer";
-  if (t.dt_weight != nullptr && (t.dt_rank < 1 || t.dt_rank > (int64_t{1} << 20))) return "dt_rank must be >= 1";
-  return nullptr;
+  if (t.dt_weight != nullptr && (t.dt_rank < 1 || t.dt_rank > (int64_t{1} << 20))) {
+    return "dt_rank must be between 1 and 2^20";
+  }
+  return run(t, s, parallel_for, parallel_ctx);
 }
-
-const char* empty_is_success(const char* err) { return err != nullptr && *err == '\0' ? nullptr : err; }
 
 }  // namespace
 
 const char* selective_scan_2d_f32(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for,
                                   void* parallel_ctx) {
-  if (const char* err = check_call(t, s)) return empty_is_success(err);
-  return variant().run(t, s, parallel_for, parallel_ctx);
+  return checked_run(t, s, variant().run, parallel_for, parallel_ctx);
 }
 
 const char* selective_scan_2d_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for,
                                    void* parallel_ctx) {
-  if (const char* err = check_call(t, s)) return empty_is_success(err);
-  return variant().run_bf16(t, s, parallel_for, parallel_ctx);
+  return checked_run(t, s, variant().run_bf16, parallel_for, parallel_ctx);
 }
 
 const char* scan_isa() { return variant().name; }
