@@ -163,32 +163,18 @@ def test_scan_op_runs_on_bf16_data_under_bf16_inference(artifacts):
 
 
 def _one_scan_node_ir(shapes: list[list[int]], bf16: bool, folder: Path):
-    """One SelectiveScan2D node converted from ONNX with the extension; f32 model inputs and output, and with `bf16`
-    Casts to bf16 on u, delta, B and C and back from y, so the op itself runs on bf16 data."""
-    from onnx import TensorProto, helper
+    """One SelectiveScan2D node converted from ONNX with the extension and rewired by the lowering's own
+    `connect_scan_ops`: f32 model inputs and output, and with `bf16` the Converts that make the op itself run on
+    bf16 data (u, delta, B, C and y)."""
+    from vmamba_export.lowering.onnx_export import one_node_scan_model
+    from vmamba_export.lowering.openvino_ir import connect_scan_ops
 
-    from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, ONNX_OP, OPSET, SCAN_INPUTS
-
-    nodes, names = [], []
-    for i, name in enumerate(SCAN_INPUTS):
-        if bf16 and i in (0, 1, 3, 4):
-            nodes.append(helper.make_node("Cast", [name], [name + "_bf16"], to=TensorProto.BFLOAT16))
-            name += "_bf16"
-        names.append(name)
-    nodes.append(helper.make_node(ONNX_OP, names, ["y_op"], domain=ONNX_DOMAIN))
-    nodes.append(helper.make_node("Cast", ["y_op"], ["y"], to=TensorProto.FLOAT))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(SCAN_INPUTS, shapes)]
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[0])
-    model = helper.make_model(
-        helper.make_graph(nodes, "scan", inputs, [output]),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
-        ir_version=IR_VERSION,
-    )
-    path = folder / f"scan_{'bf16' if bf16 else 'f32'}.onnx"
-    path.write_bytes(model.SerializeToString())
+    path = folder / "scan.onnx"
+    path.write_bytes(one_node_scan_model(shapes=shapes).SerializeToString())
+    converted = ov.convert_model(str(path), extension=str(openvino_extension_path()))
+    connect_scan_ops(converted, bf16=bf16)
     core = ov.Core()
     core.add_extension(str(openvino_extension_path()))
-    converted = ov.convert_model(str(path), extension=str(openvino_extension_path()))
     return core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2})
 
 
