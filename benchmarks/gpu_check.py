@@ -13,7 +13,8 @@ carried: the machine needs no compiler). Sections, each recorded and never fatal
              vanilla_vmamba_tiny (Di 192, N 16), batch 128: bytes it must move (inputs read once, y written once)
              over CUDA-event median time, against the device's copy bandwidth (torch copy_, read + write)
   model      vmamba_tiny_s1l8 (random weights, seed 0) exported to cuda-onnxruntime fp32 and fp16 (or the artifacts
-             in --onnx-dir/fp32 and --onnx-dir/fp16), parity against PyTorch fp32 (TF32 off), throughput at batch
+             in --onnx-dir/<row>), plus fp16 without the channels-last graph and our LayerNorm kernel for
+             comparison (MODEL_VARIANTS), parity against PyTorch fp32 (TF32 off), throughput at batch
              128 (IO binding, inputs already on the GPU) and batch-1 latency, against ConvNeXt-T fp16 through the
              same ONNX Runtime (benchmarks/convnext.py; --onnx-dir/convnext_fp16.onnx if present)
 
@@ -334,22 +335,43 @@ def check_bandwidth(quick: bool) -> dict:
     }
 
 
-def export_or_load(name: str, precision: str, onnx_dir: Path | None, work: Path) -> Path:
-    """An artifact folder: --onnx-dir/<precision> when given, else exported here."""
+# (row name, precision, export settings): the default graph in both precisions, then fp16 without each of its two
+# GPU-specific choices, to show what each gains: the v2 models' own channel-first layout instead of the channels-last
+# graph (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
+MODEL_VARIANTS = (
+    ("fp32", "fp32", {}),
+    ("fp16", "fp16", {}),
+    ("fp16-ort-layernorm", "fp16", {"layer_norm": "onnxruntime"}),
+    ("fp16-channels-first-ort-layernorm", "fp16", {"layout": "channels-first", "layer_norm": "onnxruntime"}),
+)
+
+
+def export_or_load(name: str, row: str, precision: str, settings: dict, onnx_dir: Path | None, work: Path) -> Path:
+    """An artifact folder: --onnx-dir/<row> when given, else exported here with `settings` (ExportOptions.extra)."""
     if onnx_dir is not None:
-        folder = onnx_dir / precision
+        folder = onnx_dir / row
         if not (folder / "manifest.json").is_file():
             raise FileNotFoundError(f"{folder} is not an artifact folder (no manifest.json)")
         return folder
     from vmamba_export.exporter import export_artifact
+    from vmamba_export.lowering import ExportOptions
     from vmamba_export.model_source import resolve_model
     from vmamba_export.targets import get_target
 
     source = resolve_model(name, random_weights=True, seed=0)
-    folder = work / f"{name}-{precision}"
+    folder = work / f"{name}-{row}"
     start = time.perf_counter()
-    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=512, overwrite=True)
-    log(f"exported {name} {precision} in {time.perf_counter() - start:.0f} s -> {folder}")
+    options = ExportOptions(extra=dict(settings))
+    export_artifact(
+        source,
+        get_target("cuda-onnxruntime"),
+        folder,
+        precision=precision,
+        max_size=512,
+        overwrite=True,
+        options=options,
+    )
+    log(f"exported {name} {row} in {time.perf_counter() - start:.0f} s -> {folder}")
     return folder
 
 
@@ -384,35 +406,35 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
     torch.cuda.empty_cache()
     out: dict = {"precisions": {}}
     RESULTS["sections"]["model"] = out  # partial results reach the JSON as they come
-    for precision in ("fp32", "fp16"):
-        rec: dict = {}
-        out["precisions"][precision] = rec
+    for row, precision, settings in MODEL_VARIANTS:
+        rec: dict = {"precision": precision, "settings": settings}
+        out["precisions"][row] = rec
         try:
-            folder = export_or_load(name, precision, onnx_dir, work)
+            folder = export_or_load(name, row, precision, settings, onnx_dir, work)
             predictor = load(folder)
             session = predictor.backend.session
             rec["providers"] = session.get_providers()
             rec["scan_node_providers"] = scan_node_providers(folder)
-            log(f"{name} {precision}: scan nodes ran on {rec['scan_node_providers']}")
+            log(f"{name} {row}: scan nodes ran on {rec['scan_node_providers']}")
             logits = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
             metrics = parity_metrics(logits, ref)
             thresholds = predictor.manifest["thresholds"]
             fails = threshold_failures(metrics, thresholds)
             rec.update({"parity": metrics, "thresholds": thresholds, "parity_failures": fails, "parity_ok": not fails})
             log(
-                f"{name} {precision}: rel_l2 {metrics['rel_l2']:.2e} cos_min {metrics['cosine_min']:.6f} "
+                f"{name} {row}: rel_l2 {metrics['rel_l2']:.2e} cos_min {metrics['cosine_min']:.6f} "
                 f"top1 {metrics['top1_agreement']:.3f} {'ok' if not fails else 'FAIL ' + '; '.join(fails)}"
             )
             inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
             ms128 = ort_speed(session, inp, outp, 128, runs=5 if quick else 20)
             ms1 = ort_speed(session, inp, outp, 1, runs=20 if quick else 100)
             rec.update({"batch128_ms": ms128, "batch128_img_s": 128e3 / ms128, "batch1_ms": ms1})
-            log(f"{name} {precision}: batch 128 {ms128:.1f} ms = {128e3 / ms128:.0f} img/s, batch 1 {ms1:.2f} ms")
+            log(f"{name} {row}: batch 128 {ms128:.1f} ms = {128e3 / ms128:.0f} img/s, batch 1 {ms1:.2f} ms")
         except Exception as exc:
             rec["error"] = repr(exc)
             rec["traceback"] = traceback.format_exc()
-            log(f"{name} {precision} FAILED: {exc!r}\n{rec['traceback']}")
-            RESULTS["errors"].append(f"model {precision}: {exc!r}")
+            log(f"{name} {row} FAILED: {exc!r}\n{rec['traceback']}")
+            RESULTS["errors"].append(f"model {row}: {exc!r}")
         flush_results()
     # ConvNeXt-T fp16, same runtime, same measurement.
     conv: dict = {}
@@ -507,7 +529,7 @@ def summary_table() -> str:
     for precision, rec in m.get("precisions", {}).items():
         p = rec.get("parity", {})
         lines.append(
-            f"tiny_s1l8 {precision}       : parity {'PASS' if rec.get('parity_ok') else 'FAIL'} "
+            f"tiny_s1l8 {precision:<33} : parity {'PASS' if rec.get('parity_ok') else 'FAIL'} "
             f"rel_l2 {fmt(p.get('rel_l2'), '.1e')} cos {fmt(p.get('cosine_min'), '.5f')} "
             f"top1 {fmt(p.get('top1_agreement'), '.2f')} | b128 {fmt(rec.get('batch128_img_s'), '.0f')} img/s "
             f"| b1 {fmt(rec.get('batch1_ms'), '.2f')} ms | scan on {rec.get('scan_node_providers', '-')}"
@@ -534,9 +556,9 @@ def export_only(folder: Path) -> int:
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        for precision in ("fp32", "fp16"):
-            built = export_or_load("vmamba_tiny_s1l8", precision, None, Path(tmp))
-            target = folder / precision
+        for row, precision, settings in MODEL_VARIANTS:
+            built = export_or_load("vmamba_tiny_s1l8", row, precision, settings, None, Path(tmp))
+            target = folder / row
             if target.exists():
                 import shutil
 

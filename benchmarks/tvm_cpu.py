@@ -1,7 +1,8 @@
 """cpu-tvm (meta-schedule tuned) against cpu-onnxruntime fp32, same model, same run, same threads.
 
-    python benchmarks/tvm_cpu.py [--model vmamba_tiny_s1l8] [--tune-budget 300] [--tune-db DIR] [--threads 2]
-                                 [--rounds 3] [--runs 20] [--parity] [--workdir DIR] [--out results/tvm_cpu.md]
+    python benchmarks/tvm_cpu.py [--model vmamba_tiny_s1l8] [--tune-budget 300] [--tune-db DIR [--tune-again]]
+                                 [--threads 2] [--rounds 3] [--runs 20] [--parity] [--workdir DIR]
+                                 [--out results/tvm_cpu.md]
 
 Builds (unless already in --workdir) the cpu-onnxruntime artifact and a cpu-tvm artifact tuned on this machine for
 --tune-budget seconds (starting from --tune-db if given: a previous artifact or its tuning/ folder), then times both at
@@ -53,6 +54,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--tune-budget", type=float, default=300.0, help="seconds of tuning (0: apply --tune-db only)")
     parser.add_argument("--tune-db", type=Path, help="start from this database (artifact folder or its tuning/)")
+    parser.add_argument("--tune-again", action="store_true", help="with --tune-db: tune the covered ops too")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
@@ -85,6 +87,7 @@ def main() -> int:
         extra["tune_budget"] = args.tune_budget
     if args.tune_db:
         extra["tune_db"] = str(args.tune_db)
+        extra["tune_again"] = args.tune_again
     elif args.tune_budget == 0:
         raise SystemExit("--tune-budget 0 needs --tune-db (nothing to apply otherwise)")
     start = time.perf_counter()

@@ -231,20 +231,57 @@ def test_cuda_kernel_refuses_unsupported_d_state():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("width", [2, 48, 96, 130, 192, 384, 768, 1000, 1536, 2048])
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_layer_norm_op_matches_torch(width, float16):
+    """ai.vmamba::LastAxisLayerNorm on the CUDA provider against float64 layer_norm: every register budget of the
+    kernel (widths up to 2048), rows that do not fill the last block (3 x 37)."""
+    gpu_ready()
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.cuda_graph import LAYER_NORM_OP
+    from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, OPSET
+
+    elem, np_type = (TensorProto.FLOAT16, np.float16) if float16 else (TensorProto.FLOAT, np.float32)
+    names = ("x", "scale", "bias")
+    shapes = ([3, 37, width], [width], [width])
+    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in zip(names, shapes)]
+    node = helper.make_node(LAYER_NORM_OP, list(names), ["y"], domain=ONNX_DOMAIN, epsilon=1e-6)
+    model = helper.make_model(
+        helper.make_graph([node], "ln", inputs, [helper.make_tensor_value_info("y", elem, shapes[0])]),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
+        ir_version=IR_VERSION,
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_cuda_library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    rng = np.random.default_rng(width)
+    feeds = {n: (rng.standard_normal(s) * 2 + 1).astype(np_type) for n, s in zip(names, shapes)}
+    y = session.run(None, feeds)[0].astype(np.float64)
+    x, scale, bias = (torch.from_numpy(feeds[n].astype(np.float64)) for n in names)
+    ref = torch.nn.functional.layer_norm(x, (width,), scale, bias, 1e-6).numpy()
+    limit = 2e-3 if float16 else 1e-6
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < limit
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_artifact_parity(tmp_path, precision):
+@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2"])
+def test_cuda_artifact_parity(tmp_path, precision, name):
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
     from vmamba_export.scan.op import torch_scan
     from vmamba_export.validate import parity_metrics, threshold_failures
 
-    name = "vmamba_test_v0"
     source = resolve_model(name, random_weights=True, seed=0)
     folder = tmp_path / precision
     export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256)
     predictor = load(folder)
     assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
+    lowering = predictor.manifest["lowering"]
+    assert lowering["residual_layout"] == "channels-last" and lowering["layer_norms"]["replaced"] > 0
     x = np.random.default_rng(0).standard_normal((4, 3, 64, 64), dtype=np.float32)
     model = resolve_model(name, random_weights=True, seed=0).model.eval().set_scan(torch_scan)
     with torch.no_grad():

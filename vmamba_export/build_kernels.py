@@ -235,8 +235,7 @@ def build_cuda(
     units = [Unit(u.source, obj / u.obj.name, u.flags) for u in kernel_units]
     op = Unit(ort_dir / "custom_op.cpp", obj / "custom_op_cuda.o", ["-DVMAMBA_WITH_CUDA"])
     cuda_op = Unit(ort_dir / "cuda_op.cpp", obj / "cuda_op.o")
-    cu = cuda_dir / "selective_scan_2d.cu"
-    cu_obj = obj / "selective_scan_2d_cu.o"
+    cu_units = [Unit(cuda_dir / f"{name}.cu", obj / f"{name}_cu.o") for name in ("selective_scan_2d", "layer_norm")]
     link = ["-shared", "-cudart", "static", "-Xcompiler", "-pthread", "-Xlinker", "-z,defs", "-Xlinker", "-z,nodelete"]
     lib = NATIVE_DIR / ORT_CUDA_LIBRARY_NAME
     digest = _digest(
@@ -258,14 +257,18 @@ def build_cuda(
     start = time.perf_counter()
     obj.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        cuda_job = pool.submit(_run, [nvcc, *NVCCFLAGS, *gencode, "-c", str(cu), "-o", str(cu_obj)])
+        cuda_jobs = [
+            pool.submit(_run, [nvcc, *NVCCFLAGS, *gencode, "-c", str(u.source), "-o", str(u.obj)]) for u in cu_units
+        ]
         _compile([*units, op, cuda_op], [cpu_dir, include])
-        cuda_job.result()
+        for job in cuda_jobs:
+            job.result()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=NATIVE_DIR)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _run([nvcc, *link, *[str(u.obj) for u in units], str(op.obj), str(cuda_op.obj), str(cu_obj), "-o", str(tmp)])
+        objects = [str(u.obj) for u in (*units, op, cuda_op, *cu_units)]
+        _run([nvcc, *link, *objects, "-o", str(tmp)])
         tmp.chmod(0o755)
         os.replace(tmp, lib)
     finally:

@@ -1,12 +1,13 @@
-// ONNX Runtime CUDA kernel of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md), linked only into
+// ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of
+// `ai.vmamba::LastAxisLayerNorm` (kernels/cuda/layer_norm.cuh; the cuda-onnxruntime graph's LayerNorms), linked only into
 // libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its
 // add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
-// through its C launcher (kernels/cuda/selective_scan_2d.cuh), the stream is ORT's, as a void*.
+// through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
 //
 // Classic Ort::CustomOpBase with GetExecutionProviderType() = "CUDAExecutionProvider" (Debian's CPU-only headers
 // lack the lite API's CUDA context): ORT hands the inputs and the output in GPU memory and the kernel queues on
-// `KernelContext::GetGPUComputeStream()`. Two registrations of the same op, float and float16 (all seven inputs and
-// the output share the type, as the schema's T); ORT picks the one matching the node's types.
+// `KernelContext::GetGPUComputeStream()`. Two registrations of each op, float and float16 (all inputs and the output
+// share the type, as the schema's T); ORT picks the one matching the node's types.
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -17,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "../cuda/layer_norm.cuh"
 #include "../cuda/selective_scan_2d.cuh"
 #include "cuda_op.h"
 
@@ -24,6 +26,7 @@ namespace vmamba_cuda {
 namespace {
 
 constexpr const char* kOpName = "SelectiveScan2D";
+constexpr const char* kLayerNormName = "LastAxisLayerNorm";
 constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
 constexpr size_t kNumInputs = 7;
 
@@ -35,23 +38,33 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-OrtStatus* make_status(OrtErrorCode code, const std::string& message) {
-  return Ort::GetApi().CreateStatus(code, (std::string(kOpName) + " (CUDA): " + message).c_str());
+OrtStatus* make_status(OrtErrorCode code, const std::string& message, const char* op = kOpName) {
+  return Ort::GetApi().CreateStatus(code, (std::string(op) + " (CUDA): " + message).c_str());
+}
+
+// Runs `body` (which returns a status), turning any exception into a status naming `op`.
+template <typename Body>
+OrtStatus* guarded(const char* op, Body&& body) {
+  try {
+    return body();
+  } catch (const Ort::Exception& e) {
+    return make_status(e.GetOrtErrorCode(), e.what(), op);
+  } catch (const std::exception& e) {
+    return make_status(ORT_FAIL, e.what(), op);
+  } catch (...) {
+    return make_status(ORT_FAIL, "unknown error", op);
+  }
+}
+
+int kernel_dtype(ONNXTensorElementDataType type) {
+  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? VMAMBA_SCAN_F16 : VMAMBA_SCAN_F32;
 }
 
 struct ScanCudaKernel {
   ONNXTensorElementDataType type;
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
-    try {
-      return compute(context);
-    } catch (const Ort::Exception& e) {
-      return make_status(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return make_status(ORT_FAIL, e.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, "unknown error");
-    }
+    return guarded(kOpName, [&] { return compute(context); });
   }
 
   OrtStatus* compute(OrtKernelContext* context) {
@@ -94,9 +107,8 @@ struct ScanCudaKernel {
       }
     }
     auto output = ctx.GetOutput(0, us);
-    const int dtype = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? VMAMBA_SCAN_F16 : VMAMBA_SCAN_F32;
     const char* err = vmamba_selective_scan_2d_cuda(
-        dtype, inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
+        kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
         inputs[3].GetTensorRawData(), inputs[4].GetTensorRawData(), inputs[5].GetTensorRawData(),
         inputs[6].GetTensorRawData(), output.GetTensorMutableRawData(), b, di, n, h, w, ctx.GetGPUComputeStream());
     if (err != nullptr) return make_status(ORT_FAIL, err);
@@ -130,14 +142,80 @@ struct ScanCudaOp : Ort::CustomOpBase<ScanCudaOp, ScanCudaKernel, true> {
   ONNXTensorElementDataType type;
 };
 
+// LastAxisLayerNorm(X, scale, bias) -> Y, attribute epsilon: LayerNormalization over the last axis of X.
+struct LayerNormCudaKernel {
+  ONNXTensorElementDataType type;
+  float epsilon;
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded(kLayerNormName, [&] { return compute(context); });
+  }
+
+  OrtStatus* compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    if (ctx.GetInputCount() != 3 || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT, "expects 3 inputs (X, scale, bias) and 1 output", kLayerNormName);
+    }
+    auto x = ctx.GetInput(0), scale = ctx.GetInput(1), bias = ctx.GetInput(2);
+    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty()) return make_status(ORT_INVALID_ARGUMENT, "X must have at least one axis", kLayerNormName);
+    const int64_t width = shape.back();
+    const std::vector<int64_t> param_shape = {width};
+    for (auto* p : {&scale, &bias}) {
+      if (p->GetTensorTypeAndShapeInfo().GetShape() != param_shape) {
+        return make_status(ORT_INVALID_ARGUMENT,
+                           "scale and bias must have shape " + shape_str(param_shape) + " (X is " + shape_str(shape) +
+                               "), got " + shape_str(p->GetTensorTypeAndShapeInfo().GetShape()),
+                           kLayerNormName);
+      }
+    }
+    const int64_t rows = width ? x.GetTensorTypeAndShapeInfo().GetElementCount() / width : 0;
+    auto y = ctx.GetOutput(0, shape);
+    const char* err =
+        vmamba_layer_norm_cuda(kernel_dtype(type), x.GetTensorRawData(), scale.GetTensorRawData(),
+                               bias.GetTensorRawData(), y.GetTensorMutableRawData(), rows, width, epsilon,
+                               ctx.GetGPUComputeStream());
+    if (err != nullptr) return make_status(ORT_FAIL, err, kLayerNormName);
+    return nullptr;
+  }
+};
+
+struct LayerNormCudaOp : Ort::CustomOpBase<LayerNormCudaOp, LayerNormCudaKernel, true> {
+  explicit LayerNormCudaOp(ONNXTensorElementDataType t) : type(t) {
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return guarded(kLayerNormName, [&]() -> OrtStatus* {
+      const float epsilon = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon");
+      *kernel = new LayerNormCudaKernel{type, epsilon};
+      return nullptr;
+    });
+  }
+
+  const char* GetName() const { return kLayerNormName; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return type; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return type; }
+
+  ONNXTensorElementDataType type;
+};
+
 }  // namespace
 
 void add_ops(Ort::CustomOpDomain& domain) {
   // Static: the op objects must outlive every session (see custom_op.cpp).
   static ScanCudaOp f32_op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   static ScanCudaOp f16_op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  static LayerNormCudaOp f32_norm(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static LayerNormCudaOp f16_norm(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
   domain.Add(&f32_op);
   domain.Add(&f16_op);
+  domain.Add(&f32_norm);
+  domain.Add(&f16_norm);
 }
 
 }  // namespace vmamba_cuda

@@ -21,6 +21,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-size", type=int, help="largest input side the artifact must take (target default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--validate", action="store_true", help="also validate parity on the built-in photos")
+    p.add_argument(
+        "--layout",
+        choices=("channels-last", "channels-first"),
+        help="cuda-onnxruntime: layout of a v2 model's residual stream in the graph (default channels-last, faster)",
+    )
     add_int8_args(p)
     add_tvm_args(p)
     add_json_flag(p)
@@ -61,6 +66,11 @@ def add_tvm_args(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="start from this tuning database (an artifact folder, or its tuning/ folder); covered ops are not tuned",
     )
+    g.add_argument(
+        "--tune-again",
+        action="store_true",
+        help="with --tune-db and a budget: tune the covered ops too, starting from their best schedules",
+    )
     g.add_argument("--tvm-mcpu", metavar="CPU", help="LLVM CPU to build for ('native': this machine; tuning's default)")
     g.add_argument("--tvm-batch", type=int, metavar="N", help="fixed batch size (tuning's default: 1)")
 
@@ -71,6 +81,7 @@ def tvm_extra(args: argparse.Namespace) -> dict:
         "tune_budget": args.tune_budget,
         "tune_trials": args.tune_trials,
         "tune_db": args.tune_db and str(args.tune_db),
+        "tune_again": args.tune_again or None,
         "tvm_mcpu": args.tvm_mcpu,
         "batch": args.tvm_batch,
     }
@@ -93,6 +104,7 @@ def int8_options(args: argparse.Namespace):
         extra={"show_progress": not args.json}
         | ({"smooth_quant": args.smooth_quant} if args.smooth_quant is not None else {})
         | ({"bias_correction": args.bias_correction} if args.bias_correction else {})
+        | ({"layout": args.layout} if args.layout else {})
         | tvm_extra(args),
     )
 
@@ -104,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     target = get_target(args.target)
+    if args.layout and target.scan_lowering != "custom-op-cuda":
+        from ..errors import VMambaExportError
+
+        raise VMambaExportError(f"--layout is for cuda-onnxruntime; target {target.name} chooses its own layout")
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_model(args.model, args.checkpoint, args.random_weights, args.seed)
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import TargetUnavailableError
+from ..errors import TargetUnavailableError, VMambaExportError
 from ..models import VMamba
+from ..models.channels_last import ChannelsLastVMamba
 from ..targets import Target
 
 
@@ -93,7 +94,17 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
         )
     if options.precision not in ("fp32", "fp16"):
         raise TargetUnavailableError(f"target {target.name}: precision {options.precision!r} is not implemented")
-    info = export_onnx(model, folder / "model.onnx", scan="custom-op", max_size=options.max_size)
+    layout = residual_layout(model, options.extra.get("layout"))
+    graph_model = ChannelsLastVMamba(model) if layout == "channels-last" and model.config.version == "v2" else model
+    info = export_onnx(graph_model, folder / "model.onnx", scan="custom-op", max_size=options.max_size)
+    info["residual_layout"] = layout
+    layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
+    if layer_norm not in ("custom-op", "onnxruntime"):
+        raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
+    if layer_norm == "custom-op":
+        from .cuda_graph import use_last_axis_layer_norms_in_file
+
+        info["layer_norms"] = use_last_axis_layer_norms_in_file(folder / "model.onnx")
     if options.precision == "fp16":
         from .fp16 import convert_file_to_fp16
 
@@ -101,6 +112,23 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     shutil.copy2(library, folder / library.name)
     entry = {"model": "model.onnx", "custom_op_library": library.name, "providers": ["CUDAExecutionProvider"]}
     return entry, info
+
+
+LAYOUTS = ("channels-last", "channels-first")
+
+
+def residual_layout(model: VMamba, requested: str | None) -> str:
+    """The layout of the residual stream in a cuda-onnxruntime graph: channels-last unless channels-first is asked
+    for (v2 models only; v0 models are channels-last by definition). See models/channels_last.py for why."""
+    if requested is None:
+        return "channels-last"
+    if requested not in LAYOUTS:
+        raise VMambaExportError(f"layout {requested!r}: expected one of {', '.join(LAYOUTS)}")
+    if requested == "channels-first" and model.config.version != "v2":
+        raise VMambaExportError(
+            f"layout channels-first: {model.config.name} is a {model.config.version} model, channels-last by definition"
+        )
+    return requested
 
 
 def _openvino_ir(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:

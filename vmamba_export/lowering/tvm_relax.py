@@ -357,8 +357,8 @@ def compile_cuda_fatbin(source: str, arch: str, out: Path) -> dict | None:
 
 
 def tune_settings(extra: dict):
-    """TuneSettings from the export options (`tune_budget` seconds, `tune_trials`, `tune_db`), or None: no tuning
-    and no database to apply."""
+    """TuneSettings from the export options (`tune_budget` seconds, `tune_trials`, `tune_db`, `tune_again`), or None:
+    no tuning and no database to apply."""
     if not (extra.get("tune_budget") or extra.get("tune_trials") or extra.get("tune_db")):
         return None
     from .tvm_tune import TuneSettings
@@ -367,6 +367,7 @@ def tune_settings(extra: dict):
         budget_s=float(extra["tune_budget"]) if extra.get("tune_budget") else None,
         max_trials=int(extra["tune_trials"]) if extra.get("tune_trials") else None,
         db=Path(extra["tune_db"]) if extra.get("tune_db") else None,
+        retune=bool(extra.get("tune_again")),
         show_progress=bool(extra.get("show_progress", True)),
     )
 

@@ -1,21 +1,22 @@
-"""The selective scan (docs/scan-op.md) as one TIR kernel source, scheduled per TVM target kind.
+"""The selective scan (docs/scan-op.md) as TIR kernels, scheduled per TVM target kind.
 
-One source, `scan_kernel(di, h, w, d_state, lanes)`, holds two blocks:
+GPUs (cuda, metal): `scan_kernel(di, h, w, d_state)` holds two blocks:
 
-- "scan": one block instance per (batch, direction, channel group of `lanes` channels). Its body runs the recurrence
-  over the L = H*W positions of that direction with the state (d_state x lanes floats) in local memory; the direction's
-  traversal order is index arithmetic on the loop counter, so no cross-scan copies exist. Each direction writes its own
-  slice of a (B, K, Di, H, W) scratch buffer: the four directions of one channel then never write the same element, so
-  they can run in parallel (CPU cores, GPU threads) without atomics.
+- "scan": one block instance per (batch, direction, channel). Its body runs the recurrence over the L = H*W positions
+  of that direction with the state (d_state floats) in local memory; the direction's traversal order is index
+  arithmetic on the loop counter, so no cross-scan copies exist. Each direction writes its own slice of a
+  (B, K, Di, H, W) scratch buffer: the four directions of one channel then never write the same element, so they run
+  in parallel threads without atomics.
 - "merge": y = sum over the four directions of that scratch buffer (an elementwise pass).
 
-The lane loops inside "scan" are `T.vectorized(lanes)`: on CPU lanes = 8/16 contiguous channel indices become one
-SIMD vector (a vectorised loop with nested serial loops inside produced wrong results with TVM 0.27's vectoriser, so
-the lanes are the innermost loops by construction); on GPUs lanes = 1 (one thread per channel) and those loops vanish.
-Everything else is the per-target schedule:
+Scheduled as one thread per (batch, direction, channel), `threads` per block; merge one thread per element.
 
-- llvm: parallel over fused (batch, direction, channel group); merge parallel over (batch, channel).
-- cuda / metal: one thread per (batch, direction, channel), `threads` per block; merge one thread per element.
+CPUs (llvm): `scan_kernel_cpu(di, h, w, d_state, lanes)`, the C++ kernel's structure: one block instance per (batch,
+group of `lanes` channels) runs the four directions in turn over position-major copies of its u and delta (so each
+step loads one contiguous vector of `lanes` channels, in any direction) and sums y in a third such tile. The lane
+loops are `T.vectorized(lanes)`: lanes = 16/8/4 channels become one SIMD vector (a vectorised loop with nested serial
+loops inside produced wrong results with TVM 0.27's vectoriser, so the lanes are the innermost loops by
+construction). Scheduled parallel over (batch, channel group).
 
 d_state, Di, H and W are compile-time constants (local arrays need a constant size on GPUs); the batch is a symbolic
 TIR variable, so one compiled kernel takes any batch. Kernels are tagged `tirx.is_scheduled` so that dlight and
@@ -123,12 +124,10 @@ def fast_softplus(x):
     )
 
 
-def scan_kernel(
-    di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool = True, fast_math: bool = False
-) -> tvm.tirx.PrimFunc:
-    """Unscheduled TIR of selective_scan_2d for fixed (Di, H, W, d_state), symbolic batch, `lanes` channels per block.
-    `has_log1p`: False for targets whose language lacks log1p (Metal). `fast_math`: the vectorisable polynomial exp
-    and softplus (CPU), instead of the `exp`/`log1p` intrinsics (GPU languages have fast ones)."""
+def scan_kernel(di: int, h: int, w: int, n: int, lanes: int = 1, has_log1p: bool = True) -> tvm.tirx.PrimFunc:
+    """Unscheduled TIR of selective_scan_2d for GPUs: fixed (Di, H, W, d_state), symbolic batch, `lanes` channels per
+    block (1 on GPUs). `has_log1p`: False for targets whose language lacks log1p (Metal). The `exp`/`log1p` intrinsics
+    (GPU languages have fast ones; the CPU kernel uses the polynomial forms)."""
     if di % lanes:
         raise ValueError(f"lanes {lanes} must divide d_inner {di}")
     K = K_DIRECTIONS  # noqa: N806 (the contract's name)
@@ -136,14 +135,11 @@ def scan_kernel(
     kd = K * di
     groups = di // lanes
     log1p = T.log1p if has_log1p else _log1p_via_log
-    if fast_math:
-        softplus, exp_nonpos = fast_softplus, fast_exp_nonpos
-    else:
 
-        def softplus(x):
-            return T.if_then_else(x > T.float32(20), x, log1p(T.exp(x)))
+    def softplus(x):
+        return T.if_then_else(x > T.float32(20), x, log1p(T.exp(x)))
 
-        exp_nonpos = T.exp
+    exp_nonpos = T.exp
 
     @T.prim_func(s_tir=True)
     def selective_scan_2d(
@@ -215,15 +211,108 @@ def scan_kernel(
     return selective_scan_2d
 
 
+def scan_kernel_cpu(di: int, h: int, w: int, n: int, lanes: int) -> tvm.tirx.PrimFunc:
+    """Unscheduled TIR of selective_scan_2d for CPUs: one block instance per (batch, group of `lanes` channels) runs
+    all four directions, as the C++ kernel does. Why not `scan_kernel`'s layout: its lanes are channels H*W apart in
+    memory, so every step of every direction gathered u and delta and scattered y lane by lane (scalar loads and
+    stores, a cache line per lane; the column-major directions hit a new line every step). Here the group's u, and
+    each direction's delta, are first copied into position-major tiles (L, lanes), so a step reads one contiguous
+    vector in any direction; y accumulates over the directions in a third tile, copied out once. Polynomial exp and
+    softplus (fast_math), as the C++ kernel."""
+    if di % lanes:
+        raise ValueError(f"lanes {lanes} must divide d_inner {di}")
+    K = K_DIRECTIONS  # noqa: N806 (the contract's name)
+    L = h * w  # noqa: N806
+    kd = K * di
+    groups = di // lanes
+
+    @T.prim_func(s_tir=True)
+    def selective_scan_2d(
+        var_u: T.handle,
+        var_delta: T.handle,
+        A_logs: T.Buffer((kd, n), "float32"),
+        var_b: T.handle,
+        var_c: T.handle,
+        Ds: T.Buffer((kd,), "float32"),
+        delta_bias: T.Buffer((kd,), "float32"),
+        var_y: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        bsz = T.int64()
+        u = T.match_buffer(var_u, (bsz, di, h, w), "float32")
+        delta = T.match_buffer(var_delta, (bsz, K, di, h, w), "float32")
+        Bm = T.match_buffer(var_b, (bsz, K, n, h, w), "float32")
+        Cm = T.match_buffer(var_c, (bsz, K, n, h, w), "float32")
+        y = T.match_buffer(var_y, (bsz, di, h, w), "float32")
+        for b, g in T.grid(bsz, groups):
+            with T.sblock("scan"):
+                vb, vg = T.axis.remap("SS", [b, g])
+                T.reads(
+                    u[vb, vg * lanes : vg * lanes + lanes, 0:h, 0:w],
+                    delta[vb, 0:K, vg * lanes : vg * lanes + lanes, 0:h, 0:w],
+                    A_logs[0:kd, 0:n],
+                    Bm[vb, 0:K, 0:n, 0:h, 0:w],
+                    Cm[vb, 0:K, 0:n, 0:h, 0:w],
+                    Ds[0:kd],
+                    delta_bias[0:kd],
+                )
+                T.writes(y[vb, vg * lanes : vg * lanes + lanes, 0:h, 0:w])
+                u_t = T.sblock_alloc_buffer((L, lanes), "float32")
+                d_t = T.sblock_alloc_buffer((L, lanes), "float32")
+                y_t = T.sblock_alloc_buffer((L, lanes), "float32")
+                state = T.sblock_alloc_buffer((n, lanes), "float32", scope="local")
+                a = T.sblock_alloc_buffer((n, lanes), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                dt = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                uu = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                # The copies in and out vectorise over the lanes (contiguous in the tiles) and read or write the
+                # tensors lane by lane: with the loops the other way round LLVM vectorised them into AVX-512 scatters,
+                # slower than the scan itself on AMD cores.
+                for i, j in T.grid(h, w):
+                    for l in T.vectorized(lanes):
+                        u_t[i * w + j, l] = u[vb, vg * lanes + l, i, j]
+                        y_t[i * w + j, l] = T.float32(0)
+                for k in range(K):
+                    for i, j in T.grid(h, w):
+                        for l in T.vectorized(lanes):
+                            d_t[i * w + j, l] = delta[vb, k, vg * lanes + l, i, j]
+                    for i in range(n):
+                        for l in T.vectorized(lanes):
+                            state[i, l] = T.float32(0)
+                            a[i, l] = -T.exp(A_logs[k * di + vg * lanes + l, i])
+                    for t in range(L):
+                        # Direction k's t-th position: k even row-major, k odd column-major, k >= 2 reversed.
+                        tt: T.let[T.int64] = T.if_then_else(k >= 2, T.int64(L - 1) - t, t)
+                        hh: T.let[T.int64] = T.if_then_else(k % 2 == 0, tt // w, tt % h)
+                        ww: T.let[T.int64] = T.if_then_else(k % 2 == 0, tt % w, tt // h)
+                        for l in T.vectorized(lanes):
+                            dt[l] = fast_softplus(d_t[hh * w + ww, l] + delta_bias[k * di + vg * lanes + l])
+                            uu[l] = u_t[hh * w + ww, l]
+                            acc[l] = Ds[k * di + vg * lanes + l] * uu[l]
+                        for i in range(n):
+                            for l in T.vectorized(lanes):
+                                state[i, l] = (
+                                    fast_exp_nonpos(dt[l] * a[i, l]) * state[i, l]
+                                    + dt[l] * Bm[vb, k, i, hh, ww] * uu[l]
+                                )
+                                acc[l] = acc[l] + Cm[vb, k, i, hh, ww] * state[i, l]
+                        for l in T.vectorized(lanes):
+                            y_t[hh * w + ww, l] = y_t[hh * w + ww, l] + acc[l]
+                for i, j in T.grid(h, w):
+                    for l in T.vectorized(lanes):
+                        y[vb, vg * lanes + l, i, j] = y_t[i * w + j, l]
+
+    return selective_scan_2d
+
+
 def schedule_scan(func: tvm.tirx.PrimFunc, target_kind: str, threads: int = GPU_THREADS) -> tvm.tirx.PrimFunc:
     """Apply the `target_kind` schedule ("llvm", "cuda", "metal") to a `scan_kernel` and tag it scheduled."""
     sch = tvm.s_tir.Schedule(func)
+    if target_kind == "llvm":  # scan_kernel_cpu: one block, parallel over (batch, channel group)
+        sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("scan"))))
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
     scan, merge = sch.get_sblock("scan"), sch.get_sblock("merge")
-    if target_kind == "llvm":
-        sch.parallel(sch.fuse(*sch.get_loops(scan)))
-        b, d, _, _ = sch.get_loops(merge)
-        sch.parallel(sch.fuse(b, d))
-    elif target_kind in ("cuda", "metal"):
+    if target_kind in ("cuda", "metal"):
         for block in (scan, merge):
             outer, inner = sch.split(sch.fuse(*sch.get_loops(block)), [None, threads])
             sch.bind(outer, "blockIdx.x")
@@ -235,6 +324,6 @@ def schedule_scan(func: tvm.tirx.PrimFunc, target_kind: str, threads: int = GPU_
 
 def scheduled_scan(di: int, h: int, w: int, n: int, target_kind: str) -> tvm.tirx.PrimFunc:
     """The scan kernel for one block's shape, scheduled for `target_kind`."""
-    lanes = cpu_lanes(di) if target_kind == "llvm" else 1
-    func = scan_kernel(di, h, w, n, lanes, has_log1p=target_kind != "metal", fast_math=target_kind == "llvm")
-    return schedule_scan(func, target_kind)
+    if target_kind == "llvm":
+        return schedule_scan(scan_kernel_cpu(di, h, w, n, cpu_lanes(di)), target_kind)
+    return schedule_scan(scan_kernel(di, h, w, n, has_log1p=target_kind != "metal"), target_kind)

@@ -3,8 +3,13 @@
 Without tuning, TVM's CPU pipeline leaves every legalized op (1x1 convolutions, layer norms, transposes) as plain
 single-threaded loops. Here the legalized and fused Relax module is split into meta-schedule tasks (one per distinct
 PrimFunc; the hand-scheduled scan kernels, tagged `tirx.is_scheduled`, are left out), the tasks the database does not
-cover yet are tuned on this machine within a wall-clock budget, and the best schedule of every covered task is applied
-before compilation.
+cover yet (or, with `retune`, all of them again, starting from their best records) are tuned on this machine within a
+wall-clock budget, and the best schedule of every covered task is applied before compilation.
+
+How rounds are shared out (`_TimeWeightedScheduler`): first one round for every task without a measurement, costliest
+first; then each round goes to the task with the most measured time per image (best kernel time x calls) divided by the
+square root of the rounds it already had. The few GEMM-shaped convolutions that hold most of the time get most of the
+trials, instead of an equal share with ~70 tasks of which many take microseconds.
 
 The database is meta-schedule's JSON pair (`database_workload.json`, `database_tuning_record.json`). The artifact keeps
 a pruned copy (the best record per task of this model) in `tuning/`; a later build started from it (`--tune-db`
@@ -37,6 +42,7 @@ RECORD_FILE = "database_tuning_record.json"
 TRIALS_PER_ITER = 8  # small rounds: the budget is checked after each round, and a round is cheap on 2 cores
 POPULATION = 256  # evolutionary search population: TVM's 512 costs more search time than it saves on 2 cores
 DEFAULT_TRIALS_PER_TASK = 256  # when only a time budget is given, the budget is what stops tuning
+MAX_TRIALS_PER_TASK = 2048  # a task's own cap then: the costliest tasks can take many rounds of a long budget
 
 
 @dataclass
@@ -44,6 +50,7 @@ class TuneSettings:
     budget_s: float | None = None  # wall-clock limit for measuring new schedules (None: no limit but the trials)
     max_trials: int | None = None  # total measured candidates (None: only the budget limits)
     db: Path | None = None  # database to start from: a folder with the JSON pair, or an artifact holding tuning/
+    retune: bool = False  # also tune the tasks the database covers (the search starts from their best records)
     show_progress: bool = True
 
     @property
@@ -150,17 +157,33 @@ def _covered(database, task, target) -> bool:
     return database.query_tuning_record(task.dispatched[0], target, "main") is not None
 
 
+def _database_best_s(database, task, target) -> float | None:
+    """Mean measured time of the task's best record in `database`, or None."""
+    record = database.query_tuning_record(task.dispatched[0], target, "main")
+    if record is None or not record.run_secs:
+        return None
+    return sum(float(v) for v in record.run_secs) / len(record.run_secs)
+
+
 @derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
     """After each measured round: one progress line on stderr (a budget of minutes to hours needs a heartbeat)."""
 
-    def __init__(self, start: float, budget_s: float | None, total_trials: int, names: list[str], show: bool):
+    def __init__(
+        self, start: float, budget_s: float | None, total_trials: int, names: list[str], best_s: list, show: bool
+    ):
         super().__init__()
         self.start, self.budget_s, self.total_trials, self.names, self.show = start, budget_s, total_trials, names, show
+        self.best_s = best_s  # best measured kernel time per task (None: none yet), shared with the scheduler
         self.trials = 0
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         self.trials += len(measure_candidates)
+        for r in runner_results:
+            if r.run_secs:
+                t = sum(float(v) for v in r.run_secs) / len(r.run_secs)
+                if self.best_s[task_id] is None or t < self.best_s[task_id]:
+                    self.best_s[task_id] = t
         if self.show:
             limit = f"/{self.budget_s:.0f}" if self.budget_s else ""
             print(
@@ -172,19 +195,29 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
 
 @derived_object
-class _BudgetRoundRobin(ms.task_scheduler.PyTaskScheduler):
-    """Round-robin over the tasks in list order (costliest first) that hands out no new round once the wall-clock
-    deadline has passed; TVM's scheduler then joins the rounds in flight and ends every task itself. Why not end tasks
-    from a measure callback: the scheduler ends them again afterwards (a failed check, "!task->is_terminated"); and
-    why not TVM's gradient scheduler: it builds a first round of every task before measuring any (half an hour for
-    ~70 tasks on 2 cores), so a budget of minutes would measure nothing."""
+class _TimeWeightedScheduler(ms.task_scheduler.PyTaskScheduler):
+    """Hands out rounds of measurements: first one to every task not yet measured (list order: costliest first), then
+    to the task with the largest (measured time x calls) / sqrt(rounds so far), so a long budget goes where the time
+    is; no new round once the wall-clock deadline has passed (TVM's scheduler then joins the rounds in flight and ends
+    every task itself). Why not end tasks from a measure callback: the scheduler ends them again afterwards (a failed
+    check, "!task->is_terminated"); and why not TVM's gradient scheduler: it builds a first round of every task before
+    measuring any (half an hour for ~70 tasks on 2 cores), so a budget of minutes would measure nothing."""
 
-    def __init__(self, deadline: float | None):
+    def __init__(self, deadline: float | None, weights: list[float], best_s: list):
         super().__init__()
         self.deadline = deadline
-        self.cursor = -1
+        self.weights = weights
+        self.best_s = best_s  # filled by _Progress after each round; a database's best for retuned tasks
+        self.task_rounds = [0] * len(weights)
         self.rounds = 0
         self.stopped = False
+
+    def _pick(self, live: list[int]) -> int:
+        unmeasured = [i for i in live if self.best_s[i] is None and self.task_rounds[i] == 0]
+        if unmeasured:
+            return unmeasured[0]
+        # Tasks whose rounds all failed (no time) come last; ties go to the earlier (costlier by FLOPs) task.
+        return max(live, key=lambda i: (self.weights[i] * (self.best_s[i] or 0.0)) / (1 + self.task_rounds[i]) ** 0.5)
 
     def next_task_id(self) -> int:
         sched = self._outer()
@@ -195,15 +228,15 @@ class _BudgetRoundRobin(ms.task_scheduler.PyTaskScheduler):
         if self.deadline is not None and time.monotonic() >= self.deadline and self.rounds > 0:
             self.stopped = True
             return -1
-        for _ in range(n):
-            self.cursor = (self.cursor + 1) % n
-            record = sched.tasks_[self.cursor]
-            if not record.is_terminated:
-                if record.runner_futures:
-                    sched.join_running_task(self.cursor)
-                self.rounds += 1
-                return self.cursor
-        return -1
+        live = [i for i in range(n) if not sched.tasks_[i].is_terminated]
+        if not live:
+            return -1
+        task_id = self._pick(live)
+        if sched.tasks_[task_id].runner_futures:
+            sched.join_running_task(task_id)
+        self.task_rounds[task_id] += 1
+        self.rounds += 1
+        return task_id
 
 
 def _best_ms(runner_results) -> str:
@@ -226,9 +259,10 @@ def tune_and_apply(mod: tvm.IRModule, target, settings: TuneSettings, out_folder
             shutil.copy2(src / WORKLOAD_FILE, work / WORKLOAD_FILE)
             shutil.copy2(src / RECORD_FILE, work / RECORD_FILE)
         database = ms.database.JSONDatabase(work_dir=str(work), module_equality="structural")
-        # Costliest first: the round-robin scheduler visits tasks in list order, so a short budget tunes what matters.
-        pending = sorted((t for t in tasks if not _covered(database, t, target)), key=task_cost, reverse=True)
-        reused = len(tasks) - len(pending)
+        # Costliest first: the scheduler's first rounds go in list order, so a short budget tunes what matters.
+        uncovered = [t for t in tasks if not _covered(database, t, target)]
+        reused = len(tasks) - len(uncovered)
+        pending = sorted(tasks if settings.retune else uncovered, key=task_cost, reverse=True)
         seconds = 0.0
         trials = 0
         stopped_by_budget = False
@@ -257,7 +291,8 @@ def tune_and_apply(mod: tvm.IRModule, target, settings: TuneSettings, out_folder
         "method": "meta-schedule (evolutionary search, xgboost cost model)",
         "tasks": len(tasks),
         "tasks_covered": covered,  # tasks with a tuned schedule in the artifact's database
-        "tasks_reused": reused,  # covered by the starting database: not tuned again
+        "tasks_reused": reused,  # covered by the starting database (tuned again only with retune)
+        "retune": settings.retune,
         "tasks_untuned": len(tasks) - covered,  # not measured: a sampled schedule, else TVM's default loops
         "tasks_sampled": fallback,  # of those, how many got an unmeasured sample of meta-schedule's design space
         "tuning_seconds": round(seconds, 1),
@@ -307,6 +342,8 @@ def _tune(pending: list, target, settings: TuneSettings, work: Path, database, n
     os.environ["TVM_NUM_THREADS"] = str(num_cores)  # the runner's worker processes measure with this many threads
     light_tensor_intrinsics()  # before TuneContext imports the whole package
     max_trials = settings.max_trials or DEFAULT_TRIALS_PER_TASK * len(pending)
+    # Retuned tasks start with their database best, so the first rounds go to the tasks that have no measurement.
+    best_s = [_database_best_s(database, t, target) for t in pending]
     contexts = [
         ms.TuneContext(
             mod=t.dispatched[0],
@@ -321,8 +358,9 @@ def _tune(pending: list, target, settings: TuneSettings, work: Path, database, n
     ]
     start = time.monotonic()
     deadline = start + settings.budget_s if settings.budget_s else None
-    callback = _Progress(start, settings.budget_s, max_trials, [t.task_name for t in pending], settings.show_progress)
-    scheduler = _BudgetRoundRobin(deadline)
+    names = [t.task_name for t in pending]
+    callback = _Progress(start, settings.budget_s, max_trials, names, best_s, settings.show_progress)
+    scheduler = _TimeWeightedScheduler(deadline, [float(t.weight) for t in pending], best_s)
     if settings.show_progress:
         budget = f"{settings.budget_s:.0f} s" if settings.budget_s else "no time limit"
         print(
@@ -337,7 +375,7 @@ def _tune(pending: list, target, settings: TuneSettings, work: Path, database, n
             task_weights=[float(t.weight) for t in pending],
             work_dir=str(work),
             max_trials_global=max_trials,
-            max_trials_per_task=settings.max_trials or DEFAULT_TRIALS_PER_TASK,
+            max_trials_per_task=settings.max_trials or MAX_TRIALS_PER_TASK,
             num_trials_per_iter=TRIALS_PER_ITER,
             builder=builder,
             runner=ms.runner.LocalRunner(

@@ -112,14 +112,21 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(k * di, 1))
         self.Ds.fill_(1.0)
 
-    def scan_core(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Di, H, W) after conv+SiLU -> merged scan output (B, Di, H, W)."""
+    def scan_core(self, x: torch.Tensor, dt_matmul: bool = False) -> torch.Tensor:
+        """(B, Di, H, W) after conv+SiLU -> merged scan output (B, Di, H, W). `dt_matmul`: the dt projection as one
+        batched MatMul, (4, Di, R) @ (B, 4, R, H*W), instead of a grouped 1x1 convolution: the same sums, but on
+        GPUs cuBLAS writes the (B, 4*Di, H, W) result in place where cuDNN converts it from NHWC
+        (models/channels_last.py)."""
         b, di, h, w = x.shape
         k, r, n = K_DIRECTIONS, self.dt_rank, self.d_state
         # Three 1x1 convolutions rather than one split: each output is contiguous by construction, which keeps
         # torch.export from guarding on strides (a split view's contiguity depends on whether H == 1).
         w_dt, w_b, w_c = (part.reshape(-1, di, 1, 1) for part in self.x_proj_weight.split([r, n, n], dim=1))
-        dts = F.conv2d(F.conv2d(x, w_dt), self.dt_projs_weight.reshape(k * di, r, 1, 1), groups=k)
+        dt_low = F.conv2d(x, w_dt)
+        if dt_matmul:
+            dts = torch.matmul(self.dt_projs_weight, dt_low.reshape(b, k, r, h * w))
+        else:
+            dts = F.conv2d(dt_low, self.dt_projs_weight.reshape(k * di, r, 1, 1), groups=k)
         bs = F.conv2d(x, w_b)
         cs = F.conv2d(x, w_c)
         return self.scan_fn(
