@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--tune-budget", type=float, default=300.0, help="seconds of tuning (0: apply --tune-db only)")
     parser.add_argument("--tune-db", type=Path, help="start from this database (artifact folder or its tuning/)")
     parser.add_argument("--tune-again", action="store_true", help="with --tune-db: tune the covered ops too")
+    parser.add_argument("--layout", choices=("channels-first", "channels-last"), help="cpu-tvm graph layout (v2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
@@ -83,6 +84,8 @@ def main() -> int:
         export_artifact(source, get_target("cpu-onnxruntime"), ort_dir, max_size=args.size, overwrite=True)
     tvm_dir = workdir / f"{args.model}-cpu-tvm"
     extra = {"tvm_num_cores": args.threads, "input_size": args.size, "tvm_mcpu": "native", "batch": 1}
+    if args.layout:
+        extra["layout"] = args.layout
     if args.tune_budget:
         extra["tune_budget"] = args.tune_budget
     if args.tune_db:

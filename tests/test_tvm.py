@@ -109,6 +109,7 @@ def torch_logits(name: str, x: np.ndarray) -> np.ndarray:
 def test_cpu_tvm_artifact_matches_pytorch(cpu_artifacts, name):
     predictor = load(cpu_artifacts[name])
     assert predictor.backend.evaluated_with.startswith("TVM runtime only"), predictor.backend.load_errors
+    assert predictor.manifest["lowering"]["residual_layout"] == "channels-last"  # v2 by default, v0 by definition
     for bsz in (1, 3):  # dynamic batch
         x = np.random.default_rng(bsz).standard_normal((bsz, 3, SIZE, SIZE), dtype=np.float32)
         out = predictor(x)
@@ -165,6 +166,7 @@ def test_cpu_tvm_tuning_saves_and_reuses_its_database(tmp_path):
     assert {"tuning/database_workload.json", "tuning/database_tuning_record.json"} <= set(m["files"])
     assert m["lowering"]["tvm_target"]["mcpu"]  # tuned for this machine's CPU
     assert m["lowering"]["batch_range"] == [1, 1]  # meta-schedule tunes static shapes
+    assert m["lowering"]["residual_layout"] == "channels-last"  # v0: channels-last by definition
     records = (first / "tuning" / "database_tuning_record.json").read_text()
     assert len(records.splitlines()) == tuning["tasks_covered"]  # the best record per tuned op, nothing else
     predictor = load(first)
@@ -181,6 +183,29 @@ def test_cpu_tvm_tuning_saves_and_reuses_its_database(tmp_path):
     assert (second / "tuning" / "database_tuning_record.json").read_text() == records
     assert rel_l2(load(second)(x), ref) <= 1e-5
 
+    third = tmp_path / "again"  # --tune-again: the covered ops are tuned further, from the database
+    extra = {"tune_db": str(first), "tune_again": True, "tune_trials": 8, "tune_budget": 1, "show_progress": False}
+    m3 = export_artifact(source, get_target("cpu-tvm"), third, max_size=SIZE, options=ExportOptions(extra=extra))
+    t3 = m3["lowering"]["tuning"]
+    assert t3["retune"] and t3["trials"] >= 1 and t3["tasks_reused"] == tuning["tasks_covered"]
+    assert t3["tasks_covered"] >= tuning["tasks_covered"]
+    assert rel_l2(load(third)(x), ref) <= 1e-5
+
+
+def test_tuning_rounds_go_to_unmeasured_ops_first_then_where_the_time_is():
+    from vmamba_export.lowering.tvm_tune import _TimeWeightedScheduler
+
+    best_s = [None, 2e-3, 1e-3]  # op 0 not measured yet; op 1 takes twice op 2's time per call
+    sched = _TimeWeightedScheduler(None, [1.0, 1.0, 1.0], best_s)
+    assert sched._pick([0, 1, 2]) == 0
+    best_s[0], sched.task_rounds[0] = 1e-4, 1
+    assert sched._pick([0, 1, 2]) == 1  # the most time per image
+    sched.task_rounds[1] = 8  # 2e-3 / sqrt(9) < 1e-3 / sqrt(1): the next round goes to op 2
+    assert sched._pick([0, 1, 2]) == 2
+    sched.weights[0] = 100.0  # called 100 times per image: 1e-2 s per image, the most
+    assert sched._pick([0, 1, 2]) == 0
+    assert sched._pick([1, 2]) == 2  # terminated tasks are not offered
+
 
 def test_cpu_tvm_with_weights_outside_the_library(tmp_path):
     """separate_params (the cuda-tvm default): main takes the weights as inputs from params.bin, whose bytes are
@@ -194,7 +219,8 @@ def test_cpu_tvm_with_weights_outside_the_library(tmp_path):
     spec = m["entry"]["params"]
     assert spec["file"] == "params.bin" and "params.bin" in m["files"]
     assert params_bytes(source.model.state_dict(), spec) == (folder / "params.bin").read_bytes()
-    assert (folder / "model.so").stat().st_size < (folder / "params.bin").stat().st_size  # code only
+    largest = max(source.model.state_dict().values(), key=lambda t: t.numel()).numpy().tobytes()
+    assert largest not in (folder / "model.so").read_bytes()  # code only: the weights are not compiled in
     x = np.random.default_rng(5).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
     out, ref = load(folder)(x), torch_logits("vmamba_test_v2", x)
     assert rel_l2(out, ref) <= 1e-5

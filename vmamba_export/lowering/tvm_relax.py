@@ -154,7 +154,9 @@ def to_relax(model: VMamba, size: int, target_kind: str, batch: int | None = Non
 
     mod, detached = relax.frontend.detach_params(mod)
     fqn = dict(ep.graph_signature.inputs_to_parameters) | dict(ep.graph_signature.inputs_to_buffers)
-    names = [fqn.get(v.name, v.name) for v in mod["main"].params[1:]]
+    # state_dict names of the VMamba (a ChannelsLastVMamba holds it as `model`)
+    prefix = "model." if model is not getattr(model, "model", model) else ""
+    names = [fqn.get(v.name, v.name).removeprefix(prefix) for v in mod["main"].params[1:]]
     return mod, converter, list(zip(names, [t.numpy() for t in detached["main"]]))
 
 
@@ -238,7 +240,18 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     # CUDA: weights in a file beside the library, not in it (a 120 MB library of tiny_s1l8 could not travel to the
     # GPU machine; the GPU check regenerates the file there from the seed and the manifest's hash proves it equal).
     separate = bool(extra.get("separate_params", kind == "cuda"))
-    mod, converter, params = to_relax(model, size, kind, batch, keep_params=separate)
+    # cpu-tvm: v2 models channels-last by default (models/channels_last.py): the 1x1 convolutions become matmuls
+    # vectorised over channels; channel-first, the innermost loop is the map's width (14 or 7 in the late stages)
+    # and tuned schedules stayed ~2x slower. GPU targets keep the model's layout.
+    from . import residual_layout
+
+    layout = residual_layout(model, extra.get("layout")) if kind == "llvm" else "model"
+    graph_model = model
+    if layout == "channels-last" and cfg.version == "v2":
+        from ..models.channels_last import ChannelsLastVMamba
+
+        graph_model = ChannelsLastVMamba(model)
+    mod, converter, params = to_relax(graph_model, size, kind, batch, keep_params=separate)
     blocks = sum(1 for m in model.modules() if isinstance(m, SS2D))
     if converter.calls != blocks:
         raise RuntimeError(f"{converter.calls} scan nodes were converted for {blocks} SS2D blocks")
@@ -264,6 +277,7 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
         "device": target.device,
         "input_shape": [batch or "batch", cfg.in_chans, size, size],
         "batch_range": [batch, batch] if batch else [1, MAX_BATCH],
+        "residual_layout": layout,
         "scan_kernels": sorted("d{}_h{}_w{}_n{}".format(*k) for k in converter.kernels),
         "scan_schedule": _schedule_description(kind),
         "nodes": _count_bindings(main),
