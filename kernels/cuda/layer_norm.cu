@@ -2,25 +2,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "float_convert.cuh"
 #include "layer_norm.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
+using vmamba_cuda_detail::from_f;
+using vmamba_cuda_detail::to_f;
 
 // Two neighbouring elements, loaded and stored as one access (rows of even width stay aligned).
 template <typename T>
@@ -54,8 +44,8 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const T* __restric
     const int q = lane + Group * i;
     if (live && q < pairs) {
       const Pair<T> p = src[q];
-      v[2 * i] = to_float(p.v[0]);
-      v[2 * i + 1] = to_float(p.v[1]);
+      v[2 * i] = to_f(p.v[0]);
+      v[2 * i + 1] = to_f(p.v[1]);
     } else {
       v[2 * i] = v[2 * i + 1] = 0.0f;
     }
@@ -81,8 +71,8 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const T* __restric
     if (q < pairs) {
       const Pair<T> sp = s[q], bp = b[q];
       Pair<T> out;
-      out.v[0] = from_float<T>((v[2 * i] - mean) * rstd * to_float(sp.v[0]) + to_float(bp.v[0]));
-      out.v[1] = from_float<T>((v[2 * i + 1] - mean) * rstd * to_float(sp.v[1]) + to_float(bp.v[1]));
+      out.v[0] = from_f<T>((v[2 * i] - mean) * rstd * to_f(sp.v[0]) + to_f(bp.v[0]));
+      out.v[1] = from_f<T>((v[2 * i + 1] - mean) * rstd * to_f(sp.v[1]) + to_f(bp.v[1]));
       dst[q] = out;
     }
   }

@@ -35,6 +35,7 @@
 // by ex2.approx (relative error about 2^-22), softplus as log1pf(expf(x)) (x for x > 20, as PyTorch).
 
 #include "selective_scan_2d.cuh"
+#include "float_convert.cuh"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -55,19 +56,8 @@ __device__ __forceinline__ float ex2(float x) {
   return r;
 }
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
+using vmamba_cuda_detail::from_f;
+using vmamba_cuda_detail::to_f;
 
 // Four consecutive elements (16-byte aligned for float, 8 for half) as float.
 __device__ __forceinline__ void load4(const float* ptr, float (&out)[4]) {
