@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import TargetUnavailableError, VMambaExportError
 from ..models import VMamba
 from ..models.channels_last import ChannelsLastVMamba
@@ -94,21 +96,27 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
         )
     if options.precision not in ("fp32", "fp16"):
         raise TargetUnavailableError(f"target {target.name}: precision {options.precision!r} is not implemented")
-    layout = residual_layout(model, options.extra.get("layout"))
-    graph_model = ChannelsLastVMamba(model) if layout == "channels-last" and model.config.version == "v2" else model
-    info = export_onnx(graph_model, folder / "model.onnx", scan="custom-op", max_size=options.max_size)
-    info["residual_layout"] = layout
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
-    if layer_norm == "custom-op":
-        from .cuda_graph import use_last_axis_layer_norms_in_file
+    graph_model, layout = layout_graph(model, options.extra.get("layout"))
+    path = folder / "model.onnx"
+    info = export_onnx(graph_model, path, scan="custom-op", max_size=options.max_size)
+    info["residual_layout"] = layout
+    if layer_norm == "custom-op" or options.precision == "fp16":
+        import onnx
 
-        info["layer_norms"] = use_last_axis_layer_norms_in_file(folder / "model.onnx")
-    if options.precision == "fp16":
-        from .fp16 import convert_file_to_fp16
+        proto = onnx.load(str(path))  # once for both graph edits
+        if layer_norm == "custom-op":
+            from .cuda_graph import use_last_axis_layer_norms
 
-        info["fp16"] = convert_file_to_fp16(folder / "model.onnx", IR_VERSION)
+            info["layer_norms"] = use_last_axis_layer_norms(proto)
+        if options.precision == "fp16":
+            from .fp16 import convert_model_to_fp16, fp16_info
+
+            proto = convert_model_to_fp16(proto, IR_VERSION)
+            info["fp16"] = fp16_info(proto)
+        onnx.save_model(proto, str(path))
     shutil.copy2(library, folder / library.name)
     entry = {"model": "model.onnx", "custom_op_library": library.name, "providers": ["CUDAExecutionProvider"]}
     return entry, info
@@ -118,8 +126,8 @@ LAYOUTS = ("channels-last", "channels-first")
 
 
 def residual_layout(model: VMamba, requested: str | None) -> str:
-    """The layout of the residual stream in a cuda-onnxruntime graph: channels-last unless channels-first is asked
-    for (v2 models only; v0 models are channels-last by definition). See models/channels_last.py for why."""
+    """The layout of the residual stream in a cuda-onnxruntime or cpu-tvm graph: channels-last unless channels-first
+    is asked for (v2 models only; v0 models are channels-last by definition). See models/channels_last.py for why."""
     if requested is None:
         return "channels-last"
     if requested not in LAYOUTS:
@@ -129,6 +137,14 @@ def residual_layout(model: VMamba, requested: str | None) -> str:
             f"layout channels-first: {model.config.name} is a {model.config.version} model, channels-last by definition"
         )
     return requested
+
+
+def layout_graph(model: VMamba, requested: str | None) -> tuple[torch.nn.Module, str]:
+    """(module to export, its residual layout): a v2 model wrapped in ChannelsLastVMamba for channels-last, else
+    `model` itself (channel-first v2, or v0, channels-last by definition)."""
+    layout = residual_layout(model, requested)
+    wrap = layout == "channels-last" and model.config.version == "v2"
+    return (ChannelsLastVMamba(model) if wrap else model), layout
 
 
 def _openvino_ir(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:

@@ -8,8 +8,6 @@ and bias given as initializers of an even width up to 2048, no Mean/InvStdDev ou
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .onnx_export import ONNX_DOMAIN
 
 LAYER_NORM_OP = "LastAxisLayerNorm"
@@ -61,12 +59,3 @@ def use_last_axis_layer_norms(proto) -> dict:
     if replaced and not any(o.domain == ONNX_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ONNX_DOMAIN, 1))
     return {"op": f"{ONNX_DOMAIN}::{LAYER_NORM_OP}", "replaced": replaced, "kept": kept}
-
-
-def use_last_axis_layer_norms_in_file(path: Path) -> dict:
-    import onnx
-
-    proto = onnx.load(str(path))
-    info = use_last_axis_layer_norms(proto)
-    onnx.save_model(proto, str(path))
-    return info

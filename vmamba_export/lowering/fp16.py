@@ -11,8 +11,6 @@ they run in float32 between Casts.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 # Kept in float32 (with Casts around them) on top of the converter's defaults (ML-domain ops, TopK, Range, CumSum,
 # Min/Max, Upsample, ...). None of these is on VMamba's hot path; they are here so a graph that has them stays
 # accurate: Softplus/Exp overflow float16 above ~11, ReduceSum/ReduceSumSquare over a whole map lose digits.
@@ -65,13 +63,8 @@ def _sort_topologically(graph) -> None:
     graph.node.extend(nodes)
 
 
-def convert_file_to_fp16(path: Path, ir_version: int) -> dict:
-    """Rewrite the ONNX file at `path` in float16; returns what the manifest records about the conversion."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    converted = convert_model_to_fp16(proto, ir_version)
-    onnx.save_model(converted, str(path))
+def fp16_info(converted) -> dict:
+    """What the manifest records about a graph `convert_model_to_fp16` made."""
     kept = sorted({n.op_type for n in converted.graph.node if n.op_type in set(fp32_op_block_list())})
     return {
         "converter": "onnxruntime.transformers.float16.convert_float_to_float16",

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import TargetUnavailableError
 from ..models import SS2D, VMamba
+from ..models.channels_last import ChannelsLastVMamba
 from ..scan import QUALIFIED_NAME
 from .quiet import quiet_toolchain
 
@@ -155,7 +156,7 @@ def to_relax(model: VMamba, size: int, target_kind: str, batch: int | None = Non
     mod, detached = relax.frontend.detach_params(mod)
     fqn = dict(ep.graph_signature.inputs_to_parameters) | dict(ep.graph_signature.inputs_to_buffers)
     # state_dict names of the VMamba (a ChannelsLastVMamba holds it as `model`)
-    prefix = "model." if model is not getattr(model, "model", model) else ""
+    prefix = "model." if isinstance(model, ChannelsLastVMamba) else ""
     names = [fqn.get(v.name, v.name).removeprefix(prefix) for v in mod["main"].params[1:]]
     return mod, converter, list(zip(names, [t.numpy() for t in detached["main"]]))
 
@@ -243,14 +244,9 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     # cpu-tvm: v2 models channels-last by default (models/channels_last.py): the 1x1 convolutions become matmuls
     # vectorised over channels; channel-first, the innermost loop is the map's width (14 or 7 in the late stages)
     # and tuned schedules stayed ~2x slower. GPU targets keep the model's layout.
-    from . import residual_layout
+    from . import layout_graph
 
-    layout = residual_layout(model, extra.get("layout")) if kind == "llvm" else "model"
-    graph_model = model
-    if layout == "channels-last" and cfg.version == "v2":
-        from ..models.channels_last import ChannelsLastVMamba
-
-        graph_model = ChannelsLastVMamba(model)
+    graph_model, layout = layout_graph(model, extra.get("layout")) if kind == "llvm" else (model, "model")
     mod, converter, params = to_relax(graph_model, size, kind, batch, keep_params=separate)
     blocks = sum(1 for m in model.modules() if isinstance(m, SS2D))
     if converter.calls != blocks:

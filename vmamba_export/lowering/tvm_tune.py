@@ -157,12 +157,15 @@ def _covered(database, task, target) -> bool:
     return database.query_tuning_record(task.dispatched[0], target, "main") is not None
 
 
+def _mean_s(run_secs) -> float | None:
+    """Mean of one candidate's measured times (seconds), None when it has none (a failed build or run)."""
+    return sum(float(v) for v in run_secs) / len(run_secs) if run_secs else None
+
+
 def _database_best_s(database, task, target) -> float | None:
     """Mean measured time of the task's best record in `database`, or None."""
     record = database.query_tuning_record(task.dispatched[0], target, "main")
-    if record is None or not record.run_secs:
-        return None
-    return sum(float(v) for v in record.run_secs) / len(record.run_secs)
+    return None if record is None else _mean_s(record.run_secs)
 
 
 @derived_object
@@ -179,11 +182,9 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         self.trials += len(measure_candidates)
-        for r in runner_results:
-            if r.run_secs:
-                t = sum(float(v) for v in r.run_secs) / len(r.run_secs)
-                if self.best_s[task_id] is None or t < self.best_s[task_id]:
-                    self.best_s[task_id] = t
+        times = [t for t in (_mean_s(r.run_secs) for r in runner_results) if t is not None]
+        if times and (self.best_s[task_id] is None or min(times) < self.best_s[task_id]):
+            self.best_s[task_id] = min(times)
         if self.show:
             limit = f"/{self.budget_s:.0f}" if self.budget_s else ""
             print(
@@ -240,7 +241,7 @@ class _TimeWeightedScheduler(ms.task_scheduler.PyTaskScheduler):
 
 
 def _best_ms(runner_results) -> str:
-    times = [sum(float(v) for v in r.run_secs) / len(r.run_secs) for r in runner_results if r.run_secs]
+    times = [t for t in (_mean_s(r.run_secs) for r in runner_results) if t is not None]
     return f"{1e3 * min(times):.3f} ms" if times else "-"
 
 
