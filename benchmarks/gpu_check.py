@@ -309,9 +309,18 @@ def check_bandwidth(quick: bool) -> dict:
                 rows.append(row)
                 if bsz == batch:  # the other variants, for tuning: block-kernel steps, chunked-kernel tiles
                     variants = (
-                        [("block1", 0, 0), ("block2s", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)] if n_state == 1 else []
+                        [("block1", 0, 0), ("block2s", 0, 0), ("block2odd", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)]
+                        if n_state == 1
+                        else []
                     )
-                    variants += [("smem", 2, 0), ("smem", 4, 0), ("smem", 0, 16)]
+                    variants += [
+                        ("smem", 2, 0),
+                        ("smem", 4, 0),
+                        ("smem", 8, 28),
+                        ("smem", 8, 0),
+                        ("smem", 0, 16),
+                        ("smem-chmajor", 0, 0),
+                    ]
                     for variant, tile, chunks in variants:
                         cuda_kernel.apply_variant(variant)
                         cuda_kernel.set_tuning(tile, chunks)

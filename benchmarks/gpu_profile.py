@@ -5,7 +5,7 @@ times only what runs between the profiler start and stop that this script calls 
 
     ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw \\
         --log-file $OUT/ncu_s1l8.csv python3 benchmarks/gpu_profile.py run vmamba_tiny_s1l8
-    (the same with convnext_tiny)
+    (the same with convnext_tiny; `run scan`: the scan kernel alone at the stage-1 shapes, for `--set full`)
 
 Here, afterwards: `python benchmarks/gpu_profile.py summarize ncu_s1l8.csv [ncu_convnext.csv]` groups the kernels by
 kind (convolution/GEMM, layout, normalization, elementwise, scan, casts) and prints each group's share.
@@ -78,6 +78,27 @@ def run(name: str) -> None:
     print(f"profiled one batch-128 inference of {name}")
 
 
+def run_scan() -> None:
+    """The scan kernel alone at the stage-1 shapes of gpu_check's bandwidth section (batch 128, float32), once each
+    between profiler start and stop, for `ncu --set full` (stall reasons, pipe use, memory traffic)."""
+    import torch
+    from gpu_check import scan_inputs
+
+    from vmamba_export import cuda_kernel
+
+    for name, di, n_state in (("vmamba_tiny_s1l8", 96, 1), ("vanilla_vmamba_tiny", 192, 16)):
+        ins = scan_inputs(128, di, n_state, 56, 56, torch.float32, "cuda", 0)
+        y = torch.empty_like(ins[0])
+        for _ in range(2):
+            cuda_kernel.selective_scan_2d_cuda(*ins, out=y)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        cuda_kernel.selective_scan_2d_cuda(*ins, out=y)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"profiled the scan at {name}'s stage-1 shape: {cuda_kernel.last_config()}")
+
+
 def read_kernels(path: Path) -> dict[str, float]:
     """{kernel name: total ms} from ncu's raw CSV page (one row per launch; units in the second row)."""
     lines = [line for line in path.read_text().splitlines() if line.startswith('"')]
@@ -111,11 +132,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="on the GPU machine, under ncu")
-    p.add_argument("model", choices=["vmamba_tiny_s1l8", "convnext_tiny"])
+    p.add_argument("model", choices=["vmamba_tiny_s1l8", "convnext_tiny", "scan"], help="scan: the kernel alone")
     p = sub.add_parser("summarize", help="here: group ncu's CSV by kernel kind")
     p.add_argument("csv", nargs="+", type=Path)
     args = parser.parse_args()
-    if args.command == "run":
+    if args.command == "run" and args.model == "scan":
+        run_scan()
+    elif args.command == "run":
         run(args.model)
     else:
         summarize(args.csv)

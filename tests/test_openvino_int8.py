@@ -95,25 +95,16 @@ def runtime_layers(folder: Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_int8_heldout_top1_within_one_point(artifacts, name):
+def test_int8_heldout_top1_within_one_point(artifacts, name, heldout_int8_accuracy):
     folder, manifest = artifacts[name]
     quant = manifest["lowering"]["quantization"]
-    acc = quant["accuracy"]
-    print(
-        f"\n{name} cpu-openvino: holdout top-1 fp32 {100 * acc['fp32_top1']:.2f}, int8 {100 * acc['int8_top1']:.2f}, "
-        f"drop {acc['drop_points']:.2f} points ({acc['num_images']} images), "
-        f"{len(quant['quantized_layers'])} layers int8, {len(quant['float_layers'])} float"
-    )
-    assert acc["source"] == "digits:holdout" and acc["num_images"] == 359
-    assert acc["fp32_top1"] >= 0.9  # the trained model, not random weights
-    assert acc["drop_points"] <= 1.0
+    acc = heldout_int8_accuracy(f"{name} cpu-openvino", quant)
     # The recorded int8 accuracy is the artifact's own: measure it again through the loader.
     x, labels, _ = load_batch("digits:holdout", resolve_model(name).model.config.input, None)
     measured = (load(folder)(x).argmax(1) == np.asarray(labels)).mean()
     assert measured == pytest.approx(acc["int8_top1"], abs=1e-9)
     assert quant["calibration"]["source"] == "digits:calib" and quant["calibration"]["samples"] == 128
     assert quant["method"] == "minmax" and quant["nncf"]["bias_correction"] == "fast"
-    assert len(quant["quantized_layers"]) >= 10
 
 
 @pytest.mark.parametrize("name", MODELS)

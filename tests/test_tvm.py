@@ -88,6 +88,46 @@ def test_fast_math_matches_float64_on_extreme_inputs():
     assert np.all(np.abs(sp.numpy() - sp_ref) <= 4e-7 * sp_ref + 2e-38)
 
 
+def test_polynomial_activations_match_float64_and_leave_no_libm_call():
+    """cpu-tvm's GELU and sigmoid (lowering/tvm_fast_math.py) against float64, over the range they can see; the
+    legalized functions must hold no erf/exp intrinsic (LLVM's scalar libm calls are what they replace)."""
+    from scipy.special import erf
+    from tvm import relax
+    from tvm.script import relax as R
+
+    from vmamba_export.lowering.tvm_fast_math import polynomial_activations
+
+    x = np.concatenate([[-1e4, -90.0, -20.0, -9.0, -4.0, -1e-6, 0.0, 1e-6, 4.0, 9.0, 90.0, 1e4]])
+    x = np.concatenate([x, np.linspace(-12.0, 12.0, 4001)]).astype(np.float32)
+    n = len(x)
+
+    @tvm.script.ir_module
+    class Activations:
+        @R.function
+        def main(a: R.Tensor((n,), "float32")):
+            with R.dataflow():
+                g = R.nn.gelu(a)
+                s = R.sigmoid(a)
+                out = R.concat((g, s))
+                R.output(out)
+            return out
+
+    mod, replaced = polynomial_activations(Activations)
+    assert replaced == {"relax.nn.gelu": 1, "relax.sigmoid": 1}
+    legalized = relax.get_pipeline("zero")(mod)
+    tir_text = "\n".join(f.script() for _, f in legalized.functions_items() if not isinstance(f, relax.Function))
+    assert "T.erf" not in tir_text and "T.exp" not in tir_text and "T.sigmoid" not in tir_text
+    executable = tvm.compile(mod, target=Target({"kind": "llvm", "num-cores": 2}))
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    x64 = x.astype(np.float64)
+    gelu_ref = 0.5 * x64 * (1.0 + erf(x64 / np.sqrt(2.0)))
+    sigmoid_ref = 0.5 * (1.0 + np.tanh(0.5 * x64))
+    assert np.abs(out[:n] - gelu_ref).max() <= 2e-6 + 1e-6 * np.abs(gelu_ref).max()
+    assert np.all(np.abs(out[:n] - gelu_ref) <= 2e-6 + 2e-7 * np.abs(gelu_ref))
+    # sigmoid: relative to the value where it is not tiny, absolute (flushing below e^-87) where it is
+    assert np.all(np.abs(out[n:] - sigmoid_ref) <= 1e-6 * sigmoid_ref + 1e-37)
+
+
 @pytest.fixture(scope="module")
 def cpu_artifacts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tvm")
@@ -127,6 +167,8 @@ def test_cpu_tvm_manifest_and_fixed_size(cpu_artifacts):
     assert m["entry"]["model"] == "model.so" and m["entry"]["device"] == "cpu"
     assert m["lowering"]["scan_nodes"] == sum(m["model"]["config"]["depths"])
     assert all(k.endswith("_n16") for k in m["lowering"]["scan_kernels"])  # v0: d_state 16
+    # every block's SiLUs as polynomial sigmoids (lowering/tvm_fast_math.py)
+    assert m["lowering"]["polynomial_activations"]["relax.sigmoid"] >= m["lowering"]["scan_nodes"]
     assert m["thresholds"] == {"max_rel_l2": 1e-5, "min_top1_agreement": 1.0}
     predictor = load(folder)
     with pytest.raises(InputError):

@@ -55,21 +55,39 @@ def set_block_variant(variant: int = 0) -> None:
     load_library().vmamba_selective_scan_2d_cuda_set_block_variant(variant)
 
 
+# set_block_variant's argument per variant name (bits documented in kernels/cuda/selective_scan_2d.cuh)
+BLOCK_VARIANT_BITS = {"block1": 1, "block2": 2, "block2r": 4, "block2s": 2 + 8, "block2odd": 2 + 32, "smem-chmajor": 16}
+
+
 def apply_variant(variant: str) -> None:
     """Select a kernel variant by name for tests and benchmarks (reset with "auto").
 
     auto, block, global, smem: paths; block1 / block2: the block kernel with one / two channels a block
     (block2 falls back to one when d_inner is odd); block2r: two channels, registers uncapped; block2s: two
     channels, scalar staging loads; tile3: the chunked kernel
-    with 3 channels a block (partial tiles when Di % 3 != 0); chunks3: the chunked kernel with 3 chunks of lines.
+    with 3 channels a block (partial tiles when Di % 3 != 0); chunks3: the chunked kernel with 3 chunks of lines;
+    smem-chmajor: the chunked kernel with its threads channel-major (the lanes of a warp on 32 lines of one channel);
+    block2odd: two channels, planes at the odd row stride (not the one with the fewest bank conflicts).
     """
     path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
+    path = "smem" if variant == "smem-chmajor" else path
     force_path(path)
     set_tuning(3 if variant == "tile3" else 0, 3 if variant == "chunks3" else 0)
-    set_block_variant({"block1": 1, "block2": 2, "block2r": 4, "block2s": 2 + 8}.get(variant, 0))
+    set_block_variant(BLOCK_VARIANT_BITS.get(variant, 0))
 
 
-KERNEL_VARIANTS = ("auto", "block1", "block2", "block2s", "smem", "tile3", "chunks3", "global")
+KERNEL_VARIANTS = (
+    "auto",
+    "block1",
+    "block2",
+    "block2s",
+    "block2odd",
+    "smem",
+    "smem-chmajor",
+    "tile3",
+    "chunks3",
+    "global",
+)
 
 
 def last_config() -> str:

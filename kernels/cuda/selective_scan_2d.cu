@@ -18,9 +18,10 @@
 // so a step reads them as eight 16-byte loads from one line instead of 32 loads from 32 planes.
 //
 // Inside a block each direction's sequence is cut into chunks of whole lines (rows for directions 0 and 2, columns
-// for 1 and 3; consecutive lanes own consecutive lines): a column-direction step of a warp then reads consecutive
-// addresses (coalesced), and a row-direction lane walks along its own row (each 32-byte sector serves 8 steps
-// from L1). Shared memory rows are padded to an odd stride so both orientations are free of bank conflicts.
+// for 1 and 3; the block's channels of one line sit in neighbouring lanes, then the next line's): a column-direction
+// step of a warp then reads few, consecutive segments, a row-direction lane walks along its own row (each 32-byte
+// sector serves 8 steps from L1), and one warp-wide load of B | C serves all the block's channels of a line.
+// Shared memory rows are padded to an odd stride.
 // Chunked two-pass scan: pass A scans every chunk but the last from a zero state, keeping only its end state and
 // the sum of its dt (its decay over the chunk is exp(A * sum dt)); the chunk carries are folded in sequence order
 // (one thread per (channel, state)); pass B rescans each chunk from its true initial state and adds C . h to y.
@@ -43,12 +44,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kMaxThreads = 256;
+constexpr int kMaxThreads = 512;  // chunked kernel's launch bound (benchmarks may ask for 512 threads)
+constexpr int kAutoThreads = 256;  // chunked kernel's automatic block size
 
 __device__ __forceinline__ float ex2(float x) {
   float r;
@@ -101,6 +105,7 @@ struct Params {
   int wp;   // shared-memory row stride (odd)
   int ct;   // channels per block
   int nch;  // chunk threads per channel
+  int channel_major;  // chunked kernel, for benchmarks: thread t = (channel t / nch, chunk t % nch), not interleaved
   int vec4;  // block kernel: rows of whole quads and aligned tensors, so staging loads four elements at once
   const float* bc;  // d_state > 1: B and C position-major, (batch, 4, H*W, [B(N) | C(N)]) float32 (gather_bc_kernel)
 };
@@ -275,8 +280,11 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
   }
   __syncthreads();
 
-  const int cl = threadIdx.x / nch;
-  const int q = threadIdx.x - cl * nch;
+  // Thread t takes channel t % ct of chunk t / ct: the ct channels of one chunk sit in neighbouring lanes, so one
+  // warp-wide load of B and C (shared by the channels) touches ct times fewer lines. Channel-major (channel t / nch,
+  // each warp on 32 lines) made every B|C load touch 32 lines: L1 was 95% busy at the vanilla stage-1 shape (ncu).
+  const int cl = P.channel_major ? threadIdx.x / nch : threadIdx.x % P.ct;
+  const int q = P.channel_major ? threadIdx.x - cl * nch : threadIdx.x / P.ct;
   const bool has_channel = cl < nc;
   const int c = c0 + (has_channel ? cl : 0);
   float* my_carry = carry + (cl * nch + q) * (N + 1);
@@ -598,12 +606,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_block_kernel(Params
         load4(b_map + p, bv);
         load4(c_map + p, cv);
         const int m = qrow * stride + (qcol << 2);
+        if ((stride & 3) == 0) {
+          // Rows of whole quads (block_smem_stride): one 16-byte store per plane, conflict-free per quarter warp.
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+          for (int ch = 0; ch < CPB; ++ch) {
+            *reinterpret_cast<float4*>(sdt + ch * plane + m) =
+                make_float4(softplus_fast(dv[ch][0] + bias[ch]), softplus_fast(dv[ch][1] + bias[ch]),
+                            softplus_fast(dv[ch][2] + bias[ch]), softplus_fast(dv[ch][3] + bias[ch]));
+          }
+          *reinterpret_cast<float4*>(sb + m) = make_float4(bv[0], bv[1], bv[2], bv[3]);
+          *reinterpret_cast<float4*>(sc + m) = make_float4(cv[0], cv[1], cv[2], cv[3]);
+        } else {
 #pragma unroll
-          for (int ch = 0; ch < CPB; ++ch) sdt[ch * plane + m + e] = softplus_fast(dv[ch][e] + bias[ch]);
-          sb[m + e] = bv[e];
-          sc[m + e] = cv[e];
+          for (int e = 0; e < 4; ++e) {
+#pragma unroll
+            for (int ch = 0; ch < CPB; ++ch) sdt[ch * plane + m + e] = softplus_fast(dv[ch][e] + bias[ch]);
+            sb[m + e] = bv[e];
+            sc[m + e] = cv[e];
+          }
         }
         qrow += qstep_rows;
         qcol += qstep_cols;
@@ -719,20 +739,128 @@ const char* cuda_error(cudaError_t err, const char* what) {
   return message;
 }
 
+// Shared-memory wavefronts of one warp-wide access: lanes' word addresses `words` (n of them, `width` consecutive
+// words each: 1 or 4), served in phases of 128 bytes (32 lanes of 1 word, 8 lanes of 4); per phase, the most
+// distinct words any bank must deliver.
+int smem_wavefronts(const int* words, int n, int width) {
+  const int per_phase = 32 / width;
+  int total = 0;
+  for (int p0 = 0; p0 < n; p0 += per_phase) {
+    int bank_words[32][32];
+    int bank_count[32] = {};
+    int worst = 0;
+    for (int l = p0; l < std::min(n, p0 + per_phase); ++l) {
+      for (int e = 0; e < width; ++e) {
+        const int w = words[l] + e;
+        const int b = w & 31;
+        bool seen = false;
+        for (int i = 0; i < bank_count[b]; ++i) seen = seen || bank_words[b][i] == w;
+        if (!seen) bank_words[b][bank_count[b]++] = w;
+        worst = std::max(worst, bank_count[b]);
+      }
+    }
+    total += worst;
+  }
+  return total;
+}
+
+// Wavefronts of the block kernel's shared-memory traffic at row stride `stride`, counted by replaying its address
+// pattern on the host: the scan's (3 * cpb + 2) accesses per step (dt, u, y of each channel; B, C) for every warp,
+// item and direction, and the staging stores of dt, B and C (float4 when rows are whole quads).
+long long block_smem_cost(int height, int width, int stride, int items, int threads, int cpb, bool vec4) {
+  const int len = height * width;
+  long long cost = 0;
+  int words[32];
+  for (int k = 0; k < 4; ++k) {
+    const bool rows = k % 2 == 0, reverse = k >= 2;
+    const int line_len = rows ? width : height;
+    for (int seg0 = 0; seg0 < len; seg0 += threads * items) {
+      for (int w0 = 0; w0 < threads; w0 += 32) {
+        for (int j = 0; j < items; ++j) {
+          int n = 0;
+          for (int t = w0; t < w0 + 32; ++t) {
+            const int i = seg0 + t * items + j;
+            if (i >= len) continue;
+            const int q = reverse ? len - 1 - i : i;
+            const int line = q / line_len, along = q - (q / line_len) * line_len;
+            words[n++] = (rows ? line : along) * stride + (rows ? along : line);
+          }
+          if (n > 0) cost += static_cast<long long>(3 * cpb + 2) * smem_wavefronts(words, n, 1);
+        }
+      }
+    }
+    if (vec4) {
+      const int wq = width / 4;
+      for (int q0 = 0; q0 < len / 4; q0 += 32) {
+        int n = 0;
+        for (int qi = q0; qi < std::min(len / 4, q0 + 32); ++qi) words[n++] = (qi / wq) * stride + 4 * (qi % wq);
+        cost += (stride % 4 == 0) ? static_cast<long long>(cpb + 2) * smem_wavefronts(words, n, 4)
+                                  : 4LL * (cpb + 2) * smem_wavefronts(words, n, 1);
+      }
+    }
+  }
+  return cost;
+}
+
+// Row stride of the block kernel's planes: of `base` (the odd stride) and width + 1 .. width + 8, the one with the
+// fewest replayed wavefronts (block_smem_cost) among those that keep as many blocks per multiprocessor as `base`.
+// Why: with the odd stride 57 at 56 x 56, the column directions' lanes (7 rows apart) met two to a bank and the quad
+// staging stores four to a bank (Nsight Compute: 2.8-way loads, 2.2-way stores). Cached per shape.
+int block_smem_stride(int height, int width, int base, int items, int threads, int cpb, bool vec4, size_t smem_optin,
+                      size_t smem_per_sm) {
+  struct Entry {
+    int height, width, items, threads, cpb, vec4, stride;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : cache) {
+    if (e.height == height && e.width == width && e.items == items && e.threads == threads && e.cpb == cpb &&
+        e.vec4 == static_cast<int>(vec4)) {
+      return e.stride;
+    }
+  }
+  auto blocks_per_sm = [&](int stride) {
+    const size_t bytes = block_smem_bytes(height, stride, cpb);
+    return bytes > smem_optin ? 0 : smem_per_sm / (bytes + 1024);  // 1 KB a block reserved by the driver
+  };
+  int best = base;
+  long long best_cost = block_smem_cost(height, width, best, items, threads, cpb, vec4);
+  for (int stride = width + 1; stride <= width + 8; ++stride) {
+    if (stride == base || blocks_per_sm(stride) < blocks_per_sm(base)) continue;
+    const long long cost = block_smem_cost(height, width, stride, items, threads, cpb, vec4);
+    if (cost < best_cost) {
+      best = stride;
+      best_cost = cost;
+    }
+  }
+  if (cache.size() < 256) cache.push_back({height, width, items, threads, cpb, static_cast<int>(vec4), best});
+  return best;
+}
+
 template <typename T, int I, int CPB, int kThreads, int kMinBlocks>
-const char* launch_block_variant(Params P, cudaStream_t stream) {
+const char* launch_block_variant(Params P, cudaStream_t stream, size_t smem_optin) {
   const int len = P.height * P.width;
-  const size_t bytes = block_smem_bytes(P.height, P.wp, CPB);
   // Enough whole warps for one segment to cover the sequence, at most kThreads (then several segments).
   const int warps = std::min(kThreads / 32, std::max(1, (len + 32 * I - 1) / (32 * I)));
+  if ((g_block_variant & 32) == 0) {
+    int device = 0, smem_per_sm = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    P.wp = block_smem_stride(P.height, P.width, P.wp, I, 32 * warps, CPB, P.vec4 != 0, smem_optin,
+                             static_cast<size_t>(smem_per_sm));
+  }
+  const size_t bytes = block_smem_bytes(P.height, P.wp, CPB);
   auto kernel = scan_block_kernel<T, I, CPB, kThreads, kMinBlocks>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) return cuda_error(err, "cudaFuncSetAttribute");
   const dim3 grid(P.di / CPB, P.batch);
   const dim3 block(32 * warps);
   std::snprintf(g_last_config, sizeof(g_last_config),
-                "block N=1 %s items=%d channels=%d vec4=%d threads<=%d minblocks=%d grid=%ux%u block=%u smem=%zu",
-                sizeof(T) == 2 ? "f16" : "f32", I, CPB, P.vec4, kThreads, kMinBlocks, grid.x, grid.y, block.x, bytes);
+                "block N=1 %s items=%d channels=%d vec4=%d stride=%d threads<=%d minblocks=%d grid=%ux%u block=%u "
+                "smem=%zu",
+                sizeof(T) == 2 ? "f16" : "f32", I, CPB, P.vec4, P.wp, kThreads, kMinBlocks, grid.x, grid.y, block.x,
+                bytes);
   kernel<<<grid, block, bytes, stream>>>(P);
   err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (block kernel) launch");
@@ -740,7 +868,8 @@ const char* launch_block_variant(Params P, cudaStream_t stream) {
 
 // The block kernel when it fits (null `*used` otherwise). Two channels a block when d_inner is even and their
 // planes fit (default), else one; g_block_variant forces one for benchmarks (1: one channel, three blocks per
-// multiprocessor; 2: two channels, two blocks; 4: two channels, registers uncapped; + 8: scalar staging loads).
+// multiprocessor; 2: two channels, two blocks; 4: two channels, registers uncapped; + 8: scalar staging loads;
+// + 32: the odd row stride instead of block_smem_stride's).
 template <typename T>
 const char* launch_block(Params P, cudaStream_t stream, size_t smem_optin, bool* used) {
   P.wp = (P.width % 2 == 0) ? P.width + 1 : P.width;
@@ -751,10 +880,10 @@ const char* launch_block(Params P, cudaStream_t stream, size_t smem_optin, bool*
   const bool one_fits = block_smem_bytes(P.height, P.wp, 1) <= smem_optin;
   *used = two_fit || one_fits;
   if (two_fit && (g_block_variant & 7) != 1) {
-    if ((g_block_variant & 7) == 4) return launch_block_variant<T, 7, 2, 512, 1>(P, stream);
-    return launch_block_variant<T, 7, 2, 448, 2>(P, stream);
+    if ((g_block_variant & 7) == 4) return launch_block_variant<T, 7, 2, 512, 1>(P, stream, smem_optin);
+    return launch_block_variant<T, 7, 2, 448, 2>(P, stream, smem_optin);
   }
-  if (one_fits) return launch_block_variant<T, 7, 1, 448, 3>(P, stream);
+  if (one_fits) return launch_block_variant<T, 7, 1, 448, 3>(P, stream, smem_optin);
   return nullptr;
 }
 
@@ -819,7 +948,7 @@ const char* launch_scan(const Params& base, cudaStream_t stream) {
   // blocks in flight when the batch is small.
   // About 256 threads a block (small maps: many channels a block), at least two blocks per multiprocessor
   // (measured on the H100 at the vanilla tiny stage-1 shape: 4 channels of 56 lines 18% faster than 2).
-  int ct = g_tile > 0 ? g_tile : std::max(1, 256 / P.nch);
+  int ct = g_tile > 0 ? g_tile : std::max(1, kAutoThreads / P.nch);
   while (ct > 1 && (smem_bytes(ct) > static_cast<size_t>(smem_optin) ||
                     (g_tile <= 0 && static_cast<int64_t>(P.batch) * ((P.di + ct - 1) / ct) < 2 * sms))) {
     ct /= 2;
@@ -830,14 +959,16 @@ const char* launch_scan(const Params& base, cudaStream_t stream) {
 
   if (use_smem) {
     P.ct = ct;
+    P.channel_major = (g_block_variant & 16) != 0;
     const size_t bytes = smem_bytes(ct);
     err = cudaFuncSetAttribute(scan_smem_kernel<N, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(bytes));
     if (err != cudaSuccess) return cuda_error(err, "cudaFuncSetAttribute");
     const dim3 grid((P.di + ct - 1) / ct, P.batch);
     const dim3 block(ct * P.nch);
-    std::snprintf(g_last_config, sizeof(g_last_config), "smem N=%d %s ct=%d nch=%d grid=%ux%u block=%u smem=%zu",
-                  N, sizeof(T) == 2 ? "f16" : "f32", ct, P.nch, grid.x, grid.y, block.x, bytes);
+    std::snprintf(g_last_config, sizeof(g_last_config), "smem N=%d %s ct=%d nch=%d%s grid=%ux%u block=%u smem=%zu",
+                  N, sizeof(T) == 2 ? "f16" : "f32", ct, P.nch, P.channel_major ? " channel-major" : "", grid.x,
+                  grid.y, block.x, bytes);
     scan_smem_kernel<N, T><<<grid, block, bytes, stream>>>(P);
     err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (shared-memory kernel) launch");

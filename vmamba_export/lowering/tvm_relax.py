@@ -4,8 +4,9 @@
 The model is exported with `torch.export` (the scan op `vmamba::selective_scan_2d` stays one node per block),
 imported with `relax.frontend.torch.from_exported_program`, and each scan node becomes a `call_tir` of the hand-written
 TIR kernel of lowering/tvm_scan.py, scheduled for the target and tagged `tirx.is_scheduled`. The rest of the graph is
-legalized by TVM's default pipeline for the target (CPU: plain loops, unless meta-schedule tuned by lowering/tvm_tune.py
-with options.extra tune_budget / tune_trials / tune_db; CUDA: dlight default GPU schedules; Metal: the same without
+legalized by TVM's default pipeline for the target (CPU: GELU and sigmoid first made polynomial by
+lowering/tvm_fast_math.py; plain loops, unless meta-schedule tuned by lowering/tvm_tune.py with options.extra
+tune_budget / tune_trials / tune_db; CUDA: dlight default GPU schedules; Metal: the same without
 dlight's Matmul rule, which segfaults for Metal in TVM 0.27, FIELD-NOTES.md).
 
 Shapes: height and width are fixed at export (the manifest records min_size = max_size = that side; the scan kernel
@@ -252,6 +253,11 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     if converter.calls != blocks:
         raise RuntimeError(f"{converter.calls} scan nodes were converted for {blocks} SS2D blocks")
     main = mod["main"]
+    activations = None
+    if kind == "llvm":
+        from .tvm_fast_math import polynomial_activations
+
+        mod, activations = polynomial_activations(mod)
     tuning = None
     if tune is not None:
         from .tvm_tune import tune_and_apply
@@ -278,6 +284,8 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
         "scan_schedule": _schedule_description(kind),
         "nodes": _count_bindings(main),
         "scan_nodes": converter.calls,
+        # CPU: GELU / sigmoid nodes computed with polynomial erf / exp (lowering/tvm_fast_math.py); None elsewhere
+        "polynomial_activations": activations,
         "device_source_bytes": {k: len(v) for k, v in sources.items()},
         # None: untuned (TVM's default schedules outside the scan kernels); else what tvm_tune recorded
         "tuning": tuning,
