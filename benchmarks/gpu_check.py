@@ -12,6 +12,10 @@ carried: the machine needs no compiler). Sections, each recorded and never fatal
   bandwidth  the scan kernel alone at the stage-1 shapes (56x56) of vmamba_tiny_s1l8 (Di 96, N 1) and
              vanilla_vmamba_tiny (Di 192, N 16), batch 128: bytes it must move (inputs read once, y written once)
              over CUDA-event median time, against the device's copy bandwidth (torch copy_, read + write)
+  floor      the d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu: the per-state work of one scan
+             step on registers, exponentials split between the special-function units and an FMA-pipe polynomial
+             at the best measured mix) at the vanilla_vmamba_tiny stage-1 shape, batch 128, against the time the
+             70% bandwidth target allows
   model      vmamba_tiny_s1l8 (random weights, seed 0) exported to cuda-onnxruntime fp32 and fp16 (or the artifacts
              in --onnx-dir/<row>), plus fp16 without the channels-last graph and our LayerNorm kernel for
              comparison (MODEL_VARIANTS), parity against PyTorch fp32 (TF32 off), throughput at batch
@@ -268,18 +272,69 @@ def check_kernel(quick: bool) -> dict:
     return {"rows": rows, "failures": len(failures), "pass": not failures, "d_state_3": refused}
 
 
+def copy_bandwidth_gbs() -> float:
+    """The device's copy bandwidth: 1 GiB device-to-device, bytes read + written (measured once a run)."""
+    if "copy_gbs" not in RESULTS:
+        n = 1 << 28
+        src = torch.randn(n, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = cuda_time_ms(lambda s=src, d=dst: d.copy_(s), runs=20)
+        RESULTS["copy_gbs"] = 2 * n * 4 / copy_ms / 1e6
+        del src, dst
+        log(f"copy bandwidth: {RESULTS['copy_gbs']:.0f} GB/s")
+    return RESULTS["copy_gbs"]
+
+
+def scan_bytes(batch: int, di: int, n_state: int, side: int, itemsize: int) -> int:
+    """Bytes the scan op must move: u, delta, B, C read once, y written once (A_logs, D, bias: negligible, counted)."""
+    positions = batch * side * side
+    per_position = di + 4 * di + 2 * 4 * n_state + di
+    return (positions * per_position + 4 * di * (n_state + 2)) * itemsize
+
+
+@section("floor")
+def check_floor(quick: bool) -> dict:
+    """The d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu) against the 70% bandwidth target at the
+    vanilla_vmamba_tiny stage-1 shape, batch 128: the fewest exponentials any scan evaluates (one per state element,
+    a single pass) at the best measured mix of special-function-unit and FMA-pipe exponentials."""
+    from vmamba_export import cuda_kernel
+
+    copy_gbs = copy_bandwidth_gbs()
+    batch, di, n_state, side = 128, 192, 16, 56
+    elements = batch * 4 * di * side * side * n_state
+    rates = {}
+    for poly in cuda_kernel.FLOOR_POLY_STATES:
+        rates[poly] = cuda_kernel.scan_floor_rate(poly, steps=512 if quick else 2048)
+        log(f"  floor step, {poly:2d}/16 exponentials on the FMA pipes: {rates[poly] / 1e12:.2f} T state elements/s")
+    best = max(rates, key=rates.get)
+    out = {"elements": elements, "rates_per_s": rates, "best_poly_states": best, "copy_gbs": copy_gbs}
+    for dtype, itemsize in (("float32", 4), ("float16", 2)):
+        nbytes = scan_bytes(batch, di, n_state, side, itemsize)
+        floor_ms = elements / rates[best] * 1e3
+        target_ms = nbytes / (MIN_BANDWIDTH_FRACTION * copy_gbs * 1e6)
+        out[dtype] = {
+            "mbytes": nbytes / 1e6,
+            "floor_ms": floor_ms,
+            "target_ms": target_ms,
+            "best_fraction_of_copy": nbytes / floor_ms / 1e6 / copy_gbs,
+        }
+        log(
+            f"vanilla stage 1 b128 {dtype}: arithmetic floor {floor_ms:.3f} ms (best mix {best}/16 polynomial) vs "
+            f"{target_ms:.3f} ms for {100 * MIN_BANDWIDTH_FRACTION:.0f}% of copy: at most "
+            f"{100 * out[dtype]['best_fraction_of_copy']:.0f}% of copy reachable"
+        )
+    x = torch.linspace(-126.0, 0.0, 1 << 20, device="cuda")
+    rel = ((cuda_kernel.exp2_poly(x).double() - torch.exp2(x.double())) / torch.exp2(x.double())).abs().max().item()
+    out["exp2_poly_max_rel_error"] = rel
+    log(f"FMA-pipe exp2 polynomial: max relative error {rel:.2e} on [-126, 0]")
+    return out
+
+
 @section("bandwidth")
 def check_bandwidth(quick: bool) -> dict:
     from vmamba_export import cuda_kernel
 
-    # Copy bandwidth: 1 GiB device-to-device, bytes read + written.
-    n = 1 << 28
-    src = torch.randn(n, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = cuda_time_ms(lambda s=src, d=dst: d.copy_(s), runs=20)
-    copy_gbs = 2 * n * 4 / copy_ms / 1e6
-    del src, dst
-    log(f"copy bandwidth: {copy_gbs:.0f} GB/s")
+    copy_gbs = copy_bandwidth_gbs()
     rows = []
     batch = 128
     shapes = [("vmamba_tiny_s1l8", 96, 1), ("vanilla_vmamba_tiny", 192, 16)]
@@ -288,7 +343,7 @@ def check_bandwidth(quick: bool) -> dict:
             for bsz in (batch, 1):
                 ins = scan_inputs(bsz, di, n_state, 56, 56, dtype, "cuda", 0)
                 y = torch.empty_like(ins[0])
-                nbytes = sum(t.numel() * t.element_size() for t in ins) + y.numel() * y.element_size()
+                nbytes = scan_bytes(bsz, di, n_state, 56, ins[0].element_size())
                 ms = cuda_time_ms(
                     lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=10 if quick else 30
                 )
@@ -307,7 +362,9 @@ def check_bandwidth(quick: bool) -> dict:
                     "tile_sweep_ms": {},
                 }
                 rows.append(row)
-                if bsz == batch:  # the other variants, for tuning: block-kernel steps, chunked-kernel tiles
+                # The other variants, for tuning: block-kernel steps, chunked-kernel tiles (batch 1: the state split)
+                variants = [("smem-nosplit", 0, 0)] if n_state > 1 else []
+                if bsz == batch:
                     variants = (
                         [("block1", 0, 0), ("block2s", 0, 0), ("block2odd", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)]
                         if n_state == 1
@@ -321,6 +378,9 @@ def check_bandwidth(quick: bool) -> dict:
                         ("smem", 0, 16),
                         ("smem-chmajor", 0, 0),
                     ]
+                    if n_state > 1:
+                        variants += [("smem-nosplit", 0, 0), ("smem-nosplit", 8, 0)]
+                if variants:
                     for variant, tile, chunks in variants:
                         cuda_kernel.apply_variant(variant)
                         cuda_kernel.set_tuning(tile, chunks)
@@ -534,6 +594,14 @@ def summary_table() -> str:
                 f"scan {r['model']:<20} {r['dtype']:<8} b128: {r['ms']:.3f} ms {r['gbs']:.0f} GB/s "
                 f"{100 * r['fraction_of_copy']:.0f}% (target {100 * MIN_BANDWIDTH_FRACTION:.0f}%)"
             )
+    f = s.get("floor", {})
+    for dtype in ("float32", "float16"):
+        if dtype in f:
+            lines.append(
+                f"vanilla b128 {dtype:<8}: arithmetic floor {f[dtype]['floor_ms']:.3f} ms, "
+                f"{f[dtype]['target_ms']:.3f} ms for 70%: "
+                f"at most {100 * f[dtype]['best_fraction_of_copy']:.0f}% of copy reachable"
+            )
     m = s.get("model", {})
     for precision, rec in m.get("precisions", {}).items():
         p = rec.get("parity", {})
@@ -588,7 +656,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_results"))
-    parser.add_argument("--skip", action="append", default=[], choices=["kernel", "bandwidth", "model"])
+    parser.add_argument("--skip", action="append", default=[], choices=["kernel", "bandwidth", "floor", "model"])
     parser.add_argument(
         "--export-only",
         type=Path,
@@ -619,6 +687,8 @@ def main(argv=None) -> int:
                 check_kernel(args.quick)
             if "bandwidth" not in args.skip:
                 check_bandwidth(args.quick)
+            if "floor" not in args.skip:
+                check_floor(args.quick)
             if "model" not in args.skip:
                 check_model(args.quick, args.onnx_dir, Path(tmp))
     table = summary_table()

@@ -202,7 +202,19 @@ def _inputs(batch, di, n, h, w, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "variant",
-    ["auto", "block1", "block2", "block2s", "block2odd", "smem", "smem-chmajor", "global", "tile3", "chunks3"],
+    [
+        "auto",
+        "block1",
+        "block2",
+        "block2s",
+        "block2odd",
+        "smem",
+        "smem-chmajor",
+        "smem-nosplit",
+        "global",
+        "tile3",
+        "chunks3",
+    ],
 )
 def test_cuda_kernel_matches_reference(shape, dtype, variant):
     gpu_ready()
@@ -222,6 +234,55 @@ def test_cuda_kernel_matches_reference(shape, dtype, variant):
     assert np.isfinite(out).all()
     limit = 2e-5 if dtype == torch.float32 else 3e-3
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < limit
+
+
+def _torch_cuda_and_library():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if ort_cuda_library_path() is None:
+        pytest.skip("libvmamba_ort_cuda.so not built (python -m vmamba_export.build_kernels --cuda)")
+
+
+@pytest.mark.gpu
+def test_floor_kernel_exp2_polynomial_is_as_accurate_as_ex2_approx():
+    """The FMA-pipe exp2 of the floor kernel (scan_floor.cu) against float64, so that the floor's best mix is one a
+    real kernel could use: within 2.5e-7 relative (ex2.approx: 2^-22) on [-126, 0], clamped to 2^-126 below."""
+    _torch_cuda_and_library()
+    from vmamba_export import cuda_kernel
+
+    x = torch.cat([torch.linspace(-126.0, 0.0, 1 << 20), torch.rand(1 << 16) * -126.0]).cuda()
+    ref = torch.exp2(x.double())
+    rel = ((cuda_kernel.exp2_poly(x).double() - ref) / ref).abs().max().item()
+    assert rel < 2.5e-7
+    low = cuda_kernel.exp2_poly(torch.tensor([-130.0, -200.0], device="cuda")).cpu()
+    assert torch.allclose(low.double(), torch.full((2,), 2.0**-126, dtype=torch.float64), rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("poly_states", [0, 4, 16])
+def test_floor_kernel_does_the_scan_step_work(poly_states):
+    """Every thread's sum from the floor kernel against the same recurrence in float64 (numpy): the benchmark times
+    the work it claims (16 decays, drives, updates and output terms a step), not code the compiler dropped."""
+    _torch_cuda_and_library()
+    from vmamba_export import cuda_kernel
+
+    lib = cuda_kernel.load_library()
+    threads, steps = lib.vmamba_scan_floor_threads(), 40
+    out = torch.empty(2 * threads, device="cuda")
+    err = lib.vmamba_scan_floor(poly_states, 2, steps, out.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    assert err is None
+    torch.cuda.synchronize()
+    tid = np.arange(2 * threads)[:, None]
+    n = np.arange(16)[None, :]
+    a2 = -0.1 * (n + 1) - 1e-7 * (tid & 1023)
+    b, c = 0.5 + 0.01 * n, 1.0 - 0.02 * n
+    h = np.zeros((2 * threads, 16))
+    dt, x, y = 0.5 + 1e-6 * (tid[:, 0] & 255), 0.25 + 0.01 * (tid & 7), np.zeros(2 * threads)
+    for _ in range(steps):
+        h = np.exp2(dt[:, None] * a2) * h + x * b
+        y += (c * h).sum(axis=1)
+        dt, x = dt * 0.999 + 1e-3, x * -0.5 + 1.5
+    np.testing.assert_allclose(out.cpu().numpy(), y, rtol=2e-5)
 
 
 @pytest.mark.gpu

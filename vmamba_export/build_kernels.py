@@ -235,7 +235,10 @@ def build_cuda(
     units = [Unit(u.source, obj / u.obj.name, u.flags) for u in kernel_units]
     op = Unit(ort_dir / "custom_op.cpp", obj / "custom_op_cuda.o", ["-DVMAMBA_WITH_CUDA"])
     cuda_op = Unit(ort_dir / "cuda_op.cpp", obj / "cuda_op.o")
-    cu_units = [Unit(cuda_dir / f"{name}.cu", obj / f"{name}_cu.o") for name in ("selective_scan_2d", "layer_norm")]
+    cu_units = [
+        Unit(cuda_dir / f"{name}.cu", obj / f"{name}_cu.o")
+        for name in ("selective_scan_2d", "layer_norm", "scan_floor")
+    ]
     link = ["-shared", "-cudart", "static", "-Xcompiler", "-pthread", "-Xlinker", "-z,defs", "-Xlinker", "-z,nodelete"]
     lib = NATIVE_DIR / ORT_CUDA_LIBRARY_NAME
     digest = _digest(

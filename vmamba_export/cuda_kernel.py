@@ -36,6 +36,11 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     lib.vmamba_selective_scan_2d_cuda_set_tuning.restype = None
     lib.vmamba_selective_scan_2d_cuda_set_block_variant.argtypes = [ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_set_block_variant.restype = None
+    lib.vmamba_scan_floor.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.vmamba_scan_floor.restype = ctypes.c_char_p
+    lib.vmamba_scan_floor_threads.restype = ctypes.c_int
+    lib.vmamba_exp2_poly.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.vmamba_exp2_poly.restype = ctypes.c_char_p
     return lib
 
 
@@ -56,7 +61,15 @@ def set_block_variant(variant: int = 0) -> None:
 
 
 # set_block_variant's argument per variant name (bits documented in kernels/cuda/selective_scan_2d.cuh)
-BLOCK_VARIANT_BITS = {"block1": 1, "block2": 2, "block2r": 4, "block2s": 2 + 8, "block2odd": 2 + 32, "smem-chmajor": 16}
+BLOCK_VARIANT_BITS = {
+    "block1": 1,
+    "block2": 2,
+    "block2r": 4,
+    "block2s": 2 + 8,
+    "block2odd": 2 + 32,
+    "smem-chmajor": 16,
+    "smem-nosplit": 64,
+}
 
 
 def apply_variant(variant: str) -> None:
@@ -67,10 +80,12 @@ def apply_variant(variant: str) -> None:
     channels, scalar staging loads; tile3: the chunked kernel
     with 3 channels a block (partial tiles when Di % 3 != 0); chunks3: the chunked kernel with 3 chunks of lines;
     smem-chmajor: the chunked kernel with its threads channel-major (the lanes of a warp on 32 lines of one channel);
-    block2odd: two channels, planes at the odd row stride (not the one with the fewest bank conflicts).
+    block2odd: two channels, planes at the odd row stride (not the one with the fewest bank conflicts);
+    smem-nosplit: the chunked kernel with one lane per (channel, chunk) for all 16 states (default for d_state 16:
+    two lanes, eight states each).
     """
     path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
-    path = "smem" if variant == "smem-chmajor" else path
+    path = "smem" if variant in ("smem-chmajor", "smem-nosplit") else path
     force_path(path)
     set_tuning(3 if variant == "tile3" else 0, 3 if variant == "chunks3" else 0)
     set_block_variant(BLOCK_VARIANT_BITS.get(variant, 0))
@@ -84,6 +99,7 @@ KERNEL_VARIANTS = (
     "block2odd",
     "smem",
     "smem-chmajor",
+    "smem-nosplit",
     "tile3",
     "chunks3",
     "global",
@@ -120,4 +136,45 @@ def selective_scan_2d_cuda(u, delta, A_logs, B, C, D, delta_bias, out: torch.Ten
     )
     if err is not None:
         raise RuntimeError(f"vmamba_selective_scan_2d_cuda: {err.decode()}")
+    return y
+
+
+# The d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu): exponentials on the FMA-pipe polynomial for
+# this many of the 16 states, the rest on the special-function units.
+FLOOR_POLY_STATES = (0, 2, 3, 4, 5, 6, 8, 16)
+
+
+def scan_floor_rate(poly_states: int, steps: int = 2048, waves: int = 8, runs: int = 5) -> float:
+    """State elements per second that the register-only d_state-16 scan step (scan_floor.cu) reaches on the current
+    GPU with `poly_states` polynomial exponentials: an upper bound on any d_state-16 scan kernel's rate."""
+    from .bench import cuda_time_ms
+
+    lib = load_library()
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    threads = lib.vmamba_scan_floor_threads()
+    blocks = props.multi_processor_count * waves * (2048 // threads)
+    out = torch.empty(blocks * threads, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def run() -> None:
+        err = lib.vmamba_scan_floor(poly_states, blocks, steps, out.data_ptr(), stream)
+        if err is not None:
+            raise RuntimeError(f"vmamba_scan_floor: {err.decode()}")
+
+    ms = cuda_time_ms(run, runs=runs)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("scan floor kernel produced non-finite sums")
+    return blocks * threads * steps * 16 / (ms * 1e-3)
+
+
+def exp2_poly(x: torch.Tensor) -> torch.Tensor:
+    """2^x (float32 CUDA tensor, x >= -126) by the floor kernel's FMA-pipe polynomial."""
+    if not x.is_cuda or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("a contiguous float32 CUDA tensor expected")
+    y = torch.empty_like(x)
+    err = load_library().vmamba_exp2_poly(
+        x.data_ptr(), y.data_ptr(), x.numel(), torch.cuda.current_stream().cuda_stream
+    )
+    if err is not None:
+        raise RuntimeError(f"vmamba_exp2_poly: {err.decode()}")
     return y

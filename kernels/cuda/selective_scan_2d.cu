@@ -15,7 +15,8 @@
 // chip: the block keeps the channels' y (float32; and u, for d_state 1) in shared memory for the whole call and
 // writes y to device memory once at the end. No two blocks touch the same y element (no atomics, no per-direction
 // scratch). For d_state 16, B and C are first copied position-major ([position][B(16) | C(16)], `gather_bc_kernel`),
-// so a step reads them as eight 16-byte loads from one line instead of 32 loads from 32 planes.
+// so a step reads them as eight 16-byte loads from one line instead of 32 loads from 32 planes. Two neighbouring
+// lanes share each (channel, chunk) of d_state 16, eight states each (72 registers instead of 128: twice the warps).
 //
 // Inside a block each direction's sequence is cut into chunks of whole lines (rows for directions 0 and 2, columns
 // for 1 and 3; the block's channels of one line sit in neighbouring lanes, then the next line's): a column-direction
@@ -53,6 +54,9 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxThreads = 512;  // chunked kernel's launch bound (benchmarks may ask for 512 threads)
 constexpr int kAutoThreads = 256;  // chunked kernel's automatic block size
+// The chunked kernel with split states: 448 threads (4 channels x 56 chunks x 2 lanes), two blocks per multiprocessor:
+// 72 registers a thread (a cap of 64 for 512 threads spilled 380 bytes a thread).
+constexpr int kSplitMaxThreads = 448;
 
 __device__ __forceinline__ float ex2(float x) {
   float r;
@@ -156,20 +160,24 @@ __device__ __forceinline__ auto bc_planes(const Params& P, int64_t plane_bk, int
 // (b, k, channel) / (b, k) planes; `u_map` is the channel's u (row stride `u_stride`) and `y_map` its y accumulator
 // (row stride `stride`), each in shared or device memory.
 // kPassB: add C . h to y; otherwise accumulate the chunk's dt sum (pass A).
-template <int N, typename T, typename BT, typename UT, int K, bool kPassB>
+// NL < N (state split): this thread holds states [s0, s0 + NL), its neighbouring lane (pair_mask) the other half;
+// their C . h terms are summed by a shuffle and the lane with s0 == 0 adds them to y.
+template <int N, int NL, typename T, typename BT, typename UT, int K, bool kPassB>
 __device__ __forceinline__ void scan_chunk(int height, int width, int stride, int u_stride, int l0, int l1,
                                            const T* __restrict__ delta,
                                            const BT* __restrict__ b_mat, const BT* __restrict__ c_mat, const UT* u_map,
-                                           float* y_map, float bias, const float (&a2)[N], float (&h)[N],
-                                           float& dt_sum) {
+                                           float* y_map, float bias, const float (&a2)[NL], float (&h)[NL],
+                                           float& dt_sum, int s0, unsigned pair_mask) {
   constexpr bool kRows = (K % 2) == 0;
   constexpr bool kReverse = K >= 2;
   const int len = height * width;
   const int line_len = kRows ? width : height;
   const int nlines = kRows ? height : width;
+  // Steps unrolled: 4 lets the loads of later steps start early; the split kernel's register budget (72) takes 2.
+  constexpr int kUnroll = NL < N ? 2 : 4;
   for (int l = l0; l < l1; ++l) {
     const int line = kReverse ? nlines - 1 - l : l;
-#pragma unroll 4
+#pragma unroll(kUnroll)
     for (int s = 0; s < line_len; ++s) {
       const int along = kReverse ? line_len - 1 - s : s;
       const int row = kRows ? line : along;
@@ -183,10 +191,10 @@ __device__ __forceinline__ void scan_chunk(int height, int width, int stride, in
         h[0] = ex2(dt * a2[0]) * h[0] + dtu * to_f(b_mat[p]);
         if constexpr (kPassB) acc = h[0] * to_f(c_mat[p]);
       } else {
-        // Position-major B | C (bc_planes): N/4 + N/4 float4 loads from one line.
-        const float4* row4 = reinterpret_cast<const float4*>(b_mat + static_cast<int64_t>(p) * 2 * N);
+        // Position-major B | C (bc_planes): NL/4 + NL/4 float4 loads from one line.
+        const float4* row4 = reinterpret_cast<const float4*>(b_mat + static_cast<int64_t>(p) * 2 * N + s0);
 #pragma unroll
-        for (int i = 0; i < N / 4; ++i) {
+        for (int i = 0; i < NL / 4; ++i) {
           const float4 bv = __ldg(row4 + i);
           const float bq[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
@@ -198,7 +206,12 @@ __device__ __forceinline__ void scan_chunk(int height, int width, int stride, in
         }
       }
       if constexpr (kPassB) {
-        y_map[m] += acc;
+        if constexpr (NL < N) {
+          acc += __shfl_xor_sync(pair_mask, acc, 1);
+          if (s0 == 0) y_map[m] += acc;
+        } else {
+          y_map[m] += acc;
+        }
       } else {
         dt_sum += dt;
       }
@@ -206,27 +219,27 @@ __device__ __forceinline__ void scan_chunk(int height, int width, int stride, in
   }
 }
 
-template <int N, typename T, typename BT, typename UT, bool kPassB>
+template <int N, int NL, typename T, typename BT, typename UT, bool kPassB>
 __device__ __forceinline__ void scan_chunk_k(int k, int height, int width, int stride, int u_stride, int l0, int l1,
                                              const T* delta, const BT* b_mat, const BT* c_mat, const UT* u_map,
-                                             float* y_map, float bias, const float (&a2)[N], float (&h)[N],
-                                             float& dt_sum) {
+                                             float* y_map, float bias, const float (&a2)[NL], float (&h)[NL],
+                                             float& dt_sum, int s0, unsigned pair_mask) {
   switch (k) {
     case 0:
-      scan_chunk<N, T, BT, UT, 0, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
-                                            y_map, bias, a2, h, dt_sum);
+      scan_chunk<N, NL, T, BT, UT, 0, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat,
+                                                u_map, y_map, bias, a2, h, dt_sum, s0, pair_mask);
       break;
     case 1:
-      scan_chunk<N, T, BT, UT, 1, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
-                                            y_map, bias, a2, h, dt_sum);
+      scan_chunk<N, NL, T, BT, UT, 1, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat,
+                                                u_map, y_map, bias, a2, h, dt_sum, s0, pair_mask);
       break;
     case 2:
-      scan_chunk<N, T, BT, UT, 2, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
-                                            y_map, bias, a2, h, dt_sum);
+      scan_chunk<N, NL, T, BT, UT, 2, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat,
+                                                u_map, y_map, bias, a2, h, dt_sum, s0, pair_mask);
       break;
     default:
-      scan_chunk<N, T, BT, UT, 3, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat, u_map,
-                                            y_map, bias, a2, h, dt_sum);
+      scan_chunk<N, NL, T, BT, UT, 3, kPassB>(height, width, stride, u_stride, l0, l1, delta, b_mat, c_mat,
+                                                u_map, y_map, bias, a2, h, dt_sum, s0, pair_mask);
       break;
   }
 }
@@ -236,14 +249,21 @@ __device__ __forceinline__ float d_sum(const T* D, int di, int c) {
   return to_f(D[c]) + to_f(D[di + c]) + to_f(D[2 * di + c]) + to_f(D[3 * di + c]);
 }
 
-template <int N, typename T>
-__device__ __forceinline__ void load_a2(const T* A_logs, int di, int k, int c, float (&a2)[N]) {
+// a2[n] = A[s0 + n] * log2(e) for the NL states from s0 of (direction k, channel c).
+template <int N, int NL = N, typename T>
+__device__ __forceinline__ void load_a2(const T* A_logs, int di, int k, int c, float (&a2)[NL], int s0 = 0) {
 #pragma unroll
-  for (int n = 0; n < N; ++n) a2[n] = -expf(to_f(A_logs[(static_cast<int64_t>(k) * di + c) * N + n])) * kLog2e;
+  for (int n = 0; n < NL; ++n) {
+    a2[n] = -expf(to_f(A_logs[(static_cast<int64_t>(k) * di + c) * N + s0 + n])) * kLog2e;
+  }
 }
 
-template <int N, typename T>
-__global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
+// kSplit 2 (d_state 16): two neighbouring lanes share a (channel, chunk), 8 states each, so a thread needs about half
+// the registers and twice the warps fit on a multiprocessor to hide the latency of the serial steps.
+template <int N, typename T, int kSplit>
+__global__ void __launch_bounds__(kSplit == 1 ? kMaxThreads : kSplitMaxThreads, kSplit) scan_smem_kernel(Params P) {
+  static_assert(kSplit == 1 || (kSplit == 2 && N % 8 == 0), "state split: two halves of whole float4 groups");
+  constexpr int NL = N / kSplit;
   extern __shared__ float smem[];
   const int height = P.height, width = P.width, di = P.di, stride = P.wp, nch = P.nch;
   const int len = height * width;
@@ -283,8 +303,11 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
   // Thread t takes channel t % ct of chunk t / ct: the ct channels of one chunk sit in neighbouring lanes, so one
   // warp-wide load of B and C (shared by the channels) touches ct times fewer lines. Channel-major (channel t / nch,
   // each warp on 32 lines) made every B|C load touch 32 lines: L1 was 95% busy at the vanilla stage-1 shape (ncu).
-  const int cl = P.channel_major ? threadIdx.x / nch : threadIdx.x % P.ct;
-  const int q = P.channel_major ? threadIdx.x - cl * nch : threadIdx.x / P.ct;
+  const int tt = threadIdx.x / kSplit;
+  const int s0 = (threadIdx.x % kSplit) * NL;
+  const unsigned pair_mask = kSplit == 2 ? 3u << ((threadIdx.x & 31) & ~1) : 0u;
+  const int cl = P.channel_major ? tt / nch : tt % P.ct;
+  const int q = P.channel_major ? tt - cl * nch : tt / P.ct;
   const bool has_channel = cl < nc;
   const int c = c0 + (has_channel ? cl : 0);
   float* my_carry = carry + (cl * nch + q) * (N + 1);
@@ -309,22 +332,22 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
       u_c = u + (static_cast<int64_t>(b) * di + c) * len;
     }
     const int u_stride = kStageU ? stride : width;
-    float a2[N];
-    load_a2<N>(A_logs, di, k, c, a2);
+    float a2[NL];
+    load_a2<N, NL>(A_logs, di, k, c, a2, s0);
     const float bias = to_f(dbias[k * di + c]);
-    float h[N];
+    float h[NL];
 #pragma unroll
-    for (int n = 0; n < N; ++n) h[n] = 0.0f;
+    for (int n = 0; n < NL; ++n) h[n] = 0.0f;
 
     if (nchunks > 1) {
       // Pass A: every chunk but the last, from a zero state.
       float dt_sum = 0.0f;
       if (active && q + 1 < nchunks) {
-        scan_chunk_k<N, T, BT, UT, false>(k, height, width, stride, u_stride, l0, l1, delta_c, b_mat, c_mat, u_c,
-                                          nullptr, bias, a2, h, dt_sum);
+        scan_chunk_k<N, NL, T, BT, UT, false>(k, height, width, stride, u_stride, l0, l1, delta_c, b_mat, c_mat,
+                                              u_c, nullptr, bias, a2, h, dt_sum, s0, pair_mask);
 #pragma unroll
-        for (int n = 0; n < N; ++n) my_carry[n] = h[n];
-        my_carry[N] = dt_sum;
+        for (int n = 0; n < NL; ++n) my_carry[s0 + n] = h[n];
+        if (s0 == 0) my_carry[N] = dt_sum;
       }
       __syncthreads();
       // Fold the carries in sequence order: slot j gets chunk j's initial state.
@@ -349,14 +372,14 @@ __global__ void __launch_bounds__(kMaxThreads) scan_smem_kernel(Params P) {
       __syncthreads();
       if (active) {
 #pragma unroll
-        for (int n = 0; n < N; ++n) h[n] = my_carry[n];
+        for (int n = 0; n < NL; ++n) h[n] = my_carry[s0 + n];
       }
     }
     // Pass B: from the true initial state, adding C . h into y.
     if (active) {
       float unused = 0.0f;
-      scan_chunk_k<N, T, BT, UT, true>(k, height, width, stride, u_stride, l0, l1, delta_c, b_mat, c_mat, u_c,
-                                      sy + cl * plane, bias, a2, h, unused);
+      scan_chunk_k<N, NL, T, BT, UT, true>(k, height, width, stride, u_stride, l0, l1, delta_c, b_mat, c_mat, u_c,
+                                          sy + cl * plane, bias, a2, h, unused, s0, pair_mask);
     }
     __syncthreads();  // the next direction's chunks cover other lines of the same y; carry slots are reused
   }
@@ -714,8 +737,8 @@ __global__ void __launch_bounds__(128) scan_global_kernel(Params P, float* acc) 
     float unused = 0.0f;
     const int nlines = (k % 2 == 0) ? height : width;
     using BT = std::remove_cv_t<std::remove_pointer_t<decltype(b_mat)>>;
-    scan_chunk_k<N, T, BT, T, true>(k, height, width, width, width, 0, nlines, delta_c, b_mat, c_mat, u_map, y_map,
-                                    bias, a2, h, unused);
+    scan_chunk_k<N, N, T, BT, T, true>(k, height, width, width, width, 0, nlines, delta_c, b_mat, c_mat, u_map,
+                                       y_map, bias, a2, h, unused, 0, 0u);
   }
 }
 
@@ -953,7 +976,10 @@ const char* launch_scan(const Params& base, cudaStream_t stream) {
                     (g_tile <= 0 && static_cast<int64_t>(P.batch) * ((P.di + ct - 1) / ct) < 2 * sms))) {
     ct /= 2;
   }
-  ct = std::min(ct, std::max(1, kMaxThreads / P.nch));
+  // d_state 16: two lanes per (channel, chunk), each with half the states (scan_smem_kernel's kSplit): twice the
+  // warps in flight (vanilla tiny stage 1, batch 128, H200: 9.4 -> 8.4 ms fp32). Variant bit 64: one lane.
+  const int split = (N % 8 == 0 && (g_block_variant & 64) == 0) ? 2 : 1;
+  ct = std::min(ct, std::max(1, (split == 1 ? kMaxThreads : kSplitMaxThreads) / (P.nch * split)));
   const bool fits = smem_bytes(ct) <= static_cast<size_t>(smem_optin);
   const bool use_smem = g_force_path == 1 ? fits : (g_force_path == 2 ? false : fits);
 
@@ -961,15 +987,19 @@ const char* launch_scan(const Params& base, cudaStream_t stream) {
     P.ct = ct;
     P.channel_major = (g_block_variant & 16) != 0;
     const size_t bytes = smem_bytes(ct);
-    err = cudaFuncSetAttribute(scan_smem_kernel<N, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes));
+    auto kernel = scan_smem_kernel<N, T, 1>;
+    if constexpr (N % 8 == 0) {
+      if (split == 2) kernel = scan_smem_kernel<N, T, 2>;
+    }
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (err != cudaSuccess) return cuda_error(err, "cudaFuncSetAttribute");
     const dim3 grid((P.di + ct - 1) / ct, P.batch);
-    const dim3 block(ct * P.nch);
-    std::snprintf(g_last_config, sizeof(g_last_config), "smem N=%d %s ct=%d nch=%d%s grid=%ux%u block=%u smem=%zu",
-                  N, sizeof(T) == 2 ? "f16" : "f32", ct, P.nch, P.channel_major ? " channel-major" : "", grid.x,
+    const dim3 block(ct * P.nch * split);
+    std::snprintf(g_last_config, sizeof(g_last_config),
+                  "smem N=%d %s ct=%d nch=%d split=%d%s grid=%ux%u block=%u smem=%zu", N,
+                  sizeof(T) == 2 ? "f16" : "f32", ct, P.nch, split, P.channel_major ? " channel-major" : "", grid.x,
                   grid.y, block.x, bytes);
-    scan_smem_kernel<N, T><<<grid, block, bytes, stream>>>(P);
+    kernel<<<grid, block, bytes, stream>>>(P);
     err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (shared-memory kernel) launch");
   }

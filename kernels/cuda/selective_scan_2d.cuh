@@ -40,7 +40,9 @@ __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_tu
 // Variant of the block-scan kernel, for benchmarks: 0 automatic, 1 one channel a block (three blocks per
 // multiprocessor), 2 two channels a block (the default when d_inner is even), 4 two channels, registers uncapped;
 // + 8: scalar staging loads; + 16: the chunked kernel's threads channel-major instead of interleaved; + 32: the
-// block kernel's planes at the odd row stride instead of the stride with the fewest bank conflicts.
+// block kernel's planes at the odd row stride instead of the stride with the fewest bank conflicts; + 64: the
+// chunked kernel with one lane per (channel, chunk) holding all 16 states (default for d_state 16: two lanes, eight
+// states each).
 __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_block_variant(int variant);
 
 // Human-readable summary of the launch configuration the last call chose (for benchmarks; not thread-safe).

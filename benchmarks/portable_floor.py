@@ -1,0 +1,269 @@
+"""How fast could any onnx-portable scan be here? A floor from ONNX Runtime's own elementwise speed, same run.
+
+    python benchmarks/portable_floor.py [--threads 2] [--rounds 3] [--runs 15] [--workdir DIR] [--out FILE.md]
+
+onnx-portable writes the scan in standard ONNX ops without Loop/Scan. Whatever the formulation (sequential steps,
+blocked, log-depth prefix, cumulative sums), each state element (position x channel x state x direction) needs at
+least these tensors materialised, because standard ONNX has no fused multiply-add and no op that runs a recurrence:
+
+- d_state > 1, state-sized: dt * A (Mul), its Exp, decay * h (Mul), + drive (Add), the drive x * B (Mul), C * h
+  (Mul): five binary ops and one Exp. The channel-sized work (softplus, dt * u) and the reduction over the states
+  are not counted.
+- d_state 1, per element: delta + bias (Add), softplus (counted as one Exp, though ONNX Runtime's Softplus is slower),
+  dt * A, dt * u, x * B, decay * h, + drive, C * h, the merge of the four directions (seven more binary ops) and
+  exp(dt * A): eight binary ops and two Exp-class ops.
+
+The floor multiplies those counts by the model's element counts at 224 x 224 and by the best time per element that
+ONNX Runtime's Mul and Exp reach on this machine (chains of nodes over tensors of 16 K to 4 M elements, the given
+threads; the best size wins). The per-node overhead and the recurrence's extra passes come on top, so a real portable
+scan is slower than the floor. The issues' portable goals are then checked against it, with the cpu-onnxruntime
+artifacts measured in the same run (interleaved rounds, each model in its own process; every figure the fastest run,
+as the floor is a best case too; non-scan time = latency x (1 - the scan nodes' share in ONNX Runtime's profile)):
+
+- vanilla_vmamba_tiny onnx-portable <= 3x its cpu-onnxruntime artifact: is non-scan + floor <= 3x custom-op?
+- vmamba_tiny_s1l8 onnx-portable int8 <= 0.6x its fp32: the best ratio any portable scan allows is
+  (int8 non-scan + floor) / (fp32 non-scan + floor), int8 the QDQ U8S8 graph onnx-portable uses.
+
+Random weights (speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SIZES = (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)
+CHAIN = 60  # nodes per timed chain
+# Op counts per element of the unavoidable work (module docstring): (binary ops, Exp-class ops).
+OPS_PER_STATE_ELEMENT = {"d_state > 1": (5, 1), "d_state 1": (8, 2)}
+PORTABLE_MAX_RATIO = 3.0  # issue 4: onnx-portable <= 3x the custom-op artifact
+INT8_MAX_RATIO = 0.6  # issue 6: int8 <= 0.6x the same target's fp32
+FLOOR_MODELS = ("vanilla_vmamba_tiny", "vmamba_tiny_s1l8")
+
+
+def _chain_ns(op: str, threads: int) -> dict[int, float]:
+    """ns per element of one `op` node (Mul: x * c; Exp: exp(x)) by tensor size: the fastest of 9 runs of a chain of
+    CHAIN nodes (a floor: the least disturbed run). The Exp chain overflows to inf after a few nodes, which does not
+    change its speed (checked against Exp + Mul(-1) pairs less the Mul, whose values stay finite)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    out = {}
+    for size in SIZES:
+        nodes, prev = [], "x"
+        for i in range(CHAIN):
+            nodes.append(helper.make_node(op, [prev, "c"] if op == "Mul" else [prev], [f"t{i}"]))
+            prev = f"t{i}"
+        nodes[-1].output[0] = "y"
+        inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size]) for n in ("x", "c")]
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])
+        model = helper.make_model(
+            helper.make_graph(nodes, "chain", inputs if op == "Mul" else inputs[:1], [output]),
+            opset_imports=[helper.make_opsetid("", 17)],
+            ir_version=9,
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {"x": np.full(size, -0.5, np.float32)}
+        if op == "Mul":
+            feeds["c"] = np.full(size, 0.9999, np.float32)
+        for _ in range(2):
+            session.run(None, feeds)
+        times = []
+        for _ in range(9):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        out[size] = min(times) / CHAIN / size * 1e9
+    return out
+
+
+def elementwise_ns(threads: int) -> dict:
+    """ns per element of a Mul node and of an Exp node, by tensor size, and the best of each."""
+    mul, exp = _chain_ns("Mul", threads), _chain_ns("Exp", threads)
+    return {"Mul": mul, "Exp": exp, "best_mul": min(mul.values()), "best_exp": min(exp.values())}
+
+
+def model_elements(name: str, size: int = 224) -> int:
+    """Scan elements (position x channel x state x direction) of one image through every block of `name`."""
+    from vmamba_export.models import get_config
+
+    cfg = get_config(name)
+    total = 0
+    for i, depth in enumerate(cfg.depths):
+        side = size // 4 // 2**i
+        total += depth * 4 * side * side * int(cfg.ssm_ratio * cfg.dims * 2**i) * cfg.d_state
+    return total
+
+
+def scan_floor_ms(name: str, ns_binary: float, ns_exp: float) -> float:
+    from vmamba_export.models import get_config
+
+    binary, exp = OPS_PER_STATE_ELEMENT["d_state 1" if get_config(name).d_state == 1 else "d_state > 1"]
+    return model_elements(name) * (binary * ns_binary + exp * ns_exp) * 1e-6
+
+
+def build_models(workdir: Path) -> dict[str, tuple[Path, Path]]:
+    """cpu-onnxruntime graphs (custom-op library): vanilla_vmamba_tiny fp32, vmamba_tiny_s1l8 fp32 and int8 (QDQ U8S8,
+    calibrated on the built-in photos), cached in `workdir`."""
+    from vmamba_export.data.sources import load_batch
+    from vmamba_export.kernels_paths import ort_library_path
+    from vmamba_export.lowering.onnx_export import export_onnx
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.quantize.onnxruntime_int8 import calibrate, prepare_model, quantize_with_cache
+
+    library = ort_library_path()
+    if library is None:
+        raise SystemExit("the custom-op library is not built: python -m vmamba_export.build_kernels")
+    models = {}
+    for name in ("vanilla_vmamba_tiny", "vmamba_tiny_s1l8"):
+        source = resolve_model(name, random_weights=True)
+        fp32 = workdir / f"{name}_fp32.onnx"
+        if not fp32.exists():
+            print(f"exporting {name}", file=sys.stderr)
+            export_onnx(source.model.eval(), fp32, scan="custom-op", max_size=1024)
+        models[f"{name} fp32"] = (fp32, library)
+    int8 = workdir / "vmamba_tiny_s1l8_int8.onnx"
+    if not int8.exists():
+        print("quantizing vmamba_tiny_s1l8", file=sys.stderr)
+        spec = resolve_model("vmamba_tiny_s1l8", random_weights=True).model.config.input
+        calib, _, _ = load_batch("builtin:16", spec, None)
+        prepared = prepare_model(workdir / "vmamba_tiny_s1l8_fp32.onnx", workdir / "vmamba_tiny_s1l8_prepared.onnx")
+        cache = workdir / "vmamba_tiny_s1l8_ranges.json"
+        calibrate(prepared, calib, "minmax", cache, library, show_progress=False)
+        quantize_with_cache(prepared, int8, cache, "minmax", "qdq-u8s8", prepared.scan_feeders)
+    models["vmamba_tiny_s1l8 int8"] = (int8, library)
+    return models
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=3, help="each model timed once per round, round-robin")
+    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
+    args = parser.parse_args()
+
+    from cpu_onnxruntime import ort_version, scan_share, time_in_subprocess
+
+    from vmamba_export.bench import machine_description, merge_rounds, write_results
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-portable-floor-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    models = build_models(workdir)
+    # Each round times the elementwise ops and then every model, so one round's floor and artifacts share the
+    # machine's state (its speed drifts by tens of percent over minutes); ratios are per round.
+    ops_rounds: list[dict] = []
+    samples: dict[str, list[dict]] = {label: [] for label in models}
+    for r in range(args.rounds):
+        ops_rounds.append(elementwise_ns(args.threads))
+        print(
+            f"round {r}: Mul {ops_rounds[-1]['best_mul']:.3f} ns, Exp {ops_rounds[-1]['best_exp']:.3f} ns",
+            file=sys.stderr,
+        )
+        for label, (path, lib) in models.items():
+            samples[label].append(time_in_subprocess(path, lib, args))
+            print(f"round {r}: {label} {samples[label][-1]['median_ms']:.1f} ms", file=sys.stderr)
+    timing = {label: merge_rounds(results) for label, results in samples.items()}
+    share = {label: scan_share(path, lib, args.threads) for label, (path, lib) in models.items()}
+
+    # The portable scan's time budget per goal, from the custom-op artifacts' non-scan time N:
+    # issue 4: N + S <= 3 x custom;  issue 6: (N_int8 + S) / (N_fp32 + S) <= 0.6, i.e. S <= (0.6 N_fp32 - N_int8) / 0.4.
+    # Each round's fastest run on the artifacts' side, as the floor's op timings are fastest runs too.
+    vanilla = "vanilla_vmamba_tiny fp32"
+    per_round = []
+    for r, ops in enumerate(ops_rounds):
+        ms = {label: samples[label][r]["min_ms"] for label in models}
+        non_scan = {label: ms[label] * (1 - share[label]) for label in models}
+        floors = {name: scan_floor_ms(name, ops["best_mul"], ops["best_exp"]) for name in FLOOR_MODELS}
+        budgets = {
+            "vanilla_vmamba_tiny": PORTABLE_MAX_RATIO * ms[vanilla] - non_scan[vanilla],
+            "vmamba_tiny_s1l8": (INT8_MAX_RATIO * non_scan["vmamba_tiny_s1l8 fp32"] - non_scan["vmamba_tiny_s1l8 int8"])
+            / (1 - INT8_MAX_RATIO),
+        }
+        per_round.append({"ms": ms, "non_scan_ms": non_scan, "floor_ms": floors, "budget_ms": budgets})
+    fractions = {name: [r["budget_ms"][name] / r["floor_ms"][name] for r in per_round] for name in FLOOR_MODELS}
+    order = sorted(range(len(per_round)), key=lambda i: fractions["vanilla_vmamba_tiny"][i])
+    mid = per_round[order[len(order) // 2]]
+
+    def sizes(d: dict) -> str:
+        return ", ".join(f"{s // 1024} K: {v:.3f}" for s, v in d.items())
+
+    def verdict(ratio: float, goal: float) -> str:
+        return "reachable" if ratio <= goal else "unreachable"
+
+    lines = [
+        f"# Floor of any onnx-portable scan: ONNX Runtime {ort_version()} CPU, {machine_description()}, "
+        f"{args.threads} threads, batch 1, 224x224",
+        "",
+        f"{args.rounds} rounds; each times ONNX Runtime's Mul and Exp (fastest of 9 runs of {CHAIN}-node chains, by "
+        f"tensor size), then each cpu-onnxruntime artifact in its own process (fastest of {args.runs} runs after "
+        f"{args.warmup} warm-up). Scan share from ONNX Runtime's profiler. Budget: the time a portable scan may "
+        f"take for the goal (vanilla: onnx-portable <= {PORTABLE_MAX_RATIO:.0f}x custom-op; s1l8: int8 <= "
+        f"{INT8_MAX_RATIO} x fp32, with the same non-scan graphs as the custom-op artifacts).",
+        "",
+        "| round | Mul ns/el | Exp ns/el | "
+        + " | ".join(f"{label} ms" for label in models)
+        + " | vanilla floor ms | vanilla budget ms | s1l8 floor ms | s1l8 int8 budget ms |",
+        "|---:|---:|---:|" + "---:|" * len(models) + "---:|---:|---:|---:|",
+    ]
+    for r, (ops, row) in enumerate(zip(ops_rounds, per_round, strict=True)):
+        lines.append(
+            f"| {r} | {ops['best_mul']:.3f} | {ops['best_exp']:.3f} | "
+            + " | ".join(f"{row['ms'][label]:.1f}" for label in models)
+            + "".join(f" | {row['floor_ms'][n]:.1f} | {row['budget_ms'][n]:.1f}" for n in FLOOR_MODELS)
+            + " |"
+        )
+    ops = ops_rounds[per_round.index(mid)]
+    lines += [
+        "",
+        f"Median round: Mul by size {sizes(ops['Mul'])}; Exp {sizes(ops['Exp'])} (ns per element).",
+        "",
+        "| model | scan elements | unavoidable ops per element (binary + Exp) | scan share of the custom-op artifact |",
+        "|---|---:|---|---:|",
+    ]
+    for name in FLOOR_MODELS:
+        from vmamba_export.models import get_config
+
+        binary, exps = OPS_PER_STATE_ELEMENT["d_state 1" if get_config(name).d_state == 1 else "d_state > 1"]
+        lines.append(
+            f"| {name} | {model_elements(name) / 1e6:.1f} M | {binary} + {exps} | {100 * share[name + ' fp32']:.1f}% |"
+        )
+    lines.append(f"| vmamba_tiny_s1l8 int8 (QDQ U8S8) | | | {100 * share['vmamba_tiny_s1l8 int8']:.1f}% |")
+    lines.append("")
+    for name, goal in (
+        ("vanilla_vmamba_tiny", f"onnx-portable <= {PORTABLE_MAX_RATIO:.0f}x custom-op"),
+        ("vmamba_tiny_s1l8", f"onnx-portable int8 <= {INT8_MAX_RATIO} x fp32"),
+    ):
+        f = fractions[name]
+        lines.append(
+            f"{name} ({goal}): budget / floor median **{statistics.median(f):.2f}**, range {min(f):.2f}..{max(f):.2f} "
+            "(below 1: unreachable even by a portable scan doing nothing but its unavoidable elementwise passes)"
+        )
+    rows = {
+        "ops_rounds": ops_rounds,
+        "rounds": per_round,
+        "budget_over_floor": fractions,
+        "timing": timing,
+        "scan_share": share,
+    }
+    write_results(args.out, "\n".join(lines), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
