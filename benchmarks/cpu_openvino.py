@@ -104,16 +104,13 @@ def convnext_ir(workdir: Path) -> Path:
 
 
 def main() -> int:
+    from vmamba_export.bench import add_round_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vmamba_tiny_s1l8"])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
-    parser.add_argument("--rounds", type=int, default=3, help="each graph timed once per round, round-robin")
+    add_round_arguments(parser, runs=20, rounds=3)
     parser.add_argument("--no-profile", action="store_true", help="skip the PERF_COUNT pass (scan share)")
-    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
-    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
     parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -98,6 +98,8 @@ def cosines(models: dict, calib: np.ndarray, model_name: str) -> dict:
 
 
 def main() -> int:
+    from vmamba_export.bench import add_round_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
     parser.add_argument("--formats", nargs="+", default=["qdq-u8s8", "qdq-s8s8", "qop-u8s8", "qop-s8s8"])
@@ -109,12 +111,7 @@ def main() -> int:
     )
     parser.add_argument("--peer-format", default="qdq-u8s8", help="int8 format for ConvNeXt-T")
     parser.add_argument("--calib", default="builtin:16")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5, help="each model timed once per round, round-robin")
-    parser.add_argument("--runs", type=int, default=15, help="timed runs per round")
-    parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--out", type=Path, help="write the table (Markdown) and JSON here")
+    add_round_arguments(parser, runs=15, rounds=5)
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-int8-bench-"))

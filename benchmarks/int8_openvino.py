@@ -101,16 +101,13 @@ def cosine(models: dict, images: np.ndarray) -> dict:
 
 
 def main() -> int:
+    from vmamba_export.bench import add_round_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
     parser.add_argument("--calib", default="builtin")
     parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5, help="each model timed once per round, round-robin")
-    parser.add_argument("--runs", type=int, default=15, help="timed runs per round")
-    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
-    parser.add_argument("--out", type=Path, help="write the table (Markdown) and JSON here")
+    add_round_arguments(parser, runs=15, rounds=5)
     args = parser.parse_args()
 
     from vmamba_export.bench import machine_description, paired_ratio, write_results

@@ -149,13 +149,10 @@ def build_models(workdir: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def main() -> int:
+    from vmamba_export.bench import add_round_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=15, help="timed runs per round")
-    parser.add_argument("--rounds", type=int, default=3, help="each model timed once per round, round-robin")
-    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
-    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
+    add_round_arguments(parser, runs=15, rounds=3)
     args = parser.parse_args()
 
     from cpu_onnxruntime import ort_version, scan_share, time_in_subprocess

@@ -49,6 +49,8 @@ def time_in_subprocess(folder: Path, args) -> dict:
 
 
 def main() -> int:
+    from vmamba_export.bench import add_round_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vmamba_tiny_s1l8")
     parser.add_argument("--size", type=int, default=224)
@@ -56,13 +58,8 @@ def main() -> int:
     parser.add_argument("--tune-db", type=Path, help="start from this database (artifact folder or its tuning/)")
     parser.add_argument("--tune-again", action="store_true", help="with --tune-db: tune the covered ops too")
     parser.add_argument("--layout", choices=("channels-first", "channels-last"), help="cpu-tvm graph layout (v2)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per round")
-    parser.add_argument("--rounds", type=int, default=3, help="both artifacts timed once per round, in turn")
+    add_round_arguments(parser, runs=20, rounds=3, warmup=3)
     parser.add_argument("--parity", action="store_true", help="also validate cpu-tvm on the built-in photos")
-    parser.add_argument("--workdir", type=Path, help="keep the artifacts here (default: a temp folder)")
-    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+from vmamba_export.cuda_kernel import KERNEL_VARIANTS
 from vmamba_export.errors import TargetUnavailableError
 from vmamba_export.kernels_paths import ort_cuda_library_path
 from vmamba_export.lowering import LOWERINGS
@@ -200,22 +201,7 @@ def _inputs(batch, di, n, h, w, dtype, seed=0):
     [(2, 5, 1, 7, 9), (1, 4, 1, 70, 66), (2, 4, 1, 80, 70), (2, 4, 1, 28, 56), (2, 5, 16, 9, 7), (1, 2, 16, 40, 40)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "variant",
-    [
-        "auto",
-        "block1",
-        "block2",
-        "block2s",
-        "block2odd",
-        "smem",
-        "smem-chmajor",
-        "smem-nosplit",
-        "global",
-        "tile3",
-        "chunks3",
-    ],
-)
+@pytest.mark.parametrize("variant", KERNEL_VARIANTS)
 def test_cuda_kernel_matches_reference(shape, dtype, variant):
     gpu_ready()
     from vmamba_export import cuda_kernel

@@ -100,6 +100,17 @@ def interleaved(keys: Iterable, measure: Callable[[Any], dict], rounds: int, nam
     return samples
 
 
+def add_round_arguments(parser, *, runs: int, rounds: int, warmup: int = 5) -> None:
+    """The flags every interleaved-rounds benchmark in benchmarks/ takes: threads, warm-up, runs per round, rounds,
+    a folder to keep its exports in, and where to write its table (Markdown, JSON beside it)."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--runs", type=int, default=runs, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=rounds, help="each model timed once per round, in turn")
+    parser.add_argument("--workdir", type=Path, help="keep the exported models here (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) and JSON next to it")
+
+
 def merge_rounds(results: list[dict]) -> dict:
     """One row from the rounds of one measurement: medians of the per-round figures, the best minimum, the largest
     peak memory, and the per-round medians themselves."""
