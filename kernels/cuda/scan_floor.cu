@@ -8,10 +8,12 @@
 // elements / (measured elements per second) is a lower bound on its time.
 //
 // The exponentials run on the special-function units (ex2.approx, 16 lanes per clock per multiprocessor) or, for
-// `poly_states` of the 16 states, as a polynomial on the FMA pipes (`ex2_fma`); a mix of the two is faster than
-// either alone, and benchmarks/gpu_check.py reports the best mix, so the floor is not an artefact of one unit.
+// `poly_states` of the 16 states, as a polynomial on the FMA pipes (`ex2_fma`); benchmarks/gpu_check.py times every
+// mix and keeps the best, so the floor is not an artefact of one unit. (On the H200 the special-function units alone
+// win: the FMA pipes are busy with the step's own four instructions.)
 
 #include "scan_floor.cuh"
+#include "ex2.cuh"
 
 #include <cuda_runtime.h>
 
@@ -22,11 +24,7 @@ namespace {
 constexpr int kStates = 16;
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float ex2_mufu(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
+using vmamba_cuda_detail::ex2;
 
 // 2^x for x in [-126, 0] on the FMA pipes: 2^floor(x) as an exponent-field add, 2^f (f in [0, 1)) as a degree-5
 // polynomial (least-squares fit of the relative error on Chebyshev nodes: 1.6e-7 relative in float32, as accurate
@@ -63,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) floor_kernel(int steps, float* out) 
 #pragma unroll
     for (int n = 0; n < kStates; ++n) {
       const float z = dt * a2[n];
-      const float decay = n < kPoly ? ex2_fma(z) : ex2_mufu(z);
+      const float decay = n < kPoly ? ex2_fma(z) : ex2(z);
       h[n] = fmaf(decay, h[n], x * b[n]);
       acc = fmaf(c[n], h[n], acc);
     }

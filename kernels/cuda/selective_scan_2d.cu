@@ -37,6 +37,7 @@
 // by ex2.approx (relative error about 2^-22), softplus as log1pf(expf(x)) (x for x > 20, as PyTorch).
 
 #include "selective_scan_2d.cuh"
+#include "ex2.cuh"
 #include "float_convert.cuh"
 
 #include <cuda_fp16.h>
@@ -58,12 +59,7 @@ constexpr int kAutoThreads = 256;  // chunked kernel's automatic block size
 // 72 registers a thread (a cap of 64 for 512 threads spilled 380 bytes a thread).
 constexpr int kSplitMaxThreads = 448;
 
-__device__ __forceinline__ float ex2(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-
+using vmamba_cuda_detail::ex2;
 using vmamba_cuda_detail::from_f;
 using vmamba_cuda_detail::to_f;
 
