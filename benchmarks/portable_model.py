@@ -5,7 +5,8 @@
 
 Each model is exported once with the custom op (`export_onnx(..., scan="custom-op")`, random weights); every portable
 form is that graph with the scan function inlined, exactly as the onnx-portable lowering does (`prefix`: the log-depth
-form the lowering exported before; `blockedT`: the blocked scan with chunk T, T = 16 is what it exports now). All
+form the lowering exported before; `blockedT`: the blocked scan with chunk T; `cumsumT`: the cumsum form, d_state 1
+only; the lowering exports cumsum8 for d_state 1 and blocked16 for d_state 16). All
 forms are timed in this process, batch 1, 224x224, round-robin `--repeats` times, so machine load moves each alike;
 the table gives medians of wall and CPU (all threads of the process) milliseconds and each form over `custom`. With
 `--rss`, each form also runs alone in a fresh process that reports its peak resident memory (one model per process).

@@ -8,7 +8,7 @@ inlined exactly as the onnx-portable lowering does, with the recursion depth for
 224x224 shape (batch 1) in this process, forms interleaved and the whole round repeated `--repeats` times, so machine
 load moves every form alike. A model's scan time is the sum over stages of depth x median per-block time. Forms:
 `custom` (needs the custom-op library), `prefix` (the log-depth form the lowering used before), `blockedT` (the
-blocked scan with chunk T).
+blocked scan with chunk T), `cumsumT` (the cumsum form with chunk T, d_state 1 only).
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def parse_form(form: str) -> tuple[str, int, bool]:
-    """ "prefix", or "blockedT" with an optional "keep"/"rebuild" suffix (pass 2 reuses or rebuilds the decays)."""
+    """ "prefix", "cumsumT" (d_state 1), or "blockedT" with an optional "keep"/"rebuild" suffix (pass 2 reuses or
+    rebuilds the decays)."""
     if form == "prefix":
         return "prefix", 16, True
+    if form.startswith("cumsum"):
+        return "cumsum", int(form.removeprefix("cumsum")), True
     keep = not form.endswith("rebuild")
     return "blocked", int(form.removeprefix("blocked").removesuffix("keep").removesuffix("rebuild")), keep
 

@@ -110,12 +110,14 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
         )
     proto = program.model_proto
     if scan == "portable":
-        # The blocked scan's recursion depth is fixed in the graph: enough for the longest stage-1 sequence allowed.
+        # The scan's recursion depth is fixed in the graph: enough for the longest stage-1 sequence allowed.
         stage1 = -(-max_size // 4)
+        form, chunk = portable_form(cfg.d_state)
         info["scan_max_length"] = stage1 * stage1
-        info["scan_chunk"] = DEFAULT_CHUNK
-        info["scan_depth"] = blocked_depth(stage1 * stage1, DEFAULT_CHUNK)
-        proto = inline_portable_scan(proto, stage1 * stage1, cfg.d_state)
+        info["scan_form"] = form
+        info["scan_chunk"] = chunk
+        info["scan_depth"] = blocked_depth(stage1 * stage1, chunk)
+        proto = inline_portable_scan(proto, stage1 * stage1, cfg.d_state, form, chunk)
     proto.ir_version = IR_VERSION
     proto.producer_name = "vmamba-export"
     onnx.save_model(proto, str(path))
@@ -124,7 +126,16 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
     return info
 
 
-PORTABLE_FORMS = ("blocked", "prefix")
+PORTABLE_FORMS = ("blocked", "cumsum", "prefix")
+CUMSUM_CHUNK = 8
+
+
+def portable_form(d_state: int) -> tuple[str, int]:
+    """(form, chunk) the onnx-portable lowering exports for a model's d_state, the faster one measured
+    (benchmarks/portable_model.py, docs/scan-op.md): d_state 1 the cumsum form, whose few whole-tensor ops beat the
+    blocked form's ~900 per-step nodes a block; d_state 16 the blocked form, whose per-step slices stay in cache
+    (the cumsum form would need ~15 passes over state-sized tensors a step against 9)."""
+    return ("cumsum", CUMSUM_CHUNK) if d_state == 1 else ("blocked", DEFAULT_CHUNK)
 
 
 class _PrefixScan(torch.nn.Module):
@@ -169,13 +180,20 @@ def portable_scan_function(
     """The portable scan as an ONNX function `ai.vmamba::SelectiveScan2D`: batch, channels, height and width
     dynamic (sequences up to `max_length` positions); d_state fixed (a model has one).
 
-    "blocked" (what the lowering exports): the blocked scan built op by op (onnx_portable_scan.py). "prefix": the
-    log-depth form this lowering exported before, traced from torch (kept so that benchmarks can compare)."""
+    "blocked" (d_state 16) and "cumsum" (d_state 1 only), what the lowering exports (`portable_form`): built op by op
+    (onnx_portable_scan.py). "prefix": the log-depth form this lowering exported before, traced from torch (kept so
+    that benchmarks can compare)."""
     if form == "blocked":
         from .onnx_portable_scan import blocked_scan_function
 
         depth = blocked_depth(max_length, chunk)
         return blocked_scan_function(ONNX_DOMAIN, ONNX_OP, OPSET, d_state, chunk, depth, SCAN_INPUTS, keep_decays)
+    if form == "cumsum":
+        from .onnx_portable_scan import cumsum_scan_function
+
+        if d_state != 1:
+            raise ValueError(f"the cumsum scan form is for d_state 1, not {d_state}")
+        return cumsum_scan_function(ONNX_DOMAIN, ONNX_OP, OPSET, chunk, blocked_depth(max_length, chunk), SCAN_INPUTS)
     if form != "prefix":
         raise ValueError(f"unknown portable scan form {form!r}")
     import onnx
