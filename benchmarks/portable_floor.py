@@ -21,7 +21,13 @@ cpu-onnxruntime artifacts timed in the same rounds (each model in its own proces
 the floor is a best case too; non-scan time N = latency x (1 - the scan nodes' share in ONNX Runtime's profile)); the
 benchmark prints budget / floor per round (below 1: unreachable even at the floor):
 
-- vanilla_vmamba_tiny onnx-portable <= 3x its cpu-onnxruntime artifact: S = 3 x custom-op - N.
+- vanilla_vmamba_tiny onnx-portable <= 3x its cpu-onnxruntime artifact: S = 3 x custom-op - N. For d_state 16 the
+  benchmark also prints two structural bounds (docs/scan-op.md): any chunked form adds three state-sized passes (the
+  sum over the states of C * h; the entering state's multiply and add at every position of a chunk), so it costs at
+  least 8 binary ops and one Exp per element; a form without chunks runs the update (a Mul and an Add node) per
+  position on that position's (4, N, Di) slice, timed here at each stage's slice size, and the other unavoidable
+  passes at the floor's speed. Bounds are optimistic; the benchmark also times a lean form without chunks (the
+  per-position chain alone, no gathers, softplus or merge) at every stage of vanilla_vmamba_tiny.
 - vmamba_tiny_s1l8 onnx-portable int8 <= 0.6x its fp32: (N_int8 + S) / (N_fp32 + S) <= 0.6, i.e.
   S = (0.6 N_fp32 - N_int8) / 0.4, int8 the QDQ U8S8 graph onnx-portable uses.
 
@@ -52,7 +58,7 @@ INT8_MAX_RATIO = 0.6  # issue 6: int8 <= 0.6x the same target's fp32
 FLOOR_MODELS = ("vanilla_vmamba_tiny", "vmamba_tiny_s1l8")
 
 
-def _chain_ns(op: str, threads: int) -> dict[int, float]:
+def _chain_ns(op: str, threads: int, sizes: tuple[int, ...] = SIZES) -> dict[int, float]:
     """ns per element of one `op` node (Mul: x * c; Exp: exp(x)) by tensor size: the fastest of 9 runs of a chain of
     CHAIN nodes (a floor: the least disturbed run). The Exp chain overflows to inf after a few nodes, which does not
     change its speed (checked against Exp + Mul(-1) pairs less the Mul, whose values stay finite)."""
@@ -60,7 +66,7 @@ def _chain_ns(op: str, threads: int) -> dict[int, float]:
     from onnx import TensorProto, helper
 
     out = {}
-    for size in SIZES:
+    for size in sizes:
         nodes, prev = [], "x"
         for i in range(CHAIN):
             nodes.append(helper.make_node(op, [prev, "c"] if op == "Mul" else [prev], [f"t{i}"]))
@@ -116,6 +122,103 @@ def scan_floor_ms(name: str, ns_binary: float, ns_exp: float) -> float:
     return model_elements(name) * (binary * ns_binary + exp * ns_exp) * 1e-6
 
 
+def chunked_bound_ms(name: str, ns_binary: float, ns_exp: float) -> float:
+    """d_state > 1: the unavoidable passes plus the three every chunked form adds (module docstring)."""
+    binary, exp = unavoidable_ops(name)
+    return model_elements(name) * ((binary + 3) * ns_binary + exp * ns_exp) * 1e-6
+
+
+def position_slices(name: str, size: int = 224) -> list[tuple[int, int]]:
+    """(positions per inference, elements of one position's (4, N, Di) slice) per stage of `name`."""
+    from portable_scan import stage_shapes
+
+    return [(blocks * side * side, 4 * n * di) for blocks, di, n, side in stage_shapes(name, size)]
+
+
+def node_us(name: str, threads: int) -> dict[int, float]:
+    """us per Mul node on one position's (4, N, Di) slice of each stage of `name` (fastest run of a chain)."""
+    slices = position_slices(name)
+    ns = _chain_ns("Mul", threads, tuple(sorted({el for _, el in slices})))
+    return {el: v * el * 1e-3 for el, v in ns.items()}
+
+
+def sequential_bound_ms(name: str, ns_binary: float, ns_exp: float, per_node_us: dict[int, float]) -> float:
+    """A form without chunks: the state update h = decay * h + drive is a Mul and an Add node per position on that
+    position's slice (`per_node_us`); the other unavoidable passes (dt * A, its Exp, x * B, C * h) at the floor's
+    best per-element speed, however they are grouped."""
+    binary, exp = unavoidable_ops(name)
+    passes_ms = model_elements(name) * ((binary - 2) * ns_binary + exp * ns_exp) * 1e-6
+    return passes_ms + sum(2 * positions * per_node_us[el] for positions, el in position_slices(name)) * 1e-3
+
+
+def _sequential_stage_session(positions: int, di: int, n: int, threads: int):
+    """One block's state recursion written one position at a time, on inputs already laid out position-major and
+    already through softplus: per position Mul(dt, A), Exp, Mul(x, B), Mul(decay, h), Add(drive), Mul(C, h),
+    ReduceSum over the states; one Split per input and one Concat of y. A complete form adds the direction gathers,
+    softplus and the merge, so this times a lower bound on any form without chunks."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = []
+
+    def op(kind: str, inputs: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    for name in ("dt", "x", "B", "C"):
+        nodes.append(
+            helper.make_node("Split", [name], [f"{name}{t}" for t in range(positions)], axis=0, num_outputs=positions)
+        )
+    state, ys = None, []
+    for t in range(positions):
+        decay = op("Exp", [op("Mul", [f"dt{t}", "A"], f"la{t}")], f"decay{t}")
+        drive = op("Mul", [f"x{t}", f"B{t}"], f"drive{t}")
+        state = drive if state is None else op("Add", [op("Mul", [decay, state], f"dh{t}"), drive], f"h{t}")
+        ys.append(op("ReduceSum", [op("Mul", [f"C{t}", state], f"ch{t}"), "state_axis"], f"y{t}", keepdims=1))
+    op("Concat", ys, "y", axis=0)
+    shapes = {"dt": [positions, 4, 1, di], "x": [positions, 4, 1, di], "B": [positions, 4, n, 1]}
+    shapes |= {"C": shapes["B"], "A": [1, 4, n, di]}
+    graph = helper.make_graph(
+        nodes,
+        "sequential",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([2], np.int64), "state_axis")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    feeds["dt"] = np.abs(feeds["dt"]) * 0.1
+    feeds["A"] = -np.abs(feeds["A"])
+    return session, feeds
+
+
+def sequential_form_sessions(name: str, threads: int) -> list[tuple[int, object, dict]]:
+    """(blocks, session, feeds) per stage of `name` for `sequential_form_ms`."""
+    from portable_scan import stage_shapes
+
+    return [
+        (blocks, *_sequential_stage_session(side * side, di, n, threads)) for blocks, di, n, side in stage_shapes(name)
+    ]
+
+
+def sequential_form_ms(stages: list[tuple[int, object, dict]]) -> float:
+    """The lean sequential form's time for a whole inference: per stage, blocks x the fastest of 5 runs."""
+    total = 0.0
+    for blocks, session, feeds in stages:
+        session.run(None, feeds)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        total += blocks * min(times) * 1e3
+    return total
+
+
 def build_models(workdir: Path) -> dict[str, tuple[Path, Path]]:
     """cpu-onnxruntime graphs (custom-op library): vanilla_vmamba_tiny fp32, vmamba_tiny_s1l8 fp32 and int8 (QDQ U8S8,
     calibrated on the built-in photos), cached in `workdir`."""
@@ -165,10 +268,14 @@ def main() -> int:
     models = build_models(workdir)
     # Each round times the elementwise ops and then every model, so one round's floor and artifacts share the
     # machine's state (its speed drifts by tens of percent over minutes); ratios are per round.
+    print("building the lean sequential form's graphs (~22,000 nodes at stage 1)", file=sys.stderr)
+    sequential_stages = sequential_form_sessions("vanilla_vmamba_tiny", args.threads)
     ops_rounds: list[dict] = []
     samples: dict[str, list[dict]] = {label: [] for label in models}
     for r in range(args.rounds):
         ops_rounds.append(elementwise_ns(args.threads))
+        ops_rounds[-1]["node_us"] = node_us("vanilla_vmamba_tiny", args.threads)
+        ops_rounds[-1]["sequential_form_ms"] = sequential_form_ms(sequential_stages)
         print(
             f"round {r}: Mul {ops_rounds[-1]['best_mul']:.3f} ns, Exp {ops_rounds[-1]['best_exp']:.3f} ns",
             file=sys.stderr,
@@ -193,7 +300,14 @@ def main() -> int:
             "vmamba_tiny_s1l8": (INT8_MAX_RATIO * non_scan["vmamba_tiny_s1l8 fp32"] - non_scan["vmamba_tiny_s1l8 int8"])
             / (1 - INT8_MAX_RATIO),
         }
-        per_round.append({"ms": ms, "non_scan_ms": non_scan, "floor_ms": floors, "budget_ms": budgets})
+        bounds = {
+            "chunked": chunked_bound_ms("vanilla_vmamba_tiny", ops["best_mul"], ops["best_exp"]),
+            "sequential": sequential_bound_ms("vanilla_vmamba_tiny", ops["best_mul"], ops["best_exp"], ops["node_us"]),
+            "sequential form": ops["sequential_form_ms"],
+        }
+        per_round.append(
+            {"ms": ms, "non_scan_ms": non_scan, "floor_ms": floors, "budget_ms": budgets, "vanilla_bounds_ms": bounds}
+        )
     fractions = {name: [r["budget_ms"][name] / r["floor_ms"][name] for r in per_round] for name in FLOOR_MODELS}
     order = sorted(range(len(per_round)), key=lambda i: fractions["vanilla_vmamba_tiny"][i])
     mid = per_round[order[len(order) // 2]]
@@ -213,20 +327,25 @@ def main() -> int:
         "",
         "| round | Mul ns/el | Exp ns/el | "
         + " | ".join(f"{label} ms" for label in models)
-        + " | vanilla floor ms | vanilla budget ms | s1l8 floor ms | s1l8 int8 budget ms |",
-        "|---:|---:|---:|" + "---:|" * len(models) + "---:|---:|---:|---:|",
+        + " | vanilla floor ms | vanilla budget ms | s1l8 floor ms | s1l8 int8 budget ms"
+        + " | vanilla chunked bound ms | vanilla sequential bound ms | vanilla lean sequential form ms |",
+        "|---:|---:|---:|" + "---:|" * len(models) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r, (ops, row) in enumerate(zip(ops_rounds, per_round, strict=True)):
         lines.append(
             f"| {r} | {ops['best_mul']:.3f} | {ops['best_exp']:.3f} | "
             + " | ".join(f"{row['ms'][label]:.1f}" for label in models)
             + "".join(f" | {row['floor_ms'][n]:.1f} | {row['budget_ms'][n]:.1f}" for n in FLOOR_MODELS)
+            + "".join(f" | {v:.1f}" for v in row["vanilla_bounds_ms"].values())
             + " |"
         )
     ops = ops_rounds[per_round.index(mid)]
     lines += [
         "",
-        f"Median round: Mul by size {sizes(ops['Mul'])}; Exp {sizes(ops['Exp'])} (ns per element).",
+        f"Median round: Mul by size {sizes(ops['Mul'])}; Exp {sizes(ops['Exp'])} (ns per element). One Mul node on "
+        "a vanilla position's (4, 16, Di) slice: "
+        + ", ".join(f"{el // 1024} K elements {us:.1f} us" for el, us in ops["node_us"].items())
+        + ".",
         "",
         "| model | scan elements | unavoidable ops per element (binary + Exp) | scan share of the custom-op artifact |",
         "|---|---:|---|---:|",
@@ -246,6 +365,16 @@ def main() -> int:
         lines.append(
             f"{name} ({goal}): budget / floor median **{statistics.median(f):.2f}**, range {min(f):.2f}..{max(f):.2f} "
             "(below 1: unreachable even by a portable scan doing nothing but its unavoidable elementwise passes)"
+        )
+    for key, what in (
+        ("chunked", "the chunked bound"),
+        ("sequential", "the sequential bound"),
+        ("sequential form", "the measured lean sequential form"),
+    ):
+        over = [r["vanilla_bounds_ms"][key] / r["budget_ms"]["vanilla_vmamba_tiny"] for r in per_round]
+        lines.append(
+            f"vanilla_vmamba_tiny: {what} / budget median {statistics.median(over):.2f}, range "
+            f"{min(over):.2f}..{max(over):.2f} (above 1: no form of that class meets the goal)"
         )
     rows = {
         "ops_rounds": ops_rounds,
