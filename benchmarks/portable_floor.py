@@ -58,6 +58,18 @@ INT8_MAX_RATIO = 0.6  # issue 6: int8 <= 0.6x the same target's fp32
 FLOOR_MODELS = ("vanilla_vmamba_tiny", "vmamba_tiny_s1l8")
 
 
+def fastest_run_s(session, feeds: dict, warmup: int, runs: int) -> float:
+    """Seconds of the fastest of `runs` runs after `warmup` (a floor: the least disturbed run)."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def _chain_ns(op: str, threads: int, sizes: tuple[int, ...] = SIZES) -> dict[int, float]:
     """ns per element of one `op` node (Mul: x * c; Exp: exp(x)) by tensor size: the fastest of 9 runs of a chain of
     CHAIN nodes (a floor: the least disturbed run). The Exp chain overflows to inf after a few nodes, which does not
@@ -86,14 +98,7 @@ def _chain_ns(op: str, threads: int, sizes: tuple[int, ...] = SIZES) -> dict[int
         feeds = {"x": np.full(size, -0.5, np.float32)}
         if op == "Mul":
             feeds["c"] = np.full(size, 0.9999, np.float32)
-        for _ in range(2):
-            session.run(None, feeds)
-        times = []
-        for _ in range(9):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        out[size] = min(times) / CHAIN / size * 1e9
+        out[size] = fastest_run_s(session, feeds, warmup=2, runs=9) / CHAIN / size * 1e9
     return out
 
 
@@ -207,16 +212,7 @@ def sequential_form_sessions(name: str, threads: int) -> list[tuple[int, object,
 
 def sequential_form_ms(stages: list[tuple[int, object, dict]]) -> float:
     """The lean sequential form's time for a whole inference: per stage, blocks x the fastest of 5 runs."""
-    total = 0.0
-    for blocks, session, feeds in stages:
-        session.run(None, feeds)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        total += blocks * min(times) * 1e3
-    return total
+    return sum(blocks * fastest_run_s(session, feeds, warmup=1, runs=5) * 1e3 for blocks, session, feeds in stages)
 
 
 def build_models(workdir: Path) -> dict[str, tuple[Path, Path]]:
