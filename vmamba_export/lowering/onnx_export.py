@@ -195,7 +195,7 @@ def portable_scan_function(
             raise ValueError(f"the cumsum scan form is for d_state 1, not {d_state}")
         return cumsum_scan_function(ONNX_DOMAIN, ONNX_OP, OPSET, chunk, blocked_depth(max_length, chunk), SCAN_INPUTS)
     if form != "prefix":
-        raise ValueError(f"unknown portable scan form {form!r}")
+        raise ValueError(f"unknown portable scan form {form!r}: expected one of {', '.join(PORTABLE_FORMS)}")
     import onnx
     from onnx import helper
 
