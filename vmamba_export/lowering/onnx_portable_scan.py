@@ -41,7 +41,7 @@ sequences up to chunk ** depth.
 Why a second form for d_state 1: there a step's slice is channel-sized, so the blocked form's ~900 nodes a block
 (softplus, gathers, decay, drive and update per step, at chunk 16) cost more in per-node overhead than in arithmetic
 (2-3 ms a block at vmamba_tiny_s1l8's 14 x 14 and 7 x 7 stages, against 0.1-0.3 ms for the custom op). The cumsum
-form runs each of its ~35 elementwise passes once over the whole (B, 4, nc, T, Di) tensors: 327 nodes a block,
+form runs each of its ~35 elementwise passes once over the whole (B, 4, nc, T, Di) tensors: 341 nodes a block,
 16% less time for vmamba_tiny_s1l8 whole (benchmarks/portable_model.py, docs/scan-op.md). At d_state 16 it would
 need more state-sized passes than the blocked form's 9 a step, over tensors 16x larger that no longer stay in cache.
 """
@@ -148,15 +148,8 @@ def _step_indices(g: _Builder, h: str, w: str, chunk: int, chunk_major: bool = F
 def _recurrence(g: _Builder, dt_sum: str, b: str, a: str, chunk: int, depth: int) -> str:
     """h = exp(A * dt_sum) * h + b along axis 2 of (B, 4, n, ...) tensors (h_{-1} = 0), by the blocked
     scheme: pad n, view (B, 4, n/T, T, ...), split the T steps, run them, recurse on the chunk ends."""
-    length = g.dims(b, 2, 3)
-    t = g.ints(chunk)
-    pad = g.op("Mod", g.op("Sub", t, g.op("Mod", length, t)), t)
-
-    def blocked(x: str) -> str:
-        # Padding dt with 0 and b with 0 (decay 1, no input) keeps the padded tail's states finite.
-        padded = g.op("Pad", x, g.op("Concat", g.ints(0), pad, axis=0), g.scalar(0.0), g.ints(2), mode="constant")
-        return g.op("Reshape", padded, g.op("Concat", g.ints(0, 0, -1, chunk), g.dims(x, 3), axis=0))
-
+    # Padding dt with 0 and b with 0 (decay 1, no input) keeps the padded tail's states finite.
+    blocked, unblocked = _chunk_views(g, g.dims(b, 2, 3), chunk)
     dt_blocked = blocked(dt_sum)
     dt_steps = g.op("Split", dt_blocked, axis=3, num_outputs=chunk, outputs=chunk)  # (B, 4, n/T, 1, ...)
     b_steps = g.op("Split", blocked(b), axis=3, num_outputs=chunk, outputs=chunk)
@@ -166,9 +159,24 @@ def _recurrence(g: _Builder, dt_sum: str, b: str, a: str, chunk: int, depth: int
         return g.op("ReduceSum", dt_blocked, g.ints(3), keepdims=0)
 
     states = _chunk_states(g, decays, b_steps, chunk_dt, a, chunk, depth, step_axis=3)
-    joined = g.op("Concat", *states, axis=3)  # (B, 4, n/T, T, ...)
-    flat = g.op("Reshape", joined, g.op("Concat", g.ints(0, 0, -1), g.dims(joined, 4), axis=0))
-    return g.op("Slice", flat, g.ints(0), length, g.ints(2))
+    return unblocked(g.op("Concat", *states, axis=3))  # from (B, 4, n/T, T, ...)
+
+
+def _chunk_views(g: _Builder, length: str, chunk: int):
+    """(blocked, unblocked) for tensors whose axis 2 holds `length` positions: blocked pads axis 2 with zeros to
+    whole chunks and views (B, 4, n, ...) as (B, 4, n/T, T, ...); unblocked views that back and drops the padding."""
+    t = g.ints(chunk)
+    pads = g.op("Concat", g.ints(0), g.op("Mod", g.op("Sub", t, g.op("Mod", length, t)), t), axis=0)
+
+    def blocked(x: str) -> str:
+        padded = g.op("Pad", x, pads, g.scalar(0.0), g.ints(2), mode="constant")
+        return g.op("Reshape", padded, g.op("Concat", g.ints(0, 0, -1, chunk), g.dims(x, 3), axis=0))
+
+    def unblocked(x: str) -> str:
+        flat = g.op("Reshape", x, g.op("Concat", g.ints(0, 0, -1), g.dims(x, 4), axis=0))
+        return g.op("Slice", flat, g.ints(0), length, g.ints(2))
+
+    return blocked, unblocked
 
 
 def _chunk_states(
@@ -318,11 +326,7 @@ def blocked_scan_function(
 # way, and the change to h is under 2.5e-8 of the state before that step.
 LOG_DECAY_FLOOR = -17.5
 CUMSUM_MAX_EXPONENT = 70.0
-
-
-def cumsum_chunk_limit() -> int:
-    """The longest chunk the cumsum form takes: (T / 2) * -LOG_DECAY_FLOOR <= CUMSUM_MAX_EXPONENT."""
-    return int(2 * CUMSUM_MAX_EXPONENT / -LOG_DECAY_FLOOR)
+CUMSUM_MAX_CHUNK = int(2 * CUMSUM_MAX_EXPONENT / -LOG_DECAY_FLOOR)  # (T / 2) * 17.5 <= 70: T <= 8
 
 
 def _cumsum_recurrence(g: _Builder, log_decay: str, x: str, chunk: int, depth: int) -> str:
@@ -359,29 +363,19 @@ def _cumsum_recurrence(g: _Builder, log_decay: str, x: str, chunk: int, depth: i
 def _cumsum_levels(g: _Builder, log_decay: str, x: str, chunk: int, depth: int) -> str:
     """`_cumsum_recurrence` along axis 2 of (B, 4, n, Di) tensors: pad n to whole chunks (log-decay 0 and input 0
     keep the padded tail finite and reach no real position), view (B, 4, n/T, T, Di), solve, back to (B, 4, n, Di)."""
-    length = g.dims(x, 2, 3)
-    pad = g.op("Mod", g.op("Sub", g.ints(chunk), g.op("Mod", length, g.ints(chunk))), g.ints(chunk))
-    pads = g.op("Concat", g.ints(0, 0, 0, 0, 0, 0), pad, g.ints(0), axis=0)
-    channels = g.dims(x, 3)
-    view = g.op("Concat", g.ints(0, 0, -1, chunk), channels, axis=0)
-
-    def blocked(t: str) -> str:
-        return g.op("Reshape", g.op("Pad", t, pads, g.scalar(0.0), mode="constant"), view)
-
-    h = _cumsum_recurrence(g, blocked(log_decay), blocked(x), chunk, depth)
-    h = g.op("Reshape", h, g.op("Concat", g.ints(0, 0, -1), channels, axis=0))
-    return g.op("Slice", h, g.ints(0), length, g.ints(2))
+    blocked, unblocked = _chunk_views(g, g.dims(x, 2, 3), chunk)
+    return unblocked(_cumsum_recurrence(g, blocked(log_decay), blocked(x), chunk, depth))
 
 
 def cumsum_scan_function(
     domain: str, name: str, opset: int, chunk: int, depth: int, inputs: tuple[str, ...]
 ) -> FunctionProto:
     """The d_state-1 scan contract as an ONNX function of standard ops (same inputs and output as
-    `blocked_scan_function`), in the cumsum form: every op runs on whole (B, 4, nc, T, Di) tensors, 327 nodes a
+    `blocked_scan_function`), in the cumsum form: every op runs on whole (B, 4, nc, T, Di) tensors, 341 nodes a
     block at chunk 8 and depth 6 against the blocked form's ~900 per-step ones, which cost more than their
     arithmetic at d_state 1."""
-    if not 2 <= chunk <= cumsum_chunk_limit() or chunk % 2:
-        raise ValueError(f"cumsum scan: chunk {chunk} must be even and in 2..{cumsum_chunk_limit()}")
+    if not 2 <= chunk <= CUMSUM_MAX_CHUNK or chunk % 2:
+        raise ValueError(f"cumsum scan: chunk {chunk} must be even and in 2..{CUMSUM_MAX_CHUNK}")
     g = _Builder()
     ops = _Operands(g, inputs, 1)
     forward, backward = _step_indices(g, ops.h, ops.w, chunk, chunk_major=True)  # (4, nc, T)
