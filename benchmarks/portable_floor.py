@@ -26,8 +26,10 @@ benchmark prints budget / floor per round (below 1: unreachable even at the floo
   sum over the states of C * h; the entering state's multiply and add at every position of a chunk), so it costs at
   least 8 binary ops and one Exp per element; a form without chunks runs the update (a Mul and an Add node) per
   position on that position's (4, N, Di) slice, timed here at each stage's slice size, and the other unavoidable
-  passes at the floor's speed. Bounds are optimistic; the benchmark also times a lean form without chunks (the
-  per-position chain alone, no gathers, softplus or merge) at every stage of vanilla_vmamba_tiny.
+  passes at the floor's speed. Bounds are optimistic; the benchmark also times the leanest form of each class it
+  could build, both without the direction gathers, softplus and merge a real form needs, at every stage of
+  vanilla_vmamba_tiny: without chunks (the per-position chain alone) and chunked (7 state-sized passes and a MatMul
+  for C h, one step of every chunk at a time, the best chunk and channel grouping per stage).
 - vmamba_tiny_s1l8 onnx-portable int8 <= 0.6x its fp32: (N_int8 + S) / (N_fp32 + S) <= 0.6, i.e.
   S = (0.6 N_fp32 - N_int8) / 0.4, int8 the QDQ U8S8 graph onnx-portable uses.
 
@@ -156,53 +158,103 @@ def sequential_bound_ms(name: str, ns_binary: float, ns_exp: float, per_node_us:
     return passes_ms + sum(2 * positions * per_node_us[el] for positions, el in position_slices(name)) * 1e-3
 
 
-def _sequential_stage_session(positions: int, di: int, n: int, threads: int):
-    """One block's state recursion written one position at a time, on inputs already laid out position-major and
-    already through softplus: per position Mul(dt, A), Exp, Mul(x, B), Mul(decay, h), Add(drive), Mul(C, h),
-    ReduceSum over the states; one Split per input and one Concat of y. A complete form adds the direction gathers,
-    softplus and the merge, so this times a lower bound on any form without chunks."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+class _LeanGraph:
+    """Nodes of a lean scan graph on inputs already laid out for it and already through softplus (no direction
+    gathers, softplus or merge: a complete form adds those, so timing this bounds its class from below)."""
 
-    nodes = []
+    def __init__(self) -> None:
+        self.nodes: list = []
 
-    def op(kind: str, inputs: list[str], out: str, **attrs) -> str:
-        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+    def op(self, kind: str, inputs: list[str], out: str, **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(kind, inputs, [out], **attrs))
         return out
 
-    for name in ("dt", "x", "B", "C"):
-        nodes.append(
-            helper.make_node("Split", [name], [f"{name}{t}" for t in range(positions)], axis=0, num_outputs=positions)
+    def split(self, name: str, pieces: int, axis: int) -> list[str]:
+        from onnx import helper
+
+        outs = [f"{name}_{i}" for i in range(pieces)]
+        self.nodes.append(helper.make_node("Split", [name], outs, axis=axis, num_outputs=pieces))
+        return outs
+
+    def session(self, shapes: dict[str, list[int]], reduce_axis: int, threads: int):
+        """(session, random feeds) for inputs dt, x, B, C, A of `shapes` and output y."""
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        constants = [numpy_helper.from_array(np.array([reduce_axis], np.int64), "reduce_axis")]
+        if any("zero" in node.input for node in self.nodes):
+            constants.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+        graph = helper.make_graph(
+            self.nodes,
+            "lean",
+            [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            initializer=constants,
         )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+        feeds["dt"] = np.abs(feeds["dt"]) * 0.1
+        feeds["A"] = -np.abs(feeds["A"])
+        return session, feeds
+
+
+def _sequential_stage_session(positions: int, di: int, n: int, threads: int):
+    """One block's state recursion written one position at a time, on inputs laid out position-major: per position
+    Mul(dt, A), Exp, Mul(x, B), Mul(decay, h), Add(drive), Mul(C, h), ReduceSum over the states; one Split per input
+    and one Concat of y."""
+    g = _LeanGraph()
+    dt, x, b, c = (g.split(name, positions, axis=0) for name in ("dt", "x", "B", "C"))
     state, ys = None, []
     for t in range(positions):
-        decay = op("Exp", [op("Mul", [f"dt{t}", "A"], f"la{t}")], f"decay{t}")
-        drive = op("Mul", [f"x{t}", f"B{t}"], f"drive{t}")
-        state = drive if state is None else op("Add", [op("Mul", [decay, state], f"dh{t}"), drive], f"h{t}")
-        ys.append(op("ReduceSum", [op("Mul", [f"C{t}", state], f"ch{t}"), "state_axis"], f"y{t}", keepdims=1))
-    op("Concat", ys, "y", axis=0)
+        decay = g.op("Exp", [g.op("Mul", [dt[t], "A"], f"la{t}")], f"decay{t}")
+        drive = g.op("Mul", [x[t], b[t]], f"drive{t}")
+        state = drive if state is None else g.op("Add", [g.op("Mul", [decay, state], f"dh{t}"), drive], f"h{t}")
+        ys.append(g.op("ReduceSum", [g.op("Mul", [c[t], state], f"ch{t}"), "reduce_axis"], f"y{t}", keepdims=1))
+    g.op("Concat", ys, "y", axis=0)
     shapes = {"dt": [positions, 4, 1, di], "x": [positions, 4, 1, di], "B": [positions, 4, n, 1]}
-    shapes |= {"C": shapes["B"], "A": [1, 4, n, di]}
-    graph = helper.make_graph(
-        nodes,
-        "sequential",
-        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(np.array([2], np.int64), "state_axis")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
-    feeds["dt"] = np.abs(feeds["dt"]) * 0.1
-    feeds["A"] = -np.abs(feeds["A"])
-    return session, feeds
+    return g.session(shapes | {"C": shapes["B"], "A": [1, 4, n, di]}, 2, threads)
+
+
+def _chunked_stage_session(positions: int, di: int, n: int, chunk: int, threads: int):
+    """One block's state recursion in chunks of `chunk` positions, all chunks at once, on inputs laid out
+    (chunks, chunk, 4, ., Di) (positions padded to whole chunks, as a real form pads), one step of every chunk at a
+    time (a slice of cache size). Pass 1 per step: dt * A, Exp, x * B, the local state decay * h + drive. The states
+    entering the chunks one chunk after the other, each chunk's decay exp(A * sum dt) from the channel-sized dt (a Mul
+    and an Add on one chunk's (4, N, Di) end slice). Pass 2 per step: the true state decay * h + drive from the
+    entering one (pass 1's decays and drives kept), and y = C h as one MatMul over the states. 7 state-sized passes
+    and a MatMul reading the state: the unavoidable six plus the chunked bound's three (docs/scan-op.md), C * h and
+    the sum over the states folded into the MatMul."""
+    g = _LeanGraph()
+    chunks = -(-positions // chunk)
+    dt, x, b, c = (g.split(name, chunk, axis=1) for name in ("dt", "x", "B", "C"))
+    decay = [g.op("Exp", [g.op("Mul", [dt[t], "A"], f"la{t}")], f"decay{t}") for t in range(chunk)]
+    drive = [g.op("Mul", [x[t], b[t]], f"drive{t}") for t in range(chunk)]
+    state = drive[0]
+    for t in range(1, chunk):
+        state = g.op("Add", [g.op("Mul", [decay[t], state], f"dh{t}"), drive[t]], f"h{t}")
+    chunk_decay = g.op("Exp", [g.op("Mul", [g.op("ReduceSum", ["dt", "reduce_axis"], "dt_sum"), "A"], "la_sum")], "pc")
+    ends, end_decays = g.split(state, chunks, axis=0), g.split(chunk_decay, chunks, axis=0)
+    entering = [g.op("Mul", [ends[0], "zero"], "in0")]  # zeros of a chunk's slice shape: no state enters chunk 0
+    for k in range(1, chunks):
+        entering.append(g.op("Add", [g.op("Mul", [end_decays[k - 1], entering[-1]], f"pe{k}"), ends[k - 1]], f"in{k}"))
+    state = g.op("Concat", entering, "h_in", axis=0)
+    ys = []
+    for t in range(chunk):
+        state = g.op("Add", [g.op("Mul", [decay[t], state], f"d{t}"), drive[t]], f"s{t}")
+        ys.append(g.op("MatMul", [c[t], state], f"y{t}"))
+    g.op("Concat", ys, "y", axis=1)
+    shapes = {"dt": [chunks, chunk, 4, 1, di], "x": [chunks, chunk, 4, 1, di], "B": [chunks, chunk, 4, n, 1]}
+    return g.session(shapes | {"C": [chunks, chunk, 4, 1, n], "A": [1, 1, 4, n, di]}, 1, threads)
 
 
 def sequential_form_sessions(name: str, threads: int) -> list[tuple[int, object, dict]]:
-    """(blocks, session, feeds) per stage of `name` for `sequential_form_ms`."""
+    """(blocks, session, feeds) per stage of `name` for `lean_form_ms`."""
     from portable_scan import stage_shapes
 
     return [
@@ -210,9 +262,34 @@ def sequential_form_sessions(name: str, threads: int) -> list[tuple[int, object,
     ]
 
 
-def sequential_form_ms(stages: list[tuple[int, object, dict]]) -> float:
-    """The lean sequential form's time for a whole inference: per stage, blocks x the fastest of 5 runs."""
-    return sum(blocks * fastest_run_s(session, feeds, warmup=1, runs=5) * 1e3 for blocks, session, feeds in stages)
+CHUNKED_CHUNKS = (8, 16, 32, 64)
+CHUNKED_GROUPS = (1, 2, 4, 8)  # channel groups, each its own graph: smaller slices stay in L2 at the later stages
+
+
+def chunked_form_sessions(name: str, threads: int) -> tuple[list[tuple[int, object, dict]], list[tuple[int, int]]]:
+    """The lean chunked form's best (chunk, channel groups) per stage of `name` (fastest of 3 runs each, one
+    candidate alive at a time), as ((blocks x groups, session, feeds) per stage for `lean_form_ms`, the choices).
+    Groups are timed as one group's graph times the groups, without the Split and Concat a real form would add."""
+    from portable_scan import stage_shapes
+
+    stages, choices = [], []
+    for blocks, di, n, side in stage_shapes(name):
+        best = None
+        for chunk in CHUNKED_CHUNKS:
+            for groups in CHUNKED_GROUPS:
+                session, feeds = _chunked_stage_session(side * side, di // groups, n, chunk, threads)
+                ms = groups * fastest_run_s(session, feeds, warmup=1, runs=3)
+                if best is None or ms < best[0]:
+                    best = (ms, chunk, groups, session, feeds)
+        _, chunk, groups, session, feeds = best
+        stages.append((blocks * groups, session, feeds))
+        choices.append((chunk, groups))
+    return stages, choices
+
+
+def lean_form_ms(stages: list[tuple[int, object, dict]]) -> float:
+    """A lean form's time for a whole inference: per stage, its multiplicity x the fastest of 5 runs."""
+    return sum(count * fastest_run_s(session, feeds, warmup=1, runs=5) * 1e3 for count, session, feeds in stages)
 
 
 def build_models(workdir: Path) -> dict[str, tuple[Path, Path]]:
@@ -266,12 +343,15 @@ def main() -> int:
     # machine's state (its speed drifts by tens of percent over minutes); ratios are per round.
     print("building the lean sequential form's graphs (~22,000 nodes at stage 1)", file=sys.stderr)
     sequential_stages = sequential_form_sessions("vanilla_vmamba_tiny", args.threads)
+    print("choosing the lean chunked form's chunk and channel groups per stage", file=sys.stderr)
+    chunked_stages, chunked_choices = chunked_form_sessions("vanilla_vmamba_tiny", args.threads)
     ops_rounds: list[dict] = []
     samples: dict[str, list[dict]] = {label: [] for label in models}
     for r in range(args.rounds):
         ops_rounds.append(elementwise_ns(args.threads))
         ops_rounds[-1]["node_us"] = node_us("vanilla_vmamba_tiny", args.threads)
-        ops_rounds[-1]["sequential_form_ms"] = sequential_form_ms(sequential_stages)
+        ops_rounds[-1]["sequential_form_ms"] = lean_form_ms(sequential_stages)
+        ops_rounds[-1]["chunked_form_ms"] = lean_form_ms(chunked_stages)
         print(
             f"round {r}: Mul {ops_rounds[-1]['best_mul']:.3f} ns, Exp {ops_rounds[-1]['best_exp']:.3f} ns",
             file=sys.stderr,
@@ -300,6 +380,7 @@ def main() -> int:
             "chunked": chunked_bound_ms("vanilla_vmamba_tiny", ops["best_mul"], ops["best_exp"]),
             "sequential": sequential_bound_ms("vanilla_vmamba_tiny", ops["best_mul"], ops["best_exp"], ops["node_us"]),
             "sequential form": ops["sequential_form_ms"],
+            "chunked form": ops["chunked_form_ms"],
         }
         per_round.append(
             {"ms": ms, "non_scan_ms": non_scan, "floor_ms": floors, "budget_ms": budgets, "vanilla_bounds_ms": bounds}
@@ -324,8 +405,9 @@ def main() -> int:
         "| round | Mul ns/el | Exp ns/el | "
         + " | ".join(f"{label} ms" for label in models)
         + " | vanilla floor ms | vanilla budget ms | s1l8 floor ms | s1l8 int8 budget ms"
-        + " | vanilla chunked bound ms | vanilla sequential bound ms | vanilla lean sequential form ms |",
-        "|---:|---:|---:|" + "---:|" * len(models) + "---:|---:|---:|---:|---:|---:|---:|",
+        + " | vanilla chunked bound ms | vanilla sequential bound ms | vanilla lean sequential form ms"
+        + " | vanilla lean chunked form ms |",
+        "|---:|---:|---:|" + "---:|" * len(models) + "---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r, (ops, row) in enumerate(zip(ops_rounds, per_round, strict=True)):
         lines.append(
@@ -341,6 +423,8 @@ def main() -> int:
         f"Median round: Mul by size {sizes(ops['Mul'])}; Exp {sizes(ops['Exp'])} (ns per element). One Mul node on "
         "a vanilla position's (4, 16, Di) slice: "
         + ", ".join(f"{el // 1024} K elements {us:.1f} us" for el, us in ops["node_us"].items())
+        + ". Lean chunked form's (chunk, channel groups) per stage: "
+        + ", ".join(f"({chunk}, {groups})" for chunk, groups in chunked_choices)
         + ".",
         "",
         "| model | scan elements | unavoidable ops per element (binary + Exp) | scan share of the custom-op artifact |",
@@ -366,6 +450,7 @@ def main() -> int:
         ("chunked", "the chunked bound"),
         ("sequential", "the sequential bound"),
         ("sequential form", "the measured lean sequential form"),
+        ("chunked form", "the measured lean chunked form"),
     ):
         over = [r["vanilla_bounds_ms"][key] / r["budget_ms"]["vanilla_vmamba_tiny"] for r in per_round]
         lines.append(
@@ -373,6 +458,7 @@ def main() -> int:
             f"{min(over):.2f}..{max(over):.2f} (above 1: no form of that class meets the goal)"
         )
     rows = {
+        "chunked_form_choices": chunked_choices,
         "ops_rounds": ops_rounds,
         "rounds": per_round,
         "budget_over_floor": fractions,

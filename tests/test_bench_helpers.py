@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vmamba_export.bench import interleaved, merge_rounds, paired_ratio
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_paired_ratio_cancels_drift_that_sequential_timing_does_not():
@@ -45,3 +48,31 @@ def test_peak_rss_is_the_workers_own_not_its_parents():
     child_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert ballast.sum() > 0
     assert child_mb < 700, child_mb  # about 220 MB here (Python, numpy, torch imported by vmamba_export)
+
+
+def _sequential_scan(dt, x, b, c, a):
+    """float64 h_t = exp(dt_t A) h_t-1 + x_t B_t, y_t = sum_n C_t h_t: (positions, 4, ., Di) inputs, A (4, N, Di)."""
+    h, ys = np.zeros(a.shape), []
+    for t in range(len(dt)):
+        h = np.exp(dt[t] * a) * h + x[t] * b[t]
+        ys.append((c[t] * h).sum(axis=1, keepdims=True))
+    return np.stack(ys)
+
+
+@pytest.mark.parametrize("form, chunk", [("sequential", None), ("chunked", 1), ("chunked", 3), ("chunked", 20)])
+def test_portable_floor_lean_forms_compute_the_scan(form, chunk):
+    # The floor benchmark times these graphs as the leanest members of their class: they must do the whole scan.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from portable_floor import _chunked_stage_session, _sequential_stage_session
+
+    positions, di, n = 20, 8, 4  # 20 positions: chunk 3 pads the last chunk
+    if form == "sequential":
+        session, feeds = _sequential_stage_session(positions, di, n, threads=1)
+    else:
+        session, feeds = _chunked_stage_session(positions, di, n, chunk, threads=1)
+    y = session.run(None, feeds)[0]
+    steps = y.shape[0] * (y.shape[1] if form == "chunked" else 1)
+    flat = {k: v.astype(np.float64).reshape(steps, 4, -1, v.shape[-1]) for k, v in feeds.items() if k != "A"}
+    c = flat["C"].transpose(0, 1, 3, 2) if form == "chunked" else flat["C"]  # chunked takes C as (.., 1, N)
+    want = _sequential_scan(flat["dt"], flat["x"], flat["B"], c, feeds["A"].astype(np.float64).reshape(4, n, di))
+    np.testing.assert_allclose(y.reshape(want.shape), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
