@@ -158,67 +158,52 @@ def sequential_bound_ms(name: str, ns_binary: float, ns_exp: float, per_node_us:
     return passes_ms + sum(2 * positions * per_node_us[el] for positions, el in position_slices(name)) * 1e-3
 
 
-class _LeanGraph:
-    """Nodes of a lean scan graph on inputs already laid out for it and already through softplus (no direction
-    gathers, softplus or merge: a complete form adds those, so timing this bounds its class from below)."""
+def _lean_session(g, y: str, shapes: dict[str, list[int]], threads: int):
+    """(session, random feeds) for a lean scan graph built in `g` (the onnx-portable lowering's graph builder) on
+    inputs dt, x, B, C, A of `shapes`, with output `y`. Lean: inputs already laid out for the graph and already through
+    softplus (no direction gathers, softplus or merge: a complete form adds those, so timing it bounds its class from
+    below)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-    def __init__(self) -> None:
-        self.nodes: list = []
+    graph = helper.make_graph(
+        g.nodes,
+        "lean",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    feeds["dt"] = np.abs(feeds["dt"]) * 0.1
+    feeds["A"] = -np.abs(feeds["A"])
+    return session, feeds
 
-    def op(self, kind: str, inputs: list[str], out: str, **attrs) -> str:
-        from onnx import helper
 
-        self.nodes.append(helper.make_node(kind, inputs, [out], **attrs))
-        return out
-
-    def split(self, name: str, pieces: int, axis: int) -> list[str]:
-        from onnx import helper
-
-        outs = [f"{name}_{i}" for i in range(pieces)]
-        self.nodes.append(helper.make_node("Split", [name], outs, axis=axis, num_outputs=pieces))
-        return outs
-
-    def session(self, shapes: dict[str, list[int]], reduce_axis: int, threads: int):
-        """(session, random feeds) for inputs dt, x, B, C, A of `shapes` and output y."""
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-
-        constants = [numpy_helper.from_array(np.array([reduce_axis], np.int64), "reduce_axis")]
-        if any("zero" in node.input for node in self.nodes):
-            constants.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
-        graph = helper.make_graph(
-            self.nodes,
-            "lean",
-            [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items()],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            initializer=constants,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        rng = np.random.default_rng(0)
-        feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
-        feeds["dt"] = np.abs(feeds["dt"]) * 0.1
-        feeds["A"] = -np.abs(feeds["A"])
-        return session, feeds
+def _split(g, name: str, pieces: int, axis: int) -> list[str]:
+    return g.op("Split", name, axis=axis, num_outputs=pieces, outputs=pieces) if pieces > 1 else [name]
 
 
 def _sequential_stage_session(positions: int, di: int, n: int, threads: int):
     """One block's state recursion written one position at a time, on inputs laid out position-major: per position
     Mul(dt, A), Exp, Mul(x, B), Mul(decay, h), Add(drive), Mul(C, h), ReduceSum over the states; one Split per input
     and one Concat of y."""
-    g = _LeanGraph()
-    dt, x, b, c = (g.split(name, positions, axis=0) for name in ("dt", "x", "B", "C"))
+    from vmamba_export.lowering.onnx_portable_scan import _Builder
+
+    g = _Builder()
+    dt, x, b, c = (_split(g, name, positions, axis=0) for name in ("dt", "x", "B", "C"))
     state, ys = None, []
     for t in range(positions):
-        decay = g.op("Exp", [g.op("Mul", [dt[t], "A"], f"la{t}")], f"decay{t}")
-        drive = g.op("Mul", [x[t], b[t]], f"drive{t}")
-        state = drive if state is None else g.op("Add", [g.op("Mul", [decay, state], f"dh{t}"), drive], f"h{t}")
-        ys.append(g.op("ReduceSum", [g.op("Mul", [c[t], state], f"ch{t}"), "reduce_axis"], f"y{t}", keepdims=1))
-    g.op("Concat", ys, "y", axis=0)
+        decay = g.op("Exp", g.op("Mul", dt[t], "A"))
+        drive = g.op("Mul", x[t], b[t])
+        state = drive if state is None else g.op("Add", g.op("Mul", decay, state), drive)
+        ys.append(g.op("ReduceSum", g.op("Mul", c[t], state), g.ints(2), keepdims=1))
+    y = g.op("Concat", *ys, axis=0)
     shapes = {"dt": [positions, 4, 1, di], "x": [positions, 4, 1, di], "B": [positions, 4, n, 1]}
-    return g.session(shapes | {"C": shapes["B"], "A": [1, 4, n, di]}, 2, threads)
+    return _lean_session(g, y, shapes | {"C": shapes["B"], "A": [1, 4, n, di]}, threads)
 
 
 def _chunked_stage_session(positions: int, di: int, n: int, chunk: int, threads: int):
@@ -230,27 +215,29 @@ def _chunked_stage_session(positions: int, di: int, n: int, chunk: int, threads:
     entering one (pass 1's decays and drives kept), and y = C h as one MatMul over the states. 7 state-sized passes
     and a MatMul reading the state: the unavoidable six plus the chunked bound's three (docs/scan-op.md), C * h and
     the sum over the states folded into the MatMul."""
-    g = _LeanGraph()
+    from vmamba_export.lowering.onnx_portable_scan import _Builder
+
+    g = _Builder()
     chunks = -(-positions // chunk)
-    dt, x, b, c = (g.split(name, chunk, axis=1) for name in ("dt", "x", "B", "C"))
-    decay = [g.op("Exp", [g.op("Mul", [dt[t], "A"], f"la{t}")], f"decay{t}") for t in range(chunk)]
-    drive = [g.op("Mul", [x[t], b[t]], f"drive{t}") for t in range(chunk)]
+    dt, x, b, c = (_split(g, name, chunk, axis=1) for name in ("dt", "x", "B", "C"))
+    decay = [g.op("Exp", g.op("Mul", dt[t], "A")) for t in range(chunk)]
+    drive = [g.op("Mul", x[t], b[t]) for t in range(chunk)]
     state = drive[0]
     for t in range(1, chunk):
-        state = g.op("Add", [g.op("Mul", [decay[t], state], f"dh{t}"), drive[t]], f"h{t}")
-    chunk_decay = g.op("Exp", [g.op("Mul", [g.op("ReduceSum", ["dt", "reduce_axis"], "dt_sum"), "A"], "la_sum")], "pc")
-    ends, end_decays = g.split(state, chunks, axis=0), g.split(chunk_decay, chunks, axis=0)
-    entering = [g.op("Mul", [ends[0], "zero"], "in0")]  # zeros of a chunk's slice shape: no state enters chunk 0
+        state = g.op("Add", g.op("Mul", decay[t], state), drive[t])
+    chunk_decay = g.op("Exp", g.op("Mul", g.op("ReduceSum", "dt", g.ints(1)), "A"))
+    ends, end_decays = _split(g, state, chunks, axis=0), _split(g, chunk_decay, chunks, axis=0)
+    entering = [g.op("Mul", ends[0], g.scalar(0.0))]  # zeros of a chunk's slice shape: no state enters chunk 0
     for k in range(1, chunks):
-        entering.append(g.op("Add", [g.op("Mul", [end_decays[k - 1], entering[-1]], f"pe{k}"), ends[k - 1]], f"in{k}"))
-    state = g.op("Concat", entering, "h_in", axis=0)
+        entering.append(g.op("Add", g.op("Mul", end_decays[k - 1], entering[-1]), ends[k - 1]))
+    state = g.op("Concat", *entering, axis=0)
     ys = []
     for t in range(chunk):
-        state = g.op("Add", [g.op("Mul", [decay[t], state], f"d{t}"), drive[t]], f"s{t}")
-        ys.append(g.op("MatMul", [c[t], state], f"y{t}"))
-    g.op("Concat", ys, "y", axis=1)
+        state = g.op("Add", g.op("Mul", decay[t], state), drive[t])
+        ys.append(g.op("MatMul", c[t], state))
+    y = g.op("Concat", *ys, axis=1)
     shapes = {"dt": [chunks, chunk, 4, 1, di], "x": [chunks, chunk, 4, 1, di], "B": [chunks, chunk, 4, n, 1]}
-    return g.session(shapes | {"C": [chunks, chunk, 4, 1, n], "A": [1, 1, 4, n, di]}, 1, threads)
+    return _lean_session(g, y, shapes | {"C": [chunks, chunk, 4, 1, n], "A": [1, 1, 4, n, di]}, threads)
 
 
 def sequential_form_sessions(name: str, threads: int) -> list[tuple[int, object, dict]]:
