@@ -11,8 +11,10 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -92,21 +94,46 @@ def file_entries(folder: Path) -> dict:
     return entries
 
 
-def read_manifest(folder: Path) -> dict:
+def manifest_sha256(folder: Path) -> str:
+    """sha256 of the manifest.json bytes: the value `load(..., expected_sha256=...)` and `--expect-sha256` pin."""
+    return sha256_file(Path(folder) / MANIFEST)
+
+
+def read_manifest(folder: Path, expected_sha256: str | None = None) -> dict:
+    """The manifest of an artifact folder, checked against the schema (manifest_problem).
+
+    `expected_sha256` pins the manifest's bytes (checked before they are parsed): since the manifest lists every
+    payload file's sha256, and load() verifies them, one trusted hash pins the whole artifact."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder} is not an artifact folder (no such directory)")
     path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder} is not an artifact folder: {MANIFEST} is missing")
+    if expected_sha256 is not None:
+        if not isinstance(expected_sha256, str) or not _SHA256_RE.fullmatch(expected_sha256.strip().lower()):
+            raise ArtifactError(f"expected_sha256 must be 64 hexadecimal digits, got {expected_sha256!r}")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is {size:,} bytes; a manifest is at most {MAX_MANIFEST_BYTES:,}")
+    data = path.read_bytes()
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256.strip().lower():
+            raise ArtifactError(
+                f"{path} has sha256 {actual}, not the expected {expected_sha256.strip().lower()}: this is not the "
+                "artifact that was pinned (modified, corrupt or another one)"
+            )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} is not a manifest: JSON nested too deeply") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         raise ArtifactError(f"{path} has schema_version {version!r}; this vmamba-export reads {SCHEMA_VERSION}")
     problem = manifest_problem(manifest)
     if problem:
@@ -114,61 +141,302 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-# What the loader relies on, key path -> expected type(s). Everything else in a manifest is informational.
-_REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "model": dict,
-    "model.name": str,
-    "target": dict,
-    "target.name": str,
-    "target.runtime": str,
-    "precision": str,
-    "input": dict,
-    "input.channels": int,
-    "input.min_size": int,
-    "input.max_size": int,
-    "input.preprocessing": dict,
-    "input.preprocessing.image_size": int,
-    "input.preprocessing.resize": int,
-    "input.preprocessing.interpolation": str,
-    "input.preprocessing.mean": list,
-    "input.preprocessing.std": list,
-    "input.preprocessing.channel_order": str,
-    "output": dict,
-    "output.num_classes": int,
-    "entry": dict,
-    "entry.model": str,
-    "files": dict,
+# Limits on what a manifest may ask of the loader (docs/artifact.md "Manifest schema"): values beyond them are
+# refused with the field named, so no manifest can make the loader allocate without bound.
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_INPUT_SIDE = 4096  # input.max_size and so image_size: one 3 x 4096 x 4096 float32 image is 201 MB
+MAX_RESIZE = 4 * MAX_INPUT_SIDE  # preprocessing.resize only sets the scale: the work is bounded by image_size
+MAX_CLASSES = 1_000_000
+MAX_BATCH = 1 << 16
+MAX_NORM_VALUE = 1e3  # |mean| and std, in units of the [0, 1] pixel scale the preprocessing divides into
+MIN_STD = 1e-6  # smaller divides pixels into float32 overflow
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # data/preprocess.py _RESAMPLE
+CHANNEL_ORDERS = ("RGB", "BGR")
+# What each runtime's backend opens: entry key -> accepted suffixes; required keys first.
+RUNTIME_ENTRY = {
+    "onnxruntime": {"model": (".onnx",), "custom_op_library": (".so", ".dylib", ".dll")},
+    "openvino": {"model": (".xml",), "extension_library": (".so", ".dylib", ".dll"), "weights": (".bin",)},
+    "tvm": {"model": (".so", ".tar", ".dylib"), "cuda_binary": (".fatbin", ".cubin", ".ptx")},
+    "coreml": {"model": (".mlpackage", ".mlmodel")},
 }
+_RUNTIME_REQUIRED = {
+    "onnxruntime": ("model",),
+    "openvino": ("model", "extension_library"),
+    "tvm": ("model",),
+    "coreml": ("model",),
+}
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+TVM_DEVICE_TYPES = {1: "cpu", 2: "cuda", 8: "metal"}  # DLPack device codes the TVM backend can run
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class _Bad(Exception):
+    """A schema violation: the message names the field."""
+
+
+def _get(manifest: dict, dotted: str, required: bool = True) -> object:
+    value: object = manifest
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(value, dict):
+            raise _Bad(f"{'.'.join(parts[:i])!r} must be an object, got {_type_name(value)}")
+        if part not in value:
+            if required:
+                raise _Bad(f"lacks the required key {dotted!r}")
+            return None
+        value = value[part]
+    return value
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _typed(manifest: dict, dotted: str, kind: type | tuple[type, ...], required: bool = True) -> object:
+    value = _get(manifest, dotted, required)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _Bad(f"{dotted!r} must be {name}, got {_type_name(value)} {_short(value)}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int_in(manifest: dict, dotted: str, low: int, high: int, required: bool = True) -> int | None:
+    value = _typed(manifest, dotted, int, required)
+    if value is None:
+        return None
+    if not low <= value <= high:
+        raise _Bad(f"{dotted!r} must be an integer in {low}..{high:,}, got {_short(value)}")
+    return value
+
+
+def _number(value: object, where: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"{where} must be a number, got {_type_name(value)} {_short(value)}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise _Bad(f"{where} must be a finite number in {low:g}..{high:g}, got {value!r}")
+    return float(value)
+
+
+def _relative_path(value: str, where: str) -> None:
+    parts = value.replace("\\", "/").split("/")
+    if not value or value.startswith(("/", "\\")) or ".." in parts or (len(value) > 1 and value[1] == ":"):
+        raise _Bad(f"{where} must be a path inside the artifact folder, got {_short(value)}")
+
+
+def _file_listed(manifest: dict, name: str, where: str) -> None:
+    files = manifest["files"]
+    if name not in files and not any(f.startswith(name.rstrip("/") + "/") for f in files):
+        raise _Bad(f"{where} names a file that is not among its hashed files ({_short(name)})")
+
+
+def fit_preprocessing(input_section: dict) -> dict:
+    """The preprocessing of an artifact whose fixed input side (min_size = max_size, TVM and Core ML) differs from the
+    config's crop: the crop becomes that side and the resize keeps its ratio to the crop (224/256 -> 64/73)."""
+    spec = dict(input_section["preprocessing"])
+    low, high = input_section["min_size"], input_section["max_size"]
+    size = spec["image_size"]
+    if low <= size <= high:
+        return spec
+    fitted = min(max(size, low), high)
+    spec["resize"] = max(fitted, round(fitted * spec["resize"] / size))
+    spec["image_size"] = fitted
+    return spec
 
 
 def manifest_problem(manifest: dict) -> str | None:
-    """The first structural problem of a manifest, or None: a missing key or a value of the wrong type."""
-    for dotted, expected in _REQUIRED_FIELDS.items():
-        value: object = manifest
-        for part in dotted.split("."):
-            if not isinstance(value, dict) or part not in value:
-                return f"lacks the required key {dotted!r}"
-            value = value[part]
-        if not isinstance(value, expected) or isinstance(value, bool):
-            return f"{dotted!r} must be {getattr(expected, '__name__', expected)}, got {type(value).__name__}"
-    spec = manifest["input"]["preprocessing"]
-    for key in ("mean", "std"):
-        if len(spec[key]) != manifest["input"]["channels"] or not all(isinstance(v, (int, float)) for v in spec[key]):
-            return f"'input.preprocessing.{key}' must hold one number per channel"
-    labels = spec.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != manifest["output"]["num_classes"]):
-        return "'input.preprocessing.labels' must be null or list one label per class"
-    for name, entry in manifest["files"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            return f"files[{name!r}] must be an object with a sha256"
-    for key in ("custom_op_library", "extension_library"):
-        if key in manifest["entry"] and manifest["entry"][key] not in manifest["files"]:
-            return f"entry.{key} names a file that is not among its hashed files"
-    if manifest["entry"]["model"] not in manifest["files"] and not any(
-        f.startswith(manifest["entry"]["model"].rstrip("/") + "/") for f in manifest["files"]
-    ):
-        return "entry.model names a file that is not among its hashed files"
+    """The first problem of a manifest against the schema the loader relies on, or None. Each problem is one line
+    naming the field (dotted path) and what was expected; everything not checked here is informational."""
+    try:
+        _check_schema(manifest)
+    except _Bad as exc:
+        return str(exc)
     return None
+
+
+def _check_schema(m: dict) -> None:
+    _typed(m, "model", dict)
+    _typed(m, "model.name", str)
+    _typed(m, "target", dict)
+    _typed(m, "target.name", str)
+    runtime = _typed(m, "target.runtime", str)
+    _typed(m, "target.device", str, required=False)
+    _typed(m, "precision", str)
+
+    # files first: the entry's files are checked against it
+    files = _typed(m, "files", dict)
+    for name, entry in files.items():
+        _relative_path(name, f"files[{_short(name)}]")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise _Bad(f"files[{_short(name)}] must be an object with a sha256")
+        if not _SHA256_RE.fullmatch(entry["sha256"]):
+            raise _Bad(f"files[{_short(name)}].sha256 must be 64 lowercase hexadecimal digits")
+        size = entry.get("bytes")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise _Bad(f"files[{_short(name)}].bytes must be a non-negative integer, got {_short(size)}")
+
+    # input: sizes, channels, preprocessing
+    _typed(m, "input", dict)
+    channels = _typed(m, "input.channels", int)
+    if channels not in (1, 3):
+        raise _Bad(f"'input.channels' must be 1 or 3, got {channels!r}")
+    min_size = _int_in(m, "input.min_size", 1, MAX_INPUT_SIDE)
+    max_size = _int_in(m, "input.max_size", 1, MAX_INPUT_SIDE)
+    if min_size > max_size:
+        raise _Bad(f"'input.min_size' ({min_size}) must not exceed 'input.max_size' ({max_size})")
+    _typed(m, "input.preprocessing", dict)
+    image_size = _int_in(m, "input.preprocessing.image_size", 1, MAX_INPUT_SIDE)
+    if not min_size <= image_size <= max_size:
+        raise _Bad(
+            f"'input.preprocessing.image_size' ({image_size}) must lie in input.min_size..input.max_size "
+            f"({min_size}..{max_size})"
+        )
+    _int_in(m, "input.preprocessing.resize", 1, MAX_RESIZE)
+    interpolation = _typed(m, "input.preprocessing.interpolation", str)
+    if interpolation.lower() not in INTERPOLATIONS:
+        raise _Bad(
+            f"'input.preprocessing.interpolation' must be one of {', '.join(INTERPOLATIONS)}, "
+            f"got {_short(interpolation)}"
+        )
+    order = _typed(m, "input.preprocessing.channel_order", str)
+    if order.upper() not in CHANNEL_ORDERS:
+        raise _Bad(f"'input.preprocessing.channel_order' must be RGB or BGR, got {_short(order)}")
+    for key in ("mean", "std"):
+        values = _typed(m, f"input.preprocessing.{key}", list)
+        if len(values) != channels:
+            raise _Bad(
+                f"'input.preprocessing.{key}' must hold one number per channel ({channels}), got {len(values)} values"
+            )
+        low = MIN_STD if key == "std" else -MAX_NORM_VALUE
+        for i, value in enumerate(values):
+            _number(value, f"'input.preprocessing.{key}[{i}]'", low, MAX_NORM_VALUE)
+
+    # output and labels
+    _typed(m, "output", dict)
+    num_classes = _int_in(m, "output.num_classes", 1, MAX_CLASSES)
+    labels = _get(m, "input.preprocessing.labels", required=False)
+    if labels is not None:
+        if not isinstance(labels, list) or len(labels) != num_classes:
+            count = f"{len(labels)} labels" if isinstance(labels, list) else _type_name(labels)
+            raise _Bad(
+                f"'input.preprocessing.labels' must be null or list one label per class (output.num_classes "
+                f"{num_classes}), got {count}"
+            )
+        for i, label in enumerate(labels):
+            if not isinstance(label, str):
+                raise _Bad(f"'input.preprocessing.labels[{i}]' must be a string, got {_type_name(label)}")
+
+    # entry: the files the runtime opens, matching the runtime
+    entry = _typed(m, "entry", dict)
+    model = _typed(m, "entry.model", str)
+    _relative_path(model, "'entry.model'")
+    _file_listed(m, model, "entry.model")
+    suffixes = RUNTIME_ENTRY.get(runtime)  # an unknown runtime is refused by the loader, naming it
+    if suffixes is not None:
+        for key in _RUNTIME_REQUIRED[runtime]:
+            _typed(m, f"entry.{key}", str)
+        for key, allowed in suffixes.items():
+            name = _typed(m, f"entry.{key}", str, required=False)
+            if name is None:
+                continue
+            if not name.lower().endswith(allowed):
+                raise _Bad(
+                    f"'entry.{key}' of a {runtime} artifact must end in {' or '.join(allowed)}, got {_short(name)}"
+                )
+            _relative_path(name, f"'entry.{key}'")
+            _file_listed(m, name, f"entry.{key}")
+    for key in ("custom_op_library", "extension_library"):  # the native code loaded into the process: always hashed
+        name = entry.get(key)
+        if name is not None:
+            if not isinstance(name, str):
+                raise _Bad(f"'entry.{key}' must be str, got {_type_name(name)}")
+            _file_listed(m, name, f"entry.{key}")
+    providers = entry.get("providers")
+    if providers is not None and (not isinstance(providers, list) or not all(isinstance(p, str) for p in providers)):
+        raise _Bad(f"'entry.providers' must be a list of strings, got {_short(providers)}")
+    if runtime == "openvino":
+        hint = _typed(m, "entry.inference_precision", str)
+        if hint not in OPENVINO_PRECISIONS:
+            raise _Bad(f"'entry.inference_precision' must be one of {', '.join(OPENVINO_PRECISIONS)}, got {hint!r}")
+        _typed(m, "entry.openvino_version", str, required=False)
+    if runtime == "tvm":
+        device_type = _typed(m, "entry.vm_device_type", int)
+        if device_type not in TVM_DEVICE_TYPES:
+            raise _Bad(
+                f"'entry.vm_device_type' must be one of {sorted(TVM_DEVICE_TYPES)} (DLPack cpu, cuda, metal), "
+                f"got {device_type}"
+            )
+        _typed(m, "entry.device", str, required=False)
+        _check_params(m)
+    if runtime in ("tvm", "coreml"):
+        _check_fixed_shape(m, channels, image_size, runtime)
+
+    # thresholds (validate compares its metrics with them)
+    thresholds = _get(m, "thresholds", required=False)
+    if thresholds is not None:
+        if not isinstance(thresholds, dict):
+            raise _Bad(f"'thresholds' must be an object, got {_type_name(thresholds)}")
+        for key, value in thresholds.items():
+            _number(value, f"'thresholds.{key}'", -1e9, 1e9)
+
+
+def _check_fixed_shape(m: dict, channels: int, image_size: int, runtime: str) -> None:
+    """Fixed-shape runtimes (TVM, Core ML): lowering.input_shape is [batch, channels, side, side] as built."""
+    shape = _typed(m, "lowering.input_shape", list)
+    if len(shape) != 4:
+        raise _Bad(f"'lowering.input_shape' must have 4 entries (N, C, H, W), got {len(shape)}")
+    batch, c, h, w = shape
+    if not (batch == "batch" or (isinstance(batch, int) and not isinstance(batch, bool) and 1 <= batch <= MAX_BATCH)):
+        raise _Bad(f"'lowering.input_shape[0]' must be \"batch\" or an integer in 1..{MAX_BATCH}, got {_short(batch)}")
+    if c != channels or isinstance(c, bool):
+        raise _Bad(f"'lowering.input_shape[1]' must equal input.channels ({channels}), got {_short(c)}")
+    min_size, max_size = m["input"]["min_size"], m["input"]["max_size"]
+    for i, side in ((2, h), (3, w)):
+        if isinstance(side, bool) or not isinstance(side, int) or not min_size <= side <= max_size:
+            raise _Bad(
+                f"'lowering.input_shape[{i}]' must be an integer in input.min_size..input.max_size "
+                f"({min_size}..{max_size}), got {_short(side)}"
+            )
+    batch_range = _get(m, "lowering.batch_range", required=False)
+    if batch_range is not None:
+        ok = (
+            isinstance(batch_range, list)
+            and len(batch_range) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in batch_range)
+            and 1 <= batch_range[0] <= batch_range[1] <= MAX_BATCH
+        )
+        if not ok:
+            raise _Bad(f"'lowering.batch_range' must be [low, high] with 1 <= low <= high <= {MAX_BATCH}")
+
+
+def _check_params(m: dict) -> None:
+    """TVM weights kept outside the library: entry.params = {"file", "tensors": [{"shape": [...]}, ...]}."""
+    params = _get(m, "entry.params", required=False)
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise _Bad(f"'entry.params' must be an object, got {_type_name(params)}")
+    name = _typed(m, "entry.params.file", str)
+    _relative_path(name, "'entry.params.file'")
+    _file_listed(m, name, "entry.params.file")
+    tensors = _typed(m, "entry.params.tensors", list)
+    total = 0
+    for i, tensor in enumerate(tensors):
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise _Bad(f"'entry.params.tensors[{i}].shape' must be a list of non-negative integers")
+        total += math.prod(shape)
+    size = m["files"].get(name, {}).get("bytes")
+    if isinstance(size, int) and total * 4 != size:
+        raise _Bad(f"'entry.params.tensors' list {total:,} float32 values, but files[{name!r}] holds {size:,} bytes")
 
 
 def verify_files(folder: Path, manifest: dict) -> None:

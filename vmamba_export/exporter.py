@@ -6,17 +6,20 @@ from pathlib import Path
 
 from .artifact import (
     MANIFEST,
+    MAX_INPUT_SIDE,
     REPORT,
     SCHEMA_VERSION,
     atomic_artifact,
     file_entries,
+    fit_preprocessing,
+    manifest_problem,
     render_report,
     toolchain_versions,
     utc_now,
     write_json_atomic,
     write_text_atomic,
 )
-from .errors import TargetUnavailableError
+from .errors import ArtifactError, InputError, TargetUnavailableError
 from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
@@ -52,6 +55,8 @@ def export_artifact(
     options = options or ExportOptions()
     options.precision = precision
     options.max_size = max_size or target.default_max_size
+    if options.max_size > MAX_INPUT_SIDE:  # the loader refuses manifests beyond it (artifact.py, docs/artifact.md)
+        raise InputError(f"--max-size {options.max_size} is above the limit of {MAX_INPUT_SIDE} pixels a side")
     if precision not in target.precisions:
         raise TargetUnavailableError(
             f"target {target.name} does not offer precision {precision!r}; it offers {', '.join(target.precisions)}"
@@ -97,6 +102,11 @@ def export_artifact(
             "validation": None,
             "benchmark": None,
         }
+        # Fixed-size lowerings (TVM, Core ML) may fix a side other than the config's crop: preprocess to that side.
+        manifest["input"]["preprocessing"] = fit_preprocessing(manifest["input"])
+        problem = manifest_problem(manifest)  # never write an artifact the loader would refuse
+        if problem:
+            raise ArtifactError(f"the manifest built for {out} fails the schema: {problem}")
         write_json_atomic(folder / MANIFEST, manifest)
         write_text_atomic(folder / REPORT, render_report(manifest))
     return manifest

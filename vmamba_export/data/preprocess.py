@@ -4,14 +4,22 @@ runtime loader, so that every stage sees the same numbers.
 Only numpy and Pillow are used: the runtime loader ships to edge devices where torch/torchvision are not installed.
 The steps follow torchvision's `Resize(resize) -> CenterCrop(image_size) -> ToTensor -> Normalize` on PIL images
 (shorter side to `resize`, the longer one truncated to int; crop offsets rounded), so published eval pipelines match.
+
+Images arrive as a photo library holds them: the EXIF orientation is applied first (a phone photo stored sideways is
+classified upright), transparent pixels are composited on black, and images above `MAX_IMAGE_PIXELS` are refused
+before they are decoded. The work is bounded by the output size: an image so elongated that scaling its shorter side
+up would create more pixels than `_FULL_RESIZE_PIXELS` allows has only the centre region that survives the crop
+resampled (results within 1/255 of the full resize; normal images take the exact full-resize path).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InputError
 from ..models.configs import InputSpec
@@ -26,6 +34,65 @@ _RESAMPLE = {
 }
 
 
+# Largest image (width x height) that is decoded: 100 megapixels (a 108 MP phone sensor is the largest in common use
+# after binning to 12-27 MP); decoded RGB that is 300 MB. Pillow's own bomb check (89 MP warning, 179 MP error) is
+# replaced by this one limit and one message.
+MAX_IMAGE_PIXELS = 100_000_000
+
+# Up to this many pixels (or the image's own count, if larger) the shorter side is scaled on the whole image, exactly
+# as torchvision does; beyond it only the region kept by the centre crop is resampled (see resize_and_crop).
+_FULL_RESIZE_PIXELS = 4_000_000
+
+
+def check_pixel_count(size: tuple[int, int], what: str) -> None:
+    """Refuse an image of more than MAX_IMAGE_PIXELS pixels (checked from the header, before decoding)."""
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{what} is {w}x{h} = {w * h:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            "(vmamba_export.data.preprocess.MAX_IMAGE_PIXELS); downscale it first"
+        )
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode an image file: size checked against MAX_IMAGE_PIXELS before decoding, first frame only.
+
+    Raises InputError naming the file for anything that is not a readable image of acceptable size."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            # Our own limit decides (above); Pillow's warning between 89 and 179 MP would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(fh)
+            check_pixel_count(image.size, f"image {path}")
+            image.load()  # decode now, while the file is open; the pixels outlive the file object
+            return image
+    except Image.DecompressionBombError:
+        # Pillow refuses above 2 x its own limit before our check sees the size; same message either way.
+        raise InputError(
+            f"image {path} is above the limit of {MAX_IMAGE_PIXELS:,} pixels; downscale it first"
+        ) from None
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"cannot read image {path}: no such file") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"cannot read image {path}: not an image format Pillow can decode") from None
+    except IsADirectoryError:
+        raise InputError(f"cannot read image {path}: it is a folder, not an image file") from None
+    except Exception as exc:  # decoders raise OSError, ValueError, SyntaxError, struct.error ...: "not an image"
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read image {path}: {detail}") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation tag (phone cameras store rotated pixels) applied."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is metadata noise; the pixels are still the image
+        return image
+
+
 def resample_filter(name: str) -> Image.Resampling:
     try:
         return _RESAMPLE[name.lower()]
@@ -34,7 +101,14 @@ def resample_filter(name: str) -> Image.Resampling:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Transparent pixels become black (Pillow's RGBA -> RGB drops alpha)."""
+    """Any PIL mode -> 8-bit RGB. Transparency (an alpha channel: RGBA, LA, PA, ...; or a transparent palette entry or
+    colour, `info["transparency"]`) is composited on black: out = colour * alpha / 255, so a fully transparent pixel
+    is black whatever colour it stores, and a half transparent one is half as bright."""
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB", "1"):
+        # Palette or single-colour transparency (PNG tRNS, GIF): alpha is made explicit, then composited below.
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _composite_on_black(image)
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
@@ -43,13 +117,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         scale = 1.0 if image.mode == "I" and arr.max() <= 255 else 255.0 / 65535.0
         return Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # avoids Pillow's warning about palette transparency
     return image.convert("RGB")
 
 
+def _composite_on_black(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBa", "La"):  # premultiplied already: the stored colour is colour * alpha
+        raw = np.asarray(image)  # Pillow's own RGBa -> RGB would un-premultiply
+        colour = raw[..., :3] if image.mode == "RGBa" else np.repeat(raw[..., :1], 3, axis=-1)
+        return Image.fromarray(np.ascontiguousarray(colour), "RGB")
+    if image.mode == "PA":
+        image = image.convert("RGBA")
+    rgba = image.convert("RGBA")  # LA -> grey replicated into RGB, alpha kept
+    arr = np.asarray(rgba, dtype=np.uint16)
+    # Rounded integer colour * alpha / 255 (exact, no float drift between machines).
+    out = (arr[..., :3] * arr[..., 3:4] + 127) // 255
+    return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
 def resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
-    """Shorter side to `spec.resize` (aspect kept), then the centred `image_size` square."""
+    """Shorter side to `spec.resize` (aspect kept), then the centred `image_size` square.
+
+    When the resized image would hold more than max(_FULL_RESIZE_PIXELS, the image's own pixels) (an extreme aspect
+    ratio: a 1 x 1,000,000 strip scaled to 256 wide is 256 x 256,000,000), only the part the crop keeps is resampled,
+    with the same scale and centre: the work and memory are those of the output, not of the resized image."""
     crop = spec.image_size
     resample = resample_filter(spec.interpolation)  # checked even when no resize is needed, so a typo fails early
     # A resize smaller than the crop would leave nothing to crop: the shorter side then goes to the crop size.
@@ -61,23 +151,38 @@ def resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
         new_w, new_h = target, int(target * h / w)
     else:
         new_w, new_h = int(target * w / h), target
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample)
     left = int(round((new_w - crop) / 2.0))
     top = int(round((new_h - crop) / 2.0))
+    if (new_w, new_h) == (w, h):
+        return image.crop((left, top, left + crop, top + crop))
+    if new_w * new_h > max(_FULL_RESIZE_PIXELS, w * h):
+        # Resample only the crop's region of the source (Pillow's `box`): same scale and pixel centres as the full
+        # resize, but the float rounding of the box's coefficients can move a pixel by 1/255.
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        return image.resize((crop, crop), resample, box=box)
+    image = image.resize((new_w, new_h), resample)
     return image.crop((left, top, left + crop, top + crop))
 
 
-def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """One PIL image -> (3, image_size, image_size) float32, channels in `spec.channel_order`, normalised."""
+def preprocess(image: Image.Image, spec: InputSpec, channels: int = 3) -> np.ndarray:
+    """One PIL image -> (channels, image_size, image_size) float32, normalised; 3 channels in `spec.channel_order`,
+    or 1 (grey, Pillow's ITU-R 601-2 luma) for single-channel models.
+
+    EXIF orientation applied, transparency composited on black (`to_rgb`), more than MAX_IMAGE_PIXELS refused."""
+    if channels not in (1, 3):
+        raise InputError(f"channels must be 1 or 3, got {channels!r}")
     if not isinstance(image, Image.Image):
         raise InputError(f"preprocess takes a PIL image, got {type(image).__name__}")
     order = spec.channel_order.upper()
     if order not in ("RGB", "BGR"):
         raise InputError(f"unsupported channel order {spec.channel_order!r}; expected RGB or BGR")
-    img = resize_and_crop(to_rgb(image), spec)
-    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)  # (H, W, 3) in [0, 1]
-    if order == "BGR":
+    check_pixel_count(image.size, "image")
+    img = resize_and_crop(to_rgb(upright(image)), spec)
+    if channels == 1:
+        img = img.convert("L")
+    arr = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, channels) / np.float32(255.0)  # [0, 1]
+    if order == "BGR" and channels == 3:
         arr = arr[..., ::-1]
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)

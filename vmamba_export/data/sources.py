@@ -10,8 +10,8 @@ already preprocessed (3, H, W) float32 array; `label` is a class index or None. 
     PATH                   an image folder (class subfolders -> labels, or flat), a text file listing images
                            ("path [label]" a line), a .npy/.npz array, or a single image file
 
-Files that cannot be read as images are skipped with a `SkippedImageWarning` naming them; a source that yields no
-usable image raises ImageSourceError.
+Files that cannot be read as images (or hold more than preprocess.MAX_IMAGE_PIXELS pixels) are skipped with a
+`SkippedImageWarning` naming them; a source that yields no usable image raises ImageSourceError.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..errors import ImageSourceError
 from ..models.configs import DIGITS_LABELS, InputSpec
-from .preprocess import preprocess
+from .preprocess import open_image, preprocess
 
 Item = tuple[str, "Image.Image | np.ndarray", "int | None"]
 
@@ -68,15 +68,12 @@ class ImageSource:
 
 
 def _read_image(path: Path) -> Image.Image | None:
-    """The decoded image, or None (with a warning) when the file is not a readable image."""
+    """The decoded image, or None (with a warning) when the file is not a readable image or is above the pixel limit
+    (preprocess.MAX_IMAGE_PIXELS, checked before decoding)."""
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated or corrupt file fails here rather than in preprocessing
-            return im.copy()  # close() frees the decoded pixels, so keep a copy
-    except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, ...; all mean "not an image"
-        warnings.warn(
-            f"skipping {path}: not a readable image ({type(err).__name__}: {err})", SkippedImageWarning, stacklevel=2
-        )
+        return open_image(path)  # decoded now: a truncated or corrupt file fails here rather than in preprocessing
+    except Exception as err:  # InputError from open_image; anything else a decoder raises also means "not an image"
+        warnings.warn(f"skipping it: {err}", SkippedImageWarning, stacklevel=2)
         return None
 
 

@@ -19,10 +19,15 @@ _BACKENDS = {
 }
 
 
-def load(artifact_dir: str | Path, threads: int | None = None, verify: bool = True) -> Predictor:
-    """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor."""
+def load(
+    artifact_dir: str | Path, threads: int | None = None, verify: bool = True, expected_sha256: str | None = None
+) -> Predictor:
+    """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor.
+
+    `expected_sha256` (hex) pins manifest.json itself, checked before it is parsed: the manifest lists every other
+    file's sha256, so a hash received through a trusted channel pins the whole artifact (README "Artifacts")."""
     folder = Path(artifact_dir)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, expected_sha256=expected_sha256)
     if verify:
         verify_files(folder, manifest)
     runtime = manifest["target"].get("runtime")

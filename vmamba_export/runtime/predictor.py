@@ -56,35 +56,60 @@ class Predictor:
         """Logits (N, num_classes) for a preprocessed float32 NCHW batch."""
         return self.backend.run(self.check_input(batch))
 
-    def preprocess(self, images) -> np.ndarray:
+    def _preprocess_one(self, item) -> np.ndarray:
+        """One path or PIL image -> (C, H, W) float32; InputError naming the image if it cannot be used."""
         from PIL import Image
 
-        from ..data.preprocess import preprocess_batch
+        from ..data.preprocess import open_image, preprocess
 
-        pil = []
-        for item in images:
-            if isinstance(item, Image.Image):
-                pil.append(item)
-                continue
-            path = Path(item)
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    pil.append(im.copy())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"cannot read image {path}: {exc}") from None
-        return preprocess_batch(pil, self.input_spec)
+        if isinstance(item, Image.Image):
+            return preprocess(item, self.input_spec, self.channels)
+        if not isinstance(item, (str, Path)):
+            raise InputError(f"expected an image path or a PIL image, got {type(item).__name__}")
+        try:
+            return preprocess(open_image(item), self.input_spec, self.channels)
+        except InputError as exc:
+            message = str(exc)
+            # open_image's messages name the file; preprocess's (e.g. the pixel limit) are made to.
+            raise InputError(message if str(item) in message else f"{item}: {message}") from None
 
-    def predict(self, images, top_k: int = 5) -> list[list[dict]]:
-        """Top-k labels with softmax scores for each image (paths or PIL images), preprocessed as the manifest says."""
+    def preprocess(self, images) -> np.ndarray:
+        """Paths or PIL images -> (N, C, H, W) float32, as the manifest says; raises InputError on the first bad one.
+        Each image is decoded, preprocessed and released before the next, so memory holds one decoded image."""
+        arrays = [self._preprocess_one(item) for item in images]
+        if not arrays:
+            size = self.input_spec.image_size
+            return np.zeros((0, self.channels, size, size), dtype=np.float32)
+        return np.stack(arrays)
+
+    def predict(self, images, top_k: int = 5, errors: str = "raise") -> list:
+        """Top-k labels with softmax scores for each image (paths or PIL images), preprocessed as the manifest says:
+        one list of `{"index", "label", "score"}` per image, in order.
+
+        `errors="raise"` (the default): the first image that cannot be read or preprocessed raises InputError.
+        `errors="record"`: that image's entry is the InputError instead of a list, and the others are still run."""
+        if errors not in ("raise", "record"):
+            raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
         if isinstance(images, (str, Path)) or hasattr(images, "convert"):
             images = [images]
-        logits = self(self.preprocess(list(images)))
+        images = list(images)
+        results: list = [None] * len(images)
+        arrays, good = [], []
+        for i, item in enumerate(images):
+            try:
+                arrays.append(self._preprocess_one(item))
+                good.append(i)
+            except InputError as exc:
+                if errors == "raise":
+                    raise
+                results[i] = exc
+        if not good:
+            return results
+        logits = self(np.stack(arrays))
         shifted = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         k = max(1, min(top_k, self.num_classes))
-        results = []
-        for row in probs:
+        for i, row in zip(good, probs):
             top = np.argsort(-row)[:k]
-            results.append([{"index": int(i), "label": self.labels[i], "score": float(row[i])} for i in top])
+            results[i] = [{"index": int(j), "label": self.labels[j], "score": float(row[j])} for j in top]
         return results
