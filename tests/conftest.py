@@ -25,3 +25,16 @@ def _check_heldout_int8_accuracy(label: str, quant: dict) -> dict:
 def heldout_int8_accuracy():
     """_check_heldout_int8_accuracy, for the ONNX Runtime and OpenVINO int8 tests."""
     return _check_heldout_int8_accuracy
+
+
+@pytest.fixture(scope="session")
+def digits_artifact(tmp_path_factory):
+    """The bundled trained digits model (32 px) exported for cpu-onnxruntime once per session (about 15 s): the small
+    real artifact the image and manifest hardening tests load, predict with and mutate copies of."""
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.targets import get_target
+
+    folder = tmp_path_factory.mktemp("digits") / "vmamba_digits_v2-cpu-onnxruntime-fp32"
+    export_artifact(resolve_model("vmamba_digits_v2"), get_target("cpu-onnxruntime"), folder)
+    return folder

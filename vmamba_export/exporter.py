@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .artifact import (
@@ -104,7 +105,8 @@ def export_artifact(
         }
         # Fixed-size lowerings (TVM, Core ML) may fix a side other than the config's crop: preprocess to that side.
         manifest["input"]["preprocessing"] = fit_preprocessing(manifest["input"])
-        problem = manifest_problem(manifest)  # never write an artifact the loader would refuse
+        # Never write an artifact the loader would refuse (checked as it will be read: tuples become lists).
+        problem = manifest_problem(json.loads(json.dumps(manifest, default=str)))
         if problem:
             raise ArtifactError(f"the manifest built for {out} fails the schema: {problem}")
         write_json_atomic(folder / MANIFEST, manifest)

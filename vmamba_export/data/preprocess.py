@@ -49,7 +49,7 @@ def check_pixel_count(size: tuple[int, int], what: str) -> None:
     w, h = size
     if w * h > MAX_IMAGE_PIXELS:
         raise InputError(
-            f"{what} is {w}x{h} = {w * h:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+            f"{what} is {w}x{h} = {w * h:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} pixels "
             "(vmamba_export.data.preprocess.MAX_IMAGE_PIXELS); downscale it first"
         )
 
