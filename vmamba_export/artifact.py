@@ -336,10 +336,14 @@ def _check_schema(m: dict) -> None:
     entry = _typed(m, "entry", dict)
     model = _typed(m, "entry.model", str)
     _relative_path(model, "'entry.model'")
-    _file_listed(m, model, "entry.model")
     suffixes = RUNTIME_ENTRY.get(runtime)  # an unknown runtime is refused by the loader, naming it
+    if suffixes is None:
+        _file_listed(m, model, "entry.model")
     if suffixes is not None:
-        for key in _RUNTIME_REQUIRED[runtime]:
+        required = _RUNTIME_REQUIRED[runtime]
+        if runtime == "onnxruntime" and str(m["target"].get("scan_lowering", "")).startswith("custom-op"):
+            required = (*required, "custom_op_library")  # its graph holds our op: without the library it cannot load
+        for key in required:
             _typed(m, f"entry.{key}", str)
         for key, allowed in suffixes.items():
             name = _typed(m, f"entry.{key}", str, required=False)

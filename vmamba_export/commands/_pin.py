@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 
 def sha256_hex(text: str) -> str:
@@ -21,3 +22,12 @@ def add_expect_sha256(p: argparse.ArgumentParser) -> None:
         help="refuse the artifact unless sha256(manifest.json) is HEX (the manifest hashes every other file, so "
         "this pins the whole artifact; pass HEX through a channel you trust)",
     )
+
+
+def check_pin(folder: Path, expected: str | None) -> None:
+    """Refuse the artifact unless its manifest has the expected sha256 (validate and bench: checked first, since they
+    may rewrite the manifest when they record their results)."""
+    if expected is not None:
+        from ..artifact import read_manifest
+
+        read_manifest(folder, expected_sha256=expected)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..cli import add_json_flag, print_json
 from ._common import int_list
+from ._pin import add_expect_sha256, check_pin
 
 
 def add_parser(sub) -> None:
@@ -20,11 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("--sizes", type=int_list, help="input sides (default: the model's)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--runs", type=int, default=20)
+    add_expect_sha256(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_pin(args.artifact, args.expect_sha256)  # before anything reads or rewrites the manifest
     from ..bench import bench_artifact
 
     result = bench_artifact(

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..cli import add_json_flag, print_json
 from ._common import int_list
+from ._pin import add_expect_sha256, check_pin
 
 
 def add_parser(sub) -> None:
@@ -21,11 +22,13 @@ def add_parser(sub) -> None:
     p.add_argument("--accuracy", metavar="SOURCE", help="also measure top-1 on this labelled source")
     p.add_argument("--checkpoint", help="the weights the artifact was built from, if not where the manifest says")
     p.add_argument("--threads", type=int)
+    add_expect_sha256(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_pin(args.artifact, args.expect_sha256)  # before anything reads or rewrites the manifest
     from ..validate import validate_artifact
 
     result = validate_artifact(
