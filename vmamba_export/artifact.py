@@ -141,7 +141,7 @@ def read_manifest(folder: Path, expected_sha256: str | None = None) -> dict:
     return manifest
 
 
-# Limits on what a manifest may ask of the loader (docs/artifact.md "Manifest schema"): values beyond them are
+# Limits on what a manifest may ask of the loader (README "Artifacts"): values beyond them are
 # refused with the field named, so no manifest can make the loader allocate without bound.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_INPUT_SIDE = 4096  # input.max_size and so image_size: one 3 x 4096 x 4096 float32 image is 201 MB

@@ -56,7 +56,7 @@ def export_artifact(
     options = options or ExportOptions()
     options.precision = precision
     options.max_size = max_size or target.default_max_size
-    if options.max_size > MAX_INPUT_SIDE:  # the loader refuses manifests beyond it (artifact.py, docs/artifact.md)
+    if options.max_size > MAX_INPUT_SIDE:  # the loader refuses manifests beyond it (artifact.py)
         raise InputError(f"--max-size {options.max_size} is above the limit of {MAX_INPUT_SIDE} pixels a side")
     if precision not in target.precisions:
         raise TargetUnavailableError(
