@@ -4,6 +4,7 @@ ranges, one line naming the field; and `load(dir, expected_sha256=...)` / `--exp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from vmamba_export.artifact import (
     MAX_CLASSES,
     MAX_INPUT_SIDE,
     MAX_MANIFEST_BYTES,
+    PREPROCESSING_KEYS,
     fit_preprocessing,
     manifest_problem,
     read_manifest,
@@ -27,6 +29,7 @@ from vmamba_export.artifact import (
 from vmamba_export.cli import main
 from vmamba_export.data.preprocess import _RESAMPLE
 from vmamba_export.errors import ArtifactError, VMambaExportError
+from vmamba_export.models.configs import InputSpec
 
 # Values no field accepts in its place, whatever its type, plus ones only some fields refuse (ranges).
 HOSTILE = [None, True, "x", "", [], {}, [1, 2], {"a": 1}, -1, 0, 1.5, 10**12, -(10**12), 1e308, math.nan, math.inf,
@@ -36,6 +39,8 @@ HOSTILE = [None, True, "x", "", [], {}, [1, 2], {"a": 1}, -1, 0, 1.5, 10**12, -(
 FIELDS = [
     "model",
     "model.name",
+    "model.weights",
+    "model.weights.seed",
     "target",
     "target.name",
     "target.runtime",
@@ -171,6 +176,8 @@ def test_every_field_mutated_gives_one_line_naming_it_or_still_runs(manifest, sc
         ("files.model.onnx.sha256", "00", "files['model.onnx'].sha256 must be 64 lowercase hexadecimal digits"),
         ("thresholds.max_rel_l2", "1e-5", "'thresholds.max_rel_l2' must be a number, got str"),
         ("target.runtime", 3, "'target.runtime' must be str, got int"),
+        ("input.preprocessing.crop_pct", 0.9, "'input.preprocessing' has unknown key 'crop_pct'"),
+        ("model.weights.seed", "0", "'model.weights.seed' must be int, got str"),
     ],
 )
 def test_the_message_names_the_field_and_what_was_expected(manifest, field, value, message):
@@ -195,6 +202,8 @@ def test_the_ranges_accept_what_is_valid(manifest):
     assert manifest_problem(grey) is None
     assert set(INTERPOLATIONS) == set(_RESAMPLE)  # the schema knows exactly the filters the preprocessing has
     assert MAX_CLASSES >= 21841  # ImageNet-22k heads load
+    # The schema's keys are exactly the fields the predictor's InputSpec takes.
+    assert set(PREPROCESSING_KEYS) == {f.name for f in dataclasses.fields(InputSpec)}
 
 
 def _as(manifest: dict, runtime: str, entry: dict, extra_files: list[str], lowering: dict | None = None) -> dict:

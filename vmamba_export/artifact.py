@@ -152,6 +152,7 @@ MAX_NORM_VALUE = 1e3  # |mean| and std, in units of the [0, 1] pixel scale the p
 MIN_STD = 1e-6  # smaller divides pixels into float32 overflow
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # data/preprocess.py _RESAMPLE
 CHANNEL_ORDERS = ("RGB", "BGR")
+PREPROCESSING_KEYS = ("image_size", "resize", "interpolation", "mean", "std", "channel_order", "labels")  # InputSpec
 # What each runtime's backend opens: entry key -> accepted suffixes; required keys first.
 RUNTIME_ENTRY = {
     "onnxruntime": {"model": (".onnx",), "custom_op_library": (".so", ".dylib", ".dll")},
@@ -263,6 +264,10 @@ def manifest_problem(manifest: dict) -> str | None:
 def _check_schema(m: dict) -> None:
     _typed(m, "model", dict)
     _typed(m, "model.name", str)
+    if _typed(m, "model.weights", dict, required=False) is not None:  # validate rebuilds the PyTorch model from it
+        for key in ("kind", "name", "path", "sha256", "state_digest"):
+            _typed(m, f"model.weights.{key}", str, required=False)
+        _typed(m, "model.weights.seed", int, required=False)
     _typed(m, "target", dict)
     _typed(m, "target.name", str)
     runtime = _typed(m, "target.runtime", str)
@@ -290,7 +295,11 @@ def _check_schema(m: dict) -> None:
     max_size = _int_in(m, "input.max_size", 1, MAX_INPUT_SIDE)
     if min_size > max_size:
         raise _Bad(f"'input.min_size' ({min_size}) must not exceed 'input.max_size' ({max_size})")
-    _typed(m, "input.preprocessing", dict)
+    unknown = sorted(set(_typed(m, "input.preprocessing", dict)) - set(PREPROCESSING_KEYS))
+    if unknown:  # the predictor builds its InputSpec from exactly these keys
+        raise _Bad(
+            f"'input.preprocessing' has unknown key {_short(unknown[0])}; known: {', '.join(PREPROCESSING_KEYS)}"
+        )
     image_size = _int_in(m, "input.preprocessing.image_size", 1, MAX_INPUT_SIDE)
     if not min_size <= image_size <= max_size:
         raise _Bad(

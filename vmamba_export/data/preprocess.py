@@ -121,17 +121,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _composite_on_black(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBa", "La"):  # premultiplied already: the stored colour is colour * alpha
-        raw = np.asarray(image)  # Pillow's own RGBa -> RGB would un-premultiply
-        colour = raw[..., :3] if image.mode == "RGBa" else np.repeat(raw[..., :1], 3, axis=-1)
-        return Image.fromarray(np.ascontiguousarray(colour), "RGB")
-    if image.mode == "PA":
-        image = image.convert("RGBA")
-    rgba = image.convert("RGBA")  # LA -> grey replicated into RGB, alpha kept
-    arr = np.asarray(rgba, dtype=np.uint16)
-    # Rounded integer colour * alpha / 255 (exact, no float drift between machines).
-    out = (arr[..., :3] * arr[..., 3:4] + 127) // 255
-    return Image.fromarray(out.astype(np.uint8), "RGB")
+    """colour * alpha / 255, rounded: what Pillow's premultiplied mode (RGBa) stores, so its conversion does it in
+    place of a numpy pass (exact for every colour and alpha; no wider copies of a large image)."""
+    if image.mode == "La":
+        grey = image.split()[0]
+        return Image.merge("RGB", (grey, grey, grey))
+    if image.mode != "RGBa":
+        image = image.convert("RGBA").convert("RGBa")  # LA and PA through RGBA (grey replicated, alpha kept)
+    red, green, blue, _ = image.split()  # Pillow's own RGBa -> RGB would un-premultiply
+    return Image.merge("RGB", (red, green, blue))
 
 
 def resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
