@@ -251,3 +251,14 @@ def test_predictor_predict_raises_by_default_and_records_on_request(tmp_path, di
     assert isinstance(results[0], InputError) and results[1] == results[2] == predictor.predict(good)[0]
     with pytest.raises(ValueError, match="errors must be"):
         predictor.predict([good], errors="skip")
+
+
+def test_single_channel_models_get_grey_input():
+    pixels = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [100, 150, 200]]], np.uint8)
+    spec = InputSpec(image_size=2, resize=2, interpolation="nearest", mean=(0.5,), std=(0.25,))
+    out = pre.preprocess(Image.fromarray(pixels), spec, channels=1)
+    luma = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601-2, as Pillow's "L"
+    assert out.shape == (1, 2, 2)
+    np.testing.assert_allclose(out[0], (np.round(luma) / 255 - 0.5) / 0.25, atol=1 / 255 / 0.25)
+    with pytest.raises(InputError, match="channels must be 1 or 3"):
+        pre.preprocess(Image.fromarray(pixels), spec, channels=2)
