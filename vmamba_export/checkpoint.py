@@ -188,12 +188,10 @@ def _check_contents(path: Path, sd: dict) -> None:
             "names (strings) to tensors",
         )
     for key, tensor in sd.items():
-        if tensor.layout != torch.strided or tensor.device.type != "cpu":
-            raise _fail(
-                path,
-                f"tensor {_shown(key)} is a {tensor.layout} tensor on {tensor.device.type}: weights must be dense "
-                "tensors with their data in the file",
-            )
+        if tensor.device.type != "cpu":
+            raise _fail(path, f"tensor {_shown(key)} has no data in the file (device {tensor.device.type})")
+        if tensor.layout != torch.strided:
+            raise _fail(path, f"tensor {_shown(key)} is {tensor.layout}; weights must be dense tensors")
         claimed = tensor.numel() * tensor.element_size()
         stored = tensor.untyped_storage().nbytes()
         if claimed > stored:
