@@ -332,6 +332,7 @@ def test_finetune_artifact_loads_predicts_with_its_labels_and_validates(exported
     assert json.loads(capsys.readouterr().out)["status"] == "pass"
 
 
+@pytest.mark.slow  # a second export (~40 s on a loaded machine); the fast tests check the config has no labels
 def test_finetune_without_labels_numbers_its_classes(files, tmp_path):
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
@@ -372,3 +373,21 @@ def test_rebuild_from_manifest_needs_the_recorded_checkpoint(files, tmp_path):
     rebuilt = rebuild_from_manifest({"model": {"name": BASE, "weights": bundled.weights}})
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), bundled.model(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow  # export + validate of one artifact through `build`
+def test_build_validates_a_checkpoint_build(files, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = [
+        "build",
+        "--checkpoint",
+        str(files / "ft7_extra.pth"),
+        "--non-strict",
+        "--labels",
+        str(files / "labels.txt"),
+    ]
+    argv += ["--targets", "cpu-onnxruntime", "--precisions", "fp32", "--no-bench", "--out", str(out), "--json"]
+    assert cli_main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [row["status"] for row in summary["artifacts"]] == ["validated"]
+    assert summary["weights"]["file"] == "ft7_extra.pth" and str(files) not in json.dumps(summary)
