@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vmamba_export.bundled import bundled_weights_path, load_bundled
-from vmamba_export.checkpoint import inspect_checkpoint, load_checkpoint
+from vmamba_export.checkpoint import inspect_checkpoint, load_checkpoint, load_state_dict_into_model
 from vmamba_export.cli import main as cli_main
 from vmamba_export.errors import CheckpointError, VMambaExportError
 from vmamba_export.model_source import read_labels, rebuild_from_manifest, resolve_model
@@ -119,6 +119,8 @@ def test_keys_that_are_not_strings(tmp_path, capsys, bad_key, type_name):
         load_checkpoint(path)
     msg = str(info.value)
     assert "\n" not in msg and str(path) in msg and "not strings" in msg and f"({type_name})" in msg, msg
+    with pytest.raises(CheckpointError, match="not strings"):
+        load_state_dict_into_model(sd)  # a dict handed over in Python, not read from a file
     for argv in (["inspect", str(path)], ["inspect", str(path), "--json"]):
         assert cli_main(argv) == 2
         _one_line_error(capsys, str(path), "not strings")

@@ -15,8 +15,9 @@ no zero-stride views of a few bytes claiming terabytes), so nothing is allocated
 really contains; config detection reads stage indices from key names only up to the known configs' stage count.
 
 Extra keys: `ignore_keys` (glob patterns, fnmatch, matched against each key as stored after a shared prefix is
-stripped, and against its current name for v0 files) drops the keys they match; `drop_unexpected` drops every key the
-detected (or named) config does not have. Missing or mis-shaped weights are never made up in either mode.
+stripped, and against its current name for v0 files) drops the keys they match; `drop_unexpected` drops the keys the
+detected (or named) config does not have that lie outside its modules (patch_embed, layers, classifier: an extra
+`layers.*` key means other weights, and only a pattern drops it). Missing or mis-shaped weights are never made up.
 
 Every error is a CheckpointError subclass whose message is one line and starts with the file's path.
 """
@@ -170,23 +171,30 @@ def _unwrap(path: Path, obj, key: str | None) -> tuple[dict[str, torch.Tensor], 
     if candidates:
         raise _fail(path, f"holds no tensors under {', '.join(repr(c) for c in candidates)}")
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        shown = ", ".join(map(str, list(obj)[:10])) or "none"
+        shown = ", ".join(map(_shown, list(obj)[:10])) or "none"
         raise _fail(path, f"holds no tensors (top-level keys: {shown}); expected a state dict or one under 'model'")
     bad = next(n for n, v in obj.items() if not isinstance(v, torch.Tensor))
     raise _fail(path, f"is not a state dict: entry {_shown(bad)} holds a {type(obj[bad]).__name__}, not a tensor")
 
 
+def _non_string_keys(sd: dict) -> str | None:
+    """The problem with a dict whose keys are not all strings (ints, tuples, bytes), or None."""
+    not_str = [k for k in sd if not isinstance(k, str)]
+    if not not_str:
+        return None
+    shown = ", ".join(f"{_shown(k)} ({type(k).__name__})" for k in not_str[:MAX_EXAMPLES])
+    return (
+        f"{len(not_str)} of its {len(sd)} keys are not strings (e.g. {shown}); a state dict maps parameter names "
+        "(strings) to tensors"
+    )
+
+
 def _check_contents(path: Path, sd: dict) -> None:
     """Refuse what would make later steps loop or allocate beyond what the file really holds: keys that are not
     names, tensors without data (meta) and tensors whose shape claims more values than their stored bytes."""
-    not_str = [k for k in sd if not isinstance(k, str)]
-    if not_str:
-        shown = ", ".join(f"{_shown(k)} ({type(k).__name__})" for k in not_str[:MAX_EXAMPLES])
-        raise _fail(
-            path,
-            f"{len(not_str)} of its {len(sd)} keys are not strings (e.g. {shown}); a state dict maps parameter "
-            "names (strings) to tensors",
-        )
+    problem = _non_string_keys(sd)
+    if problem:
+        raise _fail(path, problem)
     for key, tensor in sd.items():
         if tensor.device.type != "cpu":
             raise _fail(path, f"tensor {_shown(key)} has no data in the file (device {tensor.device.type})")
@@ -402,6 +410,9 @@ def detect(
     accepted as a fine-tune of that backbone. With `drop_unexpected`, keys outside the model's modules may be left
     over (the config with the fewest wins). No match, or two matches, raise ConfigDetectionError.
     """
+    problem = _non_string_keys(sd)
+    if problem:
+        raise ConfigDetectionError(problem)
     try:
         shapes = _shapes(adapt_legacy_keys(sd))
     except ValueError as exc:
@@ -504,7 +515,11 @@ class Selection:
 def _select(
     sd: dict[str, torch.Tensor], name: str | None, ignore_keys: Sequence[str] = (), drop_unexpected: bool = False
 ) -> Selection:
-    sd, ignored = _apply_ignore(sd, tuple(ignore_keys))
+    problem = _non_string_keys(sd)
+    if problem:
+        raise CheckpointError(problem)
+    patterns = (ignore_keys,) if isinstance(ignore_keys, str) else tuple(ignore_keys)  # one pattern, not its letters
+    sd, ignored = _apply_ignore(sd, patterns)
     try:
         sd = adapt_legacy_keys(sd)
     except ValueError as exc:
