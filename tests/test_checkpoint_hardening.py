@@ -250,10 +250,13 @@ def test_label_count_must_match_the_head(files, capsys, tmp_path):
     out = tmp_path / "art"
     argv = ["export", "--checkpoint", str(files / "ft7.pth"), "--target", "onnx-portable", "--out", str(out)]
     assert cli_main([*argv, "--labels", str(files / "labels6.txt")]) == 2
-    _one_line_error(capsys, "labels6.txt", "6 labels", "7 classes")
+    _one_line_error(capsys, str(files / "labels6.txt"), "6 labels", "7 classes")
     assert not out.exists() and not list(tmp_path.iterdir())
     with pytest.raises(VMambaExportError, match="6 labels, but the model"):
         resolve_model(checkpoint=files / "ft7.pth", labels=LABELS[:6])
+    assert load_checkpoint(files / "ft7.pth", labels=files / "labels.txt").config.input.labels == tuple(LABELS)
+    with pytest.raises(VMambaExportError, match="labels6.txt: 6 labels"):
+        load_checkpoint(files / "ft7.pth", labels=files / "labels6.txt")
     source = resolve_model(checkpoint=files / "ft7.pth", labels=LABELS)
     assert source.model.config.input.labels == tuple(LABELS) and source.labels_source == "given"
     # Without labels the fine-tune keeps none of the base model's 10 (numbered at run time).

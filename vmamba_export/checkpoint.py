@@ -631,13 +631,22 @@ def load_checkpoint(
     key: str | None = None,
     ignore_keys: Sequence[str] = (),
     drop_unexpected: bool = False,
+    labels: Sequence[str] | str | Path | None = None,
 ) -> VMamba:
-    """Read a checkpoint file and load it into a model of its config (detected when `name` is None), in eval mode."""
+    """Read a checkpoint file and load it into a model of its config (detected when `name` is None), in eval mode.
+
+    `labels` (a list, or a text file with one per line) name a fine-tune's classes; their count must match the head.
+    """
     sd = read_state_dict(path, key=key)
     try:
-        return load_state_dict_into_model(sd, name, strict, ignore_keys, drop_unexpected)
+        model = load_state_dict_into_model(sd, name, strict, ignore_keys, drop_unexpected)
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
+    if labels is not None:
+        from .model_source import apply_labels  # model_source imports this module
+
+        apply_labels(model, labels)
+    return model
 
 
 def _tensors(n: int) -> str:

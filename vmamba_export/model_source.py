@@ -65,15 +65,15 @@ def read_labels(path: str | Path) -> list[str]:
     return labels
 
 
-def _labels_from(labels: Sequence[str] | str | Path) -> tuple[list[str], str]:
-    """(labels, where they came from) for a file path or a list of strings."""
+def _labels_from(labels: Sequence[str] | str | Path) -> tuple[list[str], str, str]:
+    """(labels, where they came from for the manifest, what an error names) for a file path or a list of strings."""
     if isinstance(labels, (str, Path)):
-        return read_labels(labels), f"labels file {Path(labels).name}"
+        return read_labels(labels), f"labels file {Path(labels).name}", f"labels file {labels}"
     values = list(labels)
     bad = next((v for v in values if not isinstance(v, str) or not v.strip()), None)
     if bad is not None or not values:
         raise VMambaExportError(f"labels must be non-empty strings, one per class; got {bad!r} in the list given")
-    return values, "given"
+    return values, "given", "labels given"
 
 
 def apply_labels(model: VMamba, labels: Sequence[str] | str | Path | None) -> str | None:
@@ -88,12 +88,11 @@ def apply_labels(model: VMamba, labels: Sequence[str] | str | Path | None) -> st
             return "config"
         model.config = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=None))
         return None
-    values, origin = _labels_from(labels)
+    values, origin, shown = _labels_from(labels)
     if len(values) != cfg.num_classes:
-        where = "" if origin == "given" else f"{origin.removeprefix('labels file ')}: "
         raise VMambaExportError(
-            f"{where}{len(values)} labels, but the model ({cfg.name}) has {cfg.num_classes} classes; "
-            "give one label per class, one per line"
+            f"{shown}: {len(values)} labels, but the model ({cfg.name}) has {cfg.num_classes} classes; "
+            "give one label per class"
         )
     model.config = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=tuple(values)))
     return origin
