@@ -32,12 +32,12 @@ def add_key_args(g) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="with --checkpoint: leave out keys matching this glob (e.g. 'aux_head.*'; repeatable)",
+        help="leave out checkpoint keys matching this glob (e.g. 'aux_head.*'; repeatable)",
     )
     g.add_argument(
         "--non-strict",
         action="store_true",
-        help="with --checkpoint: leave out keys outside the model's modules; missing weights are still an error",
+        help="leave out checkpoint keys outside the model's modules; missing weights are still an error",
     )
 
 
