@@ -265,9 +265,16 @@ def _check_schema(m: dict) -> None:
     _typed(m, "model", dict)
     _typed(m, "model.name", str)
     if _typed(m, "model.weights", dict, required=False) is not None:  # validate rebuilds the PyTorch model from it
-        for key in ("kind", "name", "path", "sha256", "state_digest"):
+        for key in ("kind", "name", "file", "path", "sha256", "state_digest"):
             _typed(m, f"model.weights.{key}", str, required=False)
         _typed(m, "model.weights.seed", int, required=False)
+        _typed(m, "model.weights.dropped_keys", int, required=False)
+        ignore_keys = _typed(m, "model.weights.ignore_keys", list, required=False)  # re-applied by validate
+        if ignore_keys is not None and not all(isinstance(k, str) for k in ignore_keys):
+            raise _Bad("'model.weights.ignore_keys' must list glob patterns (strings)")
+        non_strict = _get(m, "model.weights.non_strict", False)
+        if non_strict is not None and not isinstance(non_strict, bool):
+            raise _Bad(f"'model.weights.non_strict' must be true or false, got {_short(non_strict)}")
     _typed(m, "target", dict)
     _typed(m, "target.name", str)
     runtime = _typed(m, "target.runtime", str)

@@ -84,6 +84,7 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
                 else:
                     validation = validate_artifact(
                         folder,
+                        checkpoint=source.checkpoint_path,
                         images=plan.images,
                         sizes=plan.sizes,
                         accuracy_source=accuracy_source,

@@ -10,17 +10,30 @@ when training kept one, is reported separately by the paper); pass `key=` to pic
 `_orig_mod.` (torch.compile) prefix shared by every key is stripped, and v0 key names are renamed
 (models/adapt.py).
 
+Hostile files: every key must be a string and every tensor must hold the data its shape claims (no meta tensors,
+no zero-stride views of a few bytes claiming terabytes), so nothing is allocated or looped over beyond what the file
+really contains; config detection reads stage indices from key names only up to the known configs' stage count.
+
+Extra keys: `ignore_keys` (glob patterns, fnmatch, matched against each key as stored after a shared prefix is
+stripped, and against its current name for v0 files) drops the keys they match; `drop_unexpected` drops the keys the
+detected (or named) config does not have that lie outside its modules (patch_embed, layers, classifier: an extra
+`layers.*` key means other weights, and only a pattern drops it). Missing or mis-shaped weights are never made up.
+
 Every error is a CheckpointError subclass whose message is one line and starts with the file's path.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import fnmatch
+import math
 import pickle
 import re
 import warnings
 import zipfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +43,7 @@ import torch
 from .artifact import sha256_file
 from .errors import CheckpointError, ConfigDetectionError, StateDictMismatchError
 from .models import VMamba, VMambaConfig, get_config, list_configs
-from .models.adapt import adapt_legacy_keys, is_legacy
+from .models.adapt import adapt_legacy_keys, is_legacy, legacy_key
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -38,6 +51,7 @@ WRAPPER_KEYS = ("model", "model_ema", "state_dict")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 HEAD_WEIGHT, HEAD_BIAS = "classifier.head.weight", "classifier.head.bias"
 MAX_EXAMPLES = 3
+MAX_SHOWN_KEY = 80  # characters of a key name shown in a message (a hostile file may hold megabyte-long names)
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -55,6 +69,12 @@ class _ReadInfo:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _shown(key) -> str:
+    """A key as a message shows it: repr for a non-string, one line, at most MAX_SHOWN_KEY characters."""
+    text = _one_line(key if isinstance(key, str) else repr(key))
+    return text if len(text) <= MAX_SHOWN_KEY else text[: MAX_SHOWN_KEY - 3] + "..."
 
 
 def _fail(path: Path, message: str, cls: type[CheckpointError] = CheckpointError) -> CheckpointError:
@@ -147,14 +167,48 @@ def _unwrap(path: Path, obj, key: str | None) -> tuple[dict[str, torch.Tensor], 
             return inner, k
         if isinstance(inner, dict) and inner:
             bad = next(n for n, v in inner.items() if not isinstance(v, torch.Tensor))
-            raise _fail(path, f"entry {k!r} is not a state dict: {bad!r} holds a {type(inner[bad]).__name__}")
+            raise _fail(path, f"entry {k!r} is not a state dict: {_shown(bad)} holds a {type(inner[bad]).__name__}")
     if candidates:
         raise _fail(path, f"holds no tensors under {', '.join(repr(c) for c in candidates)}")
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        shown = ", ".join(map(str, list(obj)[:10])) or "none"
+        shown = ", ".join(map(_shown, list(obj)[:10])) or "none"
         raise _fail(path, f"holds no tensors (top-level keys: {shown}); expected a state dict or one under 'model'")
     bad = next(n for n, v in obj.items() if not isinstance(v, torch.Tensor))
-    raise _fail(path, f"is not a state dict: entry {bad!r} holds a {type(obj[bad]).__name__}, not a tensor")
+    raise _fail(path, f"is not a state dict: entry {_shown(bad)} holds a {type(obj[bad]).__name__}, not a tensor")
+
+
+def _non_string_keys(sd: dict) -> str | None:
+    """The problem with a dict whose keys are not all strings (ints, tuples, bytes), or None."""
+    not_str = [k for k in sd if not isinstance(k, str)]
+    if not not_str:
+        return None
+    shown = ", ".join(f"{_shown(k)} ({type(k).__name__})" for k in not_str[:MAX_EXAMPLES])
+    return (
+        f"{len(not_str)} of its {len(sd)} keys are not strings (e.g. {shown}); a state dict maps parameter names "
+        "(strings) to tensors"
+    )
+
+
+def _check_contents(path: Path, sd: dict) -> None:
+    """Refuse what would make later steps loop or allocate beyond what the file really holds: keys that are not
+    names, tensors without data (meta) and tensors whose shape claims more values than their stored bytes."""
+    problem = _non_string_keys(sd)
+    if problem:
+        raise _fail(path, problem)
+    for key, tensor in sd.items():
+        if tensor.device.type != "cpu":
+            raise _fail(path, f"tensor {_shown(key)} has no data in the file (device {tensor.device.type})")
+        if tensor.layout != torch.strided:
+            raise _fail(path, f"tensor {_shown(key)} is {tensor.layout}; weights must be dense tensors")
+        claimed = tensor.numel() * tensor.element_size()
+        stored = tensor.untyped_storage().nbytes()
+        if claimed > stored:
+            # A zero-stride (expanded) or overlapping view: a few bytes in the file, any shape in its header.
+            raise _fail(
+                path,
+                f"tensor {_shown(key)} claims shape {list(tensor.shape)} ({claimed:,} bytes) but the file stores "
+                f"only {stored:,} bytes for it (an expanded or overlapping view); refusing to materialise it",
+            )
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -175,6 +229,7 @@ def _read(path, key: str | None = None) -> tuple[dict[str, torch.Tensor], _ReadI
     else:
         obj = _torch_load(path, fmt)
     sd, wrapper = _unwrap(path, obj, key)
+    _check_contents(path, sd)
     sd, prefix = _strip_prefix(dict(sd))
     return sd, _ReadInfo(fmt, wrapper, prefix)
 
@@ -223,16 +278,31 @@ class KeyDiff:
         for label, items in (("missing", self.missing), ("unexpected", self.unexpected)):
             if items:
                 more = ", ..." if len(items) > MAX_EXAMPLES else ""
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:MAX_EXAMPLES])}{more})")
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(map(_shown, items[:MAX_EXAMPLES]))}{more})")
             else:
                 parts.append(f"0 {label}")
         if self.mismatched:
-            shown = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in self.mismatched[:MAX_EXAMPLES])
+            shown = "; ".join(
+                f"{_shown(k)}: file {list(a)} vs model {list(b)}" for k, a, b in self.mismatched[:MAX_EXAMPLES]
+            )
             more = "; ..." if len(self.mismatched) > MAX_EXAMPLES else ""
             parts.append(f"{len(self.mismatched)} mis-shaped (e.g. {shown}{more})")
         else:
             parts.append("0 mis-shaped")
         return ", ".join(parts)
+
+    def to_dict(self, limit: int = 10) -> dict:
+        """Counts and the first `limit` names of each kind (for --json)."""
+        return {
+            "missing": {"count": len(self.missing), "examples": [_shown(k) for k in self.missing[:limit]]},
+            "unexpected": {"count": len(self.unexpected), "examples": [_shown(k) for k in self.unexpected[:limit]]},
+            "mis_shaped": {
+                "count": len(self.mismatched),
+                "examples": [
+                    {"key": _shown(k), "file": list(a), "model": list(b)} for k, a, b in self.mismatched[:limit]
+                ],
+            },
+        }
 
 
 def compare_shapes(found: Shapes, expected: Shapes) -> KeyDiff:
@@ -260,25 +330,62 @@ def _head_classes(shapes: Shapes, cfg: VMambaConfig) -> int | None:
     return w[0]
 
 
+def with_num_classes(cfg: VMambaConfig, classes: int) -> VMambaConfig:
+    """cfg with another class count; its labels are kept only if there is one per class (a fine-tune's classes are
+    not the base model's: without labels from the user they are numbered)."""
+    labels = cfg.input.labels
+    if labels is not None and len(labels) != classes:
+        labels = None
+    return cfg.with_overrides(num_classes=classes, input=dataclasses.replace(cfg.input, labels=labels))
+
+
 def _fit(shapes: Shapes, cfg: VMambaConfig) -> tuple[VMambaConfig, KeyDiff]:
     """cfg (with num_classes taken from a replaced head when that is all that differs) and the remaining diff."""
     diff = compare_shapes(shapes, expected_shapes(cfg))
     if not diff.exact and {k for k, _, _ in diff.mismatched} <= {HEAD_WEIGHT, HEAD_BIAS}:
         classes = _head_classes(shapes, cfg)
         if classes is not None:
-            cfg = cfg.with_overrides(num_classes=classes)
+            cfg = with_num_classes(cfg, classes)
             diff = compare_shapes(shapes, expected_shapes(cfg))
     return cfg, diff
 
 
-def _depths(shapes: Shapes) -> tuple[int, ...]:
-    """Blocks per stage as the key names show them (layers.i.blocks.j.*)."""
-    blocks: dict[int, set[int]] = {}
+_STAGE_BLOCK = re.compile(r"layers\.(\d+)\.blocks\.(\d+)\.")
+
+
+def _depths(shapes: Shapes, max_stages: int) -> tuple[int, ...] | None:
+    """Blocks per stage as the key names show them (layers.i.blocks.j.*); None when a stage index is one no known
+    config has (a number read from a key name is never used as a count or a size: `layers.999999999999...`)."""
+    blocks: dict[int, set[str]] = {}
     for key in shapes:
-        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        m = _STAGE_BLOCK.match(key)
         if m:
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            stage = m.group(1)
+            if len(stage) > 3 or int(stage) >= max_stages:
+                return None
+            blocks.setdefault(int(stage), set()).add(m.group(2))
     return tuple(len(blocks.get(i, ())) for i in range(max(blocks, default=-1) + 1))
+
+
+def _model_modules(cfg: VMambaConfig) -> set[str]:
+    """The model's top-level module names (patch_embed, layers, classifier)."""
+    return {k.split(".", 1)[0] for k in expected_shapes(cfg)}
+
+
+def _droppable(diff: KeyDiff, cfg: VMambaConfig) -> tuple[list[str], list[str]]:
+    """(unexpected keys --non-strict may drop, those it may not). Only keys outside the model's own modules are
+    dropped (an auxiliary head, a teacher, a loss buffer): an extra `layers.*` key means other weights (a deeper
+    model of the same family fits a shallower config plus unexpected blocks) and must be named with ignore_keys."""
+    modules = _model_modules(cfg)
+    inside = [k for k in diff.unexpected if k.split(".", 1)[0] in modules]
+    outside = [k for k in diff.unexpected if k.split(".", 1)[0] not in modules]
+    return outside, inside
+
+
+def _acceptable(diff: KeyDiff, cfg: VMambaConfig, drop_unexpected: bool) -> bool:
+    if diff.exact:
+        return True
+    return drop_unexpected and not diff.missing and not diff.mismatched and not _droppable(diff, cfg)[1]
 
 
 @dataclass(frozen=True)
@@ -288,12 +395,24 @@ class Detection:
     head_replaced: bool  # the head has another class count than the registered config (a fine-tune)
 
 
-def detect(sd: dict[str, torch.Tensor], candidates: list[VMambaConfig] | None = None) -> Detection:
+def _detection_error(message: str, diff: KeyDiff | None) -> ConfigDetectionError:
+    err = ConfigDetectionError(message)
+    err.diff = diff  # the closest config's difference, for inspect --json
+    return err
+
+
+def detect(
+    sd: dict[str, torch.Tensor], candidates: list[VMambaConfig] | None = None, drop_unexpected: bool = False
+) -> Detection:
     """Which config the state dict (current or v0 names) belongs to, from key names and shapes alone.
 
     An exact match of every key and shape wins; a match of everything but the classifier head's class count is
-    accepted as a fine-tune of that backbone. No match, or two matches, raise ConfigDetectionError.
+    accepted as a fine-tune of that backbone. With `drop_unexpected`, keys outside the model's modules may be left
+    over (the config with the fewest wins). No match, or two matches, raise ConfigDetectionError.
     """
+    problem = _non_string_keys(sd)
+    if problem:
+        raise ConfigDetectionError(problem)
     try:
         shapes = _shapes(adapt_legacy_keys(sd))
     except ValueError as exc:
@@ -301,26 +420,35 @@ def detect(sd: dict[str, torch.Tensor], candidates: list[VMambaConfig] | None = 
     candidates = list_configs() if candidates is None else list(candidates)
     # Building a meta model per config costs ~0.2 s for the big ones: try those with the file's block layout first
     # and compare against all of them only to explain a failure.
-    depths = _depths(shapes)
+    depths = _depths(shapes, max((len(c.depths) for c in candidates), default=0))
     likely = [c for c in candidates if tuple(c.depths) == depths]
     fits = [(base, *_fit(shapes, base)) for base in likely]
-    if not any(diff.exact for _, _, diff in fits):
+    if not any(_acceptable(diff, cfg, drop_unexpected) for _, cfg, diff in fits):
         fits = [(base, *_fit(shapes, base)) for base in candidates]
-    exact = [(base, cfg) for base, cfg, diff in fits if diff.exact]
+    exact = [(base, cfg, diff) for base, cfg, diff in fits if _acceptable(diff, cfg, drop_unexpected)]
+    if len(exact) > 1:
+        fewest = min(len(diff.unexpected) for _, _, diff in exact)
+        exact = [f for f in exact if len(f[2].unexpected) == fewest]
     if len(exact) > 1:
         # A config whose head fits as is beats one that only fits with a replaced head.
-        as_is = [(base, cfg) for base, cfg in exact if cfg.num_classes == base.num_classes]
+        as_is = [f for f in exact if f[1].num_classes == f[0].num_classes]
         exact = as_is if len(as_is) == 1 else exact
     if len(exact) == 1:
-        base, cfg = exact[0]
+        base, cfg, _ = exact[0]
         return Detection(base.name, cfg, cfg.num_classes != base.num_classes)
     if len(exact) > 1:
-        names = ", ".join(base.name for base, _ in exact)
+        names = ", ".join(base.name for base, _, _ in exact)
         raise ConfigDetectionError(f"ambiguous weights: they fit {len(exact)} configs exactly ({names}); pass a name")
     ranked = sorted(fits, key=lambda f: f[2].total)[:3]
+    if not ranked:
+        raise _detection_error(f"the {len(shapes)} tensors match no known config (no configs to compare)", None)
     closest = "; ".join(f"{base.name}: {diff.counts()}" for base, _, diff in ranked)
-    raise ConfigDetectionError(
-        f"the {len(shapes)} tensors match no known config; closest: {closest}. Pass a model name to see which keys"
+    best, best_cfg, best_diff = ranked[0]
+    raise _detection_error(
+        f"the {len(shapes)} tensors match no known config; closest: {closest}. Against {best.name}: "
+        f"{best_diff.describe()}{_hint(best_diff, best_cfg, drop_unexpected)}. Pass a model name to check against "
+        "another",
+        best_diff,
     )
 
 
@@ -330,26 +458,100 @@ def detect_config(sd: dict[str, torch.Tensor], candidates: list[VMambaConfig] | 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Loading
+# Choosing keys and loading
 
 
-def _config_for(sd: dict[str, torch.Tensor], name: str | None) -> tuple[VMambaConfig, bool]:
-    """(config to build, head replaced?) for a state dict with current names."""
-    if name is None:
-        found = detect(sd)
-        return found.config, found.head_replaced
-    base = get_config(name)
-    cfg, _ = _fit(_shapes(sd), base)
-    return cfg, cfg.num_classes != base.num_classes
+def _hint(diff: KeyDiff, cfg: VMambaConfig, drop_unexpected: bool) -> str:
+    """What the user can do about unexpected keys when they are all that is wrong."""
+    if not diff.unexpected or diff.missing or diff.mismatched:
+        return ""
+    if not drop_unexpected:
+        return "; to drop the unexpected keys pass --ignore-keys PATTERN (a glob, repeatable) or --non-strict"
+    modules = ", ".join(sorted(_model_modules(cfg)))
+    return (
+        f"; --non-strict drops only keys outside the model's modules ({modules}): name these with --ignore-keys "
+        "PATTERN if they are meant to be dropped"
+    )
 
 
-def _mismatch_message(name: str, diff: KeyDiff, sd: dict[str, torch.Tensor]) -> str:
-    message = f"weights do not fit {name}: {diff.describe()}"
+def _apply_ignore(sd: dict[str, torch.Tensor], patterns: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """sd without the keys a pattern matches (a key as stored, or its current name for a v0 key), and those keys."""
+    if not patterns:
+        return sd, []
+    kept: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    used: set[str] = set()
+    for key, value in sd.items():
+        names = {key, legacy_key(key)}
+        hits = [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if hits:
+            ignored.append(key)
+            used.update(hits)
+        else:
+            kept[key] = value
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise CheckpointError(
+            f"--ignore-keys {unused[0]!r} matches none of its {len(sd)} keys (a glob: * ? [...], matched against "
+            "the key names `vmamba-export inspect` lists)"
+        )
+    if not kept:
+        raise CheckpointError(f"--ignore-keys {', '.join(map(repr, patterns))} drops all {len(sd)} keys")
+    return kept, ignored
+
+
+@dataclass
+class Selection:
+    """What a load takes from a state dict: the config, the tensors (current names) and the keys left out."""
+
+    config: VMambaConfig
+    head_replaced: bool
+    state_dict: dict[str, torch.Tensor]
+    diff: KeyDiff  # what still differs from the config's keys (a strict load refuses any of it)
+    ignored: list[str] = field(default_factory=list)  # dropped by ignore_keys patterns (names as stored)
+    dropped: list[str] = field(default_factory=list)  # unexpected keys dropped by drop_unexpected (current names)
+
+
+def _select(
+    sd: dict[str, torch.Tensor], name: str | None, ignore_keys: Sequence[str] = (), drop_unexpected: bool = False
+) -> Selection:
+    problem = _non_string_keys(sd)
+    if problem:
+        raise CheckpointError(problem)
+    patterns = (ignore_keys,) if isinstance(ignore_keys, str) else tuple(ignore_keys)  # one pattern, not its letters
+    sd, ignored = _apply_ignore(sd, patterns)
     try:
-        other = detect(sd).name
+        sd = adapt_legacy_keys(sd)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if name is None:
+        found = detect(sd, drop_unexpected=drop_unexpected)
+        cfg, head_replaced = found.config, found.head_replaced
+    else:
+        base = get_config(name)
+        cfg, _ = _fit(_shapes(sd), base)
+        head_replaced = cfg.num_classes != base.num_classes
+    diff = compare_shapes(_shapes(sd), expected_shapes(cfg))
+    dropped: list[str] = []
+    if drop_unexpected and diff.unexpected:
+        dropped, kept_unexpected = _droppable(diff, cfg)
+        gone = set(dropped)
+        sd = {k: v for k, v in sd.items() if k not in gone}
+        diff = dataclasses.replace(diff, unexpected=kept_unexpected)
+    return Selection(cfg, head_replaced, sd, diff, ignored, dropped)
+
+
+def _mismatch_error(name: str, sel: Selection, drop_unexpected: bool) -> StateDictMismatchError:
+    message = f"weights do not fit {name}: {sel.diff.describe()}"
+    try:
+        other = detect(sel.state_dict).name
     except ConfigDetectionError:
-        return message
-    return f"{message}; they fit {other}" if other != name else message
+        other = name
+    if other != name:
+        message += f"; they fit {other}"
+    err = StateDictMismatchError(message + _hint(sel.diff, sel.config, drop_unexpected))
+    err.diff = sel.diff
+    return err
 
 
 def _as_float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -370,34 +572,81 @@ def _build_loaded(cfg: VMambaConfig, sd: dict[str, torch.Tensor], strict: bool) 
     return model.eval()
 
 
-def _load_sd(sd: dict[str, torch.Tensor], name: str | None, strict: bool) -> tuple[VMamba, bool]:
-    try:
-        sd = adapt_legacy_keys(sd)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    cfg, head_replaced = _config_for(sd, name)
-    diff = compare_shapes(_shapes(sd), expected_shapes(cfg))
-    if diff.mismatched or (strict and not diff.exact):
-        raise StateDictMismatchError(_mismatch_message(name or cfg.name, diff, sd))
-    return _build_loaded(cfg, sd, strict), head_replaced
+def _load_sd(
+    sd: dict[str, torch.Tensor],
+    name: str | None,
+    strict: bool,
+    ignore_keys: Sequence[str] = (),
+    drop_unexpected: bool = False,
+    build: bool = True,
+) -> tuple[VMamba | None, Selection]:
+    sel = _select(sd, name, ignore_keys, drop_unexpected)
+    if sel.diff.mismatched or (strict and not sel.diff.exact):
+        raise _mismatch_error(name or sel.config.name, sel, drop_unexpected)
+    return (_build_loaded(sel.config, sel.state_dict, strict) if build else None), sel
 
 
-def load_state_dict_into_model(sd: dict[str, torch.Tensor], name: str | None = None, strict: bool = True) -> VMamba:
+def load_state_dict_into_model(
+    sd: dict[str, torch.Tensor],
+    name: str | None = None,
+    strict: bool = True,
+    ignore_keys: Sequence[str] = (),
+    drop_unexpected: bool = False,
+) -> VMamba:
     """A model (eval mode) holding the state dict's weights; config detected when `name` is None.
 
     strict=False tolerates missing and unexpected keys (missing ones keep their initial values) but never a
-    mis-shaped tensor. A head with another class count is taken as a fine-tune: the model gets that many classes.
+    mis-shaped tensor. A head with another class count is taken as a fine-tune: the model gets that many classes
+    (and no labels unless the base config's fit). `ignore_keys` (globs) and `drop_unexpected` leave keys out before
+    a strict load (see the module docstring); missing weights stay an error with them.
     """
-    return _load_sd(sd, name, strict)[0]
+    return _load_sd(sd, name, strict, ignore_keys, drop_unexpected)[0]
 
 
-def load_checkpoint(path: str | Path, name: str | None = None, strict: bool = True, key: str | None = None) -> VMamba:
-    """Read a checkpoint file and load it into a model of its config (detected when `name` is None), in eval mode."""
+def _with_path(path: Path | str, exc: CheckpointError) -> CheckpointError:
+    err = type(exc)(f"{path}: {exc}")
+    err.diff = getattr(exc, "diff", None)
+    return err
+
+
+def load_checkpoint_selection(
+    path: str | Path,
+    name: str | None = None,
+    key: str | None = None,
+    ignore_keys: Sequence[str] = (),
+    drop_unexpected: bool = False,
+) -> tuple[VMamba, Selection]:
+    """`load_checkpoint` (strict) that also returns what was taken and left out of the file."""
     sd = read_state_dict(path, key=key)
     try:
-        return load_state_dict_into_model(sd, name=name, strict=strict)
+        return _load_sd(sd, name, True, ignore_keys, drop_unexpected)
     except CheckpointError as exc:
-        raise type(exc)(f"{path}: {exc}") from None
+        raise _with_path(path, exc) from None
+
+
+def load_checkpoint(
+    path: str | Path,
+    name: str | None = None,
+    strict: bool = True,
+    key: str | None = None,
+    ignore_keys: Sequence[str] = (),
+    drop_unexpected: bool = False,
+    labels: Sequence[str] | str | Path | None = None,
+) -> VMamba:
+    """Read a checkpoint file and load it into a model of its config (detected when `name` is None), in eval mode.
+
+    `labels` (a list, or a text file with one per line) name a fine-tune's classes; their count must match the head.
+    """
+    sd = read_state_dict(path, key=key)
+    try:
+        model = load_state_dict_into_model(sd, name, strict, ignore_keys, drop_unexpected)
+    except CheckpointError as exc:
+        raise _with_path(path, exc) from None
+    if labels is not None:
+        from .model_source import apply_labels  # model_source imports this module
+
+        apply_labels(model, labels)
+    return model
 
 
 def _tensors(n: int) -> str:
@@ -405,14 +654,26 @@ def _tensors(n: int) -> str:
 
 
 def _examples(names: list[str]) -> str:
-    return ", ".join(names[:MAX_EXAMPLES]) + (", ..." if len(names) > MAX_EXAMPLES else "")
+    return ", ".join(map(_shown, names[:MAX_EXAMPLES])) + (", ..." if len(names) > MAX_EXAMPLES else "")
 
 
-def inspect_checkpoint(path: str | Path, name: str | None = None, key: str | None = None) -> dict:
+def _key_list(names: list[str], limit: int = 10) -> dict:
+    return {"count": len(names), "examples": [_shown(k) for k in names[:limit]]}
+
+
+def inspect_checkpoint(
+    path: str | Path,
+    name: str | None = None,
+    key: str | None = None,
+    ignore_keys: Sequence[str] = (),
+    drop_unexpected: bool = False,
+    labels: Sequence[str] | None = None,
+) -> dict:
     """What a checkpoint holds and whether it loads, without building a real model.
 
     Raises CheckpointError when the file cannot be read at all; a file that reads but does not fit a config comes
-    back with loadable False and the reason in `error` (and in `problems`).
+    back with loadable False and the reason in `error` (and in `problems`), the keys that differ in `key_diff`.
+    `labels` (one per class) are checked against the head's class count, as export checks them.
     """
     path = Path(path)
     sd, info = _read(path, key)
@@ -440,27 +701,46 @@ def inspect_checkpoint(path: str | Path, name: str | None = None, key: str | Non
         "config": None,
         "num_classes": None,
         "head_replaced": False,
+        "labels_known": False,
+        "labels": None,
         "params": None,
         "loadable": False,
         "error": None,
+        "key_diff": None,
+        "ignored_keys": _key_list([]),
+        "dropped_unexpected_keys": _key_list([]),
         "problems": problems,
     }
     try:
         with torch.device("meta"):
             # Cheap on meta: the same key/shape checks as a real strict load.
             meta_sd = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in sd.items()}
-        model, head_replaced = _load_sd(meta_sd, name, strict=True)
+        _, sel = _load_sd(meta_sd, name, True, ignore_keys, drop_unexpected, build=False)
     except CheckpointError as exc:
         report["error"] = f"{path}: {exc}"
+        diff = getattr(exc, "diff", None)
+        report["key_diff"] = diff.to_dict() if diff is not None else None
         problems.append(_one_line(str(exc)))
         return report
-    cfg = model.config
+    cfg = sel.config
+    known = list(cfg.input.labels) if cfg.input.labels is not None else None
+    if labels is not None:
+        if len(labels) != cfg.num_classes:
+            message = f"{len(labels)} labels given for a head of {cfg.num_classes} classes"
+            report["error"] = f"{path}: {message}"
+            problems.append(message)
+            return report
+        known = list(labels)
     report.update(
         config=cfg.name,
         num_classes=cfg.num_classes,
-        head_replaced=head_replaced,
-        params=sum(p.numel() for p in model.parameters()),
+        head_replaced=sel.head_replaced,
+        labels_known=known is not None,
+        labels=known,
+        params=sum(math.prod(s) for s in expected_shapes(cfg).values()),
         loadable=True,
+        ignored_keys=_key_list(sel.ignored),
+        dropped_unexpected_keys=_key_list(sel.dropped),
     )
     return report
 
@@ -468,6 +748,7 @@ def inspect_checkpoint(path: str | Path, name: str | None = None, key: str | Non
 __all__ = [
     "Detection",
     "KeyDiff",
+    "Selection",
     "adapt_legacy_keys",
     "compare_shapes",
     "detect",
@@ -475,6 +756,8 @@ __all__ = [
     "expected_shapes",
     "inspect_checkpoint",
     "load_checkpoint",
+    "load_checkpoint_selection",
     "load_state_dict_into_model",
     "read_state_dict",
+    "with_num_classes",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def export_artifact(
         raise TargetUnavailableError(f"cannot build target {target.name} here: {why}")
     model = source.model.eval()
     cfg = model.config
+    labels_source = source.labels_source or ("config" if cfg.input.labels is not None else None)
+    if cfg.input.labels is not None and len(cfg.input.labels) != cfg.num_classes:
+        # A model built by hand with another head than its config's labels: number its classes (as resolve_model
+        # does for a fine-tune given no labels) rather than write a manifest no loader accepts.
+        cfg = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=None))
+        labels_source = None
     lowering = get_lowering(target)
     with atomic_artifact(Path(out), overwrite=overwrite) as folder:
         entry, info = lowering(model, target, folder, options)
@@ -94,7 +101,13 @@ def export_artifact(
                 "max_size": options.max_size,
                 "preprocessing": cfg.input.to_dict(),
             },
-            "output": {"name": "logits", "shape": ["batch", cfg.num_classes], "num_classes": cfg.num_classes},
+            "output": {
+                "name": "logits",
+                "shape": ["batch", cfg.num_classes],
+                "num_classes": cfg.num_classes,
+                # "config", a label file's name, "given" (Python list), or null: unknown, numbered class_0, ...
+                "labels_source": labels_source,
+            },
             "lowering": info,
             "entry": entry,
             "files": file_entries(folder),

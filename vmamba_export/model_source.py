@@ -1,9 +1,15 @@
 """Where a model's weights come from (bundled, a checkpoint file, or seeded random init) and how to rebuild the same
-PyTorch model later from what the manifest records, so `validate` can compare an artifact with its source."""
+PyTorch model later from what the manifest records, so `validate` can compare an artifact with its source.
+
+The manifest records a checkpoint by file name and sha256, never by the path it had on the build machine: `validate`
+finds bundled models by name and needs the checkpoint file of any other (`--checkpoint PATH`, checked against the
+recorded sha256)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +18,17 @@ import torch
 from .errors import CheckpointError, VMambaExportError
 from .models import DEFAULT_MODEL, VMamba, build_model, get_config
 
+LABELS_MAX_BYTES = 16 << 20  # a label file is text, one short line per class
+
 
 @dataclass
 class ModelSource:
     model: VMamba
-    weights: dict  # manifest record: kind ("bundled" | "checkpoint" | "random"), name/path, sha256, seed
+    weights: dict  # manifest record: kind ("bundled" | "checkpoint" | "random"), name/file, sha256, seed
+    # Where the model's labels came from: "config" (the registered config's), the label file's name, "given" (a
+    # list passed in Python), or None: unknown, the classes are numbered class_0, class_1, ...
+    labels_source: str | None = None
+    checkpoint_path: Path | None = None  # the file read on this machine (not recorded: the manifest keeps its name)
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:
@@ -35,21 +47,90 @@ def bundled_names() -> list[str]:
     return available_bundled()
 
 
+def read_labels(path: str | Path) -> list[str]:
+    """Class labels from a text file (UTF-8): one per line, surrounding whitespace stripped, blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise VMambaExportError(f"labels file {path}: {'is a directory' if path.is_dir() else 'not found'}")
+    size = path.stat().st_size
+    if size > LABELS_MAX_BYTES:
+        raise VMambaExportError(f"labels file {path}: {size:,} bytes, more than a label file's {LABELS_MAX_BYTES:,}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first label
+    except UnicodeDecodeError as exc:
+        raise VMambaExportError(f"labels file {path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise VMambaExportError(f"labels file {path}: no labels (expected one label per line)")
+    return labels
+
+
+def _labels_from(labels: Sequence[str] | str | Path) -> tuple[list[str], str, str]:
+    """(labels, where they came from for the manifest, what an error names) for a file path or a list of strings."""
+    if isinstance(labels, (str, Path)):
+        return read_labels(labels), f"labels file {Path(labels).name}", f"labels file {labels}"
+    values = list(labels)
+    bad = next((v for v in values if not isinstance(v, str) or not v.strip()), None)
+    if bad is not None or not values:
+        raise VMambaExportError(f"labels must be non-empty strings, one per class; got {bad!r} in the list given")
+    return values, "given", "labels given"
+
+
+def apply_labels(model: VMamba, labels: Sequence[str] | str | Path | None) -> str | None:
+    """Give the model's config these labels (a list, or a file with one per line); returns where they came from.
+
+    With none given, the config's own labels are kept when there is one per class; otherwise there are none (the
+    runtime numbers the classes). A count that differs from the head's class count is an error.
+    """
+    cfg = model.config
+    if labels is None:
+        if cfg.input.labels is not None and len(cfg.input.labels) == cfg.num_classes:
+            return "config"
+        model.config = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=None))
+        return None
+    values, origin, shown = _labels_from(labels)
+    if len(values) != cfg.num_classes:
+        raise VMambaExportError(
+            f"{shown}: {len(values)} labels, but the model ({cfg.name}) has {cfg.num_classes} classes; "
+            "give one label per class"
+        )
+    model.config = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=tuple(values)))
+    return origin
+
+
 def resolve_model(
     model_name: str | None = None,
     checkpoint: str | Path | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    labels: Sequence[str] | str | Path | None = None,
+    ignore_keys: Sequence[str] = (),
+    non_strict: bool = False,
 ) -> ModelSource:
-    """The model a command works on: a checkpoint, a bundled trained model, or (asked for) seeded random weights."""
+    """The model a command works on: a checkpoint, a bundled trained model, or (asked for) seeded random weights.
+
+    `labels`: one per class, as a list or a text file (one per line); needed for a fine-tune whose head has other
+    classes than its config's labels, else its classes are numbered. `ignore_keys` (globs) and `non_strict` leave
+    extra keys of a checkpoint out (see checkpoint.py); both are recorded in the manifest so validate re-applies them.
+    """
+    checkpoint_path = None
     if checkpoint is not None:
         from .artifact import sha256_file
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint_selection
 
-        model = load_checkpoint(checkpoint, name=model_name)
-        path = Path(checkpoint).resolve()
-        weights = {"kind": "checkpoint", "path": str(path), "sha256": sha256_file(path)}
+        checkpoint_path = Path(checkpoint)
+        model, sel = load_checkpoint_selection(
+            checkpoint_path, name=model_name, ignore_keys=ignore_keys, drop_unexpected=non_strict
+        )
+        # The file name and its hash identify it; the build machine's path is nobody else's business.
+        weights = {"kind": "checkpoint", "file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path)}
+        if ignore_keys or non_strict:
+            weights.update(
+                ignore_keys=list(ignore_keys), non_strict=non_strict, dropped_keys=len(sel.ignored) + len(sel.dropped)
+            )
     else:
+        if ignore_keys or non_strict:
+            raise VMambaExportError("--ignore-keys and --non-strict apply to a --checkpoint file; none was given")
         name = model_name or DEFAULT_MODEL
         get_config(name)  # unknown names fail here with the list of known ones
         if random_weights:
@@ -67,21 +148,55 @@ def resolve_model(
                 f"no weights for {name!r}: pass --checkpoint PATH (an official .pth or your fine-tune), "
                 f"or --random-weights for a speed-only build; bundled trained models: {', '.join(bundled_names())}"
             )
+    labels_source = apply_labels(model, labels)
     weights["state_digest"] = state_dict_digest(model)
-    return ModelSource(model=model, weights=weights)
+    return ModelSource(model=model, weights=weights, labels_source=labels_source, checkpoint_path=checkpoint_path)
 
 
-def rebuild_from_manifest(manifest: dict) -> VMamba:
-    """The PyTorch fp32 model an artifact was built from, checked against the recorded weight digest."""
-    weights = manifest["model"].get("weights", {})
+def _recorded_key_options(weights: dict) -> tuple[list[str], bool]:
+    """The --ignore-keys patterns and --non-strict the artifact was exported with."""
+    patterns = weights.get("ignore_keys") or []
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise VMambaExportError("manifest 'model.weights.ignore_keys' must be a list of strings")
+    return patterns, weights.get("non_strict") is True
+
+
+def rebuild_from_manifest(manifest: dict, checkpoint: str | Path | None = None) -> VMamba:
+    """The PyTorch fp32 model an artifact was built from, checked against the recorded weight digest.
+
+    Bundled and random weights are rebuilt by name (and seed). A checkpoint is not looked for: `checkpoint` must
+    be given, and its sha256 must be the recorded one. Given for bundled or random weights, it is used instead and
+    only the weight digest decides.
+    """
+    from .artifact import sha256_file
+
+    weights = manifest["model"].get("weights") or {}
+    if not isinstance(weights, dict):
+        raise VMambaExportError("manifest 'model.weights' must be an object")
     kind = weights.get("kind")
+    name = manifest["model"]["name"]
     if kind == "checkpoint":
-        path = Path(weights.get("path", ""))
-        if not path.is_file():
+        # Manifests written before the file name was recorded hold an absolute path: only its name is used.
+        recorded = str(weights.get("file") or Path(str(weights.get("path") or "?")).name)
+        sha = str(weights.get("sha256") or "")
+        if checkpoint is None:
             raise CheckpointError(
-                f"the artifact was built from checkpoint {path}, which is not there; pass --checkpoint to validate"
+                f"the artifact was built from checkpoint {recorded!r} (sha256 {sha[:16] or '?'}); pass "
+                "--checkpoint PATH to that file to validate against it"
             )
-        source = resolve_model(manifest["model"]["name"], checkpoint=path)
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"--checkpoint {path}: not found (the artifact was built from {recorded!r})")
+        actual = sha256_file(path)
+        if sha and actual != sha:
+            raise CheckpointError(
+                f"--checkpoint {path} has sha256 {actual[:16]}, but the artifact was built from {recorded!r} with "
+                f"sha256 {sha[:16]}: not the same file"
+            )
+        patterns, non_strict = _recorded_key_options(weights)
+        source = resolve_model(name, checkpoint=path, ignore_keys=patterns, non_strict=non_strict)
+    elif checkpoint is not None:
+        source = resolve_model(name, checkpoint=checkpoint)
     elif kind == "random":
         source = resolve_model(weights["name"], random_weights=True, seed=int(weights.get("seed", 0)))
     elif kind == "bundled":
@@ -90,8 +205,9 @@ def rebuild_from_manifest(manifest: dict) -> VMamba:
         raise VMambaExportError(f"manifest records weights of unknown kind {kind!r}")
     expected = weights.get("state_digest")
     if expected and source.weights["state_digest"] != expected:
+        what = weights.get("file") or weights.get("name") or Path(str(weights.get("path") or "?")).name
         raise VMambaExportError(
             "the PyTorch weights rebuilt for validation differ from those the artifact was built from "
-            f"({kind} {weights.get('path') or weights.get('name')}); pass --checkpoint with the original file"
+            f"({kind} {what}); pass --checkpoint with the original file"
         )
     return source.model

@@ -18,7 +18,7 @@ def render_artifact_report(m: dict) -> str:
         "",
         f"- Created: {m.get('created', '-')} by vmamba-export {m.get('toolchain', {}).get('vmamba-export', '?')}",
         f"- Weights: {model.get('weights', {}).get('kind', '?')} "
-        f"{model.get('weights', {}).get('path') or model.get('weights', {}).get('name') or ''} "
+        f"{model.get('weights', {}).get('file') or model.get('weights', {}).get('name') or ''} "
         f"(sha256 {str(model.get('weights', {}).get('sha256', '-'))[:16]})",
         f"- Runtime: {target.get('runtime')} {m.get('runtime', {}).get('version', '')} on {target.get('device')}; "
         f"scan lowering: {target.get('scan_lowering')}",
@@ -109,7 +109,7 @@ def render_build_report(summary: dict) -> str:
     lines = [
         f"# Build report: {summary['model']}",
         "",
-        f"- Weights: {weights.get('kind')} {weights.get('path') or weights.get('name')}",
+        f"- Weights: {weights.get('kind')} {weights.get('file') or weights.get('name')}",
         f"- Machine: {summary['machine']}",
         f"- Parity images: {summary['images']}; labelled accuracy source: {summary.get('accuracy_source') or '-'}",
         "",

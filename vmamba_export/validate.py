@@ -18,7 +18,7 @@ import torch
 
 from .artifact import read_manifest, update_manifest
 from .errors import ParityError
-from .model_source import rebuild_from_manifest, resolve_model
+from .model_source import rebuild_from_manifest
 from .models.configs import InputSpec
 from .progress import progress_bar
 from .scan.op import torch_scan
@@ -91,10 +91,7 @@ def validate_artifact(
     manifest = read_manifest(folder)
     with _coreml_numpy_evaluator_off_macos(manifest):
         predictor = load(folder, threads=threads)
-    if checkpoint:
-        model = resolve_model(manifest["model"]["name"], checkpoint=checkpoint).model
-    else:
-        model = rebuild_from_manifest(manifest)
+    model = rebuild_from_manifest(manifest, checkpoint=checkpoint)  # checks the file against the recorded sha256
     model.set_scan(torch_scan)
     base_spec = predictor.input_spec
     sizes = sizes or [base_spec.image_size]

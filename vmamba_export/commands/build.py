@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args, int_list
+from ._common import add_model_args, int_list, source_args
 
 
 def add_parser(sub) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     )
     console = Console(stderr=True)
     with console.status("loading model", spinner="dots"):
-        source = resolve_model(args.model, args.checkpoint, args.random_weights, args.seed)
+        source = resolve_model(**source_args(args))
     summary = build(source, plan, args.out, overwrite=args.overwrite, show_progress=not args.json)
     status = exit_status(summary, args.fail_on_parity)
     if args.json:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args
+from ._common import add_model_args, source_args
 
 
 def add_parser(sub) -> None:
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             f"--layout is for cuda-onnxruntime and cpu-tvm; target {target.name} chooses its own layout"
         )
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
-        source = resolve_model(args.model, args.checkpoint, args.random_weights, args.seed)
+        source = resolve_model(**source_args(args))
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
     busy = (
         contextlib.nullcontext()
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         from ..validate import validate_artifact
 
-        manifest["validation"] = validate_artifact(args.out, show_progress=not args.json)
+        manifest["validation"] = validate_artifact(args.out, checkpoint=args.checkpoint, show_progress=not args.json)
         status = 0 if manifest["validation"]["status"] == "pass" else 1
     if args.json:
         print_json({"artifact": str(args.out), "manifest": manifest})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -11,6 +12,7 @@ from rich.table import Table
 from ..checkpoint import inspect_checkpoint
 from ..cli import add_json_flag, print_json
 from ..errors import CheckpointError
+from ._common import add_key_args
 
 
 def add_parser(sub) -> None:
@@ -18,6 +20,10 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=".pth/.pt/.bin/.safetensors file")
     p.add_argument("--model", metavar="NAME", default=None, help="check against this config instead of detecting one")
     p.add_argument("--key", default=None, help="dict entry holding the weights (default: model, model_ema, state_dict)")
+    p.add_argument(
+        "--labels", metavar="FILE", type=Path, help="class labels, one per line: checked against the head's class count"
+    )
+    add_key_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -39,6 +45,17 @@ def _print_report(r: dict, model: str | None) -> None:
         classes = f"{r['num_classes']} classes" + (" (replaced head: fine-tune)" if r["head_replaced"] else "")
         table.add_row("config", escape(f"{r['config']} ({classes})"))
         table.add_row("params", f"{r['params']:,} ({r['params'] / 1e6:.2f}M)")
+        labels = r["labels"]
+        if labels is None:
+            known = "[yellow]unknown[/yellow]: classes numbered class_0, class_1, ... (export with --labels FILE)"
+        else:
+            shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+            known = escape(f"known ({shown})")
+        table.add_row("labels", known)
+        for field, what in (("ignored_keys", "by --ignore-keys"), ("dropped_unexpected_keys", "by --non-strict")):
+            if r[field]["count"]:
+                examples = ", ".join(r[field]["examples"][:3]) + (", ..." if r[field]["count"] > 3 else "")
+                table.add_row("left out", escape(f"{r[field]['count']} keys {what} ({examples})"))
     else:
         table.add_row("config", f"[red]does not fit {escape(model)}[/red]" if model else "[red]none fits[/red]")
     table.add_row("loadable", "yes" if r["loadable"] else "[red]no[/red]")
@@ -50,7 +67,19 @@ def _print_report(r: dict, model: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect_checkpoint(args.checkpoint, name=args.model, key=args.key)
+    labels = None
+    if args.labels is not None:
+        from ..model_source import read_labels
+
+        labels = read_labels(args.labels)
+    report = inspect_checkpoint(
+        args.checkpoint,
+        name=args.model,
+        key=args.key,
+        ignore_keys=tuple(args.ignore_keys),
+        drop_unexpected=args.non_strict,
+        labels=labels,
+    )
     if args.json:
         print_json(report)
     else:

@@ -20,7 +20,11 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.add_argument("--sizes", type=int_list, help="input sides to check, comma-separated (default: the model's)")
     p.add_argument("--accuracy", metavar="SOURCE", help="also measure top-1 on this labelled source")
-    p.add_argument("--checkpoint", help="the weights the artifact was built from, if not where the manifest says")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="the checkpoint file a checkpoint build came from (its sha256 must be the one the manifest records)",
+    )
     p.add_argument("--threads", type=int)
     add_expect_sha256(p)
     add_json_flag(p)
