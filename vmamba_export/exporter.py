@@ -16,7 +16,7 @@ from .artifact import (
     write_json_atomic,
     write_text_atomic,
 )
-from .errors import TargetUnavailableError
+from .errors import InputError, TargetUnavailableError
 from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
@@ -34,6 +34,14 @@ def runtime_version(runtime: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+def check_max_size(max_size: int, cfg) -> None:
+    """The largest input side must be at least the smallest one the model's graph can be exported for (below it a
+    stage would shrink to one position). Smaller than the model's own side is allowed: fixed-size targets use it."""
+    smallest = export_min_size(cfg)
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < smallest:
+        raise InputError(f"max size (--max-size) {max_size!r} is below {cfg.name}'s smallest input side {smallest}")
 
 
 def export_artifact(
@@ -61,6 +69,7 @@ def export_artifact(
         raise TargetUnavailableError(f"cannot build target {target.name} here: {why}")
     model = source.model.eval()
     cfg = model.config
+    check_max_size(options.max_size, cfg)
     lowering = get_lowering(target)
     with atomic_artifact(Path(out), overwrite=overwrite) as folder:
         entry, info = lowering(model, target, folder, options)

@@ -42,6 +42,8 @@ def resolve_model(
     seed: int = 0,
 ) -> ModelSource:
     """The model a command works on: a checkpoint, a bundled trained model, or (asked for) seeded random weights."""
+    if checkpoint is not None and random_weights:
+        raise VMambaExportError("--checkpoint and --random-weights contradict each other: give one of them")
     if checkpoint is not None:
         from .artifact import sha256_file
         from .checkpoint import load_checkpoint

@@ -130,6 +130,23 @@ def int8_options(args: argparse.Namespace):
     )
 
 
+def validation_accuracy_source(args: argparse.Namespace, target, model_name: str) -> str | None:
+    """The labelled source `--validate` measures top-1 on: --accuracy, else (for a precision judged by accuracy, such
+    as apple-coreml w8/w8a8) the model's own held-out set. Refused before the export when there is none."""
+    from ..build import default_sources
+    from ..errors import VMambaExportError
+
+    if args.accuracy or "max_accuracy_drop_points" not in target.thresholds_for(args.precision):
+        return args.accuracy
+    source = default_sources(model_name)[0]
+    if source is None:
+        raise VMambaExportError(
+            f"--validate of {target.name} {args.precision} is judged by top-1 accuracy: pass --accuracy SOURCE "
+            f"(labelled images for {model_name}, e.g. an ImageFolder), or leave out --validate"
+        )
+    return source
+
+
 def run(args: argparse.Namespace) -> int:
     from ..exporter import export_artifact
     from ..model_source import resolve_model
@@ -145,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         )
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_model(args.model, args.checkpoint, args.random_weights, args.seed)
+    accuracy = validation_accuracy_source(args, target, source.model.config.name) if args.validate else None
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
     busy = (
         contextlib.nullcontext()
@@ -159,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         from ..validate import validate_artifact
 
-        manifest["validation"] = validate_artifact(args.out, show_progress=not args.json)
+        manifest["validation"] = validate_artifact(args.out, accuracy_source=accuracy, show_progress=not args.json)
         status = 0 if manifest["validation"]["status"] == "pass" else 1
     if args.json:
         print_json({"artifact": str(args.out), "manifest": manifest})
