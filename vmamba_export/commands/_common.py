@@ -12,6 +12,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from ..models import DEFAULT_MODEL
 
 MAX_THREADS = 1024  # more threads than any machine here has cores; a typo like 20000 should not spawn them
@@ -111,3 +114,28 @@ def out_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot create {text!r}: cannot write in {str(parent)!r} ({why})") from None
     os.rmdir(probe)
     return path
+
+
+def print_fitting_table(
+    console: Console,
+    title: str,
+    columns: list[tuple[str, dict, int]],
+    rows: list[list[str]],
+) -> None:
+    """Print a table in the console's width: while it is too wide, leave out the optional column with the highest
+    rank (rank 0: always shown). Columns that hold names a user types are no_wrap, so they are never cut; the
+    optional ones are all in the command's --json output."""
+    shown = list(range(len(columns)))
+    while True:
+        table = Table(title=title)
+        for i in shown:
+            header, kwargs, _ = columns[i]
+            table.add_column(header, **kwargs)
+        for row in rows:
+            table.add_row(*(row[i] for i in shown))
+        optional = [i for i in shown if columns[i][2] > 0]
+        natural = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+        if natural <= console.width or not optional:
+            break
+        shown.remove(max(optional, key=lambda i: columns[i][2]))
+    console.print(table)
