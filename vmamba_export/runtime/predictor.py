@@ -67,7 +67,8 @@ class Predictor:
         if kind != "f":
             raise InputError(f"expected real floating-point input (float32), got {batch.dtype}")
         # astype copies only when needed: another width or byte order becomes native float32 here.
-        batch = np.ascontiguousarray(batch.astype(np.float32, copy=False))
+        with np.errstate(over="ignore"):  # out-of-range values become inf, refused just below
+            batch = np.ascontiguousarray(batch.astype(np.float32, copy=False))
         finite = np.isfinite(batch)
         if not finite.all():
             bad = int(batch.size - np.count_nonzero(finite))
