@@ -162,6 +162,16 @@ def test_max_size_below_the_models_smallest_side(capsys, tmp_path):
     assert not out_dir.exists()
 
 
+def test_build_precision_that_no_chosen_target_offers(capsys, tmp_path):
+    out_dir = tmp_path / "o"
+    argv = ["build", "--model", "vmamba_test_v2", "--random-weights", "--targets", "onnx-portable", "cpu-openvino"]
+    rc, out, err = run_cli(capsys, [*argv, "--precisions", "fp32", "fp64", "--out", str(out_dir), "--json"])
+    assert rc == 2
+    line = assert_one_error_line(err, "--precisions fp64", "bf16, fp32, int8")
+    assert_json_error(out, line, "VMambaExportError")
+    assert not out_dir.exists()
+
+
 def test_checkpoint_that_contradicts_model(capsys, tmp_path):
     out_dir = tmp_path / "a"
     argv = ["export", "--checkpoint", str(BUNDLED), "--model", "vmamba_test_v0", "--target", "onnx-portable"]

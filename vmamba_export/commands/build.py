@@ -45,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from ..targets import get_target
 
     targets = [get_target(t) for t in args.targets] if args.targets else default_targets()
+    offered = {p for t in targets for p in t.precisions}
+    unknown = [p for p in args.precisions or [] if p not in offered]
+    if unknown:  # a precision no chosen target offers would build nothing for it, silently
+        from ..errors import VMambaExportError
+
+        raise VMambaExportError(
+            f"--precisions {' '.join(unknown)}: no chosen target offers it; they offer {', '.join(sorted(offered))}"
+        )
     plan = BuildPlan(
         targets=targets,
         precisions=args.precisions,
