@@ -174,6 +174,10 @@ def bench_artifact(
     manifest = read_manifest(folder)
     batches = batches or [1]
     threads = threads or [min(2, os.cpu_count() or 1)]
+    if sizes:
+        from .validate import check_sizes
+
+        check_sizes(sizes, int(manifest["input"]["min_size"]), int(manifest["input"]["max_size"]))
     sizes = sizes or [manifest["input"]["preprocessing"]["image_size"]]
     points = [(b, t, s) for s in sizes for b in batches for t in threads]
     results = []

@@ -41,6 +41,14 @@ def runtime_version(runtime: str) -> str | None:
     return None
 
 
+def check_max_size(max_size: int, cfg) -> None:
+    """The largest input side must be at least the smallest one the model's graph can be exported for (below it a
+    stage would shrink to one position). Smaller than the model's own side is allowed: fixed-size targets use it."""
+    smallest = export_min_size(cfg)
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < smallest:
+        raise InputError(f"max size (--max-size) {max_size!r} is below {cfg.name}'s smallest input side {smallest}")
+
+
 def export_artifact(
     source: ModelSource,
     target: Target,
@@ -68,6 +76,7 @@ def export_artifact(
         raise TargetUnavailableError(f"cannot build target {target.name} here: {why}")
     model = source.model.eval()
     cfg = model.config
+    check_max_size(options.max_size, cfg)
     labels_source = source.labels_source or ("config" if cfg.input.labels is not None else None)
     if cfg.input.labels is not None and len(cfg.input.labels) != cfg.num_classes:
         # A model built by hand with another head than its config's labels: number its classes (as resolve_model

@@ -113,6 +113,8 @@ def resolve_model(
     classes than its config's labels, else its classes are numbered. `ignore_keys` (globs) and `non_strict` leave
     extra keys of a checkpoint out (see checkpoint.py); both are recorded in the manifest so validate re-applies them.
     """
+    if checkpoint is not None and random_weights:
+        raise VMambaExportError("--checkpoint and --random-weights contradict each other: give one of them")
     checkpoint_path = None
     if checkpoint is not None:
         from .artifact import sha256_file

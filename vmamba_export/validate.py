@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .artifact import read_manifest, update_manifest
-from .errors import ParityError
+from .errors import InputError, ParityError
 from .model_source import rebuild_from_manifest
 from .models.configs import InputSpec
 from .progress import progress_bar
@@ -72,6 +72,16 @@ def run_predictor(predictor, batch: np.ndarray, batch_size: int = 8) -> np.ndarr
     return np.concatenate([predictor(batch[s : s + batch_size]) for s in range(0, len(batch), batch_size)])
 
 
+def check_sizes(sizes: list[int], min_size: int, max_size: int) -> None:
+    """Refuse input sides the artifact does not take before any image is resized to them (a huge side would take
+    all memory in the PyTorch reference before the artifact's own check ran)."""
+    bad = [s for s in sizes if not min_size <= s <= max_size]
+    if bad:
+        raise InputError(
+            f"sizes (--sizes) {','.join(map(str, bad))}: this artifact takes input sides {min_size}..{max_size}"
+        )
+
+
 def validate_artifact(
     folder: Path,
     images: str = "builtin",
@@ -91,6 +101,8 @@ def validate_artifact(
     manifest = read_manifest(folder)
     with _coreml_numpy_evaluator_off_macos(manifest):
         predictor = load(folder, threads=threads)
+    if sizes:
+        check_sizes(sizes, predictor.min_size, predictor.max_size)
     model = rebuild_from_manifest(manifest, checkpoint=checkpoint)  # checks the file against the recorded sha256
     model.set_scan(torch_scan)
     base_spec = predictor.input_spec
@@ -133,7 +145,7 @@ def validate_artifact(
     if "max_accuracy_drop_points" in thresholds:
         limit = thresholds["max_accuracy_drop_points"]
         if accuracy is None:
-            accuracy_failures.append(f"accuracy drop limit {limit:g} points needs a labelled --accuracy-source")
+            accuracy_failures.append(f"accuracy drop limit {limit:g} points needs labelled images: --accuracy SOURCE")
         elif accuracy["drop_points"] > limit:
             accuracy_failures.append(f"accuracy drop {accuracy['drop_points']:.2f} points (needs <= {limit:g})")
     validation = {

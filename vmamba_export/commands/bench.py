@@ -9,18 +9,20 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli import add_json_flag, print_json
-from ._common import int_list
+from ._common import int_list, non_negative_int, positive_int, thread_list
 from ._pin import add_expect_sha256, check_pin
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure an artifact's latency and throughput")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, metavar="DIR", help="artifact folder (made by `vmamba-export export`)")
     p.add_argument("--batch", type=int_list, default=[1], help="batch sizes, comma-separated (default 1)")
-    p.add_argument("--threads", type=int_list, help="thread counts, comma-separated (default 2)")
-    p.add_argument("--sizes", type=int_list, help="input sides (default: the model's)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--threads", type=thread_list, help="thread counts, comma-separated (default 2)")
+    p.add_argument("--sizes", type=int_list, help="input sides, comma-separated (default: the model's)")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=5, metavar="N", help="untimed calls before timing (default 5)"
+    )
+    p.add_argument("--runs", type=positive_int, default=20, metavar="N", help="timed calls per point (default 20)")
     add_expect_sha256(p)
     add_json_flag(p)
     p.set_defaults(func=run)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args, int_list, source_args
+from ._common import add_model_args, int_list, out_folder, positive_int, source_args, thread_list
 
 
 def add_parser(sub) -> None:
@@ -16,15 +15,23 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--targets", nargs="+", help="target names (default: every target this machine can build)")
     p.add_argument("--precisions", nargs="+", help="precisions (default: every precision each target offers)")
-    p.add_argument("--out", required=True, type=Path, help="folder for the artifacts and the combined report")
+    p.add_argument(
+        "--out", required=True, type=out_folder, metavar="DIR", help="folder for the artifacts and the combined report"
+    )
     p.add_argument("--images", default="builtin", help="parity image source (default: the built-in photos)")
     p.add_argument("--sizes", type=int_list, help="input sides for parity (default: the model's)")
     p.add_argument("--accuracy", metavar="SOURCE", help="labelled source for top-1 (bundled digits: digits:holdout)")
     p.add_argument("--calib", metavar="SOURCE", help="int8 calibration source (default: digits:calib or builtin)")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--batch", type=int_list, default=[1], help="benchmark batch sizes")
-    p.add_argument("--threads", type=int_list, default=[2], help="benchmark thread counts")
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument(
+        "--calib-samples", type=positive_int, default=64, metavar="N", help="int8 calibration images to use (64)"
+    )
+    p.add_argument("--batch", type=int_list, default=[1], help="benchmark batch sizes, comma-separated (default 1)")
+    p.add_argument(
+        "--threads", type=thread_list, default=[2], help="benchmark thread counts, comma-separated (default 2)"
+    )
+    p.add_argument(
+        "--runs", type=positive_int, default=20, metavar="N", help="timed calls per benchmark point (default 20)"
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     p.add_argument("--overwrite", action="store_true", help="replace existing artifact folders")
     p.add_argument("--fail-on-parity", action="store_true", help="exit 1 if any artifact fails parity (for CI)")
@@ -38,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from ..targets import get_target
 
     targets = [get_target(t) for t in args.targets] if args.targets else default_targets()
+    offered = {p for t in targets for p in t.precisions}
+    unknown = [p for p in args.precisions or [] if p not in offered]
+    if unknown:  # a precision no chosen target offers would build nothing for it, silently
+        from ..errors import VMambaExportError
+
+        raise VMambaExportError(
+            f"--precisions {' '.join(unknown)}: no chosen target offers it; they offer {', '.join(sorted(offered))}"
+        )
     plan = BuildPlan(
         targets=targets,
         precisions=args.precisions,

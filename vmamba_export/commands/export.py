@@ -9,18 +9,28 @@ from pathlib import Path
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args, source_args
+from ._common import add_model_args, float_range, out_folder, positive_int, source_args
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a model to an artifact folder for one target")
     add_model_args(p)
-    p.add_argument("--target", required=True, help="target name (see `vmamba-export targets`)")
+    p.add_argument("--target", required=True, metavar="T", help="target name (see `vmamba-export targets`)")
     p.add_argument("--precision", default="fp32", help="fp32 (default), or what the target offers")
-    p.add_argument("--out", required=True, type=Path, help="artifact folder to create")
-    p.add_argument("--max-size", type=int, help="largest input side the artifact must take (target default)")
+    p.add_argument("--out", required=True, type=out_folder, metavar="DIR", help="artifact folder to create")
+    p.add_argument(
+        "--max-size",
+        type=positive_int,
+        metavar="N",
+        help="largest input side the artifact must take, at least the model's own input side (target default)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
-    p.add_argument("--validate", action="store_true", help="also validate parity on the built-in photos")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="also validate parity on the built-in photos (w8/w8a8: and top-1 on --accuracy, digits:holdout for "
+        "the bundled digits models)",
+    )
     p.add_argument(
         "--layout",
         choices=("channels-last", "channels-first"),
@@ -39,15 +49,21 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
         "int8 (--precision int8; apple-coreml: w8a8): post-training quantization from calibration images"
     )
     g.add_argument("--calib", default="builtin", metavar="SOURCE", help="calibration images (default: builtin)")
-    g.add_argument("--calib-samples", type=int, default=64, metavar="N", help="calibration images to use (64)")
+    g.add_argument("--calib-samples", type=positive_int, default=64, metavar="N", help="calibration images to use (64)")
     g.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
     g.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="layers kept float (name, prefix, glob)")
     g.add_argument("--accuracy", metavar="SOURCE", help="labelled images: measure fp32 vs int8 top-1 on them")
     g.add_argument(
-        "--max-drop", type=float, metavar="POINTS", help="with --accuracy: keep layers float until the top-1 drop fits"
+        "--max-drop",
+        type=float_range(0.0, 100.0),
+        metavar="POINTS",
+        help="with --accuracy: keep layers float until the top-1 drop fits",
     )
     g.add_argument(
-        "--smooth-quant", type=float, metavar="ALPHA", help="cpu-openvino (NNCF): SmoothQuant alpha 0..1 (default off)"
+        "--smooth-quant",
+        type=float_range(0.0, 1.0),
+        metavar="ALPHA",
+        help="cpu-openvino (NNCF): SmoothQuant alpha 0..1 (default off)",
     )
     g.add_argument(
         "--bias-correction",
@@ -58,8 +74,13 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
 
 def add_tvm_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TVM (cpu-tvm): meta-schedule tuning of the graph outside the scan kernels")
-    g.add_argument("--tune-budget", type=float, metavar="SECONDS", help="tune on this machine for up to SECONDS")
-    g.add_argument("--tune-trials", type=int, metavar="N", help="tune at most N measured candidates in all")
+    g.add_argument(
+        "--tune-budget",
+        type=float_range(0.0, above=True),
+        metavar="SECONDS",
+        help="tune on this machine for up to SECONDS",
+    )
+    g.add_argument("--tune-trials", type=positive_int, metavar="N", help="tune at most N measured candidates in all")
     g.add_argument(
         "--tune-db",
         type=Path,
@@ -72,7 +93,7 @@ def add_tvm_args(p: argparse.ArgumentParser) -> None:
         help="with --tune-db and a budget: tune the covered ops too, starting from their best schedules",
     )
     g.add_argument("--tvm-mcpu", metavar="CPU", help="LLVM CPU to build for ('native': this machine; tuning's default)")
-    g.add_argument("--tvm-batch", type=int, metavar="N", help="fixed batch size (tuning's default: 1)")
+    g.add_argument("--tvm-batch", type=positive_int, metavar="N", help="fixed batch size (tuning's default: 1)")
 
 
 def tvm_extra(args: argparse.Namespace) -> dict:
@@ -109,6 +130,23 @@ def int8_options(args: argparse.Namespace):
     )
 
 
+def validation_accuracy_source(args: argparse.Namespace, target, model_name: str) -> str | None:
+    """The labelled source `--validate` measures top-1 on: --accuracy, else (for a precision judged by accuracy, such
+    as apple-coreml w8/w8a8) the model's own held-out set. Refused before the export when there is none."""
+    from ..build import default_sources
+    from ..errors import VMambaExportError
+
+    if args.accuracy or "max_accuracy_drop_points" not in target.thresholds_for(args.precision):
+        return args.accuracy
+    source = default_sources(model_name)[0]
+    if source is None:
+        raise VMambaExportError(
+            f"--validate of {target.name} {args.precision} is judged by top-1 accuracy: pass --accuracy SOURCE "
+            f"(labelled images for {model_name}, e.g. an ImageFolder), or leave out --validate"
+        )
+    return source
+
+
 def run(args: argparse.Namespace) -> int:
     from ..exporter import export_artifact
     from ..model_source import resolve_model
@@ -124,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         )
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_model(**source_args(args))
+    accuracy = validation_accuracy_source(args, target, source.model.config.name) if args.validate else None
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
     busy = (
         contextlib.nullcontext()
@@ -138,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         from ..validate import validate_artifact
 
-        manifest["validation"] = validate_artifact(args.out, checkpoint=args.checkpoint, show_progress=not args.json)
+        manifest["validation"] = validate_artifact(
+            args.out, checkpoint=args.checkpoint, accuracy_source=accuracy, show_progress=not args.json
+        )
         status = 0 if manifest["validation"]["status"] == "pass" else 1
     if args.json:
         print_json({"artifact": str(args.out), "manifest": manifest})

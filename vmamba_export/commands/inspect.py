@@ -19,7 +19,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="identify a checkpoint's config and check that it loads (nothing is executed)")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help=".pth/.pt/.bin/.safetensors file")
     p.add_argument("--model", metavar="NAME", default=None, help="check against this config instead of detecting one")
-    p.add_argument("--key", default=None, help="dict entry holding the weights (default: model, model_ema, state_dict)")
+    p.add_argument(
+        "--key",
+        default=None,
+        metavar="NAME",
+        help="dict entry holding the weights (default: model, model_ema, state_dict)",
+    )
     p.add_argument(
         "--labels", metavar="FILE", type=Path, help="class labels, one per line: checked against the head's class count"
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
-from rich.table import Table
 
 from ..cli import add_json_flag, print_json
 from ..models import DEFAULT_MODEL, list_configs
 from ..models.flops import count_flops, count_parameters
+from ._common import print_fitting_table
 
 
 def add_parser(sub) -> None:
@@ -46,13 +46,23 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    table = Table(title="VMamba configs")
-    for col in ("name", "ver", "depths", "dims", "ratio", "d_state", "classes", "params (M)", "GFLOPs@224", "top-1"):
-        table.add_column(col, justify="right" if col not in ("name", "ver", "depths") else "left")
-    for r in rows:
-        name = r["name"] + (" (default)" if r["default"] else "")
-        table.add_row(
-            name,
+    right = {"justify": "right"}
+    # (header, column options, rank): rank 0 always shown; in a narrow terminal the highest ranks go first.
+    columns = [
+        ("name", {"no_wrap": True}, 0),  # what --model takes: never wrapped or cut
+        ("ver", {}, 0),
+        ("depths", {}, 3),
+        ("dims", right, 2),
+        ("ratio", right, 1),
+        ("d_state", right, 0),
+        ("classes", right, 0),
+        ("params (M)", right, 0),
+        ("GFLOPs @224", right, 0),
+        ("top-1", right, 0),
+    ]
+    table_rows = [
+        [
+            r["name"] + ("*" if r["default"] else ""),
             r["version"],
             "-".join(map(str, r["depths"])),
             str(r["dims"]),
@@ -62,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
             f"{r['params'] / 1e6:.2f}",
             f"{r['gflops_224']:.2f}",
             "" if r["published_top1"] is None else f"{r['published_top1']:.1f}",
-        )
-    Console().print(table)
+        ]
+        for r in rows
+    ]
+    console = Console()
+    print_fitting_table(console, "VMamba configs", columns, table_rows)
+    console.print("* the default model (without --model or --checkpoint); every column: --json", highlight=False)
     return 0

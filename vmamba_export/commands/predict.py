@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..cli import add_json_flag, print_json
+from ._common import positive_int, thread_count
 from ._pin import add_expect_sha256
 
 
@@ -22,10 +23,12 @@ def add_parser(sub) -> None:
         description="Classify images with an artifact. Exit 0: all classified; 1: some image failed (each named, "
         "the others' results printed); 2: the artifact or arguments are unusable.",
     )
-    p.add_argument("artifact", type=Path)
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--threads", type=int)
+    p.add_argument("artifact", type=Path, metavar="DIR", help="artifact folder (made by `vmamba-export export`)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="labels to show per image (default 5)")
+    p.add_argument(
+        "--threads", type=thread_count, metavar="N", help="threads for the artifact's runtime (default: its own)"
+    )
     add_expect_sha256(p)
     add_json_flag(p)
     p.set_defaults(func=run)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
-from rich.table import Table
 
 from ..cli import add_json_flag, print_json
 from ..targets import list_targets
+from ._common import print_fitting_table
 
 
 def add_parser(sub) -> None:
@@ -39,18 +39,36 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rows)
         return 0
-    table = Table(title="targets")
-    for col in ("target", "runtime", "device", "scan", "precisions", "build here", "run here"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
+    # Names a user types (target, precisions) are never cut: the target column does not wrap, precisions wrap only
+    # between names; the reasons for a "no" go below the table, where a line can wrap between words.
+    columns = [
+        ("target", {"no_wrap": True}, 0),
+        ("runtime", {}, 0),
+        ("device", {}, 0),
+        ("scan", {}, 1),
+        ("precisions", {}, 0),
+        ("build", {}, 0),
+        ("run", {}, 0),
+    ]
+    table_rows = [
+        [
             r["name"],
             r["runtime"],
             r["device"],
             r["scan_lowering"],
-            ",".join(r["precisions"]),
-            "yes" if r["can_build"] else f"no: {r['build_note']}",
-            "yes" if r["can_run"] else f"no: {r['run_note']}",
-        )
-    Console(width=160).print(table)
+            " ".join(r["precisions"]),
+            "yes" if r["can_build"] else "no",
+            "yes" if r["can_run"] else "no",
+        ]
+        for r in rows
+    ]
+    console = Console()
+    print_fitting_table(console, "targets (build, run: on this machine)", columns, table_rows)
+    for r in rows:
+        for ok, what, note in (
+            (r["can_build"], "cannot build here", "build_note"),
+            (r["can_run"], "cannot run here", "run_note"),
+        ):
+            if not ok:
+                console.print(f"{r['name']} {what}: {r[note]}", markup=False, highlight=False)
     return 0

@@ -9,15 +9,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli import add_json_flag, print_json
-from ._common import int_list
+from ._common import int_list, positive_int, thread_count
 from ._pin import add_expect_sha256, check_pin
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("validate", help="check an artifact's outputs against the PyTorch fp32 model")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, metavar="DIR", help="artifact folder (made by `vmamba-export export`)")
     p.add_argument("--images", default="builtin", help="image source: builtin, digits:holdout, a folder, list or .npz")
-    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="use at most this many images")
     p.add_argument("--sizes", type=int_list, help="input sides to check, comma-separated (default: the model's)")
     p.add_argument("--accuracy", metavar="SOURCE", help="also measure top-1 on this labelled source")
     p.add_argument(
@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
         metavar="PATH",
         help="the checkpoint file a checkpoint build came from (its sha256 must be the one the manifest records)",
     )
-    p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--threads", type=thread_count, metavar="N", help="threads for the artifact's runtime (default: its own)"
+    )
     add_expect_sha256(p)
     add_json_flag(p)
     p.set_defaults(func=run)

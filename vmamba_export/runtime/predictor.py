@@ -33,10 +33,17 @@ class Predictor:
         self.channels = int(manifest["input"]["channels"])
 
     def check_input(self, batch) -> np.ndarray:
+        """The batch as the runtime takes it: a C-contiguous, native-byte-order float32 NCHW array.
+
+        Converted: any real floating dtype (float16, float64, big-endian float32, ...) to native float32 (values
+        beyond float32's range become infinite and are then refused). Refused, with the reason: a non-numpy input
+        (a torch tensor: pass `.numpy()`), integer or bool arrays (raw pixels: the model takes preprocessed values,
+        see `predict` / `preprocess`), complex or non-numeric arrays, NaN or infinite values, and shapes other than
+        (N >= 1, channels, height, width) with sides within the artifact's size range.
+        """
         if not isinstance(batch, np.ndarray):
-            raise InputError(f"expected a numpy.ndarray, got {type(batch).__name__}")
-        if batch.dtype != np.float32:
-            raise InputError(f"expected float32 input, got {batch.dtype} (preprocessed NCHW float32 batches)")
+            hint = " (a torch tensor: pass tensor.numpy())" if hasattr(batch, "numpy") else ""
+            raise InputError(f"expected a numpy.ndarray, got {type(batch).__name__}{hint}")
         if batch.ndim != 4:
             raise InputError(f"expected a 4-D NCHW batch, got shape {batch.shape}")
         n, c, h, w = batch.shape
@@ -50,7 +57,26 @@ class Predictor:
                     f"{side} {value} is outside what this artifact takes ({self.min_size}..{self.max_size}): "
                     f"shape {batch.shape}"
                 )
-        return np.ascontiguousarray(batch)
+        kind = batch.dtype.kind
+        if kind in "iub":
+            raise InputError(
+                f"got {batch.dtype} input: raw pixels? The model takes preprocessed float32 (resized, cropped, "
+                "normalised with the manifest's mean and std): use predictor.predict(images) or "
+                "predictor.preprocess(images)"
+            )
+        if kind != "f":
+            raise InputError(f"expected real floating-point input (float32), got {batch.dtype}")
+        # astype copies only when needed: another width or byte order becomes native float32 here.
+        with np.errstate(over="ignore"):  # out-of-range values become inf, refused just below
+            batch = np.ascontiguousarray(batch.astype(np.float32, copy=False))
+        finite = np.isfinite(batch)
+        if not finite.all():
+            bad = int(batch.size - np.count_nonzero(finite))
+            raise InputError(
+                f"the batch holds {bad} NaN or infinite value(s) (after conversion to float32, whose largest value "
+                "is about 3.4e38): the model's outputs would be meaningless"
+            )
+        return batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Logits (N, num_classes) for a preprocessed float32 NCHW batch."""
