@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifact import (
+    ARTIFACT_FORMAT,
     MANIFEST,
     REPORT,
     SCHEMA_VERSION,
@@ -66,6 +67,7 @@ def export_artifact(
         entry, info = lowering(model, target, folder, options)
         manifest = {
             "schema_version": SCHEMA_VERSION,
+            "format": ARTIFACT_FORMAT,
             "created": utc_now(),
             "model": {"name": cfg.name, "config": cfg.to_dict(), "weights": source.weights},
             "target": {
