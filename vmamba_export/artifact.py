@@ -226,14 +226,16 @@ def atomic_artifact(out: Path, overwrite: bool = False) -> Iterator[Path]:
     SIGTERM (turned into Terminated, exit status 143, while this runs in the main thread)."""
     out = _output_path(out)
     _refuse_unsafe_destination(out, overwrite)
-    created = _make_parents(out.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as exc:
-        _remove_empty(created)
-        raise ArtifactError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None
-    with _sigterm_raises():
+    created: list[Path] = []
+    tmp = None
+    with _sigterm_raises():  # from before anything is created: a SIGTERM at any point finds its cleanup in place
         try:
+            with _signals_deferred():  # what was created is known before a signal can cut in
+                created = _make_parents(out.parent)
+                try:
+                    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+                except OSError as exc:
+                    raise ArtifactError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None
             yield tmp
             publish_permissions(tmp)
             with _signals_deferred():
@@ -241,7 +243,8 @@ def atomic_artifact(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 _move_into_place(tmp, out)
         except BaseException:
             with _signals_deferred():
-                shutil.rmtree(tmp, ignore_errors=True)
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
                 _remove_empty(created)
             raise
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..cli import add_json_flag, print_json
 from ._common import int_list
+from ._record import add_record_args, check_results_file, finish, save_results
 
 
 def add_parser(sub) -> None:
@@ -21,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--accuracy", metavar="SOURCE", help="also measure top-1 on this labelled source")
     p.add_argument("--checkpoint", help="the weights the artifact was built from, if not where the manifest says")
     p.add_argument("--threads", type=int)
+    add_record_args(p, "parity results")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -28,6 +30,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..validate import validate_artifact
 
+    check_results_file(args.out)
     result = validate_artifact(
         args.artifact,
         images=args.images,
@@ -37,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
         accuracy_source=args.accuracy,
         threads=args.threads,
         show_progress=not args.json,
+        record=False,  # recorded below, only when asked, and a failed write must not lose the results
     )
+    errors = save_results(args, "validation", result)
     if args.json:
-        print_json(result)
+        print_json(result | ({"error": "; ".join(errors)} if errors else {}))
     else:
         table = Table(title=f"parity of {args.artifact} ({result['num_images']} images from {result['images']})")
         for col in ("size", "max abs", "rel L2", "cosine min", "top-1 agree", "verdict"):
@@ -61,4 +66,4 @@ def run(args: argparse.Namespace) -> int:
                 f"top-1 on {a['source']}: artifact {a['artifact_top1']:.4f}, PyTorch {a['torch_top1']:.4f} "
                 f"({a['num_images']} images)"
             )
-    return 0 if result["status"] == "pass" else 1
+    return finish(errors, 0 if result["status"] == "pass" else 1)
