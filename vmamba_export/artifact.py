@@ -2,7 +2,8 @@
 
 Written into a hidden temporary folder beside the destination and renamed into place, so a failed or interrupted
 build leaves nothing behind. `manifest.json` lists every payload file with its sha256; loading verifies them.
-The manifest and report themselves are metadata, rewritten (atomically) by `validate` and `bench`.
+The manifest and report themselves are metadata, rewritten (atomically) when `validate` or `bench` is asked to
+record (`--record`, `build`, `export --validate`); by default they write nothing, so a read-only artifact works.
 """
 
 from __future__ import annotations
