@@ -251,18 +251,25 @@ def atomic_artifact(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return
-    # Replace an old artifact: move it aside first (a rename cannot replace a non-empty folder), then remove it.
-    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, holder / "artifact")
     try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(holder / "artifact", out)
-        holder.rmdir()
-        raise
+        if not (out.exists() or out.is_symlink()):
+            os.rename(tmp, out)
+            return
+        # Replace an old artifact: move it aside first (a rename cannot replace a non-empty folder), then remove it.
+        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            os.rename(out, holder / "artifact")
+        except BaseException:
+            holder.rmdir()
+            raise
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(holder / "artifact", out)  # put the old artifact back
+            holder.rmdir()
+            raise
+    except OSError as exc:
+        raise ArtifactError(f"cannot move the new artifact into place at {out}: {exc.strerror or exc}") from None
     shutil.rmtree(holder, ignore_errors=True)
 
 
