@@ -81,13 +81,33 @@ def user_tree(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("case", "cwd", "out", "fragment"),
     [
-        ("a user's folder", "home", "project", "is not a vmamba-export artifact (it has no manifest.json)"),
-        ("a user's file", "home", "project/notes.txt", "it is a file, not a folder"),
-        ("a link to a user's folder", "home", "link", "it is a symbolic link"),
-        ("a manifest.json that is not ours", "home", "webapp", "does not say format"),
-        ("--out .", "home/project", ".", "is the current directory"),
-        ("--out ..", "home/project/sub", "..", "contains the current directory"),
-        ("a folder holding the cwd", "home/project/sub", "{home}/project", "contains the current directory"),
+        pytest.param(
+            "a user's folder",
+            "home",
+            "project",
+            "is not a vmamba-export artifact (it has no manifest.json)",
+            id="a user's folder",
+        ),
+        pytest.param("a user's file", "home", "project/notes.txt", "it is a file, not a folder", id="a user's file"),
+        pytest.param(
+            "a link to a user's folder", "home", "link", "it is a symbolic link", id="a link to a user's folder"
+        ),
+        pytest.param(
+            "a manifest.json that is not ours",
+            "home",
+            "webapp",
+            "does not say format",
+            id="a manifest.json that is not ours",
+        ),
+        pytest.param("--out .", "home/project", ".", "is the current directory", id="--out ."),
+        pytest.param("--out ..", "home/project/sub", "..", "contains the current directory", id="--out .."),
+        pytest.param(
+            "a folder holding the cwd",
+            "home/project/sub",
+            "{home}/project",
+            "contains the current directory",
+            id="a folder holding the cwd",
+        ),
     ],
 )
 def test_overwrite_refuses_what_is_not_an_artifact(user_tree, capsys, monkeypatch, case, cwd, out, fragment):
