@@ -92,7 +92,7 @@ def test_parity_through_numpy_evaluator(artifacts, name, tmp_path):
     for precision in ("fp32", "fp16"):
         folder = tmp_path / precision
         shutil.copytree(artifacts[(name, precision)], folder)
-        result = validate_artifact(folder, images="builtin", sizes=[SIDE], limit=3, show_progress=False)
+        result = validate_artifact(folder, images="builtin", sizes=[SIDE], limit=3, show_progress=False, record=True)
         run = result["runs"][0]
         assert result["status"] == "pass", result
         assert result["evaluated_with"] == NUMPY_LABEL  # labelled: this is not Core ML

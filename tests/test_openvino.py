@@ -244,7 +244,7 @@ def test_torch_export_program_converts_with_the_extension():
 def test_validate_passes_and_is_recorded(artifacts, precision, tmp_path):
     folder = tmp_path / "a"
     shutil.copytree(artifacts[("vmamba_test_v2", precision)], folder)
-    result = validate_artifact(folder, images="builtin", sizes=[224, 160], threads=2, show_progress=False)
+    result = validate_artifact(folder, images="builtin", sizes=[224, 160], threads=2, show_progress=False, record=True)
     assert result["status"] == "pass", result
     for run in result["runs"]:
         if precision == "fp32":

@@ -168,8 +168,10 @@ def bench_artifact(
     warmup: int = 5,
     runs: int = 20,
     show_progress: bool = True,
-    record: bool = True,
+    record: bool = False,
 ) -> dict:
+    """Time the artifact at every (batch, threads, size) point, each in its own process. With `record`, also write the
+    results into its manifest and report (the folder must then be writable); by default nothing is written."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     batches = batches or [1]

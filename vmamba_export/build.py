@@ -7,12 +7,13 @@ failures into a failing exit status for CI.
 
 from __future__ import annotations
 
+import json
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifact import write_json_atomic, write_text_atomic
-from .errors import VMambaExportError
+from .errors import ArtifactError, VMambaExportError
 from .lowering import ExportOptions
 from .model_source import ModelSource
 from .progress import progress_bar
@@ -52,13 +53,16 @@ def default_sources(model_name: str) -> tuple[str | None, str | None]:
     return None, "builtin"
 
 
+BUILD_FORMAT = "vmamba-export-build"  # report.json["format"]: marks a build folder `build` may write into again
+
+
 def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
     from .bench import bench_artifact, machine_description
     from .exporter import export_artifact
     from .validate import validate_artifact
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_build_folder(out)
     name = source.model.config.name
     accuracy_default, calib_default = default_sources(name)
     accuracy_source = plan.accuracy_source or accuracy_default
@@ -89,6 +93,7 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
                         sizes=plan.sizes,
                         accuracy_source=accuracy_source,
                         show_progress=False,
+                        record=True,
                     )
                     row["parity"] = validation["status"]
                     row["runs"] = validation["runs"]
@@ -101,6 +106,7 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
                             warmup=plan.warmup,
                             runs=plan.runs,
                             show_progress=False,
+                            record=True,
                         )
                         row["latency"] = bench["results"]
                     row["status"] = "validated" if validation["status"] == "pass" else "parity failed"
@@ -114,6 +120,7 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
             rows.append(row)
             progress.advance(task)
     summary = {
+        "format": BUILD_FORMAT,
         "model": name,
         "weights": source.weights,
         "machine": machine_description(),
@@ -127,6 +134,49 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
     write_text_atomic(out / "report.md", render_build_report(summary))
     render_build_chart(summary, out / "report.png")
     return summary
+
+
+def build_folder_problem(out: Path) -> str | None:
+    """Why `build` may not write into the existing folder `out`, or None: it may if the folder is empty or holds a
+    report.json of an earlier build (`build` replaces its report.* files and, with overwrite, only artifacts of ours:
+    atomic_artifact checks each). Reports written before the format marker count by their own keys."""
+    if out.is_symlink() or not out.is_dir():
+        return "it is not a folder" if out.exists() or out.is_symlink() else None
+    if not any(out.iterdir()):
+        return None
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except FileNotFoundError:
+        return "it is not empty and holds no report.json of an earlier build"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"its report.json cannot be read as JSON ({type(exc).__name__})"
+    if isinstance(report, dict) and (
+        report.get("format") == BUILD_FORMAT
+        or ("format" not in report and isinstance(report.get("artifacts"), list) and "machine" in report)
+    ):
+        return None
+    return f"its report.json does not say format {BUILD_FORMAT!r}"
+
+
+def check_build_folder(out: Path) -> None:
+    """Refuse an existing `out` that `build` may not write into (see build_folder_problem)."""
+    problem = build_folder_problem(out)
+    if problem:
+        raise ArtifactError(
+            f"{out} already exists and is not a vmamba-export build folder ({problem}); refusing to write into it: "
+            "choose a new or empty folder"
+        )
+
+
+def prepare_build_folder(out: Path) -> None:
+    """Create the build folder (and its parents), or check that an existing one is ours to write into."""
+    check_build_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ArtifactError(f"cannot create {out}: a file is in the way") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot create {out}: {exc.strerror or exc}") from None
 
 
 def exit_status(summary: dict, fail_on_parity: bool) -> int:

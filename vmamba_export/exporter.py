@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .artifact import (
+    ARTIFACT_FORMAT,
     MANIFEST,
     MAX_INPUT_SIDE,
     REPORT,
@@ -88,6 +89,7 @@ def export_artifact(
         entry, info = lowering(model, target, folder, options)
         manifest = {
             "schema_version": SCHEMA_VERSION,
+            "format": ARTIFACT_FORMAT,
             "created": utc_now(),
             "model": {"name": cfg.name, "config": cfg.to_dict(), "weights": source.weights},
             "target": {

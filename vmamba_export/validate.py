@@ -91,9 +91,10 @@ def validate_artifact(
     accuracy_source: str | None = None,
     threads: int | None = None,
     show_progress: bool = True,
-    record: bool = True,
+    record: bool = False,
 ) -> dict:
-    """Compare the artifact with its PyTorch fp32 model; record the result in its manifest and report."""
+    """Compare the artifact with its PyTorch fp32 model; with `record`, also write the result into its manifest and
+    report (by default nothing is written: the artifact may be read-only)."""
     from .data.sources import load_batch
     from .runtime import load
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..cli import add_json_flag, print_json
 from ._common import int_list, non_negative_int, positive_int, thread_list
 from ._pin import add_expect_sha256, check_pin
+from ._record import add_record_args, check_results_file, finish, save_results
 
 
 def add_parser(sub) -> None:
@@ -24,6 +25,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--runs", type=positive_int, default=20, metavar="N", help="timed calls per point (default 20)")
     add_expect_sha256(p)
+    add_record_args(p, "latency results")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -32,12 +34,21 @@ def run(args: argparse.Namespace) -> int:
     check_pin(args.artifact, args.expect_sha256)  # before anything reads or rewrites the manifest
     from ..bench import bench_artifact
 
+    check_results_file(args.out)
     result = bench_artifact(
-        args.artifact, args.batch, args.threads, args.sizes, args.warmup, args.runs, show_progress=not args.json
+        args.artifact,
+        args.batch,
+        args.threads,
+        args.sizes,
+        args.warmup,
+        args.runs,
+        show_progress=not args.json,
+        record=False,  # recorded below, only when asked, and a failed write must not lose the results
     )
+    errors = save_results(args, "benchmark", result)
     if args.json:
-        print_json(result)
-        return 0
+        print_json(result | ({"error": "; ".join(errors)} if errors else {}))
+        return finish(errors, 0)
     table = Table(title=f"latency of {args.artifact} ({result['machine']})")
     for col in ("batch", "threads", "size", "median ms", "p90 ms", "images/s", "peak RSS MB"):
         table.add_column(col, justify="right")
@@ -52,4 +63,4 @@ def run(args: argparse.Namespace) -> int:
             f"{r['peak_rss_mb']:.0f}",
         )
     Console(width=140).print(table)
-    return 0
+    return finish(errors, 0)

@@ -40,10 +40,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..build import BuildPlan, build, default_targets, exit_status
+    from ..build import BuildPlan, build, check_build_folder, default_targets, exit_status
     from ..model_source import resolve_model
     from ..targets import get_target
 
+    check_build_folder(args.out)  # before loading anything: a folder of the user's is refused at once
     targets = [get_target(t) for t in args.targets] if args.targets else default_targets()
     offered = {p for t in targets for p in t.precisions}
     unknown = [p for p in args.precisions or [] if p not in offered]

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..cli import add_json_flag, print_json
 from ._common import add_model_args, float_range, out_folder, positive_int, source_args
@@ -147,6 +148,24 @@ def validation_accuracy_source(args: argparse.Namespace, target, model_name: str
     return source
 
 
+# What each format's lowering counts in its manifest: (total key, its unit, scan key, its unit).
+_GRAPH_COUNTS = {
+    "coreml": ("mil_ops_total", "MIL ops", "scan_blocks", "scan blocks"),
+    "openvino": ("ov_ops", "OpenVINO ops", "scan_ops", "scan ops"),
+    "tvm": ("nodes", "Relax bindings", "scan_nodes", "scan kernel calls"),
+}
+
+
+def graph_summary(manifest: dict) -> str:
+    """The size of the exported graph in the units of its format; never fails on a lowering that counts less."""
+    lw = manifest["lowering"]
+    total, total_unit, scans, scan_unit = _GRAPH_COUNTS.get(
+        manifest["target"]["runtime"], ("nodes", "ONNX nodes", "scan_nodes", "scan nodes")
+    )
+    parts = [f"{lw[key]} {unit}" for key, unit in ((total, total_unit), (scans, scan_unit)) if key in lw]
+    return ", ".join(parts) or f"scan lowering {lw.get('scan_lowering', '?')}"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..exporter import export_artifact
     from ..model_source import resolve_model
@@ -178,15 +197,16 @@ def run(args: argparse.Namespace) -> int:
         from ..validate import validate_artifact
 
         manifest["validation"] = validate_artifact(
-            args.out, checkpoint=args.checkpoint, accuracy_source=accuracy, show_progress=not args.json
+            args.out, checkpoint=args.checkpoint, accuracy_source=accuracy, show_progress=not args.json, record=True
         )
         status = 0 if manifest["validation"]["status"] == "pass" else 1
     if args.json:
         print_json({"artifact": str(args.out), "manifest": manifest})
     else:
         lw = manifest["lowering"]
+        console = Console(soft_wrap=True)  # the result on stdout, unwrapped; the spinners above were on stderr
         console.print(
-            f"[green]wrote[/green] {args.out}: {lw['nodes']} ONNX nodes, {lw['scan_nodes']} scan nodes, "
+            f"[green]wrote[/green] {escape(str(args.out))}: {graph_summary(manifest)}, "
             f"inputs {manifest['input']['min_size']}..{manifest['input']['max_size']} px"
         )
         tuning = lw.get("tuning")
@@ -194,13 +214,13 @@ def run(args: argparse.Namespace) -> int:
             console.print(
                 f"tuning: {tuning['tuning_seconds']:.0f} s, {tuning['trials']} trials; {tuning['tasks_covered']} of "
                 f"{tuning['tasks']} ops tuned ({tuning['tasks_reused']} from {tuning['database_from'] or '-'}); "
-                f"database in {args.out}/{tuning['database']}"
+                f"database in {escape(str(args.out))}/{tuning['database']}"
             )
         quant = lw.get("quantization")
         if quant:
             console.print(
-                f"int8 {quant['format']} ({quant['method']}, {quant['calibration']['samples']} images from "
-                f"{quant['calibration']['source']}): {len(quant['quantized_layers'])} layers quantized, "
+                f"{args.precision} {quant['format']} ({quant['method']}, {quant['calibration']['samples']} images "
+                f"from {quant['calibration']['source']}): {len(quant['quantized_layers'])} layers quantized, "
                 f"{len(quant['float_layers'])} kept float"
             )
             acc = quant.get("accuracy")

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..cli import add_json_flag, print_json
 from ._common import int_list, positive_int, thread_count
 from ._pin import add_expect_sha256, check_pin
+from ._record import add_record_args, check_results_file, finish, save_results
 
 
 def add_parser(sub) -> None:
@@ -29,6 +30,7 @@ def add_parser(sub) -> None:
         "--threads", type=thread_count, metavar="N", help="threads for the artifact's runtime (default: its own)"
     )
     add_expect_sha256(p)
+    add_record_args(p, "parity results")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_pin(args.artifact, args.expect_sha256)  # before anything reads or rewrites the manifest
     from ..validate import validate_artifact
 
+    check_results_file(args.out)
     result = validate_artifact(
         args.artifact,
         images=args.images,
@@ -46,9 +49,11 @@ def run(args: argparse.Namespace) -> int:
         accuracy_source=args.accuracy,
         threads=args.threads,
         show_progress=not args.json,
+        record=False,  # recorded below, only when asked, and a failed write must not lose the results
     )
+    errors = save_results(args, "validation", result)
     if args.json:
-        print_json(result)
+        print_json(result | ({"error": "; ".join(errors)} if errors else {}))
     else:
         table = Table(title=f"parity of {args.artifact} ({result['num_images']} images from {result['images']})")
         for col in ("size", "max abs", "rel L2", "cosine min", "top-1 agree", "verdict"):
@@ -70,4 +75,4 @@ def run(args: argparse.Namespace) -> int:
                 f"top-1 on {a['source']}: artifact {a['artifact_top1']:.4f}, PyTorch {a['torch_top1']:.4f} "
                 f"({a['num_images']} images)"
             )
-    return 0 if result["status"] == "pass" else 1
+    return finish(errors, 0 if result["status"] == "pass" else 1)
