@@ -20,6 +20,7 @@ from .errors import TargetUnavailableError
 from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
+from .references import write_references
 from .targets import Target
 
 
@@ -64,6 +65,8 @@ def export_artifact(
     lowering = get_lowering(target)
     with atomic_artifact(Path(out), overwrite=overwrite) as folder:
         entry, info = lowering(model, target, folder, options)
+        # Inputs and PyTorch fp32 logits for the device's self-check (validate without torch): hashed in files.
+        references = write_references(folder, model, cfg.input, info.get("min_size"), options.max_size)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": utc_now(),
@@ -91,6 +94,7 @@ def export_artifact(
             "output": {"name": "logits", "shape": ["batch", cfg.num_classes], "num_classes": cfg.num_classes},
             "lowering": info,
             "entry": entry,
+            "references": references,
             "files": file_entries(folder),
             "toolchain": toolchain_versions(target.export_packages),
             "thresholds": target.thresholds_for(precision),
