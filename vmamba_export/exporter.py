@@ -21,6 +21,7 @@ from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
 from .platforms import PLATFORMS, cannot_build_reason, get_platform, host_platform, platform_record
+from .references import write_references
 from .targets import Target
 
 
@@ -79,6 +80,8 @@ def export_artifact(
     lowering = get_lowering(target)
     with atomic_artifact(Path(out), overwrite=overwrite) as folder:
         entry, info = lowering(model, target, folder, options)
+        # Inputs and PyTorch fp32 logits for the device's self-check (validate without torch): hashed in files.
+        references = write_references(folder, model, cfg.input, info.get("min_size"), options.max_size)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": utc_now(),
@@ -107,6 +110,7 @@ def export_artifact(
             "lowering": info,
             "entry": entry,
             "platform": platform_record(options.platform, folder),
+            "references": references,
             "files": file_entries(folder),
             "toolchain": toolchain_versions(target.export_packages),
             "thresholds": target.thresholds_for(precision),

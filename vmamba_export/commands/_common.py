@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import DEFAULT_MODEL
+# models.configs.DEFAULT_MODEL, spelled out: importing vmamba_export.models imports torch, and building the parser
+# (every command's --help) must not (tests/test_runtime_only.py checks the two agree).
+DEFAULT_MODEL = "vmamba_digits_v2"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
