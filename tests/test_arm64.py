@@ -278,5 +278,5 @@ def test_workflow_runs_the_aarch64_artifacts_on_an_arm_runner_without_torch():
     installs = [line for line in arm_runs.splitlines() if "pip install" in line]
     assert installs and not any("torch" in line or "export" in line for line in installs)
     assert "setup.sh" not in arm_runs and 'python -c "import torch"' in arm_runs
-    assert "vmamba-export\" validate" in arm_runs and "benchmarks/arm64_bench.py" in arm_runs
+    assert 'vmamba-export" validate' in arm_runs and "benchmarks/arm64_bench.py" in arm_runs
     assert any("upload-artifact" in s.get("uses", "") for s in arm["steps"])
