@@ -17,6 +17,17 @@ import sys
 
 from .errors import VMambaExportError
 
+# Modules of the builder side and of the optional image sources -> the extra that installs them: a command that needs
+# one where it is missing (a runtime-only install) says so in one line instead of a traceback.
+MISSING_EXTRA = {
+    "torch": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "safetensors": "export",
+    "sklearn": "data",
+    "skimage": "data",
+}
+
 COMMANDS = ("models", "inspect", "targets", "export", "validate", "bench", "predict", "build")
 
 
@@ -122,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _report(one_line(str(exc)), type(exc).__name__, as_json)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = MISSING_EXTRA.get((exc.name or "").partition(".")[0])
+        if extra is None or args.debug:
+            raise
+        print(
+            f"error: {args.command} needs the {extra} extra: pip install 'vmamba-export[{extra}]' "
+            f"({exc.name} is not installed)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -15,7 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..models import DEFAULT_MODEL
+# models.configs.DEFAULT_MODEL, spelled out: importing vmamba_export.models imports torch, and building the parser
+# (every command's --help) must not (tests/test_runtime_only.py checks the two agree).
+DEFAULT_MODEL = "vmamba_digits_v2"
 
 MAX_THREADS = 1024  # more threads than any machine here has cores; a typo like 20000 should not spawn them
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range (non-negative half)
@@ -176,3 +178,14 @@ def print_fitting_table(
             break
         shown.remove(max(optional, key=lambda i: columns[i][2]))
     console.print(table)
+
+
+def add_platform_arg(p: argparse.ArgumentParser) -> None:
+    from ..platforms import PLATFORMS, host_platform
+
+    p.add_argument(
+        "--platform",
+        choices=sorted(PLATFORMS),
+        help=f"platform the artifacts are built for (default: this machine, {host_platform()}); another one is "
+        "cross-built (docs/platforms.md)",
+    )

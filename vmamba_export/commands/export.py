@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args, float_range, out_folder, positive_int, source_args
+from ._common import add_model_args, add_platform_arg, float_range, out_folder, positive_int, source_args
 
 
 def add_parser(sub) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
         help="also validate parity on the built-in photos (w8/w8a8: and top-1 on --accuracy, digits:holdout for "
         "the bundled digits models)",
     )
+    add_platform_arg(p)
     p.add_argument(
         "--layout",
         choices=("channels-last", "channels-first"),
@@ -190,15 +191,27 @@ def run(args: argparse.Namespace) -> int:
     )
     with busy:
         manifest = export_artifact(
-            source, target, args.out, args.precision, args.max_size, args.overwrite, options=int8_options(args)
+            source,
+            target,
+            args.out,
+            args.precision,
+            args.max_size,
+            args.overwrite,
+            options=int8_options(args),
+            platform=args.platform,
         )
     status = 0
     if args.validate:
         from ..validate import validate_artifact
 
-        manifest["validation"] = validate_artifact(
-            args.out, checkpoint=args.checkpoint, accuracy_source=accuracy, show_progress=not args.json, record=True
-        )
+        if _foreign(manifest):  # built for another platform: its self-check under an emulator, or a clear no
+            from ..emulation import validate_emulated
+
+            manifest["validation"] = validate_emulated(args.out, manifest["platform"]["name"])
+        else:
+            manifest["validation"] = validate_artifact(
+                args.out, checkpoint=args.checkpoint, accuracy_source=accuracy, show_progress=not args.json, record=True
+            )
         status = 0 if manifest["validation"]["status"] == "pass" else 1
     if args.json:
         print_json({"artifact": str(args.out), "manifest": manifest})
@@ -233,3 +246,11 @@ def run(args: argparse.Namespace) -> int:
         if manifest.get("validation"):
             console.print(f"parity: {manifest['validation']['status']}")
     return status
+
+
+def _foreign(manifest: dict) -> bool:
+    """Whether the artifact holds native code for a platform other than this machine's."""
+    from ..platforms import host_platform
+
+    record = manifest["platform"]
+    return record["name"] != host_platform() and not record["runs_anywhere"]

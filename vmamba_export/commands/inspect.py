@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint import inspect_checkpoint
 from ..cli import add_json_flag, print_json
 from ..errors import CheckpointError
 from ._common import add_key_args
@@ -72,6 +71,8 @@ def _print_report(r: dict, model: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import inspect_checkpoint
+
     labels = None
     if args.labels is not None:
         from ..model_source import read_labels

@@ -7,8 +7,6 @@ import argparse
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ..models import DEFAULT_MODEL, list_configs
-from ..models.flops import count_flops, count_parameters
 from ._common import print_fitting_table
 
 
@@ -19,6 +17,9 @@ def add_parser(sub) -> None:
 
 
 def describe_models() -> list[dict]:
+    from ..models import DEFAULT_MODEL, list_configs
+    from ..models.flops import count_flops, count_parameters
+
     rows = []
     for cfg in list_configs():
         rows.append(

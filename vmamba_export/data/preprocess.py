@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import InputError
-from ..models.configs import InputSpec
+from ..input_spec import InputSpec
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

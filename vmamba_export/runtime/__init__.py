@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..artifact import read_manifest, verify_files
 from ..errors import TargetUnavailableError
+from .platform_check import check_platform
 from .predictor import Predictor
 
 _BACKENDS = {
@@ -30,6 +31,7 @@ def load(
     manifest = read_manifest(folder, expected_sha256=expected_sha256)
     if verify:
         verify_files(folder, manifest)
+    check_platform(folder, manifest)  # before any library of the artifact is loaded
     runtime = manifest["target"].get("runtime")
     if runtime not in _BACKENDS:
         raise TargetUnavailableError(f"artifact {folder} needs runtime {runtime!r}, which this loader does not know")
