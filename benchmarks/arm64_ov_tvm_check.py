@@ -11,19 +11,20 @@ its Python with `qemu-aarch64-static -L ARM64_ROOT`, which also serves ARM64_ROO
 x86 one (written here if absent: OpenVINO's and ONNX Runtime's CPU probes read it and crash on an x86 file).
 
 Steps:
-1. The device's packages, what a board would pip install: openvino, openvino-telemetry, numpy and apache-tvm-ffi as
-   aarch64 wheels (pip download --platform ...), installed into OUT/site-aarch64; and TVM's runtime library,
-   libtvm_runtime.so, taken alone from the aarch64 apache-tvm wheel (the 240 MB compiler library stays out).
-2. For each model and case, two artifacts through the exporter: one for this machine and one with
-   ExportOptions.extra["platform"] = "linux-aarch64" (OpenVINO: the same IR with the extension cross-compiled against
-   the aarch64 openvino wheel; TVM: code for aarch64-linux-gnu, linked by aarch64-linux-gnu-g++).
-3. The reference inputs (the built-in real photos, preprocessed), the PyTorch fp32 logits (scan in plain torch) and
-   the x86 artifact's outputs, computed here.
-4. This same file, run by the emulated aarch64 Python in `--device` mode: no torch, no compiler, only the runtime
-   packages of step 1; it loads each aarch64 artifact with vmamba_export's own backend (files verified against their
-   hashes) and writes its outputs.
-5. Parity: the aarch64 outputs against the x86 artifact's (fp32 rel L2 within the target's fp32 limit) and against
-   PyTorch fp32 (the target's thresholds for the precision: rel L2 for fp32, cosine for bf16 and int8).
+1. The device's packages, what a board would pip install: the runtime install (numpy, pillow, rich) plus openvino,
+   openvino-telemetry and apache-tvm-ffi as aarch64 wheels (pip download --platform ...), installed into
+   OUT/site-aarch64; and TVM's runtime library, libtvm_runtime.so, taken alone from the aarch64 apache-tvm wheel
+   (the 240 MB compiler library stays out). No torch, no onnx, no compiler.
+2. For each model and case, two artifacts through the exporter: one for this machine and one for linux-aarch64
+   (export_artifact(platform=...); OpenVINO: the same IR, the extension cross-compiled against the aarch64 openvino
+   wheel; TVM: code for aarch64-linux-gnu, linked by aarch64-linux-gnu-g++). Each carries its reference inputs and
+   PyTorch fp32 logits (references.npz); the x86 artifact's self-check and outputs are computed here.
+3. This same file, run by the emulated aarch64 Python in `--device` mode, with this package from its source tree and
+   only the packages of step 1: for each aarch64 artifact, the self-check `vmamba-export validate DIR` runs (against
+   the references it carries, thresholds of its target and precision), and its outputs on the reference inputs are
+   written for step 4.
+4. Parity of the aarch64 outputs with the x86 artifact's: fp32 within the target's fp32 rel L2 limit; bf16 and int8
+   (whose kernels differ per instruction set) within the precision's cosine bound.
 
 Emulation is for correctness only: nothing here times anything (qemu runs hundreds of times slower than hardware).
 """
@@ -31,7 +32,6 @@ Emulation is for correctness only: nothing here times anything (qemu runs hundre
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import subprocess
@@ -62,61 +62,43 @@ FAKE_CPUINFO = "".join(
 # Device side: runs under qemu in the aarch64 Python, with numpy + openvino / tvm_ffi only (no torch).
 
 
-def _import_runtime_side():
-    """vmamba_export's artifact reader and backends without the package's __init__ (which imports the models, hence
-    torch, until the runtime is split from the builder): the package and its runtime subpackage are registered as
-    bare namespaces, so only the modules named here, and what they import, are loaded."""
-    import types
-
-    for name, path in (
-        ("vmamba_export", REPO / "vmamba_export"),
-        ("vmamba_export.runtime", REPO / "vmamba_export" / "runtime"),
-    ):
-        module = types.ModuleType(name)
-        module.__path__ = [str(path)]
-        sys.modules[name] = module
-    from vmamba_export.artifact import read_manifest, verify_files
-    from vmamba_export.runtime.openvino_backend import OpenVinoBackend
-    from vmamba_export.runtime.tvm_backend import TvmBackend
-
-    return read_manifest, verify_files, {"openvino": OpenVinoBackend, "tvm": TvmBackend}
-
-
 def device_main(jobs_file: Path) -> int:
+    """The emulated side: self-check and outputs of every aarch64 artifact, one JSON line each."""
     import platform
     import warnings
 
-    read_manifest, verify_files, backends = _import_runtime_side()
+    sys.path.insert(0, str(REPO))
+    from vmamba_export.references import read_references
+    from vmamba_export.runtime import load
+    from vmamba_export.validate import run_predictor, validate_artifact
+
     jobs = json.loads(jobs_file.read_text())
     results = []
     for job in jobs:
         folder = Path(job["aarch64"])
-        record = {"name": job["name"], "machine": platform.machine()}
+        record = {"name": job["name"], "machine": platform.machine(), "torch": _importable("torch")}
         try:
-            manifest = read_manifest(folder)
-            verify_files(folder, manifest)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                backend = backends[manifest["target"]["runtime"]](folder, manifest, threads=2)
-            record["warnings"] = [str(w.message) for w in caught]
-            batch = np.load(job["inputs"])
-            out = np.concatenate([backend.run(batch[i : i + 8]) for i in range(0, len(batch), 8)])
-            np.save(job["device_out"], out)
-            record["evaluated_with"] = getattr(backend, "evaluated_with", None) or _openvino_label()
+                # the self-check, as `vmamba-export validate DIR` runs it (recorded in the artifact's manifest)
+                validation = validate_artifact(folder, show_progress=False)
+                predictor = load(folder, threads=2)
+            record["warnings"] = sorted({str(w.message) for w in caught})
+            record["self_check"] = {k: validation[k] for k in ("mode", "status", "runs", "evaluated_with")}
+            inputs, _, _ = read_references(folder, predictor.manifest)
+            np.save(job["device_out"], run_predictor(predictor, inputs))
             record["ok"] = True
         except Exception as exc:  # noqa: BLE001 (each artifact reports its own failure; the others still run)
             record.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
         print(json.dumps(record), flush=True)
         results.append(record)
-    (jobs_file.parent / "device_results.json").write_text(json.dumps(results, indent=1))
     return 0
 
 
-def _openvino_label() -> str:
-    import openvino as ov
+def _importable(name: str) -> bool:
+    import importlib.util
 
-    core = ov.Core()
-    return f"OpenVINO {ov.__version__.split('-')[0]} CPU plugin ({core.get_property('CPU', 'FULL_DEVICE_NAME')})"
+    return importlib.util.find_spec(name) is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,10 +126,13 @@ def prepare_site(work: Path) -> tuple[Path, Path]:
     stamp = site / ".versions.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == versions and (tvm_lib / "libtvm_runtime.so").is_file():
         return site, tvm_lib
+    # the runtime install (scripts/arm64_env.sh: numpy, pillow, rich) plus the two runtimes checked here
     runtime = [
+        "numpy",
+        "pillow>=10",
+        "rich>=13",
         f"openvino=={versions['openvino']}",
         "openvino-telemetry",
-        "numpy",
         f"apache-tvm-ffi=={versions['apache-tvm-ffi']}",
     ]
     _pip("download", "--quiet", *_platform_args(), *runtime, "-d", str(wheels))
@@ -191,53 +176,44 @@ def ensure_cpuinfo(root: Path) -> None:
 
 
 def build_artifacts(models: list[str], cases: list[tuple[str, str]], out: Path, show: bool) -> list[dict]:
-    """x86 and aarch64 artifacts of every (model, target, precision), the reference inputs, PyTorch fp32 logits and
-    the x86 artifacts' outputs; returns one job per pair."""
-    import vmamba_export
-    from vmamba_export.data.sources import load_batch
+    """x86 and aarch64 artifacts of every (model, target, precision), the x86 one's self-check and its outputs on the
+    reference inputs; returns one job per pair."""
     from vmamba_export.exporter import export_artifact
     from vmamba_export.lowering import ExportOptions
     from vmamba_export.model_source import resolve_model
-    from vmamba_export.scan.op import torch_scan
+    from vmamba_export.references import read_references
+    from vmamba_export.runtime import load
     from vmamba_export.targets import get_target
-    from vmamba_export.validate import run_predictor, run_torch
+    from vmamba_export.validate import run_predictor, validate_artifact
 
     jobs = []
     for model_name in models:
         source = resolve_model(model_name)
-        spec = source.model.config.input
-        batch, _, _ = load_batch("builtin", spec)
-        inputs = out / f"{model_name}-inputs.npy"
-        np.save(inputs, batch)
-        reference = copy.deepcopy(source.model)  # the exports below need the model's own scan op, untouched
-        reference.set_scan(torch_scan)
-        torch_out = out / f"{model_name}-torch.npy"
-        np.save(torch_out, run_torch(reference, batch))
         for target_name, precision in cases:
             target = get_target(target_name)
             name = f"{model_name}-{target_name}-{precision}"
             folders = {}
-            for plat in ("x86_64", "aarch64"):
+            for plat in ("linux-x86_64", PLATFORM):
                 folder = out / plat / name
                 start = time.perf_counter()
                 options = ExportOptions(extra={"show_progress": False})
-                if plat == "aarch64":
-                    options.extra["platform"] = PLATFORM
-                export_artifact(source, target, folder, precision, options=options, overwrite=True)
+                export_artifact(source, target, folder, precision, options=options, overwrite=True, platform=plat)
                 if show:
                     print(f"built {plat}/{name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
                 folders[plat] = folder
+            x86_check = validate_artifact(folders["linux-x86_64"], show_progress=False)
+            predictor = load(folders["linux-x86_64"])
+            inputs, _, _ = read_references(folders["linux-x86_64"], predictor.manifest)
             x86_out = out / f"{name}-x86_64.npy"
-            np.save(x86_out, run_predictor(vmamba_export.load(folders["x86_64"]), batch))
+            np.save(x86_out, run_predictor(predictor, inputs))
             jobs.append(
                 {
                     "name": name,
                     "target": target_name,
                     "precision": precision,
-                    "x86_64": str(folders["x86_64"]),
-                    "aarch64": str(folders["aarch64"]),
-                    "inputs": str(inputs),
-                    "torch_out": str(torch_out),
+                    "x86_64": str(folders["linux-x86_64"]),
+                    "aarch64": str(folders[PLATFORM]),
+                    "x86_self_check": {k: x86_check[k] for k in ("status", "runs")},
                     "x86_out": str(x86_out),
                     "device_out": str(out / f"{name}-aarch64.npy"),
                 }
@@ -275,76 +251,72 @@ def run_emulated(root: Path, site: Path, tvm_lib: Path, jobs_file: Path, qemu_cp
 
 def compare(jobs: list[dict], records: dict) -> list[dict]:
     from vmamba_export.artifact import read_manifest
+    from vmamba_export.references import read_references
     from vmamba_export.validate import parity_metrics, threshold_failures
 
     rows = []
     for job in jobs:
         record = records.get(job["name"], {"ok": False, "error": "not run"})
-        row = {"name": job["name"], "target": job["target"], "precision": job["precision"], **record}
+        row = {**job, **record}
         manifest = read_manifest(Path(job["aarch64"]))
-        thresholds = manifest.get("thresholds", {})
-        fp32_limit = read_manifest(Path(job["x86_64"]))["thresholds"]  # the target's fp32 limits are for fp32 only
-        ir_same = _same_model_files(Path(job["x86_64"]), Path(job["aarch64"]), manifest)
-        row["model_files_identical"] = ir_same
+        x86_manifest = read_manifest(Path(job["x86_64"]))
+        row["model_files_identical"] = _same_model_files(x86_manifest, manifest)
+        row["binaries"] = manifest["platform"]["binaries"]
+        failures = []
         if record.get("ok"):
-            device = np.load(job["device_out"])
-            x86 = np.load(job["x86_out"])
-            torch_ref = np.load(job["torch_out"])
-            vs_x86 = parity_metrics(device, x86)
-            vs_torch = parity_metrics(device, torch_ref)
-            failures = threshold_failures(vs_torch, thresholds)
-            if job["precision"] == "fp32":
-                failures += [f"vs x86: {f}" for f in threshold_failures(vs_x86, fp32_limit)]
-            else:  # bf16/int8 kernels differ per ISA: the precision's bound, as against torch
-                failures += [f"vs x86: {f}" for f in threshold_failures(vs_x86, thresholds)]
-            row.update(vs_x86=vs_x86, vs_torch=vs_torch, thresholds=thresholds, failures=failures, passed=not failures)
+            x86_inputs = read_references(Path(job["x86_64"]), x86_manifest)[0]
+            if not np.array_equal(x86_inputs, read_references(Path(job["aarch64"]), manifest)[0]):
+                failures.append("the two artifacts carry different reference inputs")
+            vs_x86 = parity_metrics(np.load(job["device_out"]), np.load(job["x86_out"]))
+            # fp32: the target's fp32 limits; bf16/int8 kernels differ per instruction set: the precision's bound
+            limits = read_manifest(Path(job["x86_64"]))["thresholds"] if job["precision"] == "fp32" else None
+            limits = limits or manifest["thresholds"]
+            failures += [f"vs x86: {f}" for f in threshold_failures(vs_x86, limits)]
+            if record["self_check"]["status"] != "pass":
+                failures += [f"self-check: {f}" for r in record["self_check"]["runs"] for f in r["failures"]]
+            row["vs_x86"] = vs_x86
         else:
-            row.update(passed=False, failures=[record.get("error", "failed")])
-        row["libraries"] = manifest["lowering"].get("platform"), _elf_machines(Path(job["aarch64"]))
+            failures.append(record.get("error", "failed"))
+        if any(machine != "aarch64" for machine in row["binaries"].values()):
+            failures.append(f"binaries not all aarch64: {row['binaries']}")
+        row.update(failures=failures, passed=not failures)
         rows.append(row)
     return rows
 
 
-def _same_model_files(a: Path, b: Path, manifest: dict) -> bool:
-    """Whether the two artifacts' files other than native libraries are byte-identical (the OpenVINO IR is
-    platform-neutral; TVM's library is all native code, so it has none)."""
-    from vmamba_export.artifact import read_manifest
-
-    other = read_manifest(a)["files"]
-    names = [n for n in manifest["files"] if not n.endswith(".so")]
-    return bool(names) and all(other.get(n, {}).get("sha256") == manifest["files"][n]["sha256"] for n in names)
-
-
-def _elf_machines(folder: Path) -> dict:
-    from vmamba_export.build_kernels import elf_machine
-
-    return {p.name: elf_machine(p) for p in sorted(folder.glob("*.so"))}
+def _same_model_files(x86: dict, aarch64: dict) -> bool:
+    """Whether the two artifacts' model files other than native libraries and references are byte-identical (the
+    OpenVINO IR is platform-neutral; a TVM library is all native code, so False there)."""
+    names = [n for n in aarch64["files"] if not n.endswith((".so", ".npz"))]
+    return bool(names) and all(x86["files"].get(n, {}).get("sha256") == aarch64["files"][n]["sha256"] for n in names)
 
 
 def render(rows: list[dict], qemu_cpu: str) -> str:
     lines = [
-        f"aarch64 artifacts under qemu ({QEMU}, -cpu {qemu_cpu or 'default'}) vs the x86-64 artifacts and PyTorch fp32",
+        f"aarch64 artifacts under qemu ({QEMU}, -cpu {qemu_cpu or 'default (armv8.2-a+)'}; torch-free runtime), "
+        "against the x86-64 artifacts built in the same run",
         "",
-        "| artifact | aarch64 run | rel L2 vs x86 | cosine vs x86 | rel L2 vs torch | cosine vs torch | top-1 vs torch "
-        "| model files = x86 | result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| artifact | self-check x86 | self-check aarch64 (rel L2 / cosine / top-1 vs PyTorch fp32) | vs x86: rel L2 "
+        "| vs x86: cosine | IR = x86 | result |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        x86 = r["x86_self_check"]["status"]
         if r.get("ok"):
-            x, t = r["vs_x86"], r["vs_torch"]
-            cells = [f"{x['rel_l2']:.2e}", f"{x['cosine_min']:.6f}", f"{t['rel_l2']:.2e}", f"{t['cosine_min']:.6f}"]
-            cells.append(f"{t['top1_agreement']:.2f}")
+            run = r["self_check"]["runs"][0]
+            device = f"{r['self_check']['status']} ({run['rel_l2']:.2e} / {run['cosine_min']:.6f} / "
+            device += f"{run['top1_agreement']:.2f})"
+            x = [f"{r['vs_x86']['rel_l2']:.2e}", f"{r['vs_x86']['cosine_min']:.6f}"]
         else:
-            cells = ["-"] * 5
+            device, x = "did not run", ["-", "-"]
+        same = "yes" if r["model_files_identical"] else "no"
         result = "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
-        ran = "ran" if r.get("ok") else "failed"
-        lines.append(f"| {r['name']} | {ran} | {' | '.join(cells)} | {r['model_files_identical']} | {result} |")
+        lines.append(f"| {r['name']} | {x86} | {device} | {x[0]} | {x[1]} | {same} | {result} |")
     lines.append("")
     for r in rows:
         if r.get("ok"):
-            lines.append(f"- {r['name']}: {r['evaluated_with']}; binaries {r['libraries'][1]}")
-            for w in r.get("warnings", []):
-                lines.append(f"  - warning: {w}")
+            lines.append(f"- {r['name']}: {r['self_check']['evaluated_with']}; torch importable there: {r['torch']}")
+            lines += [f"  - warning there: {w}" for w in r.get("warnings", [])]
     return "\n".join(lines)
 
 

@@ -19,3 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 python -m vmamba_export.build_kernels --quiet
+# The linux-aarch64 libraries too where the cross compiler is installed (docs/platforms.md; nothing is installed here).
+if command -v aarch64-linux-gnu-g++ >/dev/null; then
+  python -m vmamba_export.build_kernels --quiet --platform linux-aarch64
+fi

@@ -3,6 +3,12 @@
 What CI runs per hardware target. A target this machine cannot run is still built where possible and marked
 "not validated here"; a failure of one artifact is recorded and the others go on; `fail_on_parity` turns parity
 failures into a failing exit status for CI.
+
+With a platform other than this machine's (`--platform linux-aarch64` on x86-64), the artifacts are cross-built;
+targets that cannot be built for it are listed with the reason (platforms.py). Each artifact is then validated by
+its self-check under an emulator when one is set up (emulation.py; scripts/arm64_env.sh), else an artifact without
+native code (onnx-portable) is validated here and the rest are marked "built for <platform>, not run here".
+Nothing is benchmarked off its own platform: an emulator's speed says nothing about the hardware.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class BuildPlan:
     runs: int = 20
     warmup: int = 5
     bench: bool = True
+    platform: str | None = None  # platforms.py name; None: this machine's
 
     def precisions_for(self, target: Target) -> list[str]:
         if self.precisions is None:
@@ -54,7 +61,9 @@ def default_sources(model_name: str) -> tuple[str | None, str | None]:
 
 def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
     from .bench import bench_artifact, machine_description
+    from .emulation import emulated_python, emulator_description, validate_emulated
     from .exporter import export_artifact
+    from .platforms import cannot_build_reason, host_platform
     from .validate import validate_artifact
 
     out = Path(out)
@@ -63,6 +72,8 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
     accuracy_default, calib_default = default_sources(name)
     accuracy_source = plan.accuracy_source or accuracy_default
     jobs = [(t, p) for t in plan.targets for p in plan.precisions_for(t)]
+    platform = plan.platform or host_platform()
+    cross = platform != host_platform()
     rows = []
     with progress_bar(show_progress) as progress:
         task = progress.add_task("build", total=len(jobs))
@@ -70,15 +81,33 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
             folder = out / f"{name}-{target.name}-{precision}"
             row = {"target": target.name, "precision": precision, "artifact": str(folder), "status": "built"}
             progress.update(task, description=f"{target.name} {precision}")
+            why_not = cannot_build_reason(target.name, platform) if cross else None
+            if why_not:
+                row.update(status=f"not built for {platform}", note=why_not)
+                rows.append(row)
+                progress.advance(task)
+                continue
             try:
                 options = ExportOptions(
                     calib=plan.calib or calib_default or "builtin",
                     calib_samples=plan.calib_samples,
                     accuracy_source=accuracy_source,
                 )
-                export_artifact(source, target, folder, precision, overwrite=overwrite, options=options)
+                manifest = export_artifact(
+                    source, target, folder, precision, overwrite=overwrite, options=options, platform=plan.platform
+                )
                 can_run, why = target.can_run()
-                if not can_run:
+                if cross and emulated_python(platform) is not None:
+                    validation = validate_emulated(folder, platform)
+                    row["parity"] = validation["status"]
+                    row["runs"] = validation["runs"]
+                    row["accuracy"] = validation["accuracy"]
+                    row["note"] = f"self-check on {emulator_description(platform)}"
+                    row["status"] = "validated" if validation["status"] == "pass" else "parity failed"
+                elif cross and not manifest["platform"]["runs_anywhere"]:
+                    row["status"] = f"built for {platform}, not run here"
+                    row["note"] = "no emulator set up (bash scripts/arm64_env.sh)"
+                elif not can_run:
                     row["status"] = "not validated here"
                     row["note"] = why
                 else:
@@ -92,7 +121,9 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
                     row["parity"] = validation["status"]
                     row["runs"] = validation["runs"]
                     row["accuracy"] = validation["accuracy"]
-                    if plan.bench:
+                    if cross:
+                        row["note"] = f"no native code: validated on {host_platform()}"
+                    if plan.bench and not cross:
                         bench = bench_artifact(
                             folder,
                             plan.batches,
@@ -116,6 +147,7 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
         "model": name,
         "weights": source.weights,
         "machine": machine_description(),
+        "platform": platform,
         "accuracy_source": accuracy_source,
         "images": plan.images,
         "artifacts": rows,

@@ -10,6 +10,17 @@ import sys
 
 from .errors import VMambaExportError
 
+# Modules of the builder side and of the optional image sources -> the extra that installs them: a command that needs
+# one where it is missing (a runtime-only install) says so in one line instead of a traceback.
+MISSING_EXTRA = {
+    "torch": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "safetensors": "export",
+    "sklearn": "data",
+    "skimage": "data",
+}
+
 COMMANDS = ("models", "inspect", "targets", "export", "validate", "bench", "predict", "build")
 
 
@@ -50,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = MISSING_EXTRA.get((exc.name or "").partition(".")[0])
+        if extra is None or args.debug:
+            raise
+        print(
+            f"error: {args.command} needs the {extra} extra: pip install 'vmamba-export[{extra}]' "
+            f"({exc.name} is not installed)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,6 +20,8 @@ from .errors import TargetUnavailableError
 from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
+from .platforms import PLATFORMS, cannot_build_reason, get_platform, host_platform, platform_record
+from .references import write_references
 from .targets import Target
 
 
@@ -36,6 +38,17 @@ def runtime_version(runtime: str) -> str | None:
     return None
 
 
+def check_platform_for(target: Target, platform: str | None) -> str:
+    """The platform name to build `target` for (None: this machine's); raises when the target cannot be built for it."""
+    if platform is None and host_platform() not in PLATFORMS:
+        return host_platform()  # e.g. macOS: builds for itself, as before platforms existed
+    name = get_platform(platform).name
+    why = cannot_build_reason(target.name, name)
+    if why:
+        raise TargetUnavailableError(f"target {target.name} cannot be built for {name}: {why}")
+    return name
+
+
 def export_artifact(
     source: ModelSource,
     target: Target,
@@ -44,14 +57,17 @@ def export_artifact(
     max_size: int | None = None,
     overwrite: bool = False,
     options: ExportOptions | None = None,
+    platform: str | None = None,
 ) -> dict:
     """Build the artifact folder `out`; returns its manifest. Nothing is left at `out` if anything fails.
 
-    `options` (precision-specific settings such as calibration) is optional; `precision` and `max_size` override it.
+    `options` (precision-specific settings such as calibration) is optional; `precision`, `max_size` and `platform`
+    (platforms.py name; default: this machine's) override it.
     """
     options = options or ExportOptions()
     options.precision = precision
     options.max_size = max_size or target.default_max_size
+    options.platform = check_platform_for(target, platform or options.platform)
     if precision not in target.precisions:
         raise TargetUnavailableError(
             f"target {target.name} does not offer precision {precision!r}; it offers {', '.join(target.precisions)}"
@@ -64,6 +80,8 @@ def export_artifact(
     lowering = get_lowering(target)
     with atomic_artifact(Path(out), overwrite=overwrite) as folder:
         entry, info = lowering(model, target, folder, options)
+        # Inputs and PyTorch fp32 logits for the device's self-check (validate without torch): hashed in files.
+        references = write_references(folder, model, cfg.input, info.get("min_size"), options.max_size)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "created": utc_now(),
@@ -91,6 +109,8 @@ def export_artifact(
             "output": {"name": "logits", "shape": ["batch", cfg.num_classes], "num_classes": cfg.num_classes},
             "lowering": info,
             "entry": entry,
+            "platform": platform_record(options.platform, folder),
+            "references": references,
             "files": file_entries(folder),
             "toolchain": toolchain_versions(target.export_packages),
             "thresholds": target.thresholds_for(precision),

@@ -111,6 +111,7 @@ def render_build_report(summary: dict) -> str:
         "",
         f"- Weights: {weights.get('kind')} {weights.get('path') or weights.get('name')}",
         f"- Machine: {summary['machine']}",
+        f"- Built for: {summary.get('platform') or '-'}",
         f"- Parity images: {summary['images']}; labelled accuracy source: {summary.get('accuracy_source') or '-'}",
         "",
         "| target | precision | status | rel L2 | cosine min | top-1 agree | top-1 acc | median ms | p90 ms | img/s |",

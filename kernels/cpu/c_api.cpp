@@ -77,7 +77,7 @@ __attribute__((visibility("default"))) int vmamba_selective_scan_2d_f32(
   return 2;
 }
 
-// The instruction-set variant in use ("x86-64-v4", "x86-64-v3", "generic"), for benchmarks and bug reports.
+// The instruction-set variant in use (selective_scan_2d.h: scan_isa), for benchmarks and bug reports.
 __attribute__((visibility("default"))) const char* vmamba_scan_isa(void) { return vmamba::scan_isa(); }
 
 }  // extern "C"

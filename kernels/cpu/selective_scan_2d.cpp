@@ -4,8 +4,11 @@
 // variant's flags (x86-64: `generic` with the baseline flags, `x86_64_v3` with -march=x86-64-v3 (AVX2/FMA),
 // `x86_64_v4` with -march=x86-64-v4 (AVX-512)); exactly one compile also defines VMAMBA_SCAN_DISPATCH and gets the
 // public functions, which pick a variant at run time from CPUID. So the shipped library runs on any x86-64 CPU and
-// still uses the widest vectors the machine has; -march=native is never used. Other architectures build `generic`
-// alone. The vector code uses GCC/Clang vector extensions, which each compile lowers to its own ISA.
+// still uses the widest vectors the machine has; -march=native is never used. aarch64 (vmamba_export/platforms.py):
+// `armv8_a` (-march=armv8-a, NEON) holds the dispatcher and `armv8_2_a` (-march=armv8.2-a+fp16+dotprod) is picked
+// when getauxval(AT_HWCAP) reports both HWCAP_ASIMDDP and HWCAP_ASIMDHP, so a Cortex-A53 (Raspberry Pi 3) runs the
+// baseline and a Neoverse / Cortex-A76 the v8.2 code. Other architectures build `generic` alone. The vector code uses
+// GCC/Clang vector extensions, which each compile lowers to its own ISA (4-lane NEON vectors on aarch64).
 //
 // Work decomposition: a work item is (batch, block of 16 channels) and runs all four directions one after the
 // other, so no two threads ever write the same y element and no per-direction y buffers are needed. The item
@@ -28,6 +31,15 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
+#if defined(VMAMBA_SCAN_DISPATCH) && defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDHP
+#define HWCAP_ASIMDHP (1UL << 10)  // arch/arm64/include/uapi/asm/hwcap.h
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
 #endif
 
 #ifndef VMAMBA_SCAN_VARIANT
@@ -490,6 +502,12 @@ const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_f
 const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 }
 #endif
+#if defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
+namespace armv8_2_a {
+const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+}
+#endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
 namespace x86_64_v4 {
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
@@ -526,8 +544,19 @@ Variant pick_variant() {
     return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16};
   }
 #endif
+#if defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
+  // The kernel's CPU, not the build machine's: the Linux kernel reports the features in the aux vector.
+  const unsigned long hwcap = getauxval(AT_HWCAP);
+  if ((hwcap & HWCAP_ASIMDDP) && (hwcap & HWCAP_ASIMDHP) && allowed("armv8.2-a+fp16+dotprod")) {
+    return {"armv8.2-a+fp16+dotprod", armv8_2_a::run, armv8_2_a::run_bf16};
+  }
+#endif
   (void)allowed;
+#if defined(__aarch64__)
+  return {"armv8-a", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16};
+#else
   return {"generic", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16};
+#endif
 }
 
 const Variant& variant() {

@@ -56,8 +56,9 @@ const char* selective_scan_2d_f32(const ScanTensors& tensors, const ScanShape& s
 const char* selective_scan_2d_bf16(const ScanTensorsBf16& tensors, const ScanShape& shape, ParallelFor parallel_for,
                                    void* parallel_ctx);
 
-// The instruction-set variant the dispatcher picked on this CPU: "x86-64-v4", "x86-64-v3" or "generic".
-// The environment variable VMAMBA_SCAN_ISA (same names) forces a lower variant, for tests and benchmarks.
+// The instruction-set variant the dispatcher picked on this CPU: "x86-64-v4", "x86-64-v3" or "generic" on x86-64,
+// "armv8.2-a+fp16+dotprod" or "armv8-a" on aarch64. The environment variable VMAMBA_SCAN_ISA (same names) forces a
+// lower variant, for tests and benchmarks.
 const char* scan_isa();
 
 }  // namespace vmamba

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import DEFAULT_MODEL
+# models.configs.DEFAULT_MODEL, spelled out: importing vmamba_export.models imports torch, and building the parser
+# (every command's --help) must not (tests/test_runtime_only.py checks the two agree).
+DEFAULT_MODEL = "vmamba_digits_v2"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,3 +27,14 @@ def int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def add_platform_arg(p: argparse.ArgumentParser) -> None:
+    from ..platforms import PLATFORMS, host_platform
+
+    p.add_argument(
+        "--platform",
+        choices=sorted(PLATFORMS),
+        help=f"platform the artifacts are built for (default: this machine, {host_platform()}); another one is "
+        "cross-built (docs/platforms.md)",
+    )

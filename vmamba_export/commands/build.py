@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args, int_list
+from ._common import add_model_args, add_platform_arg, int_list
 
 
 def add_parser(sub) -> None:
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     p.add_argument("--overwrite", action="store_true", help="replace existing artifact folders")
     p.add_argument("--fail-on-parity", action="store_true", help="exit 1 if any artifact fails parity (for CI)")
+    add_platform_arg(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         runs=args.runs,
         bench=not args.no_bench,
+        platform=args.platform,
     )
     console = Console(stderr=True)
     with console.status("loading model", spinner="dots"):

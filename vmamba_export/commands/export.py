@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..cli import add_json_flag, print_json
-from ._common import add_model_args
+from ._common import add_model_args, add_platform_arg
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-size", type=int, help="largest input side the artifact must take (target default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--validate", action="store_true", help="also validate parity on the built-in photos")
+    add_platform_arg(p)
     p.add_argument(
         "--layout",
         choices=("channels-last", "channels-first"),
@@ -132,7 +133,14 @@ def run(args: argparse.Namespace) -> int:
     )
     with busy:
         manifest = export_artifact(
-            source, target, args.out, args.precision, args.max_size, args.overwrite, options=int8_options(args)
+            source,
+            target,
+            args.out,
+            args.precision,
+            args.max_size,
+            args.overwrite,
+            options=int8_options(args),
+            platform=args.platform,
         )
     status = 0
     if args.validate:

@@ -8,7 +8,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint import inspect_checkpoint
 from ..cli import add_json_flag, print_json
 from ..errors import CheckpointError
 
@@ -50,6 +49,8 @@ def _print_report(r: dict, model: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import inspect_checkpoint
+
     report = inspect_checkpoint(args.checkpoint, name=args.model, key=args.key)
     if args.json:
         print_json(report)

@@ -8,8 +8,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli import add_json_flag, print_json
-from ..models import DEFAULT_MODEL, list_configs
-from ..models.flops import count_flops, count_parameters
 
 
 def add_parser(sub) -> None:
@@ -19,6 +17,9 @@ def add_parser(sub) -> None:
 
 
 def describe_models() -> list[dict]:
+    from ..models import DEFAULT_MODEL, list_configs
+    from ..models.flops import count_flops, count_parameters
+
     rows = []
     for cfg in list_configs():
         rows.append(

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..models.configs import InputSpec
+from ..input_spec import InputSpec
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageSourceError
-from ..models.configs import DIGITS_LABELS, InputSpec
+from ..input_spec import DIGITS_LABELS, InputSpec
 from .preprocess import preprocess
 
 Item = tuple[str, "Image.Image | np.ndarray", "int | None"]

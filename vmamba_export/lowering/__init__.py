@@ -30,6 +30,7 @@ class ExportOptions:
     exclude: tuple[str, ...] = ()  # layer names kept in float
     accuracy_source: str | None = None  # labelled source for accuracy-aware int8
     max_drop: float | None = None  # accuracy-aware int8: largest top-1 drop allowed, in points
+    platform: str | None = None  # platform the artifact is built for (platforms.py); None: this machine's
     extra: dict = field(default_factory=dict)  # target-specific settings
 
 
@@ -38,13 +39,20 @@ Lowering = Callable[[VMamba, Target, Path, ExportOptions], tuple[dict, dict]]
 
 def _onnx_custom_op(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
     from ..kernels_paths import ort_library_path
+    from ..platforms import host_platform
 
-    library = ort_library_path()
-    if library is None:
-        raise TargetUnavailableError(
-            f"target {target.name} needs the ONNX Runtime custom-op library: run python -m vmamba_export.build_kernels"
-        )
-    info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, library)
+    # The artifact ships the library of its platform; export checks and int8 calibration run here, with this
+    # machine's build of the same sources.
+    host_library = ort_library_path()
+    library = ort_library_path(options.platform)
+    for lib, name in ((host_library, None), (library, options.platform)):
+        if lib is None:
+            flag = f" --platform {name}" if name and name != host_platform() else ""
+            raise TargetUnavailableError(
+                f"target {target.name} needs the ONNX Runtime custom-op library for {name or host_platform()}: "
+                f"run python -m vmamba_export.build_kernels{flag}"
+            )
+    info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, host_library)
     shutil.copy2(library, folder / library.name)
     return {"model": "model.onnx", "custom_op_library": library.name}, info
 

@@ -29,7 +29,7 @@ before and after): all Reorders 3.9 -> 0.7 ms per image, grouped convolutions 1.
 int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
 weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
 
-Another platform (options.extra["platform"], e.g. "linux-aarch64" on this x86-64 machine): the IR is platform-neutral,
+Another platform (options.platform, e.g. "linux-aarch64" on this x86-64 machine): the IR is platform-neutral,
 so conversion and NNCF run here with this machine's extension as always; only the extension library put into the
 artifact is the platform's, cross-compiled against its openvino wheel of the same release
 (build_kernels.build_openvino_for_platform, cached under kernels/build/<platform>/).
@@ -37,9 +37,7 @@ artifact is the platform's, cross-compiled against its openvino wheel of the sam
 
 from __future__ import annotations
 
-import platform
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -78,7 +76,7 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
         raise TargetUnavailableError(f"{exc}; rebuild it: python -m vmamba_export.build_kernels") from None
 
     show = options.extra.get("show_progress", True)
-    platform_name, shipped = platform_extension(target, options.extra.get("platform"), version, show)
+    platform_name, shipped = platform_extension(target, options.platform, version, show)
     calib = None
     if options.precision == "int8":
         from ..quantize.calibration import load_calibration_batch
@@ -139,9 +137,9 @@ def platform_extension(target: Target, platform_name: str | None, version: str, 
     platform: (None, this machine's library)). Another platform's library is cross-built, or found up to date, for
     the installed OpenVINO `version`; TargetUnavailableError says why it cannot be."""
     from ..kernels_paths import openvino_extension_path
+    from ..platforms import host_platform
 
-    host = f"linux-{platform.machine().lower()}" if sys.platform.startswith("linux") else None
-    if platform_name is None or platform_name == host:
+    if platform_name is None or platform_name == host_platform():
         return None, openvino_extension_path()
     from ..build_kernels import BuildError, build_openvino_for_platform
 

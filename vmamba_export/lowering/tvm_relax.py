@@ -22,7 +22,7 @@ Artifacts:
 - metal-tvm: no macOS linker here, so `model.tar` (host object code for arm64 macOS + the packed Metal module; on a Mac
   `tvm.runtime.load_module("model.tar")` links it) and `metal_kernels.metal`, the generated Metal source to inspect.
 
-Another platform (options.extra["platform"], cpu-tvm only): the code is generated for the platform's LLVM triple
+Another platform (options.platform, cpu-tvm only): the code is generated for the platform's LLVM triple
 (CROSS_CPU_TARGETS; linux-aarch64: aarch64-linux-gnu, mcpu generic = the armv8-a baseline, NEON) and the library is
 linked by the platform's Debian cross compiler (export_library's cc). The scan kernel's 16-lane vectors become four
 128-bit NEON registers there. Nothing can be tuned for it here (meta-schedule measures on this machine).
@@ -78,8 +78,9 @@ def tvm_version() -> str | None:
     return None
 
 
-def make_target(device: str, extra: dict):
-    """The TVM Target for a target file's `device`, as a JSON dict (TVM 0.27 targets are dicts)."""
+def make_target(device: str, extra: dict, platform: str | None = None):
+    """The TVM Target for a target file's `device`, as a JSON dict (TVM 0.27 targets are dicts); for a CPU, code for
+    `platform` (platforms.py name; None: this machine)."""
     tvm = import_tvm()
     kind = TVM_KINDS.get(device)
     if kind is None:
@@ -93,12 +94,10 @@ def make_target(device: str, extra: dict):
             mcpu = host_cpu()
         if mcpu:
             spec["mcpu"] = mcpu
-        cross = cross_platform(extra.get("platform"))
+        cross = cross_platform(platform)
         if cross is not None:
             if extra.get("tvm_mcpu") == "native":
-                raise TargetUnavailableError(
-                    f"tvm_mcpu native names this machine's CPU, not one of platform {extra['platform']}"
-                )
+                raise TargetUnavailableError(f"tvm_mcpu native names this machine's CPU, not one of platform {cross}")
             spec = {**spec, **CROSS_CPU_TARGETS[cross][0], **({"mcpu": mcpu} if mcpu else {})}
         return tvm.target.Target(spec), spec
     host = {"kind": "llvm"}
@@ -113,11 +112,9 @@ def make_target(device: str, extra: dict):
 def cross_platform(name: str | None) -> str | None:
     """`name` when it is a platform other than this machine's that cpu-tvm cross-compiles for, None for this machine's
     own platform (or none given); TargetUnavailableError for a platform it cannot build for."""
-    import platform
-    import sys
+    from ..platforms import host_platform
 
-    host = f"linux-{platform.machine().lower()}" if sys.platform.startswith("linux") else sys.platform
-    if name is None or name == host:
+    if name is None or name == host_platform():
         return None
     if name not in CROSS_CPU_TARGETS:
         raise TargetUnavailableError(
@@ -276,7 +273,7 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     kind = TVM_KINDS[target.device]
     tune = tune_settings(options.extra)
     extra = dict(options.extra)
-    cross = cross_platform(extra.get("platform"))
+    cross = cross_platform(options.platform)
     if cross is not None and kind != "llvm":
         raise TargetUnavailableError(f"target {target.name} cannot be cross-compiled for {cross}: cpu-tvm only")
     linker = cross_linker(cross) if cross is not None else None  # checked before minutes of export
@@ -293,7 +290,7 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
         extra.setdefault("tvm_mcpu", "native")
         extra["batch"] = int(extra.get("batch") or 1)
     batch = int(extra["batch"]) if extra.get("batch") else None
-    tvm_target, target_spec = make_target(target.device, extra)
+    tvm_target, target_spec = make_target(target.device, extra, cross)
     # CUDA: weights in a file beside the library, not in it (a 120 MB library of tiny_s1l8 could not travel to the
     # GPU machine; the GPU check regenerates the file there from the seed and the manifest's hash proves it equal).
     separate = bool(extra.get("separate_params", kind == "cuda"))

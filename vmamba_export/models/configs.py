@@ -9,24 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How an image becomes the model's input tensor (NCHW float32, RGB)."""
-
-    image_size: int = 224  # side of the square centre crop fed to the model
-    resize: int = 256  # shorter side is resized to this before the crop (224 / 0.875)
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    channel_order: str = "RGB"
-    labels: tuple[str, ...] | None = None  # None: "class_<i>"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# InputSpec is runtime-side data (the loader reads it from manifests without torch); re-exported here.
+from ..input_spec import DIGITS_LABELS, InputSpec
+from ..input_spec import IMAGENET_MEAN as IMAGENET_MEAN
+from ..input_spec import IMAGENET_STD as IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -92,7 +78,6 @@ def _v2(name: str, depths, dims, ssm_ratio, top1, **kw) -> VMambaConfig:
     return VMambaConfig(name, "v2", tuple(depths), dims, ssm_ratio, 1, mlp_ratio=4.0, published_top1=top1, **kw)
 
 
-DIGITS_LABELS = tuple(str(i) for i in range(10))
 # The digits images are 8x8 grey; upscaled to 32x32, three stages give maps 8, 4, 2 (every stage keeps >= 2 positions
 # a side, which dynamic-shape export needs).
 DIGITS_INPUT = InputSpec(

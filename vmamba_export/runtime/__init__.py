@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..artifact import read_manifest, verify_files
 from ..errors import TargetUnavailableError
+from .platform_check import check_platform
 from .predictor import Predictor
 
 _BACKENDS = {
@@ -25,6 +26,7 @@ def load(artifact_dir: str | Path, threads: int | None = None, verify: bool = Tr
     manifest = read_manifest(folder)
     if verify:
         verify_files(folder, manifest)
+    check_platform(folder, manifest)  # before any library of the artifact is loaded
     runtime = manifest["target"].get("runtime")
     if runtime not in _BACKENDS:
         raise TargetUnavailableError(f"artifact {folder} needs runtime {runtime!r}, which this loader does not know")

@@ -8,7 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError
-from ..models.configs import InputSpec
+from ..input_spec import InputSpec
 
 
 class Backend(Protocol):
