@@ -1,20 +1,18 @@
 """cpu-openvino and cpu-tvm for linux-aarch64, built on this x86-64 machine and run under qemu user-mode emulation,
 against the same artifacts built for x86-64 (issue #21, items 3 and 4).
 
-    python benchmarks/arm64_ov_tvm_check.py --root ARM64_ROOT [--models vmamba_digits_v2,vmamba_digits_v0]
-        [--cases cpu-openvino:fp32,cpu-openvino:bf16,cpu-openvino:int8,cpu-tvm:fp32] [--qemu-cpu max]
-        [--out DIR] [--json]
+    python benchmarks/arm64_ov_tvm_check.py [--models vmamba_digits_v2,vmamba_digits_v0]
+        [--cases cpu-openvino:fp32,cpu-openvino:bf16,cpu-openvino:int8,cpu-tvm:fp32] [--qemu-cpu cortex-a53]
+        [--env DIR] [--out DIR] [--reuse] [--json]
 
-ARM64_ROOT is an arm64 Debian tree holding python3.11 (debootstrap --arch=arm64 --foreign --variant=minbase
---include=python3 bookworm ARM64_ROOT, then `dpkg -x` of every downloaded .deb: FIELD-NOTES.md "ARM64"); qemu runs
-its Python with `qemu-aarch64-static -L ARM64_ROOT`, which also serves ARM64_ROOT/proc/cpuinfo in place of the host's
-x86 one (written here if absent: OpenVINO's and ONNX Runtime's CPU probes read it and crash on an x86 file).
+The emulated side is the test bench of scripts/arm64_env.sh (DIR: $VMAMBA_ARM64_ENV, else .arm64 in the repository):
+an arm64 Debian Python 3.11 run by qemu-aarch64-static, with a fake aarch64 /proc/cpuinfo in its root (OpenVINO's and
+ONNX Runtime's CPU probes crash on the host's x86 one) and, as its only packages, the aarch64 wheels of the runtime:
+numpy, pillow, rich, onnxruntime, openvino + openvino-telemetry, apache-tvm-ffi, and libtvm_runtime.so taken alone
+from the aarch64 apache-tvm wheel (VMAMBA_TVM_RUNTIME_LIB). No torch, no onnx, no compiler.
 
 Steps:
-1. The device's packages, what a board would pip install: the runtime install (numpy, pillow, rich) plus openvino,
-   openvino-telemetry and apache-tvm-ffi as aarch64 wheels (pip download --platform ...), installed into
-   OUT/site-aarch64; and TVM's runtime library, libtvm_runtime.so, taken alone from the aarch64 apache-tvm wheel
-   (the 240 MB compiler library stays out). No torch, no onnx, no compiler.
+1. scripts/arm64_env.sh DIR (idempotent) sets up or checks the emulated side.
 2. For each model and case, two artifacts through the exporter: one for this machine and one for linux-aarch64
    (export_artifact(platform=...); OpenVINO: the same IR, the extension cross-compiled against the aarch64 openvino
    wheel; TVM: code for aarch64-linux-gnu, linked by aarch64-linux-gnu-g++). Each carries its reference inputs and
@@ -33,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +44,6 @@ PLATFORM = "linux-aarch64"
 QEMU = "qemu-aarch64-static"
 DEFAULT_MODELS = ("vmamba_digits_v2", "vmamba_digits_v0")
 DEFAULT_CASES = ("cpu-openvino:fp32", "cpu-openvino:bf16", "cpu-openvino:int8", "cpu-tvm:fp32")
-WHEEL_TAGS = ("manylinux_2_35_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64")
-DEVICE_PYTHON = "3.11"  # Debian bookworm's
-# A Neoverse-N1 (armv8.2-a: fp16, dot product), two cores: what qemu's default CPU model runs.
-FAKE_CPUINFO = "".join(
-    f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
-    "asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
-    "CPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n"
-    for i in range(2)
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,74 +93,18 @@ def _importable(name: str) -> bool:
 # Host side.
 
 
-def _pip(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+def ensure_env(env: Path) -> Path:
+    """The emulated Python of the test bench in `env` (scripts/arm64_env.sh run first: it is idempotent)."""
+    script = REPO / "scripts" / "arm64_env.sh"
+    proc = subprocess.run(["bash", str(script), str(env)], capture_output=True, text=True, env=_host_env())
     if proc.returncode != 0:
-        raise SystemExit(f"error: pip {' '.join(args[:2])} failed: {(proc.stderr or proc.stdout).strip()[-800:]}")
+        raise SystemExit(f"error: {script} {env} failed: {(proc.stderr or proc.stdout).strip()[-800:]}")
+    return env / "python"
 
 
-def _platform_args() -> list[str]:
-    args = [a for tag in WHEEL_TAGS for a in ("--platform", tag)]
-    return [*args, "--only-binary=:all:", "--python-version", DEVICE_PYTHON, "--implementation", "cp"]
-
-
-def prepare_site(work: Path) -> tuple[Path, Path]:
-    """(site-packages for the emulated Python, folder holding the aarch64 libtvm_runtime.so), made once."""
-    from importlib import metadata
-
-    site, tvm_lib = work / "site-aarch64", work / "tvm-runtime-aarch64"
-    wheels = work / "wheels-aarch64"
-    versions = {d: metadata.version(d) for d in ("openvino", "apache-tvm-ffi", "apache-tvm")}
-    stamp = site / ".versions.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == versions and (tvm_lib / "libtvm_runtime.so").is_file():
-        return site, tvm_lib
-    # the runtime install (scripts/arm64_env.sh: numpy, pillow, rich) plus the two runtimes checked here
-    runtime = [
-        "numpy",
-        "pillow>=10",
-        "rich>=13",
-        f"openvino=={versions['openvino']}",
-        "openvino-telemetry",
-        f"apache-tvm-ffi=={versions['apache-tvm-ffi']}",
-    ]
-    _pip("download", "--quiet", *_platform_args(), *runtime, "-d", str(wheels))
-    if site.exists():
-        shutil.rmtree(site)
-    _pip(
-        "install",
-        "--quiet",
-        "--no-index",
-        "--find-links",
-        str(wheels),
-        "--target",
-        str(site),
-        *_platform_args(),
-        *runtime,
-    )
-    _pip(
-        "download",
-        "--quiet",
-        "--no-deps",
-        *_platform_args(),
-        f"apache-tvm=={versions['apache-tvm']}",
-        "-d",
-        str(wheels),
-    )
-    found = sorted(wheels.glob(f"apache_tvm-{versions['apache-tvm']}-*aarch64*.whl"))
-    if not found:
-        raise SystemExit(f"error: no aarch64 apache-tvm {versions['apache-tvm']} wheel in {wheels}")
-    tvm_lib.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[-1]) as wheel:  # the runtime library alone: a deployment needs no compiler
-        (tvm_lib / "libtvm_runtime.so").write_bytes(wheel.read("tvm/lib/libtvm_runtime.so"))
-    stamp.write_text(json.dumps(versions))
-    return site, tvm_lib
-
-
-def ensure_cpuinfo(root: Path) -> None:
-    path = root / "proc" / "cpuinfo"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(FAKE_CPUINFO)
+def _host_env() -> dict:
+    """Environment for scripts/arm64_env.sh: pip of this Python downloads the wheels."""
+    return {**os.environ, "PYTHON": sys.executable}
 
 
 def build_artifacts(models: list[str], cases: list[tuple[str, str]], out: Path, show: bool) -> list[dict]:
@@ -221,23 +153,13 @@ def build_artifacts(models: list[str], cases: list[tuple[str, str]], out: Path, 
     return jobs
 
 
-def run_emulated(root: Path, site: Path, tvm_lib: Path, jobs_file: Path, qemu_cpu: str, timeout: int) -> dict:
-    """Run the device side under qemu; {job name: its record}."""
-    qemu = shutil.which(QEMU)
-    if qemu is None:
-        raise SystemExit(f"error: {QEMU} not found (Debian: apt-get install qemu-user-static)")
-    python = root / "usr" / "bin" / "python3.11"
-    if not python.is_file():
-        raise SystemExit(f"error: {python} is missing: --root must be an arm64 Debian tree with python3.11")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(site),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "VMAMBA_TVM_RUNTIME_LIB": str(tvm_lib),
-        "HOME": str(jobs_file.parent),
-    }
-    cmd = [qemu, "-L", str(root), *(["-cpu", qemu_cpu] if qemu_cpu else []), str(python), str(Path(__file__).resolve())]
-    proc = subprocess.run([*cmd, "--device", str(jobs_file)], env=env, capture_output=True, text=True, timeout=timeout)
+def run_emulated(python: Path, jobs_file: Path, qemu_cpu: str, timeout: int) -> dict:
+    """Run the device side under qemu (`python`: scripts/arm64_env.sh's wrapper); {job name: its record}."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    if qemu_cpu:
+        env["QEMU_CPU"] = qemu_cpu  # qemu-aarch64-static reads it: the CPU model it emulates
+    cmd = [str(python), str(Path(__file__).resolve()), "--device", str(jobs_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     records = {}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -260,7 +182,8 @@ def compare(jobs: list[dict], records: dict) -> list[dict]:
         row = {**job, **record}
         manifest = read_manifest(Path(job["aarch64"]))
         x86_manifest = read_manifest(Path(job["x86_64"]))
-        row["model_files_identical"] = _same_model_files(x86_manifest, manifest)
+        folders = (Path(job["x86_64"]), Path(job["aarch64"]))
+        row["model_files_identical"] = _same_model_files(x86_manifest, manifest, folders)
         row["binaries"] = manifest["platform"]["binaries"]
         failures = []
         if record.get("ok"):
@@ -284,11 +207,24 @@ def compare(jobs: list[dict], records: dict) -> list[dict]:
     return rows
 
 
-def _same_model_files(x86: dict, aarch64: dict) -> bool:
-    """Whether the two artifacts' model files other than native libraries and references are byte-identical (the
-    OpenVINO IR is platform-neutral; a TVM library is all native code, so False there)."""
+def _same_model_files(x86: dict, aarch64: dict, folders: tuple[Path, Path]) -> bool:
+    """Whether the two artifacts hold the same model apart from native libraries (the OpenVINO IR is platform-neutral:
+    model.bin byte-identical, model.xml identical but for the numbers OpenVINO appends to generated node names, which
+    count up within a process). A TVM library is all native code: False there."""
+    import re
+
     names = [n for n in aarch64["files"] if not n.endswith((".so", ".npz"))]
-    return bool(names) and all(x86["files"].get(n, {}).get("sha256") == aarch64["files"][n]["sha256"] for n in names)
+    if not names:
+        return False
+    for name in names:
+        if x86["files"].get(name, {}).get("sha256") == aarch64["files"][name]["sha256"]:
+            continue
+        if not name.endswith(".xml"):
+            return False
+        texts = [re.sub(r'name="([A-Za-z]+)_\d+"', r'name="\1_N"', (f / name).read_text()) for f in folders]
+        if texts[0] != texts[1]:
+            return False
+    return True
 
 
 def render(rows: list[dict], qemu_cpu: str) -> str:
@@ -322,11 +258,12 @@ def render(rows: list[dict], qemu_cpu: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True, help="arm64 Debian tree holding usr/bin/python3.11")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="target:precision,...")
-    parser.add_argument("--qemu-cpu", default="", help="qemu -cpu model (default: qemu's, armv8.2+); e.g. cortex-a53")
+    parser.add_argument("--qemu-cpu", default="", help="qemu CPU model (default: qemu's, armv8.2-a+); e.g. cortex-a53")
+    parser.add_argument("--env", type=Path, default=Path(os.environ.get("VMAMBA_ARM64_ENV") or REPO / ".arm64"))
     parser.add_argument("--out", type=Path, default=REPO / "out" / "arm64_ov_tvm")
+    parser.add_argument("--reuse", action="store_true", help="run the artifacts of OUT/jobs.json again, no rebuild")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds for the emulated run")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", type=Path, help=argparse.SUPPRESS)  # the emulated side (internal)
@@ -339,13 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --cases {args.cases!r}: expected target:precision,...")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    root = args.root.resolve()
-    ensure_cpuinfo(root)
-    site, tvm_lib = prepare_site(out)
-    jobs = build_artifacts([m for m in args.models.split(",") if m], cases, out, show=not args.json)
+    python = ensure_env(args.env.resolve())
     jobs_file = out / "jobs.json"
-    jobs_file.write_text(json.dumps(jobs, indent=1))
-    records = run_emulated(root, site, tvm_lib, jobs_file, args.qemu_cpu, args.timeout)
+    if args.reuse:
+        if not jobs_file.is_file():
+            raise SystemExit(f"error: --reuse: {jobs_file} is missing (run once without --reuse)")
+        jobs = json.loads(jobs_file.read_text())
+    else:
+        jobs = build_artifacts([m for m in args.models.split(",") if m], cases, out, show=not args.json)
+        jobs_file.write_text(json.dumps(jobs, indent=1))
+    records = run_emulated(python, jobs_file, args.qemu_cpu, args.timeout)
     rows = compare(jobs, records)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1) if args.json else render(rows, args.qemu_cpu))
