@@ -97,7 +97,7 @@ def make_target(device: str, extra: dict, platform: str | None = None):
         cross = cross_platform(platform)
         if cross is not None:
             if extra.get("tvm_mcpu") == "native":
-                raise TargetUnavailableError(f"tvm_mcpu native names this machine's CPU, not one of platform {cross}")
+                raise TargetUnavailableError(f"--tvm-mcpu native names this machine's CPU, not one of platform {cross}")
             spec = {**spec, **CROSS_CPU_TARGETS[cross][0], **({"mcpu": mcpu} if mcpu else {})}
         return tvm.target.Target(spec), spec
     host = {"kind": "llvm"}
