@@ -76,7 +76,7 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
         raise TargetUnavailableError(f"{exc}; rebuild it: python -m vmamba_export.build_kernels") from None
 
     show = options.extra.get("show_progress", True)
-    platform_name, shipped = platform_extension(target, options.platform, version, show)
+    platform_name, shipped = platform_extension(target, options.platform, version, show, options.precision)
     calib = None
     if options.precision == "int8":
         from ..quantize.calibration import load_calibration_batch
@@ -132,7 +132,20 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
     return entry, info
 
 
-def platform_extension(target: Target, platform_name: str | None, version: str, show: bool) -> tuple[str | None, Path]:
+# Precisions the platform's OpenVINO CPU plugin cannot run with the extension. Seen under qemu with the aarch64
+# 2026.4.1 wheel: the ARM plugin has no bf16 (capabilities FP32, FP16, INT8) and runs a bf16 (or f16) hint as f16,
+# converting the scan op's f32 parameters to f16, which the extension refuses at compile time.
+UNSUPPORTED_PRECISIONS = {
+    "linux-aarch64": {
+        "bf16": "OpenVINO's ARM CPU plugin has no bf16; it runs the hint as f16 and converts the scan op's f32 "
+        "parameters to f16 (\"input 'A_logs' must be f32, got f16\" at compile time); use fp32 or int8",
+    },
+}
+
+
+def platform_extension(
+    target: Target, platform_name: str | None, version: str, show: bool, precision: str = "fp32"
+) -> tuple[str | None, Path]:
     """(platform, extension library to ship) for an artifact built for `platform_name` (None or this machine's
     platform: (None, this machine's library)). Another platform's library is cross-built, or found up to date, for
     the installed OpenVINO `version`; TargetUnavailableError says why it cannot be."""
@@ -141,6 +154,9 @@ def platform_extension(target: Target, platform_name: str | None, version: str, 
 
     if platform_name is None or platform_name == host_platform():
         return None, openvino_extension_path()
+    if precision in UNSUPPORTED_PRECISIONS.get(platform_name, {}):
+        why = UNSUPPORTED_PRECISIONS[platform_name][precision]
+        raise TargetUnavailableError(f"target {target.name} {precision} cannot be built for {platform_name}: {why}")
     from ..build_kernels import BuildError, build_openvino_for_platform
 
     try:
