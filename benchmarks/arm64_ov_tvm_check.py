@@ -2,7 +2,7 @@
 against the same artifacts built for x86-64 (issue #21, items 3 and 4).
 
     python benchmarks/arm64_ov_tvm_check.py [--models vmamba_digits_v2,vmamba_digits_v0]
-        [--cases cpu-openvino:fp32,cpu-openvino:bf16,cpu-openvino:int8,cpu-tvm:fp32] [--qemu-cpu cortex-a53]
+        [--cases cpu-openvino:fp32,cpu-openvino:bf16,cpu-openvino:int8,cpu-tvm:fp32] [--qemu-cpu neoverse-n1]
         [--env DIR] [--out DIR] [--reuse] [--json]
 
 The emulated side is the test bench of scripts/arm64_env.sh (DIR: $VMAMBA_ARM64_ENV, else .arm64 in the repository):
@@ -21,8 +21,9 @@ Steps:
    only the packages of step 1: for each aarch64 artifact, the self-check `vmamba-export validate DIR` runs (against
    the references it carries, thresholds of its target and precision), and its outputs on the reference inputs are
    written for step 4.
-4. Parity of the aarch64 outputs with the x86 artifact's: fp32 within the target's fp32 rel L2 limit; bf16 and int8
-   (whose kernels differ per instruction set) within the precision's cosine bound.
+4. Parity of the aarch64 outputs with the x86 artifact's: fp32 within the target's fp32 rel L2 limit (a failure
+   otherwise); for int8 (whose kernels differ per instruction set) the figures are reported, and each end is judged
+   against PyTorch fp32 by its own self-check.
 
 Emulation is for correctness only: nothing here times anything (qemu runs hundreds of times slower than hardware).
 """
@@ -43,6 +44,11 @@ REPO = Path(__file__).resolve().parent.parent
 PLATFORM = "linux-aarch64"
 QEMU = "qemu-aarch64-static"
 DEFAULT_MODELS = ("vmamba_digits_v2", "vmamba_digits_v0")
+# The CPU qemu emulates: the Neoverse-N1 that the bench's fake /proc/cpuinfo describes (armv8.2-a, dot product, fp16,
+# no SVE), so that what OpenVINO reads there and what getauxval(AT_HWCAP) says agree. qemu's own default ("max": SVE2,
+# i8mm, ...) made OpenVINO's ARM plugin pick other int8 kernels, and vmamba_digits_v0 int8 came out wrong there
+# (cosine 0.66 against PyTorch; 0.9965 on neoverse-n1, same artifact): `--qemu-cpu max` shows it.
+DEFAULT_QEMU_CPU = "neoverse-n1"
 DEFAULT_CASES = ("cpu-openvino:fp32", "cpu-openvino:bf16", "cpu-openvino:int8", "cpu-tvm:fp32")
 
 
@@ -206,10 +212,10 @@ def compare(jobs: list[dict], records: dict) -> list[dict]:
             if not np.array_equal(x86_inputs, read_references(Path(job["aarch64"]), manifest)[0]):
                 failures.append("the two artifacts carry different reference inputs")
             vs_x86 = parity_metrics(np.load(job["device_out"]), np.load(job["x86_out"]))
-            # fp32: the target's fp32 limits; bf16/int8 kernels differ per instruction set: the precision's bound
-            limits = read_manifest(Path(job["x86_64"]))["thresholds"] if job["precision"] == "fp32" else None
-            limits = limits or manifest["thresholds"]
-            failures += [f"vs x86: {f}" for f in threshold_failures(vs_x86, limits)]
+            # fp32: the same arithmetic on both ends, within the target's fp32 limits. bf16/int8: each end is judged
+            # against PyTorch by its self-check (their kernels differ per instruction set); vs x86 is reported only.
+            if job["precision"] == "fp32":
+                failures += [f"vs x86: {f}" for f in threshold_failures(vs_x86, manifest["thresholds"])]
             if record["self_check"]["status"] != "pass":
                 failures += [f"self-check: {f}" for r in record["self_check"]["runs"] for f in r["failures"]]
             row["vs_x86"] = vs_x86
@@ -244,7 +250,7 @@ def _same_model_files(x86: dict, aarch64: dict, folders: tuple[Path, Path]) -> b
 
 def render(rows: list[dict], qemu_cpu: str) -> str:
     lines = [
-        f"aarch64 artifacts under qemu ({QEMU}, -cpu {qemu_cpu or 'default (armv8.2-a+)'}; torch-free runtime), "
+        f"aarch64 artifacts under qemu ({QEMU}, -cpu {qemu_cpu or 'max'}; torch-free runtime), "
         "against the x86-64 artifacts built in the same run",
         "",
         "| artifact | self-check x86 | self-check aarch64 (rel L2 / cosine / top-1 vs PyTorch fp32) | vs x86: rel L2 "
@@ -278,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="target:precision,...")
-    parser.add_argument("--qemu-cpu", default="", help="qemu CPU model (default: qemu's, armv8.2-a+); e.g. cortex-a53")
+    parser.add_argument(
+        "--qemu-cpu",
+        default=DEFAULT_QEMU_CPU,
+        help=f"qemu CPU model (default {DEFAULT_QEMU_CPU}; max, cortex-a53, ...)",
+    )
     parser.add_argument("--env", type=Path, default=Path(os.environ.get("VMAMBA_ARM64_ENV") or REPO / ".arm64"))
     parser.add_argument("--out", type=Path, default=REPO / "out" / "arm64_ov_tvm")
     parser.add_argument("--reuse", action="store_true", help="run the artifacts of OUT/jobs.json again, no rebuild")
