@@ -45,9 +45,10 @@ PLATFORM = "linux-aarch64"
 QEMU = "qemu-aarch64-static"
 DEFAULT_MODELS = ("vmamba_digits_v2", "vmamba_digits_v0")
 # The CPU qemu emulates: the Neoverse-N1 that the bench's fake /proc/cpuinfo describes (armv8.2-a, dot product, fp16,
-# no SVE), so that what OpenVINO reads there and what getauxval(AT_HWCAP) says agree. qemu's own default ("max": SVE2,
-# i8mm, ...) made OpenVINO's ARM plugin pick other int8 kernels, and vmamba_digits_v0 int8 came out wrong there
-# (cosine 0.66 against PyTorch; 0.9965 on neoverse-n1, same artifact): `--qemu-cpu max` shows it.
+# no SVE), so that what OpenVINO reads there and what getauxval(AT_HWCAP) says agree. On qemu's own default ("max":
+# SVE2, i8mm, ...) OpenVINO's ARM plugin picks other int8 kernels: one artifact (vmamba_digits_v0 int8 calibrated on
+# the built-in photos) came out wrong there (cosine 0.66 against PyTorch) and right on neoverse-n1 (0.9965); whether
+# qemu 7.2's emulation or those kernels are at fault needs hardware to tell. `--qemu-cpu max` runs that way.
 DEFAULT_QEMU_CPU = "neoverse-n1"
 DEFAULT_CASES = ("cpu-openvino:fp32", "cpu-openvino:bf16", "cpu-openvino:int8", "cpu-tvm:fp32")
 
