@@ -25,3 +25,30 @@ def _check_heldout_int8_accuracy(label: str, quant: dict) -> dict:
 def heldout_int8_accuracy():
     """_check_heldout_int8_accuracy, for the ONNX Runtime and OpenVINO int8 tests."""
     return _check_heldout_int8_accuracy
+
+
+@pytest.fixture(scope="session")
+def digits_ort_artifact(tmp_path_factory):
+    """A cpu-onnxruntime fp32 artifact of the bundled vmamba_digits_v2, built once per session (read-only: copy it
+    before changing anything)."""
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.model_source import resolve_model
+    from vmamba_export.targets import get_target
+
+    folder = tmp_path_factory.mktemp("digits-ort") / "vmamba_digits_v2-cpu-onnxruntime-fp32"
+    export_artifact(resolve_model("vmamba_digits_v2"), get_target("cpu-onnxruntime"), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """40 held-out digits as PNG files in an ImageFolder layout (class folders "0".."9"): a labelled source that
+    needs neither scikit-learn nor torch to read."""
+    from vmamba_export.data.sources import open_source
+    from vmamba_export.input_spec import DIGITS_LABELS
+
+    root = tmp_path_factory.mktemp("digits-folder")
+    for i, (_, image, label) in enumerate(open_source("digits:holdout", limit=40)):
+        (root / DIGITS_LABELS[label]).mkdir(exist_ok=True)
+        image.save(root / DIGITS_LABELS[label] / f"{i:03d}.png")
+    return root

@@ -18,11 +18,13 @@ from .errors import ArtifactError
 
 REFERENCES_FILE = "references.npz"
 REFERENCE_SOURCE = "builtin"
-REFERENCE_COUNT = 8  # real photos: enough for top-1 agreement to mean something, small at 224 px (4.8 MB)
+# Real photos: enough for top-1 agreement to mean something; half as many above 64 px, where the PyTorch run at export
+# costs seconds per image on a small CPU and the file grows (4 images at 224 px: 2.4 MB).
+REFERENCE_COUNT = 8
 
 
 def write_references(
-    folder: Path, model, spec, min_size: int | None = None, max_size: int | None = None, count: int = REFERENCE_COUNT
+    folder: Path, model, spec, min_size: int | None = None, max_size: int | None = None, count: int | None = None
 ) -> dict:
     """Write `references.npz` into the artifact folder being built; returns the manifest's `references` section.
 
@@ -43,6 +45,7 @@ def write_references(
     if size != spec.image_size:
         resize = max(size, round(size * spec.resize / spec.image_size))
         spec = dataclasses.replace(spec, image_size=size, resize=resize)
+    count = count or (REFERENCE_COUNT if size <= 64 else REFERENCE_COUNT // 2)
     source = f"{REFERENCE_SOURCE}:{count}"
     inputs, _, names = load_batch(source, spec)
     # The scan in plain torch for the reference, then each block's own scan back (the model is the caller's).

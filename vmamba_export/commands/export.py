@@ -146,7 +146,12 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         from ..validate import validate_artifact
 
-        manifest["validation"] = validate_artifact(args.out, show_progress=not args.json)
+        if _foreign(manifest):  # built for another platform: its self-check under an emulator, or a clear no
+            from ..emulation import validate_emulated
+
+            manifest["validation"] = validate_emulated(args.out, manifest["platform"]["name"])
+        else:
+            manifest["validation"] = validate_artifact(args.out, show_progress=not args.json)
         status = 0 if manifest["validation"]["status"] == "pass" else 1
     if args.json:
         print_json({"artifact": str(args.out), "manifest": manifest})
@@ -180,3 +185,11 @@ def run(args: argparse.Namespace) -> int:
         if manifest.get("validation"):
             console.print(f"parity: {manifest['validation']['status']}")
     return status
+
+
+def _foreign(manifest: dict) -> bool:
+    """Whether the artifact holds native code for a platform other than this machine's."""
+    from ..platforms import host_platform
+
+    record = manifest["platform"]
+    return record["name"] != host_platform() and not record["runs_anywhere"]

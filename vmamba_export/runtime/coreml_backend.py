@@ -47,14 +47,18 @@ class CoreMLBackend:
                 "Core ML needs macOS: this apple-coreml artifact cannot run here. Use vmamba_export.coreml_eval "
                 f"(or set {EVALUATOR_ENV}=numpy) for a numeric check of the program on Linux"
             )
-        from ..lowering.coreml import INPUT_NAME, OUTPUT_NAME, import_coremltools
-
-        ct = import_coremltools()
+        # Not through lowering.coreml (the converter's module imports torch): the device runs without it.
+        try:
+            import coremltools as ct
+        except ImportError:
+            raise TargetUnavailableError("this artifact needs coremltools: pip install coremltools==9.0") from None
+        input_name = manifest["input"].get("name", "pixel_values")
+        output_name = manifest["output"].get("name", "logits")
         self._model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.ALL)
         self.evaluated_with = "Core ML (coremltools MLModel.predict, compute units ALL)"
 
         def run_one(x: np.ndarray) -> np.ndarray:
-            return np.asarray(self._model.predict({INPUT_NAME: x})[OUTPUT_NAME], dtype=np.float32)
+            return np.asarray(self._model.predict({input_name: x})[output_name], dtype=np.float32)
 
         self._run_one = run_one
 

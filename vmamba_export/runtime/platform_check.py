@@ -39,7 +39,10 @@ def check_platform(folder: Path, manifest: dict) -> None:
         path = (root / name).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             continue  # outside the folder or missing: verify_files reports it
-        machine = elf_machine(path)
+        try:
+            machine = elf_machine(path)
+        except OSError as exc:
+            raise ArtifactError(f"artifact {folder}: cannot read {name}: {exc.strerror or exc}") from None
         if machine is not None and machine != want:
             built_for = f"{host.split('-', 1)[0]}-{machine}" if "-" in host else machine
             raise ArtifactError(
