@@ -17,8 +17,12 @@ WHEELS=$ENV_DIR/wheels
 SITE=$ENV_DIR/site
 MIRROR=${VMAMBA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HOST_PY=${PYTHON:-python3}
-# The runtime install: what a device needs to load, predict, validate and bench an ONNX Runtime artifact.
-RUNTIME_PACKAGES=(numpy "onnxruntime==1.32.*" "pillow>=10" "rich>=13")
+# The runtime install: what a device needs to load, predict, validate and bench an ONNX Runtime artifact; then the
+# runtimes of cpu-openvino (openvino's aarch64 wheel is tagged manylinux_2_35 only) and cpu-tvm (tvm_ffi here, and
+# libtvm_runtime.so alone from the aarch64 apache-tvm wheel below: no compiler).
+RUNTIME_PACKAGES=(numpy "onnxruntime==1.32.*" "pillow>=10" "rich>=13" "openvino==2026.4.1" openvino-telemetry
+  "apache-tvm-ffi==0.1.14.post0")
+TVM_WHEEL="apache-tvm==0.27.0.post1"
 
 say() { echo "arm64_env: $*"; }
 
@@ -61,12 +65,19 @@ stamp=$ENV_DIR/.runtime-wheels
 want=$(printf '%s\n' "${RUNTIME_PACKAGES[@]}" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "aarch64 wheels of the runtime (${RUNTIME_PACKAGES[*]}) into $SITE"
-  wheel_flags=(--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64
-    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311)
+  wheel_flags=(--platform manylinux_2_35_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64
+    --platform manylinux_2_17_aarch64 --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311)
   rm -rf "$SITE"
   "$HOST_PY" -m pip download -q --disable-pip-version-check "${wheel_flags[@]}" -d "$WHEELS" "${RUNTIME_PACKAGES[@]}"
   "$HOST_PY" -m pip install -q --disable-pip-version-check "${wheel_flags[@]}" --no-index --find-links "$WHEELS" \
     --target "$SITE" "${RUNTIME_PACKAGES[@]}"
+  "$HOST_PY" -m pip download -q --disable-pip-version-check "${wheel_flags[@]}" --no-deps -d "$WHEELS" "$TVM_WHEEL"
+  mkdir -p "$ENV_DIR/tvm-runtime"
+  "$HOST_PY" - "$ENV_DIR/tvm-runtime/libtvm_runtime.so" "$WHEELS"/apache_tvm-*aarch64*.whl <<'PYEOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[-1]) as wheel:  # the runtime library alone (the compiler library is 240 MB)
+    open(sys.argv[1], "wb").write(wheel.read("tvm/lib/libtvm_runtime.so"))
+PYEOF
   echo "$want" >"$stamp"
 fi
 
@@ -75,6 +86,7 @@ cat >"$ENV_DIR/python" <<EOF
 # The emulated aarch64 Python with the runtime-only site folder (written by scripts/arm64_env.sh).
 export PYTHONPATH="$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
 export PYTHONNOUSERSITE=1
+export VMAMBA_TVM_RUNTIME_LIB="$ENV_DIR/tvm-runtime/libtvm_runtime.so"
 exec qemu-aarch64-static -L "$ROOT" "$ROOT/usr/bin/python3.11" "\$@"
 EOF
 chmod +x "$ENV_DIR/python"

@@ -153,12 +153,12 @@ def test_loader_reads_the_libraries_not_only_the_manifest(tmp_path, monkeypatch)
 
 def test_targets_without_an_aarch64_build_say_why(tmp_path):
     source = resolve_model("vmamba_test_v2", random_weights=True)
-    with pytest.raises(TargetUnavailableError, match="cpu-openvino cannot be built for linux-aarch64: "):
-        export_artifact(source, get_target("cpu-openvino"), tmp_path / "x", platform="linux-aarch64")
+    with pytest.raises(TargetUnavailableError, match="cuda-onnxruntime cannot be built for linux-aarch64: "):
+        export_artifact(source, get_target("cuda-onnxruntime"), tmp_path / "x", platform="linux-aarch64")
     assert not (tmp_path / "x").exists()
     from vmamba_export.cli import main
 
-    assert main(["export", "--target", "cpu-tvm", "--platform", "linux-aarch64", "--out", str(tmp_path / "y")]) == 2
+    assert main(["export", "--target", "cuda-tvm", "--platform", "linux-aarch64", "--out", str(tmp_path / "y")]) == 2
     with pytest.raises(SystemExit):
         main(["export", "--target", "cpu-onnxruntime", "--platform", "windows-x86", "--out", str(tmp_path / "z")])
 
@@ -167,8 +167,8 @@ def test_targets_without_an_aarch64_build_say_why(tmp_path):
 @on_x86
 def test_build_for_aarch64_without_an_emulator(tmp_path, monkeypatch):
     """`build --platform linux-aarch64` with no emulator: cpu-onnxruntime is built (shipping the aarch64 library)
-    and marked not run; onnx-portable (no native code) is validated here; cpu-openvino is listed with why it was
-    not built; nothing is benchmarked. Slow: two real exports (minutes on a shared 2-core machine)."""
+    and marked not run; onnx-portable (no native code) is validated here; cuda-onnxruntime is listed with why it
+    was not built; nothing is benchmarked. Slow: two real exports (minutes on a shared 2-core machine)."""
     if ort_library_path("linux-aarch64") is None or ort_library_path() is None:
         pytest.skip("run python -m vmamba_export.build_kernels --platform linux-aarch64")
     from vmamba_export import emulation
@@ -176,15 +176,15 @@ def test_build_for_aarch64_without_an_emulator(tmp_path, monkeypatch):
     monkeypatch.setattr(emulation, "emulated_python", lambda platform: None)
     source = resolve_model("vmamba_test_v2", random_weights=True, seed=2)
     plan = BuildPlan(
-        targets=[get_target("cpu-onnxruntime"), get_target("onnx-portable"), get_target("cpu-openvino")],
+        targets=[get_target("cpu-onnxruntime"), get_target("onnx-portable"), get_target("cuda-onnxruntime")],
         precisions=["fp32"],
         platform="linux-aarch64",
     )
     summary = build(source, plan, tmp_path, show_progress=False)
     rows = {r["target"]: r for r in summary["artifacts"]}
     assert rows["cpu-onnxruntime"]["status"] == "built for linux-aarch64, not run here"
-    assert rows["cpu-openvino"]["status"] == "not built for linux-aarch64"
-    assert "OpenVINO" in rows["cpu-openvino"]["note"]
+    assert rows["cuda-onnxruntime"]["status"] == "not built for linux-aarch64"
+    assert "CUDA" in rows["cuda-onnxruntime"]["note"]
     assert rows["onnx-portable"]["status"] == "validated"
     assert rows["onnx-portable"]["note"] == "no native code: validated on linux-x86_64"
     assert "latency" not in rows["cpu-onnxruntime"] and "latency" not in rows["onnx-portable"]

@@ -21,7 +21,10 @@ getauxval(AT_HWCAP)), so the libraries are portable; never -march=native.
 
 Cross-building (`--platform linux-aarch64` on x86-64) uses the platform's Debian cross compiler
 (aarch64-linux-gnu-g++: apt-get install g++-aarch64-linux-gnu, or scripts/arm64_env.sh) and the same ONNX Runtime
-headers (the C API is the same on every architecture); it builds libvmamba_scan.so and libvmamba_ort.so.
+headers (the C API is the same on every architecture); it builds libvmamba_scan.so and libvmamba_ort.so, and the
+OpenVINO extension against the platform's openvino wheel of the installed release (its headers, CMake config and
+libraries: fetched once with `pip download --platform manylinux_2_35_aarch64 ...` into kernels/build/<platform>/;
+`build_openvino_for_platform`), skipped with the reason when that wheel cannot be had.
 
 ONNX Runtime's pip wheels ship no C/C++ headers. They come from Debian trixie's `libonnxruntime-dev` (1.21), fetched
 with `apt-get download` through a one-off sources list and unpacked with `dpkg -x` under kernels/build/ (git-ignored):
@@ -57,7 +60,7 @@ from .kernels_paths import (
     SCAN_LIBRARY_NAME,
     native_dir,
 )
-from .platforms import PLATFORMS, KernelVariant, Platform, host_platform
+from .platforms import PLATFORMS, KernelVariant, Platform, elf_machine, host_platform
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = REPO / "kernels"
@@ -346,7 +349,12 @@ def openvino_toolchain() -> OpenVINOToolchain:
     spec = importlib.util.find_spec("openvino")
     if spec is None or not spec.submodule_search_locations:
         raise BuildError("the openvino package is not installed (pip install openvino)")
-    root = Path(list(spec.submodule_search_locations)[0])
+    return openvino_toolchain_at(Path(list(spec.submodule_search_locations)[0]), metadata.version("openvino"))
+
+
+def openvino_toolchain_at(root: Path, version: str) -> OpenVINOToolchain:
+    """`openvino::runtime` as described by the CMake config of the openvino package folder `root` (an installed
+    wheel, or one unpacked for another platform: the aarch64 wheel ships the same config)."""
     cmake, prefix = root / "cmake", root.parent  # the export files compute _IMPORT_PREFIX three levels up
     runtime = _cmake_target_properties(cmake / "OpenVINOTargets.cmake", "openvino::runtime", prefix)
     imported = _cmake_target_properties(cmake / "OpenVINOTargets-release.cmake", "openvino::runtime", prefix)
@@ -359,7 +367,7 @@ def openvino_toolchain() -> OpenVINOToolchain:
     if missing:
         raise BuildError(f"libraries named by the openvino CMake config are missing: {', '.join(missing)}")
     definitions = tuple(d for d in runtime.get("INTERFACE_COMPILE_DEFINITIONS", "").split(";") if d)
-    return OpenVINOToolchain(metadata.version("openvino"), definitions, include, libraries)
+    return OpenVINOToolchain(version, definitions, include, libraries)
 
 
 def build_openvino(
@@ -388,6 +396,167 @@ def build_openvino(
     # OpenVINO release is already loaded, which `import openvino` does; another release fails to load it.
     _link([u.obj for u in kernel_units] + [ext.obj, *libraries], lib, digest)
     return f"built for openvino {version}"
+
+
+# The OpenVINO extension for another platform than this machine's (issue #21: linux-aarch64 from x86-64). The IR is
+# platform-neutral; the extension library is the platform's part. It is compiled with the platform's Debian cross
+# compiler against the headers and CMake config of the platform's openvino wheel (the same release as the installed
+# one: an artifact's IR comes from this machine's OpenVINO and both ends must be that release) and linked against
+# that wheel's libopenvino and libtbb. The wheel is fetched once with pip into kernels/build/<platform>/.
+# pip platform tags of the openvino wheels per platform: openvino 2026.4.1's aarch64 wheel is tagged
+# manylinux_2_35_aarch64 only, which pip on x86-64 never picks unless asked for it.
+OPENVINO_WHEEL_TAGS = {
+    "linux-aarch64": ("manylinux_2_35_aarch64", "manylinux_2_28_aarch64", "manylinux2014_aarch64"),
+}
+
+
+def _openvino_wheel_tags(platform_name: str) -> tuple[str, ...]:
+    if platform_name not in OPENVINO_WHEEL_TAGS:
+        raise BuildError(
+            f"no cross-build of the OpenVINO extension for platform {platform_name!r} "
+            f"(known: {', '.join(OPENVINO_WHEEL_TAGS)})"
+        )
+    return OPENVINO_WHEEL_TAGS[platform_name]
+
+
+def fetch_openvino_wheel(platform_name: str, version: str | None = None, quiet: bool = False) -> Path:
+    """The `openvino` package folder (cmake/, include/, libs/) of the `platform_name` wheel of OpenVINO `version`
+    (default: the installed release), downloaded with pip and unpacked under kernels/build/<platform>/ once."""
+    import zipfile
+    from importlib import metadata
+
+    tags = _openvino_wheel_tags(platform_name)
+    if version is None:
+        try:
+            version = metadata.version("openvino")
+        except metadata.PackageNotFoundError:
+            raise BuildError("the openvino package is not installed (pip install openvino==2026.4.1)") from None
+    base = BUILD / platform_name
+    site = base / f"openvino-{version}"
+    root = site / "openvino"
+    if (root / "cmake" / "OpenVINOTargets.cmake").is_file():
+        return root
+    wheels = base / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    python = f"{sys.version_info.major}{sys.version_info.minor}"  # the C++ libraries are the same in every cpXY wheel
+    _say(quiet, f"downloading the {platform_name} openvino {version} wheel into {wheels.relative_to(REPO)}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+    cmd += [a for tag in tags for a in ("--platform", tag)]
+    cmd += ["--python-version", python, "--implementation", "cp", f"openvino=={version}", "-d", str(wheels)]
+    _run(cmd)
+    found = sorted(wheels.glob(f"openvino-{version}-*.whl"))
+    if not found:
+        raise BuildError(f"pip download left no openvino-{version} wheel for {platform_name} in {wheels}")
+    tmp = Path(tempfile.mkdtemp(prefix=".openvino-", dir=base))
+    try:
+        with zipfile.ZipFile(found[-1]) as wheel:
+            # Only what a C++ consumer needs: the CMake config, the headers and the shared libraries.
+            members = [
+                n for n in wheel.namelist() if n.startswith(("openvino/cmake/", "openvino/include/", "openvino/libs/"))
+            ]
+            wheel.extractall(tmp, members)
+        if not (tmp / "openvino" / "cmake" / "OpenVINOTargets.cmake").is_file():
+            raise BuildError(f"{found[-1].name} holds no openvino/cmake/OpenVINOTargets.cmake")
+        if site.exists():
+            shutil.rmtree(site)
+        os.replace(tmp, site)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return root
+
+
+def openvino_package_version(root: Path) -> str:
+    """The release of the openvino package folder `root`, as its CMake config states it ("2026.4.1")."""
+    config = root / "cmake" / "OpenVINOConfig-version.cmake"
+    if not config.is_file():
+        raise BuildError(f"{config} is missing: {root} is not an openvino package folder")
+    parts = dict(re.findall(r"set\(PACKAGE_VERSION_(MAJOR|MINOR|PATCH) (\d+)\)", config.read_text()))
+    if len(parts) != 3:
+        raise BuildError(f"{config} states no PACKAGE_VERSION_MAJOR/MINOR/PATCH")
+    return f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}"
+
+
+def build_openvino_for_platform(
+    platform_name: str = "linux-aarch64",
+    cxx: str | None = None,
+    openvino_root: Path | None = None,
+    out_dir: Path | None = None,
+    kernel_units: Sequence[Unit] | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> tuple[Path, str, str]:
+    """The OpenVINO extension cross-compiled for `platform_name`: (library, the OpenVINO release it is built for,
+    what happened).
+
+    `cxx`: the cross compiler (default: the platform's, platforms.py, or $VMAMBA_CROSS_CXX); `openvino_root`: the
+    platform's openvino package folder (default: its wheel of the installed release, fetch_openvino_wheel); `out_dir`:
+    default vmamba_export/_native/<platform>/; `kernel_units`: the scan kernel's variants (default: the platform's,
+    compiled again here with `cxx`)."""
+    _openvino_wheel_tags(platform_name)  # a platform without an openvino wheel fails before anything is fetched
+    plat = target_platform(platform_name)
+    cxx = cxx or _compiler_for(plat)
+    compiler = _compiler_id(cxx)
+    root = openvino_root or fetch_openvino_wheel(platform_name, quiet=quiet)
+    toolchain = openvino_toolchain_at(root, openvino_package_version(root))
+    version = toolchain.version
+    src = KERNELS / "cpu" / "selective_scan_2d.cpp"
+    units = list(kernel_units or _scan_units(plat))
+    ext = Unit(
+        KERNELS / "openvino" / "extension.cpp",
+        _obj_dir(plat) / "openvino_extension.o",
+        # the baseline variant's flags: the extension's own code runs on every CPU of the platform
+        [
+            *plat.kernel_variants[0].flags,
+            *(f"-D{d}" for d in toolchain.definitions),
+            "-isystem",
+            str(toolchain.include),
+        ],
+    )
+    lib = (out_dir or native_dir(plat.name)) / OPENVINO_LIBRARY_NAME
+    libs_dir = toolchain.libraries[0].parent
+    # libopenvino's own dependencies (libhwloc, ...) are found beside it at link time, never on this machine
+    link = [f"-Wl,-rpath-link,{libs_dir}"]
+    digest = _digest(
+        [
+            compiler,
+            " ".join(CXXFLAGS + LDFLAGS + link),
+            *sorted((KERNELS / "cpu").glob("*.h")),
+            src,
+            *[" ".join(u.flags) for u in units],
+            ext.source,
+            " ".join(ext.flags),
+            version,
+            *map(str, toolchain.libraries),
+        ]
+    )
+    if not force and _up_to_date(lib, digest):
+        return lib, version, "up to date"
+    inc = [f"-I{KERNELS / 'cpu'}"]
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        jobs = []
+        for unit in [*units, ext]:
+            unit.obj.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [cxx, *CXXFLAGS, *unit.flags, *inc, "-c", str(unit.source), "-o", str(unit.obj)]
+            jobs.append(pool.submit(_run, cmd))
+        for job in jobs:
+            job.result()
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=lib.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        objects = [str(u.obj) for u in (*units, ext)]
+        _run([cxx, *objects, *map(str, toolchain.libraries), *LDFLAGS, *link, "-o", str(tmp)])
+        built = elf_machine(tmp)
+        if built != plat.machine:
+            raise BuildError(f"`{cxx}` produced a {built} library, {platform_name} needs {plat.machine}")
+        tmp.chmod(0o755)
+        os.replace(tmp, lib)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _stamp(lib).write_text(digest + "\n")
+    return lib, version, f"built for openvino {version} ({platform_name}, {cxx})"
 
 
 def build(
@@ -444,7 +613,13 @@ def build(
             results[ORT_LIBRARY_NAME] = "built"
 
     if cross:
-        results[OPENVINO_LIBRARY_NAME] = f"skipped: not cross-built for {plat.name} (platforms.py says why)"
+        try:
+            _, _, what = build_openvino_for_platform(
+                plat.name, cxx, out_dir=out_dir, kernel_units=kernel_units, force=force, quiet=quiet
+            )
+        except BuildError as exc:  # no openvino wheel for the platform, no network: the other libraries still count
+            what = f"skipped: {str(exc).splitlines()[0]}"
+        results[OPENVINO_LIBRARY_NAME] = what
     else:
         results[OPENVINO_LIBRARY_NAME] = build_openvino(kernel_units, kernel_sources, kernels_built, force)
 

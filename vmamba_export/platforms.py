@@ -65,8 +65,6 @@ PLATFORMS: dict[str, Platform] = {
             dispatch_flags=("-DVMAMBA_SCAN_HAVE_ARMV8_2_A",),
             feature_detection="getauxval(AT_HWCAP): HWCAP_ASIMDDP and HWCAP_ASIMDHP",
             unsupported_targets={
-                "cpu-openvino": "the OpenVINO extension is not cross-built for aarch64 yet",
-                "cpu-tvm": "TVM is not cross-compiled for an aarch64 LLVM triple yet",
                 "cuda-onnxruntime": "no CUDA build for aarch64 (Jetson: docs/platforms.md)",
                 "cuda-tvm": "no CUDA build for aarch64",
                 "metal-tvm": "Metal runs on Apple platforms only",

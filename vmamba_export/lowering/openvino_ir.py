@@ -28,6 +28,11 @@ before and after): all Reorders 3.9 -> 0.7 ms per image, grouped convolutions 1.
 
 int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
 weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
+
+Another platform (options.platform, e.g. "linux-aarch64" on this x86-64 machine): the IR is platform-neutral,
+so conversion and NNCF run here with this machine's extension as always; only the extension library put into the
+artifact is the platform's, cross-compiled against its openvino wheel of the same release
+(build_kernels.build_openvino_for_platform, cached under kernels/build/<platform>/).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
         raise TargetUnavailableError(f"{exc}; rebuild it: python -m vmamba_export.build_kernels") from None
 
     show = options.extra.get("show_progress", True)
+    platform_name, shipped = platform_extension(target, options.platform, version, show, options.precision)
     calib = None
     if options.precision == "int8":
         from ..quantize.calibration import load_calibration_batch
@@ -102,7 +108,7 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
         raise TargetUnavailableError(f"OpenVINO conversion gave {scans} {SCAN_OP_TYPE} ops for {expected} blocks")
     ov_model.set_rt_info(hint, ["runtime_options", "INFERENCE_PRECISION_HINT"])
     ov.save_model(ov_model, str(folder / MODEL_XML), compress_to_fp16=False)
-    shutil.copy2(library, folder / library.name)
+    shutil.copy2(shipped, folder / library.name)
 
     entry = {
         "model": MODEL_XML,
@@ -121,7 +127,51 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
             "inference_precision": hint,
         }
     )
+    if platform_name is not None:
+        info["platform"] = platform_name
     return entry, info
+
+
+# Precisions the platform's OpenVINO CPU plugin cannot run with the extension. Seen under qemu with the aarch64
+# 2026.4.1 wheel: the ARM plugin has no bf16 (capabilities FP32, FP16, INT8) and runs a bf16 (or f16) hint as f16,
+# converting the scan op's f32 parameters to f16, which the extension refuses at compile time.
+UNSUPPORTED_PRECISIONS = {
+    "linux-aarch64": {
+        "bf16": "OpenVINO's ARM CPU plugin has no bf16; it runs the hint as f16 and converts the scan op's f32 "
+        "parameters to f16 (\"input 'A_logs' must be f32, got f16\" at compile time); use fp32 or int8",
+    },
+}
+
+
+def platform_extension(
+    target: Target, platform_name: str | None, version: str, show: bool, precision: str = "fp32"
+) -> tuple[str | None, Path]:
+    """(platform, extension library to ship) for an artifact built for `platform_name` (None or this machine's
+    platform: (None, this machine's library)). Another platform's library is cross-built, or found up to date, for
+    the installed OpenVINO `version`; TargetUnavailableError says why it cannot be."""
+    from ..kernels_paths import openvino_extension_path
+    from ..platforms import host_platform
+
+    if platform_name is None or platform_name == host_platform():
+        return None, openvino_extension_path()
+    if precision in UNSUPPORTED_PRECISIONS.get(platform_name, {}):
+        why = UNSUPPORTED_PRECISIONS[platform_name][precision]
+        raise TargetUnavailableError(f"target {target.name} {precision} cannot be built for {platform_name}: {why}")
+    from ..build_kernels import BuildError, build_openvino_for_platform
+
+    try:
+        library, built_for, _ = build_openvino_for_platform(platform_name, quiet=not show)
+    except BuildError as exc:
+        raise TargetUnavailableError(
+            f"target {target.name} for {platform_name}: the OpenVINO extension cannot be cross-built: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    if built_for != version:
+        raise TargetUnavailableError(
+            f"target {target.name} for {platform_name}: its extension was built for OpenVINO {built_for}, "
+            f"this machine converts with {version}"
+        )
+    return platform_name, library
 
 
 # Inputs of SelectiveScan2D that carry data (the rest, A_logs, D and delta_bias, are f32 parameters), and those of

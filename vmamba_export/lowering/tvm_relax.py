@@ -22,6 +22,11 @@ Artifacts:
 - metal-tvm: no macOS linker here, so `model.tar` (host object code for arm64 macOS + the packed Metal module; on a Mac
   `tvm.runtime.load_module("model.tar")` links it) and `metal_kernels.metal`, the generated Metal source to inspect.
 
+Another platform (options.platform, cpu-tvm only): the code is generated for the platform's LLVM triple
+(CROSS_CPU_TARGETS; linux-aarch64: aarch64-linux-gnu, mcpu generic = the armv8-a baseline, NEON) and the library is
+linked by the platform's Debian cross compiler (export_library's cc). The scan kernel's 16-lane vectors become four
+128-bit NEON registers there. Nothing can be tuned for it here (meta-schedule measures on this machine).
+
 `tvm` is imported only here and in the runtime backend, when a TVM target is built or run.
 """
 
@@ -46,6 +51,11 @@ TVM_KINDS = {"cpu": "llvm", "cuda": "cuda", "apple": "metal"}
 DEVICE_TYPES = {"llvm": 1, "cuda": 2, "metal": 8}  # DLDeviceType, for the runtime's vm_initialization
 DEFAULT_CUDA_ARCH = "sm_90"  # H100; options.extra["cuda_arch"] picks another
 METAL_HOST = "arm64-apple-macos"
+# cpu-tvm for another platform: LLVM target fields, and the compiler that links the library. mcpu "generic" is the
+# architecture's baseline (armv8-a: every 64-bit ARM board); options.extra["tvm_mcpu"] names a newer CPU instead.
+CROSS_CPU_TARGETS = {
+    "linux-aarch64": ({"mtriple": "aarch64-linux-gnu", "mcpu": "generic", "mattr": ["+neon"]}, "aarch64-linux-gnu-g++"),
+}
 
 
 def import_tvm():
@@ -68,8 +78,9 @@ def tvm_version() -> str | None:
     return None
 
 
-def make_target(device: str, extra: dict):
-    """The TVM Target for a target file's `device`, as a JSON dict (TVM 0.27 targets are dicts)."""
+def make_target(device: str, extra: dict, platform: str | None = None):
+    """The TVM Target for a target file's `device`, as a JSON dict (TVM 0.27 targets are dicts); for a CPU, code for
+    `platform` (platforms.py name; None: this machine)."""
     tvm = import_tvm()
     kind = TVM_KINDS.get(device)
     if kind is None:
@@ -83,6 +94,11 @@ def make_target(device: str, extra: dict):
             mcpu = host_cpu()
         if mcpu:
             spec["mcpu"] = mcpu
+        cross = cross_platform(platform)
+        if cross is not None:
+            if extra.get("tvm_mcpu") == "native":
+                raise TargetUnavailableError(f"--tvm-mcpu native names this machine's CPU, not one of platform {cross}")
+            spec = {**spec, **CROSS_CPU_TARGETS[cross][0], **({"mcpu": mcpu} if mcpu else {})}
         return tvm.target.Target(spec), spec
     host = {"kind": "llvm"}
     if kind == "cuda":
@@ -91,6 +107,33 @@ def make_target(device: str, extra: dict):
         spec = {"kind": "metal"}
         host = {"kind": "llvm", "mtriple": METAL_HOST}  # the host code runs on the Mac
     return tvm.target.Target(spec, host=host), {**spec, "host": host}
+
+
+def cross_platform(name: str | None) -> str | None:
+    """`name` when it is a platform other than this machine's that cpu-tvm cross-compiles for, None for this machine's
+    own platform (or none given); TargetUnavailableError for a platform it cannot build for."""
+    from ..platforms import host_platform
+
+    if name is None or name == host_platform():
+        return None
+    if name not in CROSS_CPU_TARGETS:
+        raise TargetUnavailableError(
+            f"cpu-tvm cannot be cross-compiled for platform {name!r} (known: {', '.join(CROSS_CPU_TARGETS)})"
+        )
+    return name
+
+
+def cross_linker(name: str) -> str:
+    """The compiler that links a cpu-tvm library for platform `name` ($VMAMBA_CROSS_CXX overrides), checked present."""
+    import shutil
+
+    cc = os.environ.get("VMAMBA_CROSS_CXX") or CROSS_CPU_TARGETS[name][1]
+    if shutil.which(cc) is None:
+        package = f"g++-{cc.removesuffix('-g++')}" if cc.endswith("-linux-gnu-g++") else "g++"
+        raise TargetUnavailableError(
+            f"cpu-tvm for {name} links with `{cc}`, not found (Debian: apt-get install {package})"
+        )
+    return cc
 
 
 def host_cpu() -> str:
@@ -230,15 +273,24 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
     kind = TVM_KINDS[target.device]
     tune = tune_settings(options.extra)
     extra = dict(options.extra)
+    cross = cross_platform(options.platform)
+    if cross is not None and kind != "llvm":
+        raise TargetUnavailableError(f"target {target.name} cannot be cross-compiled for {cross}: cpu-tvm only")
+    linker = cross_linker(cross) if cross is not None else None  # checked before minutes of export
     if tune is not None:
         if kind != "llvm":
             raise TargetUnavailableError(f"target {target.name}: meta-schedule tuning is wired for cpu-tvm only")
+        if cross is not None:
+            raise TargetUnavailableError(
+                f"target {target.name} for {cross}: meta-schedule tunes by measuring on this machine; build untuned "
+                "(no --tune-budget / --tune-db) or tune on the device"
+            )
         # Tuning measures on this machine: build for its CPU, and for one batch size (meta-schedule tunes static
         # shapes; the runtime runs other batches in slices of it).
         extra.setdefault("tvm_mcpu", "native")
         extra["batch"] = int(extra.get("batch") or 1)
     batch = int(extra["batch"]) if extra.get("batch") else None
-    tvm_target, target_spec = make_target(target.device, extra)
+    tvm_target, target_spec = make_target(target.device, extra, cross)
     # CUDA: weights in a file beside the library, not in it (a 120 MB library of tiny_s1l8 could not travel to the
     # GPU machine; the GPU check regenerates the file there from the seed and the manifest's hash proves it equal).
     separate = bool(extra.get("separate_params", kind == "cuda"))
@@ -271,7 +323,8 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
         (folder / "metal_kernels.metal").write_text(sources.get("metal", ""))
     else:
         library = "model.so"
-        executable.export_library(str(folder / library))
+        # Another platform's library is linked by its cross compiler (TVM wrote the objects for its triple).
+        executable.export_library(str(folder / library), **({"cc": linker} if linker else {}))
     info = {
         "scan_lowering": "tvm-tir",
         "tvm_version": tvm_version(),
@@ -293,6 +346,9 @@ def lower_tvm(model: VMamba, target, folder: Path, options) -> tuple[dict, dict]
         "dynamic_axes": None if batch else {"batch": {"min": 1, "max": MAX_BATCH}},
         "min_size": size,
     }
+    if cross is not None:
+        info["platform"] = cross
+        info["linker"] = linker
     options.max_size = size  # exporter.py records options.max_size after the lowering ran
     entry = {
         "model": library,  # the library the Relax VM loads

@@ -120,6 +120,12 @@ class OpenVinoBackend:
         self.compiled = compile_ir(
             folder / entry["model"], folder / entry["extension_library"], self.precision_hint, threads
         )
+        # Recorded by validate: which plugin and CPU ran it (e.g. "ARM (0xd0c)" for an aarch64 Neoverse-N1).
+        core = import_openvino().Core()
+        self.evaluated_with = (
+            f"OpenVINO {installed_openvino_version()} CPU plugin ({core.get_property('CPU', 'FULL_DEVICE_NAME')}), "
+            f"inference precision {self.precision_hint}"
+        )
         # Idle infer requests: a request holds its input/output buffers and is not re-entrant, so each concurrent
         # call takes its own (created on demand) and gives it back; a batch of calls reuses the warmed-up ones.
         self._idle: list = []
