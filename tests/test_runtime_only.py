@@ -84,8 +84,12 @@ def test_runtime_venv_has_no_torch(runtime_venv):
 
 
 def test_predict_validate_bench_without_torch(runtime_venv, digits_ort_artifact, digits_folder, tmp_path):
+    import shutil
+
     from vmamba_export import load
     from vmamba_export.validate import validate_artifact
+
+    digits_ort_artifact = shutil.copytree(digits_ort_artifact, tmp_path / "artifact")  # validate/bench record in it
 
     images = sorted(str(p) for p in digits_folder.rglob("*.png"))[:6]
     proc = _run(runtime_venv, "-m", "vmamba_export", "predict", str(digits_ort_artifact), *images, "--json")
