@@ -19,8 +19,13 @@ _BACKENDS = {
 }
 
 
-def load(artifact_dir: str | Path, threads: int | None = None, verify: bool = True) -> Predictor:
-    """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor."""
+def load(
+    artifact_dir: str | Path, threads: int | None = None, verify: bool = True, cuda_graph: bool | None = None
+) -> Predictor:
+    """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor.
+
+    `cuda_graph`: for cuda-onnxruntime artifacts, replay a captured CUDA graph per input shape (default on; False
+    launches every kernel from the host, as ONNX Runtime does by default)."""
     folder = Path(artifact_dir)
     manifest = read_manifest(folder)
     if verify:
@@ -32,7 +37,8 @@ def load(artifact_dir: str | Path, threads: int | None = None, verify: bool = Tr
 
     module_name, class_name = _BACKENDS[runtime]
     module = importlib.import_module(f".{module_name}", __package__)
-    backend = getattr(module, class_name)(folder, manifest, threads=threads)
+    options = {"cuda_graph": cuda_graph} if runtime == "onnxruntime" else {}
+    backend = getattr(module, class_name)(folder, manifest, threads=threads, **options)
     return Predictor(manifest, backend, folder)
 
 
