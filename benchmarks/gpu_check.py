@@ -18,9 +18,13 @@ carried: the machine needs no compiler). Sections, each recorded and never fatal
              70% bandwidth target allows
   model      vmamba_tiny_s1l8 (random weights, seed 0) exported to cuda-onnxruntime fp32 and fp16 (or the artifacts
              in --onnx-dir/<row>), plus fp16 without the channels-last graph and our LayerNorm kernel for
-             comparison (MODEL_VARIANTS), parity against PyTorch fp32 (TF32 off), throughput at batch
-             128 (IO binding, inputs already on the GPU) and batch-1 latency, against ConvNeXt-T fp16 through the
-             same ONNX Runtime (benchmarks/convnext.py; --onnx-dir/convnext_fp16.onnx if present)
+             comparison (MODEL_VARIANTS), and vanilla_vmamba_tiny fp16 (OTHER_MODEL_ROWS); `--rows` picks some.
+             Parity against PyTorch fp32 (TF32 off), plain and through the predictor's CUDA-graph path (also after
+             a change of input shape); throughput at batch 128 and latency at batch 1 (IO binding, inputs already
+             on the GPU), each plain and replaying a CUDA graph; the predictor's batch-1 call on a numpy batch as a
+             user makes it, with and without graphs. The peer: ConvNeXt-T fp16 and fp32 through the same ONNX
+             Runtime, measured the same ways (benchmarks/convnext.py; --onnx-dir/convnext_<precision>.onnx if
+             present); ratios per row against the peer of the same precision.
 
 Writes gpu_check.json and gpu_check.log under $OUT (else ./gpu_results) and prints a short table last.
 """
@@ -48,8 +52,6 @@ from vmamba_export.bench import cuda_time_ms  # noqa: E402
 
 # Targets of the issue.
 MIN_BANDWIDTH_FRACTION = 0.70
-MIN_FP16_THROUGHPUT = 3000.0
-MIN_CONVNEXT_RATIO = 0.8
 
 LOG: list[str] = []
 RESULTS: dict = {"sections": {}, "errors": []}
@@ -413,6 +415,8 @@ MODEL_VARIANTS = (
     ("fp16-ort-layernorm", "fp16", {"layer_norm": "onnxruntime"}),
     ("fp16-channels-first-ort-layernorm", "fp16", {"layout": "channels-first", "layer_norm": "onnxruntime"}),
 )
+# Rows of other models (name, row, precision): the d_state-16 model against the same peer.
+OTHER_MODEL_ROWS = (("vanilla_vmamba_tiny", "vanilla-fp16", "fp16"),)
 
 
 def export_or_load(name: str, row: str, precision: str, settings: dict, onnx_dir: Path | None, work: Path) -> Path:
@@ -457,34 +461,89 @@ def ort_speed(session, input_name: str, output_name: str, batch: int, runs: int)
     return time_calls(lambda: session.run_with_iobinding(binding), warmup=5, runs=runs)["median_ms"]
 
 
+def graph_speed(make_session, num_outputs: int, batch: int, runs: int) -> float:
+    """The same as ort_speed through a captured CUDA graph (runtime/cuda_graphs.py): input already on the GPU,
+    output left there, one graph replay per call."""
+    from vmamba_export.bench import time_calls
+    from vmamba_export.runtime.cuda_graphs import CudaGraphRunner
+
+    runner = CudaGraphRunner(make_session, num_outputs)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    runner.run_numpy(x)  # creates the session and its buffers
+    graph = runner._graph_for(x.shape)
+    return time_calls(graph.replay, warmup=5, runs=runs)["median_ms"]
+
+
+def speed_rows(rec: dict, session, make_graph_session, num_outputs: int, quick: bool) -> None:
+    """Batch 128 and batch 1, plain I/O binding and CUDA graph, into `rec`."""
+    inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
+    for batch, runs in ((128, 5 if quick else 20), (1, 20 if quick else 200)):
+        plain = ort_speed(session, inp, outp, batch, runs=runs)
+        graphed = graph_speed(make_graph_session, num_outputs, batch, runs=runs)
+        rec[f"batch{batch}_ms"], rec[f"batch{batch}_graph_ms"] = plain, graphed
+        rec[f"batch{batch}_img_s"], rec[f"batch{batch}_graph_img_s"] = batch * 1e3 / plain, batch * 1e3 / graphed
+
+
+def predictor_call_ms(predictor, batch: int, runs: int) -> float:
+    """Median wall ms of `predictor(numpy batch)` as a user calls it: host copy in and out included."""
+    from vmamba_export.bench import time_calls
+
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
+    return time_calls(lambda: predictor(x), warmup=5, runs=runs)["median_ms"]
+
+
+def graph_parity_after_shape_changes(predictor, x: np.ndarray, ref: np.ndarray, x_other: np.ndarray) -> dict:
+    """Parity of the CUDA-graph predictor on `x` (batches of 8), after a run at another shape and back."""
+    from vmamba_export.validate import parity_metrics
+
+    first = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
+    predictor(x_other)
+    predictor(x[:1])
+    again = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
+    return {"first": parity_metrics(first, ref), "after_shape_change": parity_metrics(again, ref)}
+
+
 @section("model")
-def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
+def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[str] | None = None) -> dict:
     from vmamba_export import load
     from vmamba_export.model_source import resolve_model
+    from vmamba_export.runtime.onnxruntime_backend import CUDA_PROVIDER, make_session
     from vmamba_export.scan.op import torch_scan
     from vmamba_export.validate import parity_metrics, threshold_failures
 
-    name = "vmamba_tiny_s1l8"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = resolve_model(name, random_weights=True, seed=0).model.eval().set_scan(torch_scan).cuda()
     x = np.random.default_rng(1).standard_normal((8 if quick else 32, 3, 224, 224), dtype=np.float32)
-    with torch.no_grad():
-        ref = np.concatenate([model(torch.from_numpy(x[i : i + 8]).cuda()).cpu().numpy() for i in range(0, len(x), 8)])
-    del model
-    torch.cuda.empty_cache()
+    x_other = np.random.default_rng(2).standard_normal((3, 3, 192, 160), dtype=np.float32)
+    references: dict[str, np.ndarray] = {}
+
+    def reference(name: str) -> np.ndarray:
+        if name not in references:
+            model = resolve_model(name, random_weights=True, seed=0).model.eval().set_scan(torch_scan).cuda()
+            with torch.no_grad():
+                references[name] = np.concatenate(
+                    [model(torch.from_numpy(x[i : i + 8]).cuda()).cpu().numpy() for i in range(0, len(x), 8)]
+                )
+            del model
+            torch.cuda.empty_cache()
+        return references[name]
+
     out: dict = {"precisions": {}}
     RESULTS["sections"]["model"] = out  # partial results reach the JSON as they come
-    for row, precision, settings in MODEL_VARIANTS:
-        rec: dict = {"precision": precision, "settings": settings}
+    rows = [("vmamba_tiny_s1l8", row, precision, settings) for row, precision, settings in MODEL_VARIANTS]
+    rows += [(name, row, precision, {}) for name, row, precision in OTHER_MODEL_ROWS]
+    rows = [r for r in rows if not only_rows or r[1] in only_rows]
+    for name, row, precision, settings in rows:
+        rec: dict = {"model": name, "precision": precision, "settings": settings}
         out["precisions"][row] = rec
         try:
             folder = export_or_load(name, row, precision, settings, onnx_dir, work)
-            predictor = load(folder)
+            predictor = load(folder, cuda_graph=False)
             session = predictor.backend.session
             rec["providers"] = session.get_providers()
             rec["scan_node_providers"] = scan_node_providers(folder)
             log(f"{name} {row}: scan nodes ran on {rec['scan_node_providers']}")
+            ref = reference(name)
             logits = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
             metrics = parity_metrics(logits, ref)
             thresholds = predictor.manifest["thresholds"]
@@ -494,61 +553,91 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path) -> dict:
                 f"{name} {row}: rel_l2 {metrics['rel_l2']:.2e} cos_min {metrics['cosine_min']:.6f} "
                 f"top1 {metrics['top1_agreement']:.3f} {'ok' if not fails else 'FAIL ' + '; '.join(fails)}"
             )
-            inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
-            ms128 = ort_speed(session, inp, outp, 128, runs=5 if quick else 20)
-            ms1 = ort_speed(session, inp, outp, 1, runs=20 if quick else 100)
-            rec.update({"batch128_ms": ms128, "batch128_img_s": 128e3 / ms128, "batch1_ms": ms1})
-            log(f"{name} {row}: batch 128 {ms128:.1f} ms = {128e3 / ms128:.0f} img/s, batch 1 {ms1:.2f} ms")
+            graphed = load(folder)
+            graph_parity = graph_parity_after_shape_changes(graphed, x, ref, x_other)
+            graph_fails = [f for m in graph_parity.values() for f in threshold_failures(m, thresholds)]
+            rec.update({"graph_parity": graph_parity, "graph_parity_ok": not graph_fails})
+            log(
+                f"{name} {row} CUDA graph: rel_l2 {graph_parity['first']['rel_l2']:.2e}, after a shape change "
+                f"{graph_parity['after_shape_change']['rel_l2']:.2e} {'ok' if not graph_fails else 'FAIL'}"
+            )
+            backend = graphed.backend
+            rec["predictor_b1_numpy_ms"] = predictor_call_ms(predictor, 1, 20 if quick else 200)
+            rec["predictor_b1_numpy_graph_ms"] = predictor_call_ms(graphed, 1, 20 if quick else 200)
+            del graphed
+            speed_rows(rec, session, backend.graphs._make_session, predictor.num_classes, quick)
+            log(
+                f"{name} {row}: batch 128 {rec['batch128_img_s']:.0f} img/s, graph {rec['batch128_graph_img_s']:.0f}; "
+                f"batch 1 {rec['batch1_ms']:.2f} ms, graph {rec['batch1_graph_ms']:.2f} ms; predictor(numpy) b1 "
+                f"{rec['predictor_b1_numpy_ms']:.2f} ms, graph {rec['predictor_b1_numpy_graph_ms']:.2f} ms"
+            )
         except Exception as exc:
             rec["error"] = repr(exc)
             rec["traceback"] = traceback.format_exc()
             log(f"{name} {row} FAILED: {exc!r}\n{rec['traceback']}")
             RESULTS["errors"].append(f"model {row}: {exc!r}")
         flush_results()
-    # ConvNeXt-T fp16, same runtime, same measurement.
-    conv: dict = {}
-    out["convnext_fp16"] = conv
-    try:
-        import onnx
-        import onnxruntime as ort
-
-        from vmamba_export.lowering.fp16 import convert_model_to_fp16
-
-        path = onnx_dir / "convnext_fp16.onnx" if onnx_dir is not None else None
-        if path is None or not path.is_file():
-            from convnext import export_convnext_onnx
-
-            fp32_path = work / "convnext_fp32.onnx"
-            export_convnext_onnx(str(fp32_path))
-            path = work / "convnext_fp16.onnx"
-            onnx.save_model(convert_model_to_fp16(onnx.load(str(fp32_path)), 10), str(path))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
-        ms128 = ort_speed(session, inp, outp, 128, runs=5 if quick else 20)
-        ms1 = ort_speed(session, inp, outp, 1, runs=20 if quick else 100)
-        conv.update(
-            {
-                "providers": session.get_providers(),
-                "batch128_ms": ms128,
-                "batch128_img_s": 128e3 / ms128,
-                "batch1_ms": ms1,
-            }
-        )
-        log(f"convnext_tiny fp16: batch 128 {ms128:.1f} ms = {128e3 / ms128:.0f} img/s, batch 1 {ms1:.2f} ms")
-    except Exception as exc:
-        conv["error"] = repr(exc)
-        conv["traceback"] = traceback.format_exc()
-        log(f"convnext FAILED: {exc!r}\n{conv['traceback']}")
-        RESULTS["errors"].append(f"convnext: {exc!r}")
-    fp16 = out["precisions"].get("fp16", {})
-    if "batch128_img_s" in fp16:
-        out["fp16_throughput_ok"] = fp16["batch128_img_s"] >= MIN_FP16_THROUGHPUT
-        if "batch128_img_s" in conv:
-            out["vs_convnext"] = fp16["batch128_img_s"] / conv["batch128_img_s"]
-            out["vs_convnext_ok"] = out["vs_convnext"] >= MIN_CONVNEXT_RATIO
+    # ConvNeXt-T, same runtime, same measurements (plain I/O binding and CUDA graph), fp16 and fp32.
+    for precision in ("fp16", "fp32"):
+        conv: dict = {}
+        out[f"convnext_{precision}"] = conv
+        try:
+            path = convnext_onnx(precision, onnx_dir, work)
+            cuda_options = {"use_tf32": "0"} if precision == "fp32" else {}
+            session = make_session(path, None, None, [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"])
+            graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+            conv["providers"] = session.get_providers()
+            speed_rows(conv, session, lambda p=path, g=graph_providers: make_session(p, None, None, g), 1000, quick)
+            log(
+                f"convnext_tiny {precision}: batch 128 {conv['batch128_img_s']:.0f} img/s, graph "
+                f"{conv['batch128_graph_img_s']:.0f}; batch 1 {conv['batch1_ms']:.2f} ms, graph "
+                f"{conv['batch1_graph_ms']:.2f} ms"
+            )
+        except Exception as exc:
+            conv["error"] = repr(exc)
+            conv["traceback"] = traceback.format_exc()
+            log(f"convnext {precision} FAILED: {exc!r}\n{conv['traceback']}")
+            RESULTS["errors"].append(f"convnext {precision}: {exc!r}")
+    out["ratios"] = ratios(out)
     return out
+
+
+def convnext_onnx(precision: str, onnx_dir: Path | None, work: Path) -> Path:
+    """ConvNeXt-T exported as benchmarks/convnext.py does (fixed opset, dynamic batch), fp16 converted like ours."""
+    import onnx
+
+    from vmamba_export.lowering.fp16 import convert_model_to_fp16
+
+    path = onnx_dir / f"convnext_{precision}.onnx" if onnx_dir is not None else None
+    if path is not None and path.is_file():
+        return path
+    from convnext import export_convnext_onnx
+
+    fp32_path = work / "convnext_fp32.onnx"
+    if not fp32_path.is_file():
+        export_convnext_onnx(str(fp32_path))
+    if precision == "fp32":
+        return fp32_path
+    path = work / "convnext_fp16.onnx"
+    onnx.save_model(convert_model_to_fp16(onnx.load(str(fp32_path)), 10), str(path))
+    return path
+
+
+def ratios(out: dict) -> dict:
+    """VMamba over ConvNeXt-T of the same precision, per row: batch-1 latency (lower is better for us) and batch-128
+    throughput (higher is better), plain and with CUDA graphs on both sides."""
+    result = {}
+    for row, rec in out["precisions"].items():
+        conv = out.get(f"convnext_{rec['precision']}", {})
+        if "batch1_ms" not in rec or "batch1_ms" not in conv:
+            continue
+        result[row] = {
+            "batch1_latency": rec["batch1_ms"] / conv["batch1_ms"],
+            "batch1_latency_graph": rec["batch1_graph_ms"] / conv["batch1_graph_ms"],
+            "batch128_throughput": rec["batch128_img_s"] / conv["batch128_img_s"],
+            "batch128_throughput_graph": rec["batch128_graph_img_s"] / conv["batch128_graph_img_s"],
+        }
+    return result
 
 
 def environment() -> dict:
@@ -603,49 +692,50 @@ def summary_table() -> str:
                 f"at most {100 * f[dtype]['best_fraction_of_copy']:.0f}% of copy reachable"
             )
     m = s.get("model", {})
-    for precision, rec in m.get("precisions", {}).items():
+    for row, rec in m.get("precisions", {}).items():
         p = rec.get("parity", {})
         lines.append(
-            f"tiny_s1l8 {precision:<33} : parity {'PASS' if rec.get('parity_ok') else 'FAIL'} "
+            f"{rec.get('model', '?'):<20} {row:<33} : parity {'PASS' if rec.get('parity_ok') else 'FAIL'} "
             f"rel_l2 {fmt(p.get('rel_l2'), '.1e')} cos {fmt(p.get('cosine_min'), '.5f')} "
-            f"top1 {fmt(p.get('top1_agreement'), '.2f')} | b128 {fmt(rec.get('batch128_img_s'), '.0f')} img/s "
-            f"| b1 {fmt(rec.get('batch1_ms'), '.2f')} ms | scan on {rec.get('scan_node_providers', '-')}"
+            f"top1 {fmt(p.get('top1_agreement'), '.2f')} graph {'PASS' if rec.get('graph_parity_ok') else 'FAIL'} "
+            f"| b128 {fmt(rec.get('batch128_img_s'), '.0f')} / graph {fmt(rec.get('batch128_graph_img_s'), '.0f')} "
+            f"img/s | b1 {fmt(rec.get('batch1_ms'), '.2f')} / graph {fmt(rec.get('batch1_graph_ms'), '.2f')} ms"
             + (f" | ERROR {rec['error']}" if "error" in rec else "")
         )
-    c = m.get("convnext_fp16", {})
-    lines.append(
-        f"convnext_t fp16      : b128 {fmt(c.get('batch128_img_s'), '.0f')} img/s | "
-        f"b1 {fmt(c.get('batch1_ms'), '.2f')} ms" + (f" | ERROR {c['error']}" if "error" in c else "")
-    )
-    lines.append(
-        f"fp16 >= {MIN_FP16_THROUGHPUT:.0f} img/s    : {m.get('fp16_throughput_ok', '-')}; "
-        f"vs ConvNeXt {fmt(m.get('vs_convnext'), '.2f')}x (>= {MIN_CONVNEXT_RATIO}: {m.get('vs_convnext_ok', '-')})"
-    )
+    for precision in ("fp16", "fp32"):
+        c = m.get(f"convnext_{precision}", {})
+        lines.append(
+            f"convnext_t {precision:<43} : b128 {fmt(c.get('batch128_img_s'), '.0f')} / graph "
+            f"{fmt(c.get('batch128_graph_img_s'), '.0f')} img/s | b1 {fmt(c.get('batch1_ms'), '.2f')} / graph "
+            f"{fmt(c.get('batch1_graph_ms'), '.2f')} ms" + (f" | ERROR {c['error']}" if "error" in c else "")
+        )
+    for row, r in m.get("ratios", {}).items():
+        lines.append(
+            f"vs ConvNeXt-T {row:<33}: b1 latency {r['batch1_latency']:.2f}x, graph {r['batch1_latency_graph']:.2f}x"
+            f" (goal <= 1.0); b128 throughput {r['batch128_throughput']:.2f}x, graph "
+            f"{r['batch128_throughput_graph']:.2f}x (goal >= 1.0)"
+        )
     lines.append(f"errors               : {len(RESULTS['errors'])}")
     return "\n".join(lines)
 
 
 def export_only(folder: Path) -> int:
-    import onnx
-    from convnext import export_convnext_onnx
-
-    from vmamba_export.lowering.fp16 import convert_model_to_fp16
+    import shutil
 
     folder.mkdir(parents=True, exist_ok=True)
+    rows = [("vmamba_tiny_s1l8", row, precision, settings) for row, precision, settings in MODEL_VARIANTS]
+    rows += [(name, row, precision, {}) for name, row, precision in OTHER_MODEL_ROWS]
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        for row, precision, settings in MODEL_VARIANTS:
-            built = export_or_load("vmamba_tiny_s1l8", row, precision, settings, None, Path(tmp))
+        for name, row, precision, settings in rows:
+            built = export_or_load(name, row, precision, settings, None, Path(tmp))
             target = folder / row
             if target.exists():
-                import shutil
-
                 shutil.rmtree(target)
             built.rename(target)
             log(f"wrote {target}")
-        fp32_path = Path(tmp) / "convnext_fp32.onnx"
-        export_convnext_onnx(str(fp32_path))
-        onnx.save_model(convert_model_to_fp16(onnx.load(str(fp32_path)), 10), str(folder / "convnext_fp16.onnx"))
-        log(f"wrote {folder / 'convnext_fp16.onnx'}")
+        for precision in ("fp32", "fp16"):
+            shutil.copyfile(convnext_onnx(precision, None, Path(tmp)), folder / f"convnext_{precision}.onnx")
+            log(f"wrote {folder / f'convnext_{precision}.onnx'}")
     return 0
 
 
@@ -658,10 +748,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_results"))
     parser.add_argument("--skip", action="append", default=[], choices=["kernel", "bandwidth", "floor", "model"])
     parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=[row for row, _, _ in MODEL_VARIANTS] + [row for _, row, _ in OTHER_MODEL_ROWS],
+        help="model rows to measure (default: all)",
+    )
+    parser.add_argument(
         "--export-only",
         type=Path,
         metavar="DIR",
-        help="no GPU needed: write DIR/fp32, DIR/fp16 (vmamba_tiny_s1l8 artifacts) and DIR/convnext_fp16.onnx, for "
+        help="no GPU needed: write DIR/<row> (the artifacts of every model row) and DIR/convnext_{fp32,fp16}.onnx, for "
         "--onnx-dir on a machine that cannot export",
     )
     args = parser.parse_args(argv)
@@ -690,7 +786,7 @@ def main(argv=None) -> int:
             if "floor" not in args.skip:
                 check_floor(args.quick)
             if "model" not in args.skip:
-                check_model(args.quick, args.onnx_dir, Path(tmp))
+                check_model(args.quick, args.onnx_dir, Path(tmp), args.rows)
     table = summary_table()
     (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))
     (args.out / "gpu_check.log").write_text("\n".join(LOG) + "\n" + table + "\n")

@@ -338,3 +338,55 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
         ref = model(torch.from_numpy(x)).numpy()
     metrics = parity_metrics(predictor(x), ref)
     assert not threshold_failures(metrics, predictor.manifest["thresholds"]), metrics
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2"])
+def test_cuda_graph_path_matches_plain_runs_across_shape_changes(tmp_path, precision, name):
+    """The CUDA-graph path (one captured graph per shape) gives what plain ONNX Runtime runs give, also when the
+    input shape changes and comes back (a stale graph would replay the old shape's buffers), and the d_state-16 scan
+    (cudaMallocAsync scratch) captures too (vmamba_test_v0)."""
+    gpu_ready()
+    from vmamba_export import load
+    from vmamba_export.exporter import export_artifact
+
+    source = resolve_model(name, random_weights=True, seed=0)
+    folder = tmp_path / precision
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256)
+    plain, graphed = load(folder, cuda_graph=False), load(folder)
+    assert plain.backend.graphs is None and graphed.backend.graphs is not None
+    rng = np.random.default_rng(0)
+    for shape in [(1, 3, 64, 64), (4, 3, 64, 64), (1, 3, 48, 80), (1, 3, 64, 64), (2, 3, 96, 96), (1, 3, 48, 80)]:
+        for _ in range(3):  # ORT captures after its warm-up runs: compare the capture and the replays
+            x = rng.standard_normal(shape, dtype=np.float32)
+            want, got = plain(x), graphed(x)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-4 if precision == "fp32" else 2e-2, atol=1e-4)
+    assert len(graphed.backend.graphs.cached_shapes) == 4  # LRU: the four most recent shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_device_resident_batches_stay_on_the_gpu(tmp_path, cuda_graph):
+    gpu_ready()
+    from vmamba_export import load
+    from vmamba_export.exporter import export_artifact
+
+    source = resolve_model("vmamba_test_v2", random_weights=True, seed=0)
+    folder = tmp_path / "fp16"
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision="fp16", max_size=256)
+    predictor = load(folder, cuda_graph=cuda_graph)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    host = predictor(x)
+    for _ in range(3):
+        out = predictor(torch.from_numpy(x).cuda())
+        logits = torch.from_dlpack(out)
+        assert logits.is_cuda and tuple(logits.shape) == host.shape
+        np.testing.assert_allclose(logits.cpu().numpy(), host, rtol=1e-5, atol=1e-5)
+    kept = predictor(torch.from_numpy(x).cuda())
+    predictor(torch.zeros((2, 3, 64, 64), device="cuda"))
+    # A result is not overwritten by the next call (the graph's own output buffer is).
+    np.testing.assert_allclose(torch.from_dlpack(kept).cpu().numpy(), host, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="float32"):
+        predictor(torch.zeros((2, 3, 64, 64), device="cuda", dtype=torch.float16))

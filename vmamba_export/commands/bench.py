@@ -50,17 +50,15 @@ def run(args: argparse.Namespace) -> int:
         print_json(result | ({"error": "; ".join(errors)} if errors else {}))
         return finish(errors, 0)
     table = Table(title=f"latency of {args.artifact} ({result['machine']})")
-    for col in ("batch", "threads", "size", "median ms", "p90 ms", "images/s", "peak RSS MB"):
+    graphs = any("cuda_graph" in r for r in result["results"])  # cuda-onnxruntime: with and without CUDA graphs
+    columns = ["batch", "threads", "size", "median ms", "p90 ms", "images/s"]
+    columns += ["graph median ms", "graph p90 ms", "graph images/s"] if graphs else []
+    for col in (*columns, "peak RSS MB"):
         table.add_column(col, justify="right")
     for r in result["results"]:
-        table.add_row(
-            str(r["batch"]),
-            str(r["threads"]),
-            str(r["size"]),
-            f"{r['median_ms']:.2f}",
-            f"{r['p90_ms']:.2f}",
-            f"{r['throughput']:.1f}",
-            f"{r['peak_rss_mb']:.0f}",
-        )
+        cells = [str(r["batch"]), str(r["threads"]), str(r["size"])]
+        for stats in (r, r.get("cuda_graph")) if graphs else (r,):
+            cells += [f"{stats['median_ms']:.2f}", f"{stats['p90_ms']:.2f}", f"{stats['throughput']:.1f}"]
+        table.add_row(*cells, f"{r['peak_rss_mb']:.0f}")
     Console(width=140).print(table)
     return finish(errors, 0)

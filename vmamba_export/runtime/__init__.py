@@ -21,12 +21,18 @@ _BACKENDS = {
 
 
 def load(
-    artifact_dir: str | Path, threads: int | None = None, verify: bool = True, expected_sha256: str | None = None
+    artifact_dir: str | Path,
+    threads: int | None = None,
+    verify: bool = True,
+    expected_sha256: str | None = None,
+    cuda_graph: bool | None = None,
 ) -> Predictor:
     """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor.
 
     `expected_sha256` (hex) pins manifest.json itself, checked before it is parsed: the manifest lists every other
-    file's sha256, so a hash received through a trusted channel pins the whole artifact (README "Artifacts")."""
+    file's sha256, so a hash received through a trusted channel pins the whole artifact (README "Artifacts").
+    `cuda_graph`: for cuda-onnxruntime artifacts, replay a captured CUDA graph per input shape (default on; False
+    launches every kernel from the host, as ONNX Runtime does by default)."""
     folder = Path(artifact_dir)
     manifest = read_manifest(folder, expected_sha256=expected_sha256)
     if verify:
@@ -39,7 +45,8 @@ def load(
 
     module_name, class_name = _BACKENDS[runtime]
     module = importlib.import_module(f".{module_name}", __package__)
-    backend = getattr(module, class_name)(folder, manifest, threads=threads)
+    options = {"cuda_graph": cuda_graph} if runtime == "onnxruntime" else {}
+    backend = getattr(module, class_name)(folder, manifest, threads=threads, **options)
     return Predictor(manifest, backend, folder)
 
 

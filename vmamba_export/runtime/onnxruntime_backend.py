@@ -68,11 +68,16 @@ def make_session(model_path: Path, library: Path | None, threads: int | None, pr
 
 
 class OnnxRuntimeBackend:
-    def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
+    """Runs an artifact's ONNX model. On a CUDA artifact, `cuda_graph` (default on) replays one captured CUDA graph
+    per input shape (runtime/cuda_graphs.py) instead of launching every kernel from the host."""
+
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None, cuda_graph: bool | None = None):
         entry = manifest["entry"]
         library = entry.get("custom_op_library")
         providers = entry.get("providers")
-        if providers and CUDA_PROVIDER in providers:
+        self.on_cuda = bool(providers and CUDA_PROVIDER in providers)
+        cuda_options: dict = {}
+        if self.on_cuda:
             why = cuda_unavailable_reason()
             if why:
                 raise TargetUnavailableError(f"artifact {folder} runs on a CUDA GPU: {why}")
@@ -80,13 +85,41 @@ class OnnxRuntimeBackend:
             # fp32 artifacts, whose parity bound (rel L2 1e-4) TF32 alone exceeds.
             cuda_options = {"use_tf32": "0"} if manifest.get("precision") == "fp32" else {}
             providers = [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"]
-        self.session = make_session(folder / entry["model"], folder / library if library else None, threads, providers)
-        if entry.get("providers") and CUDA_PROVIDER not in self.session.get_providers():
+        model_path, library_path = folder / entry["model"], folder / library if library else None
+        self.session = make_session(model_path, library_path, threads, providers)
+        if self.on_cuda and CUDA_PROVIDER not in self.session.get_providers():
             raise TargetUnavailableError(
                 f"ONNX Runtime could not start {CUDA_PROVIDER} for {folder} (see its log: CUDA/cuDNN libraries "
                 "missing or not matching onnxruntime-gpu?)"
             )
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.graphs = None
+        if self.on_cuda and cuda_graph is not False:
+            from .cuda_graphs import CudaGraphRunner
+
+            graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+            self.graphs = CudaGraphRunner(
+                lambda: make_session(model_path, library_path, threads, graph_providers),
+                int(manifest["output"]["num_classes"]),
+            )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.graphs is not None:
+            return self.graphs.run_numpy(batch)
         return self.session.run(None, {self.input_name: batch})[0]
+
+    def run_device(self, batch):
+        """A device-resident batch (DLPack) in, a device OrtValue out (`torch.from_dlpack(out)` takes it), with no
+        host round trip."""
+        if not self.on_cuda:
+            raise TargetUnavailableError("device-resident inputs need a cuda-onnxruntime artifact")
+        if self.graphs is not None:
+            return self.graphs.run_device(batch)
+        from .cuda_graphs import device_ortvalue
+
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, device_ortvalue(batch))
+        binding.bind_output(self.output_name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]

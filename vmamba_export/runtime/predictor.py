@@ -79,8 +79,36 @@ class Predictor:
         return batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (N, num_classes) for a preprocessed float32 NCHW batch."""
+        """Logits (N, num_classes) for a preprocessed float32 NCHW batch.
+
+        A batch already on the GPU (a torch or cupy tensor: anything with `__dlpack__`) runs on a cuda-onnxruntime
+        artifact without a host round trip, and the logits stay on the GPU: an ONNX Runtime OrtValue that
+        `torch.from_dlpack` / `cupy.from_dlpack` take without a copy (`.numpy()` brings it to the host). The work
+        that produced the batch must be finished (or on the default stream) before the call."""
+        from .cuda_graphs import is_device_array
+
+        if is_device_array(batch):
+            return self._run_device(batch)
         return self.backend.run(self.check_input(batch))
+
+    def _run_device(self, batch):
+        run_device = getattr(self.backend, "run_device", None)
+        if run_device is None or not getattr(self.backend, "on_cuda", False):
+            raise InputError(
+                f"this {self.manifest['target']['name']} artifact takes numpy arrays; the batch is on a GPU "
+                "(copy it to the host first, e.g. tensor.cpu().numpy())"
+            )
+        shape = tuple(int(d) for d in batch.shape)
+        if "float32" not in str(getattr(batch, "dtype", "")):
+            raise InputError(f"expected a float32 batch on the GPU, got dtype {getattr(batch, 'dtype', None)}")
+        if len(shape) != 4 or shape[1] != self.channels:
+            raise InputError(f"expected a 4-D NCHW batch with {self.channels} channels, got shape {shape}")
+        for side, value in (("height", shape[2]), ("width", shape[3])):
+            if not self.min_size <= value <= self.max_size:
+                raise InputError(
+                    f"{side} {value} is outside what this artifact takes ({self.min_size}..{self.max_size})"
+                )
+        return run_device(batch)
 
     def _preprocess_one(self, item) -> np.ndarray:
         """One path or PIL image -> (C, H, W) float32; InputError naming the image if it cannot be used."""
