@@ -46,9 +46,10 @@ class ConvNeXtTiny(nn.Module):
         return self.head(self.norm(self.features(x).mean(dim=(2, 3))))
 
 
-def export_convnext_onnx(path: str, opset: int | None = None) -> None:
-    """ConvNeXt-T to ONNX with a dynamic batch, through the same dynamo exporter and at the same opset as our models
-    (opset 20: GELU as one Gelu node, which ONNX Runtime runs faster than its Erf decomposition)."""
+def export_convnext_onnx(path: str, opset: int | None = None, fixed_batch: int | None = None) -> None:
+    """ConvNeXt-T to ONNX with a dynamic batch (or a fixed one: `fixed_batch`), through the same dynamo exporter and at
+    the same opset as our models (opset 20: GELU as one Gelu node, which ONNX Runtime runs faster than its Erf
+    decomposition)."""
     import contextlib
     import io
     import warnings
@@ -57,14 +58,15 @@ def export_convnext_onnx(path: str, opset: int | None = None) -> None:
         from vmamba_export.lowering.onnx_export import OPSET as opset
     torch.manual_seed(0)
     model = ConvNeXtTiny().eval()
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(fixed_batch or 2, 3, 224, 224)
+    dynamic = None if fixed_batch else {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
             (x,),
             dynamo=True,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            dynamic_shapes=dynamic,
             input_names=["pixel_values"],
             output_names=["logits"],
             opset_version=opset,

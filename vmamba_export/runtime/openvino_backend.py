@@ -7,8 +7,10 @@ manifest must be the installed one: checked before anything is loaded, with both
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +79,17 @@ def compile_config(precision_hint: str, threads: int | None, profile: bool = Fal
     return config
 
 
-def compile_ir(xml: Path, library: Path | None, precision_hint: str, threads: int | None = None, profile: bool = False):
-    """An ov.CompiledModel for the CPU (extension `library` loaded first, if any); errors become ArtifactError with
-    OpenVINO's first line."""
+def compile_ir(
+    xml: Path,
+    library: Path | None,
+    precision_hint: str,
+    threads: int | None = None,
+    profile: bool = False,
+    shape: tuple[int, ...] | None = None,
+):
+    """An ov.CompiledModel for the CPU (extension `library` loaded first, if any), for one fixed input `shape` when
+    given (the IR's dynamic dimensions made static: the CPU plugin plans memory and picks kernels once for it);
+    errors become ArtifactError with OpenVINO's first line."""
     ov = import_openvino()
     core = ov.Core()
     try:
@@ -90,7 +100,10 @@ def compile_ir(xml: Path, library: Path | None, precision_hint: str, threads: in
             f"cannot load the OpenVINO extension {library}: {str(exc).strip().splitlines()[0]}"
         ) from None
     try:
-        return core.compile_model(str(xml), "CPU", compile_config(precision_hint, threads, profile))
+        model = core.read_model(str(xml))
+        if shape is not None:
+            model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
+        return core.compile_model(model, "CPU", compile_config(precision_hint, threads, profile))
     except Exception as exc:
         raise ArtifactError(f"OpenVINO cannot compile {xml}: {str(exc).strip().splitlines()[0]}") from None
 
@@ -100,7 +113,22 @@ def cpu_capabilities() -> list[str]:
     return list(import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
+def bf16_fallback_note(runs_in: str) -> str:
+    if runs_in.startswith("bf"):
+        # Correct but slow: without AVX512-BF16/AMX but with AVX-512 the plugin emulates bf16 (seen 20x slower).
+        return (
+            "this CPU has no native bf16 (no AVX512-BF16 or AMX): OpenVINO emulates it, far slower than the fp32 "
+            "artifact"
+        )
+    return f"this CPU has no native bf16 (no AVX512-BF16 or AMX): OpenVINO runs this bf16 artifact in {runs_in}"
+
+
 class OpenVinoBackend:
+    """Compiles the IR once per input shape (static shapes run faster in the CPU plugin than the IR's dynamic ones),
+    keeping the last MAX_SHAPES shapes; calls may come from several threads."""
+
+    MAX_SHAPES = 4
+
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         import_openvino()
         entry = manifest["entry"]
@@ -109,35 +137,49 @@ class OpenVinoBackend:
                 raise ArtifactError(f"artifact {folder}: manifest entry lacks {key!r} (not an OpenVINO artifact?)")
         check_version(entry.get("openvino_version"), f"artifact {folder}")
         self.precision_hint = entry["inference_precision"]
-        if self.precision_hint == "bf16" and "BF16" not in cpu_capabilities():
-            # Correct but slow: without AVX512-BF16/AMX the plugin emulates bf16 (seen 20x slower than f32).
-            warnings.warn(
-                "this CPU has no native bf16 (no AVX512-BF16 or AMX): OpenVINO emulates it, far slower than the fp32 "
-                "artifact",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        self.compiled = compile_ir(
-            folder / entry["model"], folder / entry["extension_library"], self.precision_hint, threads
+        self._compile = functools.partial(
+            compile_ir, folder / entry["model"], folder / entry["extension_library"], self.precision_hint, threads
         )
-        # Recorded by validate: which plugin and CPU ran it (e.g. "ARM (0xd0c)" for an aarch64 Neoverse-N1).
+        # Compiled once here with the IR's own (dynamic) shapes: a broken artifact fails at load, not at first call.
+        self.compiled = self._compile()
+        if self.precision_hint == "bf16" and "BF16" not in cpu_capabilities():
+            warnings.warn(bf16_fallback_note(self.runs_in), RuntimeWarning, stacklevel=4)
+        # Recorded by validate: which plugin and CPU ran it (e.g. "ARM (0xd0c)" for an aarch64 Neoverse-N1), and the
+        # precision it really ran in (a bf16 artifact runs in f32 on a CPU without bf16 kernels).
         core = import_openvino().Core()
         self.evaluated_with = (
             f"OpenVINO {installed_openvino_version()} CPU plugin ({core.get_property('CPU', 'FULL_DEVICE_NAME')}), "
-            f"inference precision {self.precision_hint}"
+            f"inference precision {self.runs_in}"
         )
-        # Idle infer requests: a request holds its input/output buffers and is not re-entrant, so each concurrent
-        # call takes its own (created on demand) and gives it back; a batch of calls reuses the warmed-up ones.
-        self._idle: list = []
+        # Per input shape: the compiled model and its idle infer requests. A request holds its input/output buffers
+        # and is not re-entrant, so each concurrent call takes its own (created on demand) and gives it back.
+        self._shapes: OrderedDict[tuple[int, ...], tuple[object, list]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def runs_in(self) -> str:
+        """The precision the CPU plugin actually runs in ("bf16" or "f32"): a CPU with neither AVX-512 nor AMX has no
+        bf16 kernels, and the plugin then runs a bf16 artifact in f32."""
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def _request_for(self, shape: tuple[int, ...]):
         with self._lock:
-            request = self._idle.pop() if self._idle else self.compiled.create_infer_request()
+            entry = self._shapes.get(shape)
+            if entry is None:
+                if len(self._shapes) >= self.MAX_SHAPES:
+                    self._shapes.popitem(last=False)
+                entry = (self._compile(shape=shape), [])
+                self._shapes[shape] = entry
+            self._shapes.move_to_end(shape)
+            compiled, idle = entry
+            return (idle.pop() if idle else compiled.create_infer_request()), idle
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        request, idle = self._request_for(tuple(batch.shape))
         try:
             # share_inputs: the batch is contiguous float32 (Predictor.check_input) and outlives the call;
             # the output is copied out of the request's buffer (share_outputs defaults to False).
             return request.infer({0: batch}, share_inputs=True)[0]
         finally:
             with self._lock:
-                self._idle.append(request)
+                idle.append(request)
