@@ -572,10 +572,7 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
                 f"{rec['predictor_b1_numpy_ms']:.2f} ms, graph {rec['predictor_b1_numpy_graph_ms']:.2f} ms"
             )
         except Exception as exc:
-            rec["error"] = repr(exc)
-            rec["traceback"] = traceback.format_exc()
-            log(f"{name} {row} FAILED: {exc!r}\n{rec['traceback']}")
-            RESULTS["errors"].append(f"model {row}: {exc!r}")
+            record_error(rec, f"{name} {row}", f"model {row}", exc)
         flush_results()
     # ConvNeXt-T, same runtime, same measurements (plain I/O binding and CUDA graph), fp16 and fp32.
     for precision in ("fp16", "fp32"):
@@ -594,12 +591,17 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
                 f"{conv['batch1_graph_ms']:.2f} ms"
             )
         except Exception as exc:
-            conv["error"] = repr(exc)
-            conv["traceback"] = traceback.format_exc()
-            log(f"convnext {precision} FAILED: {exc!r}\n{conv['traceback']}")
-            RESULTS["errors"].append(f"convnext {precision}: {exc!r}")
+            record_error(conv, f"convnext {precision}", f"convnext {precision}", exc)
     out["ratios"] = ratios(out)
     return out
+
+
+def record_error(rec: dict, what: str, label: str, exc: Exception) -> None:
+    """A failed row of the model section: its error and traceback in the row, the log and the run's error list."""
+    rec["error"] = repr(exc)
+    rec["traceback"] = traceback.format_exc()
+    log(f"{what} FAILED: {exc!r}\n{rec['traceback']}")
+    RESULTS["errors"].append(f"{label}: {exc!r}")
 
 
 def convnext_onnx(precision: str, onnx_dir: Path | None, work: Path) -> Path:
