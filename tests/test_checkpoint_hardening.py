@@ -327,8 +327,11 @@ def test_finetune_artifact_loads_predicts_with_its_labels_and_validates(exported
         assert record["top_k"][0]["index"] == best and record["top_k"][0]["label"] == LABELS[best]
         assert {r["label"] for r in record["top_k"]} <= set(LABELS)
 
-    # validate: a checkpoint build needs the file, and only that file.
-    assert cli_main(["validate", str(exported), "--limit", "4"]) == 2
+    # validate: the self-check against the artifact's references needs no checkpoint; recomputing the PyTorch
+    # reference of a checkpoint build needs the file, and only that file.
+    assert cli_main(["validate", str(exported), "--limit", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "self-check"
+    assert cli_main(["validate", str(exported), "--limit", "4", "--recompute"]) == 2
     _one_line_error(capsys, "'ft7_extra.pth'", "--checkpoint")
     assert cli_main(["validate", str(exported), "--limit", "4", "--checkpoint", str(files / "ft7.pth")]) == 2
     _one_line_error(capsys, "not the same file", "'ft7_extra.pth'")

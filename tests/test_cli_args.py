@@ -226,8 +226,10 @@ def test_every_flag_named_in_a_message_exists():
                     walk(sub)
 
     walk(make_parser())
-    # Flags of other tools that messages point to: the kernel builder, nvcc, the benchmark scripts.
+    # Flags of other tools that messages point to: the kernel builder, nvcc, the benchmark scripts, and the pip
+    # command line that fetches the aarch64 OpenVINO wheel (build_kernels.py).
     others = {"--cuda", "--force", "--quiet", "--version", "--fatbin", "--rounds", "--workdir"}
+    others |= {"--no-deps", "--only-binary", "--python-version", "--implementation"}
     unknown = []
     for path in sorted((ROOT / "vmamba_export").rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -109,7 +109,7 @@ def test_export_in_both_output_modes(target, precision, tmp_path, capsys, monkey
 
     from vmamba_export import exporter
 
-    def hand_over(source, target_, folder, precision_, max_size, overwrite, options):
+    def hand_over(source, target_, folder, precision_, max_size, overwrite, options, platform=None):
         assert (target_.name, precision_) == (target, precision)  # the CLI passed its arguments on
         shutil.copytree(out, folder)
         return json.loads((Path(folder) / "manifest.json").read_text())
