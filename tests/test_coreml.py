@@ -263,8 +263,8 @@ def test_w8a8_program_computes_torch_int8_model(w8a8_program):
     # The saved package's non-const ops are those the conversion reported (loading may split off a few consts).
     assert {k: v for k, v in ops.items() if k != "const"} == {k: v for k, v in info["mil_ops"].items() if k != "const"}
     assert ops["quantize"] == ops["dequantize"] == ops["constexpr_affine_dequantize"] == len(layers)
-    x, _, _ = load_batch("builtin:10", spec)
-    x = x[8:]  # not among the calibration images
+    x, _, _ = load_batch("builtin", spec)
+    x = x[8:]  # the seven photos not among the calibration images
     evaluator = MILEvaluator(package)
     out = np.concatenate([evaluator(x[i : i + 1]) for i in range(len(x))])
     with torch.no_grad():
@@ -275,10 +275,13 @@ def test_w8a8_program_computes_torch_int8_model(w8a8_program):
     def rel(a, b):
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
-    # The program is the int8 model: agrees with torch's int8 ops far more closely than with the float model
-    # (a value on a rounding boundary may land one step apart, so not bit-exact).
-    assert rel(out, int8_ref) <= 1e-5
-    assert rel(out, float_ref) > 10 * rel(out, int8_ref)
+    # The program is the int8 model: per image it agrees with torch's int8 ops to float rounding, far more closely
+    # than with the float model. Not on every image: an activation on a rounding boundary can land one step apart
+    # in the two implementations (their float sums differ in order, by CPU), and the step then carries through the
+    # later layers (seen on one of the seven photos on an AVX2-only CPU, none on AVX-512 ones).
+    per_image = [rel(out[i : i + 1], int8_ref[i : i + 1]) for i in range(len(x))]
+    assert sum(r <= 1e-5 for r in per_image) >= len(x) - 2, per_image
+    assert rel(out, float_ref) > 10 * float(np.median(per_image))
     assert rel(out, float_ref) <= 0.1  # and int8 is still a close approximation of the float model
 
 

@@ -340,6 +340,26 @@ def calibrate(
     save_tensors_data(ranges, cache)
 
 
+def saturating_u8s8(platform: str | None = None) -> bool:
+    """True when ONNX Runtime's u8 x s8 kernels saturate on the CPU the artifact is built to run on: an x86 CPU
+    without VNNI (AVX2, AVX-512 without VNNI) multiplies with VPMADDUBSW, whose int16 sums of two u8*s8 products
+    clip, which cost 1.7 top-1 points on the digits model on such a CPU. VNNI and AMX (and ARM's dot products)
+    accumulate in int32 and do not. For another platform than this machine's (a cross-build) nothing is known of its
+    CPU: x86 is assumed to need the safe setting, aarch64 not."""
+    from ..platforms import host_platform
+
+    target = platform or host_platform()
+    if not target.endswith("x86_64"):
+        return False
+    if target != host_platform():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 def quantize_with_cache(
     prepared: PreparedModel,
     out: Path,
@@ -347,8 +367,10 @@ def quantize_with_cache(
     method: str,
     fmt: str,
     exclude: list[str],
+    reduce_range: bool = False,
 ) -> None:
-    """quantize_static from the cached ranges (no calibration run) into `out`."""
+    """quantize_static from the cached ranges (no calibration run) into `out`. `reduce_range`: 7-bit weights, so
+    u8*s8 products cannot saturate on x86 CPUs without VNNI (see saturating_u8s8)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if fmt not in FORMATS:
@@ -362,8 +384,7 @@ def quantize_with_cache(
             quant_format=getattr(QuantFormat, qformat),
             op_types_to_quantize=list(QUANTIZABLE_OPS),
             per_channel=True,
-            # No reduce_range: with VNNI (and AMX) u8*s8 products do not saturate, and 7-bit weights cost accuracy.
-            reduce_range=False,
+            reduce_range=reduce_range,
             activation_type=getattr(QuantType, act),
             weight_type=getattr(QuantType, weight),
             nodes_to_exclude=list(exclude),
@@ -518,6 +539,8 @@ def quantize_onnx_int8(
         raise QuantizationError(f"{', '.join(nncf_only)}: NNCF settings, only for target cpu-openvino")
     if options.max_drop is not None and not options.accuracy_source:
         raise QuantizationError("--max-drop needs --accuracy SOURCE (labelled images to measure the drop on)")
+    # 7-bit weights only where the CPU it will run on would saturate 8-bit ones: they cost accuracy elsewhere.
+    reduce_range = saturating_u8s8(options.platform)
     with tempfile.TemporaryDirectory(prefix="vmamba-int8-") as tmp_dir:
         tmp = Path(tmp_dir)
         prepared = prepare_model(Path(fp32_path), tmp / "prepared.onnx")
@@ -530,7 +553,7 @@ def quantize_onnx_int8(
 
         float_layers = {name: "feeds the selective scan" for name in prepared.scan_feeders}
         float_layers.update({name: "--exclude" for name in excluded if name not in float_layers})
-        quantize_with_cache(prepared, out_path, cache, options.calib_method, fmt, list(float_layers))
+        quantize_with_cache(prepared, out_path, cache, options.calib_method, fmt, list(float_layers), reduce_range)
 
         accuracy = None
         if options.accuracy_source:
@@ -540,7 +563,9 @@ def quantize_onnx_int8(
 
             def requantize(kept: list[str]) -> float:
                 trial_float = dict(float_layers) | {n: "accuracy budget" for n in kept}
-                quantize_with_cache(prepared, out_path, cache, options.calib_method, fmt, list(trial_float))
+                quantize_with_cache(
+                    prepared, out_path, cache, options.calib_method, fmt, list(trial_float), reduce_range
+                )
                 return _top1(out_path, library, acc_batch, labels_arr)
 
             int8_top1, kept, trials = keep_float_until_within_budget(
@@ -567,7 +592,7 @@ def quantize_onnx_int8(
         "activation_type": act,
         "weight_type": weight,
         "per_channel": True,
-        "reduce_range": False,
+        "reduce_range": reduce_range,  # 7-bit weights: u8*s8 saturates on x86 without VNNI (saturating_u8s8)
         "method": options.calib_method,
         "calibration": {"source": options.calib, "samples": len(names), "first": names[:3]},
         "quantized_layers": quantized,
