@@ -238,20 +238,26 @@ def test_sigterm_inside_the_python_api_cleans_up_and_restores_the_handler(tmp_pa
 
 
 def test_a_programs_own_sigterm_handler_is_left_in_charge(tmp_path):
-    seen = []
+    """In a fresh interpreter (raising SIGTERM in the suite's process, after every runtime had loaded, crashed it)."""
+    script = textwrap.dedent(
+        f"""
+        import json, signal
+        from pathlib import Path
+        from vmamba_export.artifact import atomic_artifact
 
-    def handler(signum, frame):
-        seen.append(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        with atomic_artifact(tmp_path / "art") as tmp:
-            assert signal.getsignal(signal.SIGTERM) is handler
+        seen = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+        art = Path({str(tmp_path)!r}) / "art"
+        with atomic_artifact(art) as tmp:
+            kept = signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
             signal.raise_signal(signal.SIGTERM)
-            (tmp / "manifest.json").write_text("{}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert seen == [signal.SIGTERM] and (tmp_path / "art" / "manifest.json").is_file()
+            (tmp / "manifest.json").write_text("{{}}")
+        print(json.dumps({{"seen": seen, "kept": kept, "written": (art / "manifest.json").is_file()}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"seen": [signal.SIGTERM], "kept": True, "written": True}
 
 
 def test_sigterm_mid_export_leaves_nothing_behind(tmp_path):
