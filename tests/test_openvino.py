@@ -372,7 +372,9 @@ def test_build_skips_the_extension_without_openvino(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a)
     )
-    result = build_kernels.build_openvino(build_kernels._scan_units(), [], kernels_built=False, force=False)
+    result = build_kernels.build_openvino(
+        build_kernels._scan_units(build_kernels.target_platform(None)), [], kernels_built=False, force=False
+    )
     assert result == "skipped: the openvino package is not installed (pip install openvino)"
 
 

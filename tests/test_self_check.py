@@ -66,6 +66,9 @@ def test_self_check_passes_without_images_checkpoint_or_recompute(digits_ort_art
     (run,) = result["runs"]
     assert run["size"] == 32 and run["num_images"] == 8
     assert run["rel_l2"] <= 1e-5 and run["top1_agreement"] == 1.0
+    assert read_manifest(folder)["validation"] is None  # nothing written unless asked (--record)
+    assert main(["validate", str(folder), "--record", "--json"]) == 0
+    capsys.readouterr()
     assert read_manifest(folder)["validation"]["mode"] == "self-check"  # recorded like a recomputed validation
 
 
