@@ -21,6 +21,9 @@ class InputSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     channel_order: str = "RGB"
     labels: tuple[str, ...] | None = None  # None: "class_<i>"
+    # False (segmentation): the shorter side is resized to image_size keeping the ratio and nothing is cropped, so
+    # every pixel gets a class; `resize` is then unused.
+    crop: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

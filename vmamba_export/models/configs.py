@@ -29,6 +29,12 @@ class VMambaConfig:
     description: str = ""
     input: InputSpec = field(default_factory=InputSpec)
     published_top1: float | None = None
+    # What the model outputs (models/dense.py): "classification" (logits), "backbone" (four feature maps, strides
+    # 4..32) or "segmentation" (UperNet per-pixel logits at the input size; num_classes and labels are its classes).
+    task: str = "classification"
+    out_norm: str = ""  # backbone out-norms: "ln2d", "ln" or "bn"; "" the official default (v2 "ln2d", v0 "ln")
+    head_channels: int = 512  # UPerHead width (segmentation)
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)  # UPerHead pyramid pooling (segmentation)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -50,6 +56,7 @@ class VMambaConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["depths"] = list(self.depths)
+        d["pool_scales"] = list(self.pool_scales)
         return d
 
     def with_overrides(self, **overrides) -> VMambaConfig:
@@ -67,6 +74,8 @@ class VMambaConfig:
         if inp.get("labels") is not None:
             inp["labels"] = tuple(inp["labels"])
         d["depths"] = tuple(d["depths"])
+        if "pool_scales" in d:
+            d["pool_scales"] = tuple(d["pool_scales"])
         return VMambaConfig(input=InputSpec(**inp), **d)
 
 
@@ -84,6 +93,27 @@ DIGITS_INPUT = InputSpec(
     image_size=32, resize=32, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), labels=DIGITS_LABELS
 )
 
+# mmseg's ADE20K inference (ARCHITECTURE.md, "Segmentation releases"): the image resized keeping its ratio, no crop,
+# ImageNet mean and std (mmseg's 0-255 values divided by 255).
+SEGMENTATION_INPUT = InputSpec(image_size=512, resize=512, interpolation="bilinear", crop=False)
+TASKS = ("classification", "backbone", "segmentation")
+
+
+def _upernet(name: str, depths, dims, ssm_ratio, **kw) -> VMambaConfig:
+    return _v2(
+        name,
+        depths,
+        dims,
+        ssm_ratio,
+        None,
+        num_classes=150,
+        task="segmentation",
+        out_norm="ln2d",
+        input=SEGMENTATION_INPUT,
+        **kw,
+    )
+
+
 _CONFIGS: dict[str, VMambaConfig] = {
     c.name: c
     for c in [
@@ -96,6 +126,10 @@ _CONFIGS: dict[str, VMambaConfig] = {
         _v2("vmamba_tiny_s1l8", (2, 2, 8, 2), 96, 1.0, 82.6, description="VMamba v2 tiny, ssm_ratio 1"),
         _v2("vmamba_small_s1l20", (2, 2, 20, 2), 96, 1.0, 83.3, description="VMamba v2 small, ssm_ratio 1"),
         _v2("vmamba_base_s1l20", (2, 2, 20, 2), 128, 1.0, 83.8, description="VMamba v2 base, ssm_ratio 1"),
+        # The official UperNet segmenters (segmentation/configs/vssm1, ADE20K 150 classes).
+        _upernet("upernet_vssm_tiny", (2, 2, 8, 2), 96, 1.0, description="UperNet + VMamba v2 tiny (ADE20K)"),
+        _upernet("upernet_vssm_small", (2, 2, 15, 2), 96, 2.0, description="UperNet + VMamba v2 small (ADE20K)"),
+        _upernet("upernet_vssm_base", (2, 2, 15, 2), 128, 2.0, description="UperNet + VMamba v2 base (ADE20K)"),
         # Small configs for tests: same blocks, few and narrow.
         _v0("vmamba_test_v0", (1, 1, 2, 1), 16, None, num_classes=10, description="test config, v0 style, d_state 16"),
         _v2(

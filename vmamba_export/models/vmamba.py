@@ -227,26 +227,38 @@ class Classifier(nn.Module):
         return self.head(self.norm(x).mean(dim=(1, 2)))
 
 
+def patch_embed_stem(cfg: VMambaConfig) -> nn.Sequential:
+    """The stem (`patch_embed`): v0 a 4x4 patch convolution and LayerNorm, channel-last out; v2 two stride-2
+    convolutions with LayerNorm2d and GELU, channel-first out. Identity slots keep the official key indices."""
+    c = cfg.dims
+    if cfg.version == "v0":
+        return nn.Sequential(nn.Conv2d(cfg.in_chans, c, 4, stride=4), ToChannelsLast(), nn.LayerNorm(c))
+    return nn.Sequential(
+        nn.Conv2d(cfg.in_chans, c // 2, 3, stride=2, padding=1),
+        nn.Identity(),
+        LayerNorm2d(c // 2),
+        nn.Identity(),
+        nn.GELU(),
+        nn.Conv2d(c // 2, c, 3, stride=2, padding=1),
+        nn.Identity(),
+        LayerNorm2d(c),
+    )
+
+
+def set_scan_fn(model: nn.Module, fn: ScanFn) -> None:
+    """Replace the scan in every block of `model`."""
+    for module in model.modules():
+        if isinstance(module, SS2D):
+            module.scan_fn = fn
+
+
 class VMamba(nn.Module):
     """A VMamba image classifier: (B, 3, H, W) float32 -> (B, num_classes) logits, any H, W >= min_input_size."""
 
     def __init__(self, cfg: VMambaConfig):
         super().__init__()
         self.config = cfg
-        c = cfg.dims
-        if cfg.version == "v0":
-            self.patch_embed = nn.Sequential(nn.Conv2d(cfg.in_chans, c, 4, stride=4), ToChannelsLast(), nn.LayerNorm(c))
-        else:
-            self.patch_embed = nn.Sequential(
-                nn.Conv2d(cfg.in_chans, c // 2, 3, stride=2, padding=1),
-                nn.Identity(),
-                LayerNorm2d(c // 2),
-                nn.Identity(),
-                nn.GELU(),
-                nn.Conv2d(c // 2, c, 3, stride=2, padding=1),
-                nn.Identity(),
-                LayerNorm2d(c),
-            )
+        self.patch_embed = patch_embed_stem(cfg)
         self.layers = nn.ModuleList([Stage(cfg, i) for i in range(len(cfg.depths))])
         self.classifier = Classifier(cfg.widths[-1], cfg.num_classes, channels_last=cfg.version == "v0")
 
@@ -258,7 +270,5 @@ class VMamba(nn.Module):
 
     def set_scan(self, fn: ScanFn) -> VMamba:
         """Replace the scan in every block (the reference in tests, the portable form for onnx-portable)."""
-        for module in self.modules():
-            if isinstance(module, SS2D):
-                module.scan_fn = fn
+        set_scan_fn(self, fn)
         return self
