@@ -417,7 +417,9 @@ def detect(
         shapes = _shapes(adapt_legacy_keys(sd))
     except ValueError as exc:
         raise ConfigDetectionError(str(exc)) from None
-    candidates = list_configs() if candidates is None else list(candidates)
+    if candidates is None:  # classifiers only, until detection knows the dense tasks' key layouts
+        candidates = [c for c in list_configs() if c.task == "classification"]
+    candidates = list(candidates)
     # Building a meta model per config costs ~0.2 s for the big ones: try those with the file's block layout first
     # and compare against all of them only to explain a failure.
     depths = _depths(shapes, max((len(c.depths) for c in candidates), default=0))
