@@ -15,8 +15,8 @@ The official code imports timm (DropPath, trunc_normal_), fvcore, einops and tri
 kernels at import; on CPU tensors they are not used). Install them apart from our environment, e.g.
 `pip install --no-deps --target /tmp/offsite timm fvcore einops triton ...` and PYTHONPATH=/tmp/offsite. Its
 cross_scan_fn / cross_merge_fn enter `torch.cuda.device(x.device)` even for CPU tensors, which current torch refuses;
-the script calls the official torch implementations they dispatch to on CPU (CrossScanF, CrossMergeF) directly. If timm does
-not import (its import needs torchvision, whose PyPI wheel is built against CUDA torch and fails to load on a
+the script calls the official torch implementations they dispatch to on CPU (CrossScanF, CrossMergeF) directly.
+If timm does not import (it needs torchvision, whose PyPI wheel is built against CUDA torch and fails to load on a
 CPU-only torch), `--timm-stub` provides the two names the official file uses: DropPath (the identity at inference:
 every module is in eval mode) and trunc_normal_ (weight init only; all weights are then loaded).
 """

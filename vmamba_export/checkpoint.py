@@ -42,7 +42,7 @@ import torch
 
 from .artifact import sha256_file
 from .errors import CheckpointError, ConfigDetectionError, StateDictMismatchError
-from .models import VMamba, VMambaConfig, get_config, list_configs
+from .models import AnyModel, VMambaConfig, build_from_config, get_config, list_configs
 from .models.adapt import adapt_legacy_keys, is_legacy, legacy_key
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -247,9 +247,9 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
 
 @lru_cache(maxsize=64)
 def expected_shapes(cfg: VMambaConfig) -> Shapes:
-    """Key -> shape of a model of `cfg`, from a model built on the meta device (no memory, no init cost)."""
+    """Key -> shape of a model of `cfg` (its task's module), built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        model = VMamba(cfg)
+        model = build_from_config(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -391,8 +391,29 @@ def _acceptable(diff: KeyDiff, cfg: VMambaConfig, drop_unexpected: bool) -> bool
 @dataclass(frozen=True)
 class Detection:
     name: str  # the registered config the weights belong to
-    config: VMambaConfig  # that config, with num_classes from the file's head
+    config: VMambaConfig  # that config, with num_classes from the file's head (and task, head width for dense files)
     head_replaced: bool  # the head has another class count than the registered config (a fine-tune)
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+
+def _detect_dense(sd: dict[str, torch.Tensor]) -> Detection:
+    """Detection of a segmentation or backbone/detection state dict (dense_checkpoint.py)."""
+    from .dense_checkpoint import file_task, pick_dense
+
+    layout = file_task(sd)
+    with torch.device("meta"):
+        meta = {k: torch.empty(v.shape) for k, v in sd.items()}
+    try:
+        pick = pick_dense(meta, None, layout, layout)
+    except ConfigDetectionError:
+        raise
+    except CheckpointError as exc:
+        raise ConfigDetectionError(str(exc)) from None
+    base = get_config(pick.name)
+    return Detection(pick.name, pick.config, pick.config.num_classes != base.num_classes)
 
 
 def _detection_error(message: str, diff: KeyDiff | None) -> ConfigDetectionError:
@@ -413,11 +434,16 @@ def detect(
     problem = _non_string_keys(sd)
     if problem:
         raise ConfigDetectionError(problem)
+    if candidates is None:
+        from .dense_checkpoint import file_task
+
+        if file_task(sd) != "classification":
+            return _detect_dense(sd)
     try:
         shapes = _shapes(adapt_legacy_keys(sd))
     except ValueError as exc:
         raise ConfigDetectionError(str(exc)) from None
-    if candidates is None:  # classifiers only, until detection knows the dense tasks' key layouts
+    if candidates is None:  # classifiers (dense files went to _detect_dense; dense configs share their backbones' keys)
         candidates = [c for c in list_configs() if c.task == "classification"]
     candidates = list(candidates)
     # Building a meta model per config costs ~0.2 s for the big ones: try those with the file's block layout first
@@ -512,27 +538,55 @@ class Selection:
     diff: KeyDiff  # what still differs from the config's keys (a strict load refuses any of it)
     ignored: list[str] = field(default_factory=list)  # dropped by ignore_keys patterns (names as stored)
     dropped: list[str] = field(default_factory=list)  # unexpected keys dropped by drop_unexpected (current names)
+    # Dense tasks (dense_checkpoint.py): keys the task does not use (an auxiliary head, a detector's neck and heads,
+    # a classifier; names as stored), and keys the file lacks that were initialised (a classifier's out-norms).
+    task_dropped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    name: str | None = None  # the config name the weights were matched to (a dense file's may be its backbone's)
 
 
-def _select(
-    sd: dict[str, torch.Tensor], name: str | None, ignore_keys: Sequence[str] = (), drop_unexpected: bool = False
-) -> Selection:
-    problem = _non_string_keys(sd)
-    if problem:
-        raise CheckpointError(problem)
-    patterns = (ignore_keys,) if isinstance(ignore_keys, str) else tuple(ignore_keys)  # one pattern, not its letters
-    sd, ignored = _apply_ignore(sd, patterns)
+def _select_classification(
+    sd: dict[str, torch.Tensor], name: str | None, drop_unexpected: bool = False
+) -> tuple[VMambaConfig, bool, dict[str, torch.Tensor]]:
+    """(config, head replaced, tensors under current names) of a classification state dict."""
     try:
         sd = adapt_legacy_keys(sd)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     if name is None:
         found = detect(sd, drop_unexpected=drop_unexpected)
-        cfg, head_replaced = found.config, found.head_replaced
+        return found.config, found.head_replaced, sd
+    base = get_config(name)
+    cfg, _ = _fit(_shapes(sd), base)
+    return cfg, cfg.num_classes != base.num_classes, sd
+
+
+def _select(
+    sd: dict[str, torch.Tensor],
+    name: str | None,
+    ignore_keys: Sequence[str] = (),
+    drop_unexpected: bool = False,
+    task: str | None = None,
+) -> Selection:
+    from .dense_checkpoint import file_task, pick_dense, resolve_task
+
+    problem = _non_string_keys(sd)
+    if problem:
+        raise CheckpointError(problem)
+    patterns = (ignore_keys,) if isinstance(ignore_keys, str) else tuple(ignore_keys)  # one pattern, not its letters
+    sd, ignored = _apply_ignore(sd, patterns)
+    layout = file_task(sd)
+    task = resolve_task(layout, name, task)
+    task_dropped: list[str] = []
+    initialised: list[str] = []
+    if task == "classification":
+        cfg, head_replaced, sd = _select_classification(sd, name, drop_unexpected)
+        name = name or cfg.name
     else:
-        base = get_config(name)
-        cfg, _ = _fit(_shapes(sd), base)
-        head_replaced = cfg.num_classes != base.num_classes
+        pick = pick_dense(sd, name, task, layout)
+        cfg, sd, name = pick.config, pick.state_dict, pick.name
+        head_replaced = cfg.num_classes != get_config(name).num_classes and task == "segmentation"
+        task_dropped, initialised = pick.task_dropped, pick.initialised
     diff = compare_shapes(_shapes(sd), expected_shapes(cfg))
     dropped: list[str] = []
     if drop_unexpected and diff.unexpected:
@@ -540,7 +594,7 @@ def _select(
         gone = set(dropped)
         sd = {k: v for k, v in sd.items() if k not in gone}
         diff = dataclasses.replace(diff, unexpected=kept_unexpected)
-    return Selection(cfg, head_replaced, sd, diff, ignored, dropped)
+    return Selection(cfg, head_replaced, sd, diff, ignored, dropped, task_dropped, initialised, name)
 
 
 def _mismatch_error(name: str, sel: Selection, drop_unexpected: bool) -> StateDictMismatchError:
@@ -557,19 +611,20 @@ def _mismatch_error(name: str, sel: Selection, drop_unexpected: bool) -> StateDi
 
 
 def _as_float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Every parameter of the model is float32; fp16/bf16 files are widened so the model keeps one dtype.
-    return {k: v if v.dtype == torch.float32 else v.float() for k, v in sd.items()}
+    # Every parameter of the model is float32; fp16/bf16 files are widened so the model keeps one dtype. Integer
+    # buffers (BatchNorm's num_batches_tracked) stay as they are.
+    return {k: v if v.dtype == torch.float32 or not v.is_floating_point() else v.float() for k, v in sd.items()}
 
 
-def _build_loaded(cfg: VMambaConfig, sd: dict[str, torch.Tensor], strict: bool) -> VMamba:
+def _build_loaded(cfg: VMambaConfig, sd: dict[str, torch.Tensor], strict: bool) -> AnyModel:
     sd = _as_float32(sd)
     if strict:
         # Build on meta and adopt the file's tensors: skips initialising weights that are replaced anyway.
         with torch.device("meta"):
-            model = VMamba(cfg)
+            model = build_from_config(cfg)
         model.load_state_dict(sd, strict=True, assign=True)
     else:
-        model = VMamba(cfg)  # missing keys keep their initial values
+        model = build_from_config(cfg)  # missing keys keep their initial values
         model.load_state_dict(sd, strict=False)
     return model.eval()
 
@@ -581,8 +636,9 @@ def _load_sd(
     ignore_keys: Sequence[str] = (),
     drop_unexpected: bool = False,
     build: bool = True,
-) -> tuple[VMamba | None, Selection]:
-    sel = _select(sd, name, ignore_keys, drop_unexpected)
+    task: str | None = None,
+) -> tuple[AnyModel | None, Selection]:
+    sel = _select(sd, name, ignore_keys, drop_unexpected, task)
     if sel.diff.mismatched or (strict and not sel.diff.exact):
         raise _mismatch_error(name or sel.config.name, sel, drop_unexpected)
     return (_build_loaded(sel.config, sel.state_dict, strict) if build else None), sel
@@ -594,15 +650,17 @@ def load_state_dict_into_model(
     strict: bool = True,
     ignore_keys: Sequence[str] = (),
     drop_unexpected: bool = False,
-) -> VMamba:
-    """A model (eval mode) holding the state dict's weights; config detected when `name` is None.
+    task: str | None = None,
+) -> AnyModel:
+    """A model (eval mode) holding the state dict's weights; config (and task) detected when `name` is None.
 
     strict=False tolerates missing and unexpected keys (missing ones keep their initial values) but never a
     mis-shaped tensor. A head with another class count is taken as a fine-tune: the model gets that many classes
     (and no labels unless the base config's fit). `ignore_keys` (globs) and `drop_unexpected` leave keys out before
-    a strict load (see the module docstring); missing weights stay an error with them.
+    a strict load (see the module docstring); missing weights stay an error with them. `task` (classification,
+    backbone, segmentation; None: the file's, or the named config's dense task) picks the model (dense_checkpoint.py).
     """
-    return _load_sd(sd, name, strict, ignore_keys, drop_unexpected)[0]
+    return _load_sd(sd, name, strict, ignore_keys, drop_unexpected, task=task)[0]
 
 
 def _with_path(path: Path | str, exc: CheckpointError) -> CheckpointError:
@@ -617,11 +675,12 @@ def load_checkpoint_selection(
     key: str | None = None,
     ignore_keys: Sequence[str] = (),
     drop_unexpected: bool = False,
-) -> tuple[VMamba, Selection]:
+    task: str | None = None,
+) -> tuple[AnyModel, Selection]:
     """`load_checkpoint` (strict) that also returns what was taken and left out of the file."""
     sd = read_state_dict(path, key=key)
     try:
-        return _load_sd(sd, name, True, ignore_keys, drop_unexpected)
+        return _load_sd(sd, name, True, ignore_keys, drop_unexpected, task=task)
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
 
@@ -634,14 +693,15 @@ def load_checkpoint(
     ignore_keys: Sequence[str] = (),
     drop_unexpected: bool = False,
     labels: Sequence[str] | str | Path | None = None,
-) -> VMamba:
+    task: str | None = None,
+) -> AnyModel:
     """Read a checkpoint file and load it into a model of its config (detected when `name` is None), in eval mode.
 
     `labels` (a list, or a text file with one per line) name a fine-tune's classes; their count must match the head.
     """
     sd = read_state_dict(path, key=key)
     try:
-        model = load_state_dict_into_model(sd, name, strict, ignore_keys, drop_unexpected)
+        model = load_state_dict_into_model(sd, name, strict, ignore_keys, drop_unexpected, task=task)
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
     if labels is not None:
@@ -670,12 +730,14 @@ def inspect_checkpoint(
     ignore_keys: Sequence[str] = (),
     drop_unexpected: bool = False,
     labels: Sequence[str] | None = None,
+    task: str | None = None,
 ) -> dict:
     """What a checkpoint holds and whether it loads, without building a real model.
 
     Raises CheckpointError when the file cannot be read at all; a file that reads but does not fit a config comes
     back with loadable False and the reason in `error` (and in `problems`), the keys that differ in `key_diff`.
-    `labels` (one per class) are checked against the head's class count, as export checks them.
+    `labels` (one per class) are checked against the head's class count, as export checks them. `task` as for
+    load_checkpoint; the report says which task loads, and for dense tasks what was dropped or initialised.
     """
     path = Path(path)
     sd, info = _read(path, key)
@@ -685,7 +747,7 @@ def inspect_checkpoint(
     nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
         problems.append(f"{_tensors(len(nonfinite))} with NaN or Inf: {_examples(nonfinite)}")
-    not_f32 = [k for k, v in sd.items() if v.dtype != torch.float32]
+    not_f32 = [k for k, v in sd.items() if v.is_floating_point() and v.dtype != torch.float32]
     if not_f32:
         kinds = ", ".join(sorted({str(sd[k].dtype).removeprefix("torch.") for k in not_f32}))
         problems.append(f"{_tensors(len(not_f32))} not float32 ({kinds}; widened on load): {_examples(not_f32)}")
@@ -701,7 +763,9 @@ def inspect_checkpoint(
         "dtypes": dict(dtypes),
         "legacy_names": legacy,
         "config": None,
+        "task": None,
         "num_classes": None,
+        "head_channels": None,
         "head_replaced": False,
         "labels_known": False,
         "labels": None,
@@ -711,13 +775,15 @@ def inspect_checkpoint(
         "key_diff": None,
         "ignored_keys": _key_list([]),
         "dropped_unexpected_keys": _key_list([]),
+        "task_dropped_keys": _key_list([]),
+        "out_norms": None,
         "problems": problems,
     }
     try:
         with torch.device("meta"):
             # Cheap on meta: the same key/shape checks as a real strict load.
             meta_sd = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in sd.items()}
-        _, sel = _load_sd(meta_sd, name, True, ignore_keys, drop_unexpected, build=False)
+        _, sel = _load_sd(meta_sd, name, True, ignore_keys, drop_unexpected, build=False, task=task)
     except CheckpointError as exc:
         report["error"] = f"{path}: {exc}"
         diff = getattr(exc, "diff", None)
@@ -733,9 +799,15 @@ def inspect_checkpoint(
             problems.append(message)
             return report
         known = list(labels)
+    from .dense_checkpoint import dropped_record
+
     report.update(
-        config=cfg.name,
-        num_classes=cfg.num_classes,
+        config=sel.name or cfg.name,
+        task=cfg.task,
+        num_classes=cfg.num_classes if cfg.task != "backbone" else 0,
+        head_channels=cfg.head_channels if cfg.task == "segmentation" else None,
+        task_dropped_keys=dropped_record(sel.task_dropped),
+        out_norms="initialised" if any(k.startswith("outnorm") for k in sel.initialised) else None,
         head_replaced=sel.head_replaced,
         labels_known=known is not None,
         labels=known,

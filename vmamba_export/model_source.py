@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, VMambaExportError
-from .models import DEFAULT_MODEL, VMamba, build_model, get_config
+from .models import DEFAULT_MODEL, TASKS, AnyModel, build_model, get_config
 
 LABELS_MAX_BYTES = 16 << 20  # a label file is text, one short line per class
 
 
 @dataclass
 class ModelSource:
-    model: VMamba
+    model: AnyModel  # VMamba, VMambaBackbone or UperNetSegmenter (model.config.task says which)
     weights: dict  # manifest record: kind ("bundled" | "checkpoint" | "random"), name/file, sha256, seed
     # Where the model's labels came from: "config" (the registered config's), the label file's name, "given" (a
     # list passed in Python), or None: unknown, the classes are numbered class_0, class_1, ...
@@ -76,13 +76,19 @@ def _labels_from(labels: Sequence[str] | str | Path) -> tuple[list[str], str, st
     return values, "given", "labels given"
 
 
-def apply_labels(model: VMamba, labels: Sequence[str] | str | Path | None) -> str | None:
+def apply_labels(model: AnyModel, labels: Sequence[str] | str | Path | None) -> str | None:
     """Give the model's config these labels (a list, or a file with one per line); returns where they came from.
 
     With none given, the config's own labels are kept when there is one per class; otherwise there are none (the
     runtime numbers the classes). A count that differs from the head's class count is an error.
     """
     cfg = model.config
+    if cfg.task == "backbone":  # feature maps: no classes to name
+        if labels is not None:
+            raise VMambaExportError(f"labels given for {cfg.name} as a backbone: it outputs feature maps, not classes")
+        if cfg.input.labels is not None:
+            model.config = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=None))
+        return None
     if labels is None:
         if cfg.input.labels is not None and len(cfg.input.labels) == cfg.num_classes:
             return "config"
@@ -106,13 +112,25 @@ def resolve_model(
     labels: Sequence[str] | str | Path | None = None,
     ignore_keys: Sequence[str] = (),
     non_strict: bool = False,
+    task: str | None = None,
+    overrides: dict | None = None,
 ) -> ModelSource:
     """The model a command works on: a checkpoint, a bundled trained model, or (asked for) seeded random weights.
 
     `labels`: one per class, as a list or a text file (one per line); needed for a fine-tune whose head has other
     classes than its config's labels, else its classes are numbered. `ignore_keys` (globs) and `non_strict` leave
     extra keys of a checkpoint out (see checkpoint.py); both are recorded in the manifest so validate re-applies them.
+
+    `task` ("classification", "backbone", "segmentation"): None takes a checkpoint's own task (detected, or the named
+    config's dense task) and the named config's task otherwise; one the file cannot give is an error naming both
+    (dense_checkpoint.py). What a dense load drops (an auxiliary head, a detector's heads, a classifier) and
+    initialises (a classifier's out-norms) is recorded in the weights record. `overrides` (VMambaConfig fields, e.g.
+    head_channels, num_classes) apply to random weights only, and are recorded so validate rebuilds the same model.
     """
+    if task is not None and task not in TASKS:
+        raise VMambaExportError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if overrides and not random_weights:
+        raise VMambaExportError("config overrides apply to --random-weights builds only (a checkpoint fixes shapes)")
     if checkpoint is not None and random_weights:
         raise VMambaExportError("--checkpoint and --random-weights contradict each other: give one of them")
     checkpoint_path = None
@@ -122,7 +140,7 @@ def resolve_model(
 
         checkpoint_path = Path(checkpoint)
         model, sel = load_checkpoint_selection(
-            checkpoint_path, name=model_name, ignore_keys=ignore_keys, drop_unexpected=non_strict
+            checkpoint_path, name=model_name, ignore_keys=ignore_keys, drop_unexpected=non_strict, task=task
         )
         # The file name and its hash identify it; the build machine's path is nobody else's business.
         weights = {"kind": "checkpoint", "file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path)}
@@ -130,15 +148,33 @@ def resolve_model(
             weights.update(
                 ignore_keys=list(ignore_keys), non_strict=non_strict, dropped_keys=len(sel.ignored) + len(sel.dropped)
             )
+        if model.config.task != "classification":
+            from .dense_checkpoint import dropped_record
+
+            weights["task"] = model.config.task
+            if sel.task_dropped:
+                weights["task_dropped"] = dropped_record(sel.task_dropped)
+            if any(k.startswith("outnorm") for k in sel.initialised):
+                weights["out_norms"] = "initialised"
     else:
         if ignore_keys or non_strict:
             raise VMambaExportError("--ignore-keys and --non-strict apply to a --checkpoint file; none was given")
         name = model_name or DEFAULT_MODEL
         get_config(name)  # unknown names fail here with the list of known ones
         if random_weights:
+            fields = dict(overrides or {})
+            if task is not None:
+                fields["task"] = task
             torch.manual_seed(seed)
-            model = build_model(name)
+            model = build_model(name, **fields)
             weights = {"kind": "random", "name": name, "seed": seed}
+            if fields:
+                weights["overrides"] = fields
+        elif task not in (None, get_config(name).task):
+            raise VMambaExportError(
+                f"task {task}: {name} is a {get_config(name).task} model; pass --checkpoint PATH to load its weights "
+                "for another task, or --random-weights"
+            )
         elif name in bundled_names():
             from .artifact import sha256_file
             from .bundled import bundled_weights_path, load_bundled
@@ -163,7 +199,16 @@ def _recorded_key_options(weights: dict) -> tuple[list[str], bool]:
     return patterns, weights.get("non_strict") is True
 
 
-def rebuild_from_manifest(manifest: dict, checkpoint: str | Path | None = None) -> VMamba:
+def _recorded_task(manifest: dict) -> str | None:
+    """The task the artifact's model was built for (None in manifests written before dense tasks: a classifier)."""
+    config = manifest["model"].get("config")
+    task = config.get("task") if isinstance(config, dict) else None
+    if task is not None and task not in TASKS:
+        raise VMambaExportError(f"manifest 'model.config.task' {task!r}: expected one of {', '.join(TASKS)}")
+    return task
+
+
+def rebuild_from_manifest(manifest: dict, checkpoint: str | Path | None = None) -> AnyModel:
     """The PyTorch fp32 model an artifact was built from, checked against the recorded weight digest.
 
     Bundled and random weights are rebuilt by name (and seed). A checkpoint is not looked for: `checkpoint` must
@@ -177,6 +222,7 @@ def rebuild_from_manifest(manifest: dict, checkpoint: str | Path | None = None) 
         raise VMambaExportError("manifest 'model.weights' must be an object")
     kind = weights.get("kind")
     name = manifest["model"]["name"]
+    task = _recorded_task(manifest)
     if kind == "checkpoint":
         # Manifests written before the file name was recorded hold an absolute path: only its name is used.
         recorded = str(weights.get("file") or Path(str(weights.get("path") or "?")).name)
@@ -196,11 +242,17 @@ def rebuild_from_manifest(manifest: dict, checkpoint: str | Path | None = None) 
                 f"sha256 {sha[:16]}: not the same file"
             )
         patterns, non_strict = _recorded_key_options(weights)
-        source = resolve_model(name, checkpoint=path, ignore_keys=patterns, non_strict=non_strict)
+        source = resolve_model(name, checkpoint=path, ignore_keys=patterns, non_strict=non_strict, task=task)
     elif checkpoint is not None:
-        source = resolve_model(name, checkpoint=checkpoint)
+        source = resolve_model(name, checkpoint=checkpoint, task=task)
     elif kind == "random":
-        source = resolve_model(weights["name"], random_weights=True, seed=int(weights.get("seed", 0)))
+        overrides = weights.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise VMambaExportError("manifest 'model.weights.overrides' must be an object")
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        source = resolve_model(
+            weights["name"], random_weights=True, seed=int(weights.get("seed", 0)), overrides=overrides
+        )
     elif kind == "bundled":
         source = resolve_model(weights["name"])
     else:
