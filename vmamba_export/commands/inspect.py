@@ -25,6 +25,13 @@ def add_parser(sub) -> None:
         help="dict entry holding the weights (default: model, model_ema, state_dict)",
     )
     p.add_argument(
+        "--task",
+        choices=("classification", "backbone", "segmentation"),
+        default=None,
+        help="check the load for this task (default: the file's: decode_head keys segmentation, backbone.* keys "
+        "backbone, else classification)",
+    )
+    p.add_argument(
         "--labels", metavar="FILE", type=Path, help="class labels, one per line: checked against the head's class count"
     )
     add_key_args(p)
@@ -46,16 +53,31 @@ def _print_report(r: dict, model: str | None) -> None:
     table.add_row("tensors", f"{r['tensors']} ({r['elements']:,} values; {dtypes})")
     table.add_row("key names", "v0 legacy (renamed on load)" if r["legacy_names"] else "current")
     if r["loadable"]:
-        classes = f"{r['num_classes']} classes" + (" (replaced head: fine-tune)" if r["head_replaced"] else "")
-        table.add_row("config", escape(f"{r['config']} ({classes})"))
+        task = r.get("task") or "classification"
+        if task == "backbone":
+            table.add_row("config", escape(f"{r['config']} (backbone: four feature maps, strides 4-32)"))
+        else:
+            classes = f"{r['num_classes']} classes" + (" (replaced head: fine-tune)" if r["head_replaced"] else "")
+            if task == "segmentation":
+                classes += f", UPerHead width {r['head_channels']}"
+            table.add_row("config", escape(f"{r['config']} ({classes})"))
+        table.add_row("task", task)
         table.add_row("params", f"{r['params']:,} ({r['params'] / 1e6:.2f}M)")
+        dropped = r.get("task_dropped_keys") or {"count": 0}
+        if dropped["count"]:
+            modules = ", ".join(f"{m} {n}" for m, n in dropped["by_module"].items())
+            table.add_row("dropped", escape(f"{dropped['count']} keys the {task} model does not use ({modules})"))
+        if r.get("out_norms") == "initialised":
+            table.add_row("out-norms", "[yellow]initialised[/yellow] (not in the file: weight 1, bias 0 / BN defaults)")
         labels = r["labels"]
-        if labels is None:
+        if task == "backbone":
+            pass  # feature maps: no classes to name
+        elif labels is None:
             known = "[yellow]unknown[/yellow]: classes numbered class_0, class_1, ... (export with --labels FILE)"
+            table.add_row("labels", known)
         else:
             shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
-            known = escape(f"known ({shown})")
-        table.add_row("labels", known)
+            table.add_row("labels", escape(f"known ({shown})"))
         for field, what in (("ignored_keys", "by --ignore-keys"), ("dropped_unexpected_keys", "by --non-strict")):
             if r[field]["count"]:
                 examples = ", ".join(r[field]["examples"][:3]) + (", ..." if r[field]["count"] > 3 else "")
@@ -85,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         ignore_keys=tuple(args.ignore_keys),
         drop_unexpected=args.non_strict,
         labels=labels,
+        task=args.task,
     )
     if args.json:
         print_json(report)
