@@ -332,3 +332,79 @@ def test_wrong_or_missing_keys_are_the_usual_errors(tmp_path, change, message):
         load_checkpoint_selection(path, name="vmamba_test_v2")
     report = inspect_checkpoint(path, name="vmamba_test_v2")
     assert not report["loadable"] and report["error"]
+
+
+def _fake_history_buffer_module(monkeypatch):
+    """A module named like mmengine's, whose HistoryBuffer pickles as the real one does (numpy arrays, its
+    statistics methods by getattr), so a file with a real training run's `message_hub` can be written here."""
+    import sys
+    import types
+
+    import numpy as np
+
+    module = types.ModuleType("mmengine.logging.history_buffer")
+
+    class HistoryBuffer:
+        def __init__(self):
+            self._log_history = np.array([0.5, 0.4])
+            self._count_history = np.array([1, 1])
+            self.max_length = 1000000
+            self.statistics_methods = {"min": HistoryBuffer.min, "mean": HistoryBuffer.mean}
+
+        def min(self):
+            return self._log_history.min()
+
+        def mean(self):
+            return self._log_history.mean()
+
+    HistoryBuffer.__module__ = module.__name__
+    HistoryBuffer.__qualname__ = "HistoryBuffer"
+    for method in (HistoryBuffer.min, HistoryBuffer.mean):
+        method.__module__, method.__qualname__ = module.__name__, f"HistoryBuffer.{method.__name__}"
+    module.HistoryBuffer = HistoryBuffer
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        monkeypatch.setitem(sys.modules, name, module if name.endswith("history_buffer") else types.ModuleType(name))
+    return HistoryBuffer
+
+
+def test_training_file_with_logger_state_and_numpy_loads(tmp_path, monkeypatch):
+    import pickletools
+    import zipfile
+
+    import numpy as np
+
+    HistoryBuffer = _fake_history_buffer_module(monkeypatch)
+    ref = small_segmenter()
+    path = tmp_path / "run.pth"
+    torch.save(
+        {
+            "meta": {"seed": np.int64(7), "iter": 160000, "dataset_meta": {"classes": ("a", "b", "c", "d", "e")}},
+            "state_dict": {**ref.state_dict(), **aux_head(64, 5)},
+            "message_hub": {
+                "log_scalars": {"train/loss": HistoryBuffer(), "train/lr": HistoryBuffer()},
+                "runtime_info": {"iter": 160000, "loss_scale": np.float64(1.0)},
+                "resumed_keys": {"train/loss": True},
+            },
+        },
+        path,
+    )
+    monkeypatch.undo()  # the reader must not need the class
+    with zipfile.ZipFile(path) as z:
+        pickle_bytes = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    globals_used = {arg for op, arg, _ in pickletools.genops(pickle_bytes) if op.name == "GLOBAL"}
+    assert "mmengine.logging.history_buffer HistoryBuffer" in globals_used and "__builtin__ getattr" in globals_used
+    model, sel = load_checkpoint_selection(path)
+    assert isinstance(model, UperNetSegmenter) and len(sel.task_dropped) == 8
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_other_globals_in_a_training_file_are_still_refused(tmp_path):
+    import os
+
+    path = tmp_path / "evil.pth"
+    # A reference to a callable outside the allow-list (stored, not called: reading it is what must fail).
+    torch.save({"state_dict": small_segmenter().state_dict(), "meta": {"hook": os.system}}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to execute code in the file: it needs the Python global pos"):
+        load_checkpoint_selection(path)

@@ -108,9 +108,52 @@ def _check_path(path: Path) -> None:
 _INERT_CONFIG_CLASSES = [(collections.OrderedDict, "yacs.config.CfgNode")]
 
 
+class _DiscardedLoggerState:
+    """Read in place of mmengine's HistoryBuffer (logged loss/lr history in an mmengine training file's
+    `message_hub`): the restricted unpickler builds it from plain data and this class keeps none of it."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def _method_reference(owner, name: str) -> str:
+    # HistoryBuffer's state names its statistics methods as getattr(HistoryBuffer, "min") (pickle protocol 2).
+    # Read as this stand-in, which looks nothing up: the real getattr is never allowed.
+    return f"<method {name}>"
+
+
+def _numpy_globals() -> list:
+    """numpy's array and scalar reconstruction (data only: an object array's items go through the same restricted
+    unpickler), under the module names numpy 1.x and 2.x pickle them with; mmengine files hold numpy values in
+    `meta` and `message_hub`."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        return []
+    try:
+        from numpy._core import multiarray  # numpy 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    names = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        names += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
+    dtype_classes = {type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)}
+    return [*names, np.ndarray, np.dtype, *sorted(dtype_classes, key=lambda c: c.__name__)]
+
+
+# mmengine (mmseg, mmdet) training files: `meta` and `message_hub` may hold numpy values and logger history
+# buffers next to the `state_dict`. Allowed as data; the buffers are read as _DiscardedLoggerState.
+_MMENGINE_GLOBALS = [
+    (_DiscardedLoggerState, "mmengine.logging.history_buffer.HistoryBuffer"),
+    (_method_reference, "__builtin__.getattr"),
+    (_method_reference, "builtins.getattr"),
+]
+
+
 def _torch_load(path: Path, fmt: str):
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_INERT_CONFIG_CLASSES):
+        allowed = _INERT_CONFIG_CLASSES + _MMENGINE_GLOBALS + _numpy_globals()
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
             # Raw pickles with protocol > 2 trigger a harmless torch warning before the real error.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
