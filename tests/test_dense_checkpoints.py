@@ -408,3 +408,56 @@ def test_other_globals_in_a_training_file_are_still_refused(tmp_path):
     torch.save({"state_dict": small_segmenter().state_dict(), "meta": {"hook": os.system}}, path)
     with pytest.raises(CheckpointError, match=r"refusing to execute code in the file: it needs the Python global pos"):
         load_checkpoint_selection(path)
+
+
+def test_bare_backbone_state_dict_is_detected(tmp_path):
+    torch.manual_seed(2)
+    ref = build_model("vmamba_test_v0", task="backbone")
+    path = tmp_path / "bare.pth"
+    torch.save(ref.state_dict(), path)
+    found = detect(ref.state_dict())
+    assert (found.name, found.task) == ("vmamba_test_v0", "backbone")
+    model, sel = load_checkpoint_selection(path)
+    assert isinstance(model, VMambaBackbone) and not sel.task_dropped and not sel.initialised
+    x = torch.randn(1, 3, 36, 52)
+    with torch.no_grad():
+        for got, want in zip(model(x), ref(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_segmenter_params_are_the_listing_minus_aux_head_and_buffers():
+    from vmamba_export.models import get_config
+    from vmamba_export.models.flops import count_parameters
+
+    for name in NAMES:
+        rows = read_listing(LISTINGS / f"{name}.txt")
+        buffers = ("running_mean", "running_var", "num_batches_tracked")
+        expected = sum(
+            torch.Size(s).numel() for k, s, _ in rows if not k.startswith("auxiliary_head.") and not k.endswith(buffers)
+        )
+        assert count_parameters(get_config(name)) == expected, name
+
+
+def test_cli_inspect_reports_the_dense_task(tmp_path, capsys, monkeypatch):
+    import json
+
+    from vmamba_export.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # the table's rows unwrapped
+
+    path = seg_training_file(tmp_path, small_segmenter(head_channels=24, num_classes=7))
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["task"], report["config"], report["num_classes"], report["head_channels"]) == (
+        "segmentation",
+        "vmamba_test_v2",
+        7,
+        24,
+    )
+    assert report["task_dropped_keys"]["by_module"] == {"auxiliary_head": 8}
+    assert main(["inspect", str(path), "--task", "backbone"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone" in out and "decode_head" in out and "auxiliary_head 8" in out
+    assert main(["inspect", str(path), "--task", "classification"]) == 2
+    err = capsys.readouterr().err
+    assert "task classification, but the file is a segmentation checkpoint" in err

@@ -44,11 +44,14 @@ _COMPATIBLE = {
 
 def file_task(sd: dict[str, torch.Tensor]) -> str:
     """The task a state dict's layout holds: "segmentation" (decode_head.* keys), "backbone" (backbone.* without a
-    decode head: a detector or a bare backbone) or "classification" (anything else)."""
+    decode head: a detector or a bare backbone; or out-norms without a classifier: an unprefixed backbone) or
+    "classification" (anything else)."""
     if any(k.startswith(DECODE_HEAD) for k in sd):
         return "segmentation"
     if any(k.startswith(BACKBONE) for k in sd):
         return "backbone"
+    if any(k.startswith("outnorm") for k in sd) and not any(k.startswith("classifier.") for k in sd):
+        return "backbone"  # a bare Backbone_VSSM state dict (patch_embed, layers, outnorm0..3), as this tool saves
     return "classification"
 
 
@@ -212,9 +215,12 @@ def pick_dense(sd: dict[str, torch.Tensor], name: str | None, task: str, layout:
         else:
             cfg = segmentation_config(get_config(name), kept_shapes)
         return DensePick(name, cfg, kept, dropped, [])
-    # task backbone from a segmentation or detection file: backbone.* only
-    dropped = [k for k in sd if not k.startswith(BACKBONE)]
-    kept = _adapt(_strip(sd, BACKBONE))
+    # task backbone from a segmentation or detection file: backbone.* only (an unprefixed backbone: all of it)
+    if any(k.startswith(BACKBONE) for k in sd):
+        dropped = [k for k in sd if not k.startswith(BACKBONE)]
+        kept = _adapt(_strip(sd, BACKBONE))
+    else:
+        dropped, kept = [], _adapt(sd)
     kept_shapes = {k: tuple(v.shape) for k, v in kept.items()}
     if name is None:
         cfg = detect_backbone(kept_shapes)
