@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vmamba_export.checkpoint import _load_sd, detect, inspect_checkpoint, load_checkpoint_selection
-from vmamba_export.errors import CheckpointError, StateDictMismatchError
+from vmamba_export.errors import CheckpointError, StateDictMismatchError, VMambaExportError
 from vmamba_export.model_source import rebuild_from_manifest, resolve_model
 from vmamba_export.models import UperNetSegmenter, VMambaBackbone, build_model
 
@@ -461,3 +461,17 @@ def test_cli_inspect_reports_the_dense_task(tmp_path, capsys, monkeypatch):
     assert main(["inspect", str(path), "--task", "classification"]) == 2
     err = capsys.readouterr().err
     assert "task classification, but the file is a segmentation checkpoint" in err
+
+
+def test_bundled_classifier_as_backbone_and_default_segmenter():
+    from vmamba_export.model_source import bundled_names
+
+    source = resolve_model("vmamba_digits_v2", task="backbone")
+    model = source.model
+    assert isinstance(model, VMambaBackbone) and source.weights["kind"] == "bundled"
+    assert source.weights["out_norms"] == "initialised" and source.weights["task"] == "backbone"
+    manifest = {"model": {"name": "vmamba_digits_v2", "config": model.config.to_dict(), "weights": source.weights}}
+    assert isinstance(rebuild_from_manifest(manifest), VMambaBackbone)  # same weights digest, checked inside
+    if not any(name.endswith("_seg") for name in bundled_names()):
+        with pytest.raises(VMambaExportError, match="no bundled segmentation model"):
+            resolve_model(task="segmentation")

@@ -159,7 +159,7 @@ def resolve_model(
     else:
         if ignore_keys or non_strict:
             raise VMambaExportError("--ignore-keys and --non-strict apply to a --checkpoint file; none was given")
-        name = model_name or DEFAULT_MODEL
+        name = model_name or _default_model(task)
         get_config(name)  # unknown names fail here with the list of known ones
         if random_weights:
             fields = dict(overrides or {})
@@ -170,7 +170,9 @@ def resolve_model(
             weights = {"kind": "random", "name": name, "seed": seed}
             if fields:
                 weights["overrides"] = fields
-        elif task not in (None, get_config(name).task):
+        elif task not in (None, get_config(name).task) and not (
+            task == "backbone" and get_config(name).task in ("classification", "segmentation")
+        ):
             raise VMambaExportError(
                 f"task {task}: {name} is a {get_config(name).task} model; pass --checkpoint PATH to load its weights "
                 "for another task, or --random-weights"
@@ -181,6 +183,8 @@ def resolve_model(
 
             model = load_bundled(name)
             weights = {"kind": "bundled", "name": name, "sha256": sha256_file(bundled_weights_path(name))}
+            if task == "backbone" and model.config.task != "backbone":
+                model = _as_backbone(model, name, weights)
         else:
             raise VMambaExportError(
                 f"no weights for {name!r}: pass --checkpoint PATH (an official .pth or your fine-tune), "
@@ -189,6 +193,42 @@ def resolve_model(
     labels_source = apply_labels(model, labels)
     weights["state_digest"] = state_dict_digest(model)
     return ModelSource(model=model, weights=weights, labels_source=labels_source, checkpoint_path=checkpoint_path)
+
+
+def _default_model(task: str | None) -> str:
+    """The model used when none is named: the bundled digits classifier, or for --task segmentation the bundled
+    segmenter (the first bundled segmentation config: vmamba_shapes_seg where it ships)."""
+    if task != "segmentation":
+        return DEFAULT_MODEL
+    from .models import list_configs
+
+    bundled = set(bundled_names())
+    segmenters = [c.name for c in list_configs() if c.task == "segmentation" and c.name in bundled]
+    if not segmenters:
+        raise VMambaExportError(
+            "no bundled segmentation model in this installation: pass --model NAME with --checkpoint PATH "
+            "(e.g. an mmseg upernet_vssm_* training file) or --random-weights"
+        )
+    return "vmamba_shapes_seg" if "vmamba_shapes_seg" in segmenters else segmenters[0]
+
+
+def _as_backbone(model: AnyModel, name: str, weights: dict) -> AnyModel:
+    """A bundled classifier's or segmenter's backbone, as a checkpoint of it would load with task backbone (the
+    classifier's out-norms initialised); what was dropped and initialised goes into the weights record."""
+    from .checkpoint import _build_loaded, compare_shapes, expected_shapes
+    from .dense_checkpoint import dropped_record, file_task, pick_dense
+
+    sd = model.state_dict()
+    pick = pick_dense(sd, name, "backbone", file_task(sd))
+    diff = compare_shapes({k: tuple(v.shape) for k, v in pick.state_dict.items()}, expected_shapes(pick.config))
+    if not diff.exact:  # a bundled file always fits its own config; this would be a bug here
+        raise VMambaExportError(f"bundled {name} as a backbone: {diff.describe()}")
+    weights["task"] = "backbone"
+    if pick.task_dropped:
+        weights["task_dropped"] = dropped_record(pick.task_dropped)
+    if any(k.startswith("outnorm") for k in pick.initialised):
+        weights["out_norms"] = "initialised"
+    return _build_loaded(pick.config, pick.state_dict, strict=True)
 
 
 def _recorded_key_options(weights: dict) -> tuple[list[str], bool]:
@@ -254,7 +294,7 @@ def rebuild_from_manifest(manifest: dict, checkpoint: str | Path | None = None) 
             weights["name"], random_weights=True, seed=int(weights.get("seed", 0)), overrides=overrides
         )
     elif kind == "bundled":
-        source = resolve_model(weights["name"])
+        source = resolve_model(weights["name"], task=task if task == "backbone" else None)
     else:
         raise VMambaExportError(f"manifest records weights of unknown kind {kind!r}")
     expected = weights.get("state_digest")
