@@ -19,6 +19,10 @@ stripped, and against its current name for v0 files) drops the keys they match; 
 detected (or named) config does not have that lie outside its modules (patch_embed, layers, classifier: an extra
 `layers.*` key means other weights, and only a pattern drops it). Missing or mis-shaped weights are never made up.
 
+Dense tasks (dense_checkpoint.py): mmseg/mmdet training files (weights under `state_dict`; `meta`, optimizer and
+logger state beside them, numpy values and mmengine HistoryBuffers read as inert data) load as a segmenter or a
+backbone; what the task does not use (an auxiliary head, a detector's heads) is dropped and reported.
+
 Every error is a CheckpointError subclass whose message is one line and starts with the file's path.
 """
 
@@ -451,7 +455,7 @@ def _detect_dense(sd: dict[str, torch.Tensor]) -> Detection:
         meta = {k: torch.empty(v.shape) for k, v in sd.items()}
     try:
         pick = pick_dense(meta, None, layout, layout)
-    except ConfigDetectionError:
+    except ConfigDetectionError:  # already the kind detect() raises
         raise
     except CheckpointError as exc:
         raise ConfigDetectionError(str(exc)) from None
@@ -473,6 +477,9 @@ def detect(
     An exact match of every key and shape wins; a match of everything but the classifier head's class count is
     accepted as a fine-tune of that backbone. With `drop_unexpected`, keys outside the model's modules may be left
     over (the config with the fewest wins). No match, or two matches, raise ConfigDetectionError.
+
+    Without `candidates`, a segmentation or backbone/detection state dict (decode_head.* or backbone.* keys) is
+    detected by dense_checkpoint.py: the Detection's config then has that task (and classes, head width).
     """
     problem = _non_string_keys(sd)
     if problem:
