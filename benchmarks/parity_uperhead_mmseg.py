@@ -87,10 +87,62 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def end_to_end(args: argparse.Namespace, cfg) -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from mmseg.models.utils import resize
+    from parity_backbone_official import import_official, official_kwargs, perturb
+
+    from vmamba_export.models import build_model
+
+    official = import_official(args.official, args.timm_stub)
+    ours = build_model("upernet_vssm_tiny")
+    state = perturb(ours, args.seed)
+    for key, t in state.items():
+        if key.endswith("running_var"):
+            state[key] = t.abs() + 0.05
+    ours.load_state_dict(state, strict=True)
+    kw = official_kwargs(official, "vmamba_tiny_s1l8")
+    kw.update(out_indices=(0, 1, 2, 3), norm_layer="ln2d")
+    backbone = official.Backbone_VSSM(**kw).eval()
+    backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, strict=True)
+    head = build_mmseg_head(cfg.widths, cfg.head_channels, cfg.num_classes).eval()
+    missing, unexpected = head.load_state_dict(
+        {k[12:]: v for k, v in state.items() if k.startswith("decode_head.")}, strict=False
+    )
+    assert not missing and not unexpected, (missing, unexpected)
+    rows = []
+    for h, w in ((512, 512), (193, 161)):
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(args.seed + h))
+        with torch.no_grad():
+            a = ours(x)
+            b = resize(head(backbone(x)), size=(h, w), mode="bilinear", align_corners=False)
+        agree = float((a.argmax(1) == b.argmax(1)).double().mean())
+        err = rel_l2(a, b)
+        row = {
+            "input": f"{h}x{w}",
+            "end_to_end": True,
+            "logits_shape": list(b.shape),
+            "rel_l2_float32": err,
+            "argmax_agreement": agree,
+            "passed": err <= 1e-5,
+        }
+        rows.append(row)
+        print(f"end to end {h}x{w}: logits {list(b.shape)}  rel L2 {err:.2e}  argmax agreement {agree:.5f}", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stub-mmcv-ops", action="store_true", help="stand in for mmcv.ops (see above)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--official",
+        type=Path,
+        help="also compare our whole UperNetSegmenter (upernet_vssm_tiny) with the official Backbone_VSSM of this "
+        "VMamba checkout + mmseg's UPerHead + mmseg's resize, end to end (needs the imports "
+        "parity_backbone_official.py needs, and --timm-stub there applies here too)",
+    )
+    parser.add_argument("--timm-stub", action="store_true", help="as in parity_backbone_official.py")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.stub_mmcv_ops:
@@ -101,6 +153,7 @@ def main() -> int:
 
     from vmamba_export.models import build_model
 
+    torch.manual_seed(args.seed)  # the initial weights the perturbation starts from
     seg = build_model("upernet_vssm_tiny")
     ours = seg.decode_head.eval()
     cfg = seg.config
@@ -129,6 +182,8 @@ def main() -> int:
             f"{row['rel_l2_float64']:.2e}  {'pass' if row['passed'] else 'FAIL'}",
             flush=True,
         )
+    if args.official is not None:
+        rows += end_to_end(args, cfg)
     versions = f"mmsegmentation {mmseg.__version__}, mmengine {mmengine.__version__}, mmcv-lite {mmcv.__version__}"
     lines = [
         f"Our UPerHead against mmseg's UPerHead ({versions}{', mmcv.ops stubbed' if args.stub_mmcv_ops else ''}), "
@@ -140,10 +195,29 @@ def main() -> int:
         "|---|---|---:|---:|---|",
     ]
     for r in rows:
+        if r.get("end_to_end"):
+            continue
         lines.append(
             f"| {r['input']} | {r['logits_shape']} | {r['rel_l2_float32']:.2e} | {r['rel_l2_float64']:.2e} | "
             f"{'yes' if r['passed'] else 'NO'} |"
         )
+    e2e = [r for r in rows if r.get("end_to_end")]
+    if e2e:
+        lines += [
+            "",
+            "End to end: our UperNetSegmenter (upernet_vssm_tiny, every weight and BatchNorm statistic perturbed) "
+            f"against the official Backbone_VSSM ({args.official.name} checkout, norm_layer ln2d, the "
+            "vmamba_tiny_s1l8 builder's arguments as the official tiny segmentation config) + mmseg's UPerHead + "
+            "mmseg's resize to the input size (bilinear, align_corners False), CPU float32, random image.",
+            "",
+            "| image size | logits shape | rel L2 | argmax agreement | pass |",
+            "|---|---|---:|---:|---|",
+        ]
+        for r in e2e:
+            lines.append(
+                f"| {r['input']} | {r['logits_shape']} | {r['rel_l2_float32']:.2e} | {r['argmax_agreement']:.5f} | "
+                f"{'yes' if r['passed'] else 'NO'} |"
+            )
     from vmamba_export.bench import write_results
 
     write_results(args.out, "\n".join(lines), rows)
