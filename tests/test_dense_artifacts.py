@@ -133,9 +133,7 @@ def test_segmentation_manifest_and_references(seg_ort):
     m = read_manifest(seg_ort)
     out = m["output"]
     assert out["task"] == "segmentation" and out["num_classes"] == 5 and out["labels_source"] == "config"
-    assert out["outputs"] == [
-        {"name": "logits", "shape": ["batch", 5, "height", "width"], "stride": 1, "channels": 5}
-    ]
+    assert out["outputs"] == [{"name": "logits", "shape": ["batch", 5, "height", "width"], "stride": 1, "channels": 5}]
     assert m["input"]["preprocessing"]["labels"] == list(LABELS) and m["input"]["preprocessing"]["crop"] is False
     assert m["model"]["config"]["task"] == "segmentation"
     inputs, outputs, names = read_references(seg_ort, m)
@@ -317,7 +315,7 @@ def _check_reduced(model, folder, max_rel_l2: float, min_agreement: float) -> di
 def test_int8_segmentation_onnxruntime(seg_model, tmp_path):
     manifest = _export(seg_model, "cpu-onnxruntime", tmp_path / "seg-ort-int8", "int8")
     assert manifest["lowering"]["quantization"]["quantized_layers"]
-    _check_reduced(seg_model, tmp_path / "seg-ort-int8", 0.1, 0.9)
+    _check_reduced(seg_model, tmp_path / "seg-ort-int8", 0.1, 0.95)
 
 
 @pytest.mark.slow
@@ -334,7 +332,7 @@ def test_int8_segmentation_onnxruntime(seg_model, tmp_path):
 def test_reduced_precisions(task, target, precision, seg_model, backbone_model, tmp_path):
     model = seg_model if task == "segmentation" else backbone_model
     _export(model, target, tmp_path / f"{task}-{target}-{precision}", precision)
-    _check_reduced(model, tmp_path / f"{task}-{target}-{precision}", 0.1, 0.9)
+    _check_reduced(model, tmp_path / f"{task}-{target}-{precision}", 0.1, 0.95)
 
 
 @pytest.mark.slow  # two exports (~70 s on a loaded 2-core machine)

@@ -549,7 +549,9 @@ def _check_schema(m: dict) -> None:
     # output and labels
     _typed(m, "output", dict)
     task = _check_outputs(m)
-    num_classes = _int_in(m, "output.num_classes", 0 if task == "backbone" else 1, 0 if task == "backbone" else MAX_CLASSES)
+    num_classes = _int_in(
+        m, "output.num_classes", 0 if task == "backbone" else 1, 0 if task == "backbone" else MAX_CLASSES
+    )
     labels = _get(m, "input.preprocessing.labels", required=False)
     if labels is not None:
         if not isinstance(labels, list) or len(labels) != num_classes:
@@ -659,7 +661,9 @@ def _check_outputs(m: dict) -> str:
         if outputs[0]["channels"] != m["output"].get("num_classes"):
             raise _Bad("'output.outputs[0].channels' of a segmentation artifact must equal output.num_classes")
     elif names != [f"{FEATURE_PREFIX}{i}" for i in range(len(names))]:
-        raise _Bad(f"'output.outputs' of a backbone artifact must be {FEATURE_PREFIX}0, {FEATURE_PREFIX}1, ...; got {names}")
+        raise _Bad(
+            f"'output.outputs' of a backbone artifact must be {FEATURE_PREFIX}0, {FEATURE_PREFIX}1, ...; got {names}"
+        )
     return task
 
 

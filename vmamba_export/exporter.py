@@ -26,8 +26,8 @@ from .errors import ArtifactError, InputError, TargetUnavailableError
 from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
-from .platforms import PLATFORMS, cannot_build_reason, get_platform, host_platform, platform_record
 from .outputs import output_section
+from .platforms import PLATFORMS, cannot_build_reason, get_platform, host_platform, platform_record
 from .references import write_references
 from .targets import Target
 

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
         "--task",
         choices=TASK_CHOICES,
         help="what the artifact outputs: logits (classification), four feature maps (backbone) or per-pixel class "
-        f"logits (segmentation); default: the model's own task (--task segmentation alone: {DEFAULT_SEGMENTATION_MODEL})",
+        "logits (segmentation); default: the model's own task (--task segmentation without --model: "
+        f"{DEFAULT_SEGMENTATION_MODEL})",
     )
     add_platform_arg(p)
     p.add_argument(

@@ -114,7 +114,9 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
         # ChannelsLastVMamba wraps the classifier only: dense models are exported as they are (v2 channel-first, v0
         # channels-last by definition); an explicit --layout channels-last is refused rather than ignored.
         if options.extra.get("layout") == "channels-last" and model.config.version == "v2":
-            raise VMambaExportError(f"layout channels-last is for classifiers; a {task} model is exported channel-first")
+            raise VMambaExportError(
+                f"layout channels-last is for classifiers; a {task} model is exported channel-first"
+            )
         graph_model, layout = model, ("channels-last" if model.config.version == "v0" else "channels-first")
     path = folder / "model.onnx"
     info = export_onnx(graph_model, path, scan="custom-op", max_size=options.max_size)
