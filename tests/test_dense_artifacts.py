@@ -365,3 +365,31 @@ def test_cuda_export_of_a_segmenter_builds(seg_model, tmp_path, monkeypatch):
     assert manifest["lowering"]["layer_norms"]["replaced"] > 0
     with pytest.raises(Exception, match="channels-last is for classifiers"):
         _export(seg_model, "cuda-onnxruntime", tmp_path / "cl", layout="channels-last")
+
+
+def test_cli_task_of_trained_weights_is_refused(tmp_path, capsys):
+    """This version builds another task than the weights' own for random weights only: the bundled digits
+    classifier is not silently exported as a backbone."""
+    from vmamba_export.cli import main
+
+    out = tmp_path / "bb"
+    assert main(["export", "--task", "backbone", "--target", "cpu-onnxruntime", "--out", str(out)]) == 2
+    assert "exports them as classification only" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_export_backbone_of_random_weights(tmp_path, capsys):
+    from vmamba_export.cli import main
+
+    out = tmp_path / "bb"
+    args = ["export", "--model", "vmamba_test_v2", "--random-weights", "--task", "backbone", "--target"]
+    assert main([*args, "cpu-onnxruntime", "--out", str(out), "--max-size", "128"]) == 0
+    assert "task backbone: outputs features_0 (16 ch, stride 4)" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert m["model"]["config"]["task"] == "backbone" and m["model"]["weights"]["overrides"] == {"task": "backbone"}
+    torch.manual_seed(0)
+    model = build_model("vmamba_test_v2", task="backbone")
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 96)).astype(np.float32)
+    for got, want in zip(_artifact_outputs(load(out), x), _torch_outputs(model, x), strict=True):
+        assert _rel_l2(got, want) <= 1e-5

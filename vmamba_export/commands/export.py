@@ -109,7 +109,9 @@ def with_task(source, task: str, args: argparse.Namespace):
     torch.manual_seed(source.weights.get("seed", 0))
     model = build_model(name, task=task)
     labels_source = apply_labels(model, args.labels) if task != "backbone" else None
-    weights = dict(source.weights, task=task)
+    # Recorded as the load helper's resolve_model(task=) records config overrides of random weights.
+    weights = {k: v for k, v in source.weights.items() if k != "state_digest"}
+    weights["overrides"] = {**weights.get("overrides", {}), "task": task}
     weights["state_digest"] = state_dict_digest(model)
     return ModelSource(model=model, weights=weights, labels_source=labels_source)
 

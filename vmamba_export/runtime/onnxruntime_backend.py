@@ -98,7 +98,9 @@ class OnnxRuntimeBackend:
         self.graphs = None
         # CUDA graphs replay one (N, num_classes) output buffer (cuda_graphs.py): dense artifacts (feature maps,
         # per-pixel logits whose size follows the input) launch their kernels from the host instead.
-        dense = bool(manifest["output"].get("task")) and manifest["output"]["task"] != "classification"
+        from ..outputs import manifest_task
+
+        dense = manifest_task(manifest) != "classification"
         self.cuda_graph_note = "off: dense outputs" if (self.on_cuda and dense) else None
         if self.on_cuda and cuda_graph is not False and not dense:
             from .cuda_graphs import CudaGraphRunner
