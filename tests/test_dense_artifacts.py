@@ -196,6 +196,10 @@ def test_backbone_predictor(backbone_ort):
     assert [v.shape for v in maps.values()] == [(1, 16, 20, 12), (1, 32, 10, 6), (1, 64, 5, 3), (1, 128, 3, 2)]
     with pytest.raises(InputError, match="backbone artifact"):
         predictor.predict([Image.new("RGB", (50, 40))])
+    batch = predictor.preprocess([Image.new("RGB", (96, 64)), Image.new("RGB", (48, 32))])  # same ratio: stacks
+    assert batch.shape == (2, 3, 64, 96)
+    with pytest.raises(InputError, match="preprocess to different sizes"):
+        predictor.preprocess([Image.new("RGB", (96, 64)), Image.new("RGB", (64, 96))])
     with pytest.raises(InputError, match="outside what this artifact takes"):  # the input checks stay
         predictor(np.zeros((1, 3, 64, MAX_SIZE + 1), np.float32))
 

@@ -163,6 +163,12 @@ class Predictor:
         if not arrays:
             size = self.input_spec.image_size
             return np.zeros((0, self.channels, size, size), dtype=np.float32)
+        shapes = sorted({a.shape[1:] for a in arrays})
+        if len(shapes) > 1:  # a no-crop spec (segmentation) keeps each image's ratio
+            raise InputError(
+                f"the images preprocess to different sizes ({', '.join(f'{h}x{w}' for h, w in shapes[:4])}), which "
+                "do not stack into one batch: preprocess and run them one at a time (segmentation: predictor.segment)"
+            )
         return np.stack(arrays)
 
     def predict(self, images, top_k: int = 5, errors: str = "raise") -> list:
