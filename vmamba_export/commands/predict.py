@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+PRINTED_CLASSES = 8  # classes shown per image on the text output, largest first
+
+
 def output_paths(images: list[Path], out: Path, overwrite: bool) -> list[tuple[Path, Path]]:
     """(mask, overlay) paths per image in `out`; refused before any work: two images with one stem (their files
     would collide), a path that exists and is not a file, and an existing file without --overwrite."""
@@ -137,7 +140,10 @@ def run_segmentation(args: argparse.Namespace, predictor) -> int:
             }
         )
         if not args.json:
-            shown = ", ".join(f"{label} {100 * share:.1f}%" for label, share in fractions.items())
+            items = list(fractions.items())
+            shown = ", ".join(f"{label} {100 * share:.1f}%" for label, share in items[:PRINTED_CLASSES])
+            if len(items) > PRINTED_CLASSES:  # every class is in --json
+                shown += f" (+{len(items) - PRINTED_CLASSES} more classes)"
             print(f"{image_path}: {shown} -> {mask_path}, {overlay_path}")
     failed = sum(r["error"] is not None for r in records)
     if args.json:
