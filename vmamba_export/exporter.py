@@ -163,6 +163,7 @@ def export_artifact(
             "references": references,
             "files": file_entries(folder),
             "toolchain": toolchain_versions(target.export_packages),
+            # MERGE POINT (validate helper): thresholds_for(precision, task) gives a dense task its own limits.
             "thresholds": target.thresholds_for(precision),
             "validation": None,
             "benchmark": None,
