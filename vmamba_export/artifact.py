@@ -361,7 +361,7 @@ MAX_NORM_VALUE = 1e3  # |mean| and std, in units of the [0, 1] pixel scale the p
 MIN_STD = 1e-6  # smaller divides pixels into float32 overflow
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # data/preprocess.py _RESAMPLE
 CHANNEL_ORDERS = ("RGB", "BGR")
-PREPROCESSING_KEYS = ("image_size", "resize", "interpolation", "mean", "std", "channel_order", "labels")  # InputSpec
+PREPROCESSING_KEYS = ("image_size", "resize", "interpolation", "mean", "std", "channel_order", "labels", "crop")
 # What each runtime's backend opens: entry key -> accepted suffixes; required keys first.
 RUNTIME_ENTRY = {
     "onnxruntime": {"model": (".onnx",), "custom_op_library": (".so", ".dylib", ".dll")},
@@ -542,9 +542,16 @@ def _check_schema(m: dict) -> None:
         for i, value in enumerate(values):
             _number(value, f"'input.preprocessing.{key}[{i}]'", low, MAX_NORM_VALUE)
 
+    crop = _get(m, "input.preprocessing.crop", required=False)  # absent before dense tasks: True
+    if crop is not None and not isinstance(crop, bool):
+        raise _Bad(f"'input.preprocessing.crop' must be true or false, got {_short(crop)}")
+
     # output and labels
     _typed(m, "output", dict)
-    num_classes = _int_in(m, "output.num_classes", 1, MAX_CLASSES)
+    task = _check_outputs(m)
+    num_classes = _int_in(
+        m, "output.num_classes", 0 if task == "backbone" else 1, 0 if task == "backbone" else MAX_CLASSES
+    )
     labels = _get(m, "input.preprocessing.labels", required=False)
     if labels is not None:
         if not isinstance(labels, list) or len(labels) != num_classes:
@@ -613,6 +620,51 @@ def _check_schema(m: dict) -> None:
             raise _Bad(f"'thresholds' must be an object, got {_type_name(thresholds)}")
         for key, value in thresholds.items():
             _number(value, f"'thresholds.{key}'", -1e9, 1e9)
+
+
+def _check_outputs(m: dict) -> str:
+    """`output.task` (absent: a classifier, as every artifact before dense tasks) and, for a dense task, its
+    `output.outputs` list ({name, shape, stride, channels} per output, outputs.py); returns the task."""
+    from .outputs import DENSE_TASKS, FEATURE_PREFIX, LOGITS, TASKS
+
+    task = _typed(m, "output.task", str, required=False)
+    if task is None:
+        return "classification"
+    if task not in TASKS:
+        raise _Bad(f"'output.task' must be one of {', '.join(TASKS)}, got {_short(task)}")
+    if task not in DENSE_TASKS:
+        return task
+    outputs = _typed(m, "output.outputs", list)
+    if not outputs or len(outputs) > 16:
+        raise _Bad(f"'output.outputs' must list 1..16 outputs, got {len(outputs)}")
+    names = []
+    for i, out in enumerate(outputs):
+        where = f"'output.outputs[{i}]"
+        if not isinstance(out, dict):
+            raise _Bad(f"{where}' must be an object, got {_type_name(out)}")
+        name = out.get("name")
+        if not isinstance(name, str) or not name:
+            raise _Bad(f"{where}.name' must be a non-empty string, got {_short(name)}")
+        shape = out.get("shape")
+        if not isinstance(shape, list) or len(shape) != 4:
+            raise _Bad(f"{where}.shape' must be a list of 4 (N, C, H, W), got {_short(shape)}")
+        for key in ("stride", "channels"):
+            value = out.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLASSES:
+                raise _Bad(f"{where}.{key}' must be a positive integer, got {_short(value)}")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise _Bad(f"'output.outputs' names must be distinct, got {names}")
+    if task == "segmentation":
+        if names != [LOGITS]:
+            raise _Bad(f"'output.outputs' of a segmentation artifact must be one {LOGITS!r} output, got {names}")
+        if outputs[0]["channels"] != m["output"].get("num_classes"):
+            raise _Bad("'output.outputs[0].channels' of a segmentation artifact must equal output.num_classes")
+    elif names != [f"{FEATURE_PREFIX}{i}" for i in range(len(names))]:
+        raise _Bad(
+            f"'output.outputs' of a backbone artifact must be {FEATURE_PREFIX}0, {FEATURE_PREFIX}1, ...; got {names}"
+        )
+    return task
 
 
 def _check_fixed_shape(m: dict, channels: int, image_size: int, runtime: str) -> None:

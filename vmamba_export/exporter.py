@@ -26,6 +26,7 @@ from .errors import ArtifactError, InputError, TargetUnavailableError
 from .lowering import ExportOptions, get_lowering
 from .model_source import ModelSource
 from .models.shapes import export_min_size
+from .outputs import output_section
 from .platforms import PLATFORMS, cannot_build_reason, get_platform, host_platform, platform_record
 from .references import write_references
 from .targets import Target
@@ -63,6 +64,26 @@ def check_platform_for(target: Target, platform: str | None) -> str:
     return name
 
 
+# Lowerings that build dense (backbone, segmentation) artifacts; the others refuse them in one line.
+DENSE_LOWERINGS = ("custom-op", "custom-op-cuda", "portable", "openvino-extension")
+
+
+def check_dense_export(task: str, target: Target, options: ExportOptions) -> None:
+    """Refuse, before any work, what a dense task cannot be exported with: a target whose lowering has no dense
+    path yet (cpu-tvm, apple-coreml), and the accuracy-aware int8 options, which keep layers float until a top-1
+    drop fits (there is no top-1 for feature maps or per-pixel classes; validate measures mIoU). Plain calibrated
+    int8 is fine."""
+    if task == "classification":
+        return
+    if target.scan_lowering not in DENSE_LOWERINGS:
+        raise TargetUnavailableError(f"target {target.name}: not implemented for task {task}")
+    if options.accuracy_source or options.max_drop is not None:
+        raise InputError(
+            f"--accuracy/--max-drop (accuracy-aware int8, judged by top-1) do not apply to task {task}: export plain "
+            "calibrated int8 and measure it with `vmamba-export validate` (mIoU for segmentation)"
+        )
+
+
 def export_artifact(
     source: ModelSource,
     target: Target,
@@ -93,8 +114,13 @@ def export_artifact(
         raise TargetUnavailableError(f"cannot build target {target.name} here: {why}")
     model = source.model.eval()
     cfg = model.config
+    task = getattr(cfg, "task", "classification")
+    check_dense_export(task, target, options)
     check_max_size(options.max_size, cfg)
     labels_source = source.labels_source or ("config" if cfg.input.labels is not None else None)
+    if task == "backbone" and cfg.input.labels is not None:  # feature maps have no classes (output.num_classes 0)
+        cfg = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=None))
+        labels_source = None
     if cfg.input.labels is not None and len(cfg.input.labels) != cfg.num_classes:
         # A model built by hand with another head than its config's labels: number its classes (as resolve_model
         # does for a fine-tune given no labels) rather than write a manifest no loader accepts.
@@ -130,19 +156,14 @@ def export_artifact(
                 "max_size": options.max_size,
                 "preprocessing": cfg.input.to_dict(),
             },
-            "output": {
-                "name": "logits",
-                "shape": ["batch", cfg.num_classes],
-                "num_classes": cfg.num_classes,
-                # "config", a label file's name, "given" (Python list), or null: unknown, numbered class_0, ...
-                "labels_source": labels_source,
-            },
+            "output": output_section(cfg, labels_source),
             "lowering": info,
             "entry": entry,
             "platform": platform_record(options.platform, folder),
             "references": references,
             "files": file_entries(folder),
             "toolchain": toolchain_versions(target.export_packages),
+            # MERGE POINT (validate helper): thresholds_for(precision, task) gives a dense task its own limits.
             "thresholds": target.thresholds_for(precision),
             "validation": None,
             "benchmark": None,

@@ -24,6 +24,9 @@ def render_artifact_report(m: dict) -> str:
         f"scan lowering: {target.get('scan_lowering')}",
         f"- Input: {m['input'].get('name')} {m['input'].get('layout')} {m['input'].get('shape')}, "
         f"sides {m['input'].get('min_size')}..{m['input'].get('max_size')}",
+    ]
+    lines += outputs_section(m)
+    lines += [
         "",
         "## Files",
         "",
@@ -96,6 +99,42 @@ def render_artifact_report(m: dict) -> str:
     for key, value in m.get("toolchain", {}).items():
         lines.append(f"- {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def outputs_section(m: dict) -> list[str]:
+    """What the artifact outputs: the classifier's logits in one line; a dense artifact's outputs as a table (name,
+    symbolic shape, stride, channels), with its classes for segmentation."""
+    output = m.get("output") or {}
+    task = output.get("task")
+    if not task:
+        return [f"- Output: {output.get('name', 'logits')} {output.get('shape')}, {output.get('num_classes')} classes"]
+    lines = [
+        f"- Task: {task}; outputs sized {output.get('spatial_size', '-')}",
+        "",
+        "## Outputs",
+        "",
+        "| name | shape | stride | channels |",
+        "|---|---|---:|---:|",
+    ]
+    for out in output.get("outputs", []):
+        shape = ", ".join(str(d) for d in out.get("shape", []))
+        lines.append(f"| {out.get('name')} | ({shape}) | {out.get('stride')} | {out.get('channels')} |")
+    if task == "segmentation":
+        labels = (m.get("input") or {}).get("preprocessing", {}).get("labels")
+        shown = ", ".join(f"{i}: {name}" for i, name in enumerate(labels[:20])) if labels else "numbered class_0, ..."
+        more = f" (and {len(labels) - 20} more)" if labels and len(labels) > 20 else ""
+        lines += [
+            "",
+            f"{output.get('num_classes')} classes ({output.get('labels_source') or 'no label names'}): {shown}{more}. "
+            "Per-pixel logits at the input size; the predictor's class map is their argmax at the image's size.",
+        ]
+    refs = m.get("references") or {}
+    if refs.get("size"):
+        lines += ["", f"References: {refs.get('num_images')} images at {refs['size']} px ({refs.get('source')})."]
+    notes = (m.get("lowering") or {}).get("cuda_graphs")
+    if notes:
+        lines += ["", f"CUDA graphs: {notes}."]
+    return lines
 
 
 def _latency_of(row: dict) -> dict | None:

@@ -32,6 +32,13 @@ def add_parser(sub) -> None:
         help="also validate parity on the built-in photos (w8/w8a8: and top-1 on --accuracy, digits:holdout for "
         "the bundled digits models)",
     )
+    p.add_argument(
+        "--task",
+        choices=TASK_CHOICES,
+        help="what the artifact outputs: logits (classification), four feature maps (backbone) or per-pixel class "
+        "logits (segmentation); default: the model's own task (--task segmentation without --model: "
+        f"{DEFAULT_SEGMENTATION_MODEL})",
+    )
     add_platform_arg(p)
     p.add_argument(
         "--layout",
@@ -42,6 +49,71 @@ def add_parser(sub) -> None:
     add_tvm_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
+
+
+# models.configs.TASKS spelled out (building the parser must not import torch).
+TASK_CHOICES = ("classification", "backbone", "segmentation")
+# The bundled segmenter (trained here on generated shapes): the model of `--task segmentation` without --model.
+DEFAULT_SEGMENTATION_MODEL = "vmamba_shapes_seg"
+
+
+def resolve_source(args: argparse.Namespace):
+    """The ModelSource to export: resolve_model as the model options say, as the model of `--task` when given.
+
+    Without --model and --checkpoint, `--task segmentation` means the bundled segmenter DEFAULT_SEGMENTATION_MODEL
+    (an error naming it where this install does not bundle it). Another task than the weights' own is built here
+    for seeded random weights only (build_model(name, task=...)); converting trained weights between tasks is
+    resolve_model's (the load helper's `task=`)."""
+    from ..errors import VMambaExportError
+    from ..model_source import bundled_names, resolve_model
+
+    kwargs = source_args(args)
+    task = getattr(args, "task", None)
+    if task == "segmentation" and not args.model and not args.checkpoint:
+        from ..models.configs import list_configs
+
+        known = {c.name for c in list_configs()}
+        if DEFAULT_SEGMENTATION_MODEL not in known or (
+            not args.random_weights and DEFAULT_SEGMENTATION_MODEL not in bundled_names()
+        ):
+            raise VMambaExportError(
+                f"--task segmentation without --model uses the bundled segmenter {DEFAULT_SEGMENTATION_MODEL}, which "
+                "this install does not have: pass --model NAME (e.g. upernet_vssm_tiny) with --checkpoint PATH or "
+                "--random-weights"
+            )
+        kwargs["model_name"] = DEFAULT_SEGMENTATION_MODEL
+    # MERGE POINT (load helper): once resolve_model takes `task=`, this call becomes resolve_model(**kwargs,
+    # task=task) and with_task() below goes.
+    source = resolve_model(**kwargs)
+    if task is not None and source.model.config.task != task:
+        source = with_task(source, task, args)
+    return source
+
+
+def with_task(source, task: str, args: argparse.Namespace):
+    """`source` rebuilt as a `task` model: seeded random weights only (the same seed, the config's other fields)."""
+    import torch
+
+    from ..errors import VMambaExportError
+    from ..model_source import ModelSource, apply_labels, state_dict_digest
+    from ..models import build_model
+
+    own = source.model.config.task
+    if source.weights.get("kind") != "random":
+        raise VMambaExportError(
+            f"--task {task}: the {source.weights.get('kind')} weights of {source.model.config.name} are a {own} "
+            f"model's; this version exports them as {own} only (pass --task {own}, a {task} checkpoint, or "
+            "--random-weights)"
+        )
+    name = source.weights["name"]
+    torch.manual_seed(source.weights.get("seed", 0))
+    model = build_model(name, task=task)
+    labels_source = apply_labels(model, args.labels) if task != "backbone" else None
+    # Recorded as the load helper's resolve_model(task=) records config overrides of random weights.
+    weights = {k: v for k, v in source.weights.items() if k != "state_digest"}
+    weights["overrides"] = {**weights.get("overrides", {}), "task": task}
+    weights["state_digest"] = state_dict_digest(model)
+    return ModelSource(model=model, weights=weights, labels_source=labels_source)
 
 
 def add_int8_args(p: argparse.ArgumentParser) -> None:
@@ -169,7 +241,6 @@ def graph_summary(manifest: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..exporter import export_artifact
-    from ..model_source import resolve_model
     from ..targets import get_target
 
     console = Console(stderr=True)
@@ -181,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
             f"--layout is for cuda-onnxruntime and cpu-tvm; target {target.name} chooses its own layout"
         )
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
-        source = resolve_model(**source_args(args))
+        source = resolve_source(args)
     accuracy = validation_accuracy_source(args, target, source.model.config.name) if args.validate else None
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
     busy = (
@@ -222,6 +293,11 @@ def run(args: argparse.Namespace) -> int:
             f"[green]wrote[/green] {escape(str(args.out))}: {graph_summary(manifest)}, "
             f"inputs {manifest['input']['min_size']}..{manifest['input']['max_size']} px"
         )
+        if manifest["output"].get("task"):
+            outputs = ", ".join(
+                f"{o['name']} ({o['channels']} ch, stride {o['stride']})" for o in manifest["output"]["outputs"]
+            )
+            console.print(f"task {manifest['output']['task']}: outputs {outputs}")
         tuning = lw.get("tuning")
         if tuning:
             console.print(

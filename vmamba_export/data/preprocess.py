@@ -163,9 +163,61 @@ def resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
     return image.crop((left, top, left + crop, top + crop))
 
 
-def preprocess(image: Image.Image, spec: InputSpec, channels: int = 3) -> np.ndarray:
-    """One PIL image -> (channels, image_size, image_size) float32, normalised; 3 channels in `spec.channel_order`,
-    or 1 (grey, Pillow's ITU-R 601-2 luma) for single-channel models.
+# Largest side a no-crop (segmentation) preprocessing produces when the caller gives no artifact limit: the loader's
+# own limit on input.max_size (artifact.MAX_INPUT_SIDE, not imported: this module stays free of the artifact code).
+DEFAULT_MAX_SIDE = 4096
+
+
+def resize_keep_ratio(
+    image: Image.Image, spec: InputSpec, max_size: int | None = None, min_size: int | None = None
+) -> Image.Image:
+    """The no-crop resize (`spec.crop` False, segmentation): the shorter side to `spec.image_size`, the ratio kept
+    (the longer side truncated to int, as torchvision's Resize), nothing cropped, so every pixel of the image has a
+    place in the model's input (mmseg's inference resize, with `spec.interpolation`, bilinear for the segmenters).
+
+    Max-side guard: when the longer side would exceed `max_size` (the artifact's largest input side; default
+    DEFAULT_MAX_SIDE), the image is scaled down instead so that the longer side is `max_size` (a panorama then has a
+    shorter side below image_size). The shorter side never goes below `min_size` (the smallest side the graph
+    takes): an image more elongated than max_size:min_size has its ratio changed at that side."""
+    resample = resample_filter(spec.interpolation)
+    w, h = image.size
+    if w <= 0 or h <= 0:
+        raise InputError(f"image has no pixels (size {w}x{h})")
+    limit = max_size or DEFAULT_MAX_SIDE
+    short, long = min(w, h), max(w, h)
+    new_short, new_long = spec.image_size, int(spec.image_size * long / short)
+    if new_long > limit:  # scale down to fit the artifact's largest side
+        new_long, new_short = limit, max(1, int(limit * short / long))
+    new_short = min(max(new_short, min_size or 1), new_long)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), resample)
+
+
+def fixed_size_spec(spec: InputSpec, size: int | None = None) -> InputSpec:
+    """A cropping spec of side `size` (default image_size) with the resize at the same side: square inputs of one
+    size for the places that need a stacked batch (int8 calibration, the references of a dense artifact) when the
+    spec itself does not crop. Images are resized as a no-crop spec does (shorter side to the size), then the centre
+    square is kept."""
+    import dataclasses
+
+    size = size or spec.image_size
+    return dataclasses.replace(spec, image_size=size, resize=size, crop=True)
+
+
+def preprocess(
+    image: Image.Image,
+    spec: InputSpec,
+    channels: int = 3,
+    *,
+    max_size: int | None = None,
+    min_size: int | None = None,
+) -> np.ndarray:
+    """One PIL image -> (channels, H, W) float32, normalised; 3 channels in `spec.channel_order`, or 1 (grey,
+    Pillow's ITU-R 601-2 luma) for single-channel models. With `spec.crop` (classifiers) H = W = image_size (resize
+    then centre crop); without (segmentation), the whole image with its shorter side at image_size and its longer
+    side at most `max_size` (resize_keep_ratio: the sides then differ from image to image).
 
     EXIF orientation applied, transparency composited on black (`to_rgb`), more than MAX_IMAGE_PIXELS refused."""
     if channels not in (1, 3):
@@ -176,7 +228,8 @@ def preprocess(image: Image.Image, spec: InputSpec, channels: int = 3) -> np.nda
     if order not in ("RGB", "BGR"):
         raise InputError(f"unsupported channel order {spec.channel_order!r}; expected RGB or BGR")
     check_pixel_count(image.size, "image")
-    img = resize_and_crop(to_rgb(upright(image)), spec)
+    rgb = to_rgb(upright(image))
+    img = resize_and_crop(rgb, spec) if spec.crop else resize_keep_ratio(rgb, spec, max_size, min_size)
     if channels == 1:
         img = img.convert("L")
     arr = np.asarray(img, dtype=np.float32).reshape(img.height, img.width, channels) / np.float32(255.0)  # [0, 1]
@@ -189,7 +242,10 @@ def preprocess(image: Image.Image, spec: InputSpec, channels: int = 3) -> np.nda
 
 
 def preprocess_batch(images: Iterable[Image.Image], spec: InputSpec) -> np.ndarray:
-    """PIL images -> (N, 3, image_size, image_size) float32."""
+    """PIL images -> (N, 3, image_size, image_size) float32 (a no-crop spec's images are centre-cropped to a square
+    of image_size here, so that they stack: fixed_size_spec)."""
+    if not spec.crop:
+        spec = fixed_size_spec(spec)
     arrays = [preprocess(im, spec) for im in images]
     if not arrays:
         return np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.float32)

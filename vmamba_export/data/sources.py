@@ -30,7 +30,7 @@ from PIL import Image
 
 from ..errors import ImageSourceError
 from ..input_spec import DIGITS_LABELS, InputSpec
-from .preprocess import open_image, preprocess
+from .preprocess import fixed_size_spec, open_image, preprocess
 
 Item = tuple[str, "Image.Image | np.ndarray", "int | None"]
 
@@ -450,6 +450,8 @@ def load_batch(
     are all among `input_spec.labels`, labels are mapped to the model's indices of those names, so a folder holding
     only some classes still scores correctly."""
     source = open_source(spec, limit, purpose=purpose) if isinstance(spec, str) else spec
+    if not input_spec.crop:  # a no-crop (segmentation) spec gives images of different sizes: square ones stack
+        input_spec = fixed_size_spec(input_spec)
     size = (3, input_spec.image_size, input_spec.image_size)
     remap = None
     if source.class_names is not None and input_spec.labels is not None:

@@ -107,10 +107,23 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
-    graph_model, layout = layout_graph(model, options.extra.get("layout"))
+    task = getattr(model.config, "task", "classification")
+    if task == "classification":
+        graph_model, layout = layout_graph(model, options.extra.get("layout"))
+    else:
+        # ChannelsLastVMamba wraps the classifier only: dense models are exported as they are (v2 channel-first, v0
+        # channels-last by definition); an explicit --layout channels-last is refused rather than ignored.
+        if options.extra.get("layout") == "channels-last" and model.config.version == "v2":
+            raise VMambaExportError(
+                f"layout channels-last is for classifiers; a {task} model is exported channel-first"
+            )
+        graph_model, layout = model, ("channels-last" if model.config.version == "v0" else "channels-first")
     path = folder / "model.onnx"
     info = export_onnx(graph_model, path, scan="custom-op", max_size=options.max_size)
     info["residual_layout"] = layout
+    if task != "classification":
+        # runtime/cuda_graphs.py replays graphs with one (N, num_classes) output buffer: dense outputs run without.
+        info["cuda_graphs"] = f"off for task {task} (the graph runner handles one (N, num_classes) output)"
     if layer_norm == "custom-op" or options.precision == "fp16":
         import onnx
 

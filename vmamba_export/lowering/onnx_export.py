@@ -16,6 +16,7 @@ import torch
 
 from ..models import SS2D, VMamba
 from ..models.shapes import export_min_size
+from ..outputs import output_names
 from ..scan import QUALIFIED_NAME
 from ..scan.portable import DEFAULT_CHUNK, blocked_depth, levels_for, selective_scan_prefix
 from .quiet import quiet_toolchain
@@ -72,7 +73,9 @@ def dynamic_input_spec(model: VMamba, max_size: int) -> dict:
 
 def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> dict:
     """Export `model` to `path` with the scan lowered as `scan` ("custom-op" or "portable"). Returns the input spec
-    (dynamic axes with their ranges, scan levels for the portable form) to record in the manifest.
+    (dynamic axes with their ranges, scan levels for the portable form) to record in the manifest. The outputs are
+    named by the model's task (outputs.py): `logits`, or `features_0..3` for a backbone (VMambaBackbone,
+    UperNetSegmenter and VMamba all export through here).
 
     Both lowerings trace the model once with the scan as one custom node per block. For "portable", the scan alone is
     then exported once as its own graph (plain tensor ops, every dimension dynamic) and inlined at every node: tracing
@@ -102,7 +105,7 @@ def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> d
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=output_names(getattr(cfg, "task", "classification"), len(cfg.depths)),
             opset_version=OPSET,
             optimize=True,
             verbose=False,

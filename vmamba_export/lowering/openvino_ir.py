@@ -98,7 +98,13 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
             from ..quantize.openvino_int8 import quantize_openvino_int8
 
             ov_model, info["quantization"] = quantize_openvino_int8(
-                onnx_path, library, model.config.input, options, show_progress=show, calib_batch=calib
+                onnx_path,
+                library,
+                model.config.input,
+                options,
+                show_progress=show,
+                calib_batch=calib,
+                task=getattr(model.config, "task", "classification"),
             )
 
     connect_scan_ops(ov_model, bf16=hint == "bf16")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..data.preprocess import preprocess
+from ..data.preprocess import fixed_size_spec, preprocess
 from ..data.sources import open_source
 from ..errors import ImageSourceError
 from ..models.configs import InputSpec
@@ -31,6 +31,10 @@ def load_calibration_batch(
         raise ImageSourceError(
             f"--calib-samples {samples} is too few: int8 calibration needs at least {MIN_CALIB_SAMPLES} images"
         )
+    if not input_spec.crop:
+        # A no-crop (segmentation) spec gives images of different sizes; calibration takes one batch: square crops
+        # at image_size, whose activation statistics are those of the whole images at the same scale.
+        input_spec = fixed_size_spec(input_spec)
     source = open_source(spec, limit=samples, purpose="calibration")
     shape = (3, input_spec.image_size, input_spec.image_size)
     arrays: list[np.ndarray] = []

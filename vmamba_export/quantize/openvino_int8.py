@@ -198,9 +198,24 @@ def _quiet_nncf(show_progress: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def quantize_model(model, batch: np.ndarray, float_layers: list[str], settings: dict, show_progress: bool = False):
+# Op types ignored for dense (backbone, segmentation) models besides the scan. UPerHead concatenates maps of
+# different origins (a LayerNorm2d output with ReLU outputs, the pyramid pooling's and the FPN's); NNCF puts one
+# unified-scale quantizer group across a Concat's inputs and fails when their configs differ ("QConfigs for unified
+# scale group ... are not equal", NNCF 3.x). Ignoring the Concats quantizes the convolution after each on its own.
+DENSE_IGNORED_TYPES = ("Concat",)
+
+
+def quantize_model(
+    model,
+    batch: np.ndarray,
+    float_layers: list[str],
+    settings: dict,
+    show_progress: bool = False,
+    ignored_types: tuple[str, ...] = (),
+):
     """`nncf.quantize` of the fp32 OpenVINO `model` on the calibration images `batch` (one image per sample), with
-    the scan ops and `float_layers` ignored. Returns the quantized ov.Model (the input model is left as it was)."""
+    the scan ops, `float_layers` and the ops of `ignored_types` ignored. Returns the quantized ov.Model (the input
+    model is left as it was)."""
     nncf = import_nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
@@ -220,7 +235,9 @@ def quantize_model(model, batch: np.ndarray, float_layers: list[str], settings: 
     # validate=False: the names were checked against the model above, and a model without scan ops (the ConvNeXt peer
     # of the benchmarks) must not fail on the scan type.
     ignored = nncf.IgnoredScope(
-        types=[SCAN_OP_TYPE], names=[ops[name].get_friendly_name() for name in float_layers], validate=False
+        types=[SCAN_OP_TYPE, *ignored_types],
+        names=[ops[name].get_friendly_name() for name in float_layers],
+        validate=False,
     )
     # One image per sample: NNCF's per-sample statistics (and bias correction) assume batch 1.
     dataset = nncf.Dataset([np.ascontiguousarray(batch[i : i + 1]) for i in range(len(batch))])
@@ -328,8 +345,10 @@ def quantize_openvino_int8(
     options,
     show_progress: bool = True,
     calib_batch: tuple[np.ndarray, list[str]] | None = None,
+    task: str = "classification",
 ):
-    """Quantize the fp32 ONNX export at `fp32_onnx` for cpu-openvino as `options` (ExportOptions) asks.
+    """Quantize the fp32 ONNX export at `fp32_onnx` for cpu-openvino as `options` (ExportOptions) asks. A dense
+    `task` (backbone, segmentation) also leaves DENSE_IGNORED_TYPES unquantized and takes no accuracy options.
 
     Returns (quantized ov.Model, the manifest record `lowering.quantization`): tool and settings, method, calibration
     source and count, every quantized layer, the float layers and why, and, given an accuracy source, fp32 vs int8
@@ -355,7 +374,10 @@ def quantize_openvino_int8(
 
     float_layers = {name: "feeds the selective scan" for name in prepared.scan_feeders if name in ops}
     float_layers.update({name: "--exclude" for name in excluded if name not in float_layers})
-    int8_model = quantize_model(fp32_model, batch, list(float_layers), settings, show_progress)
+    ignored_types = DENSE_IGNORED_TYPES if task != "classification" else ()
+    if ignored_types and options.accuracy_source:
+        raise QuantizationError(f"accuracy-aware int8 (top-1) does not apply to task {task}")
+    int8_model = quantize_model(fp32_model, batch, list(float_layers), settings, show_progress, ignored_types)
 
     accuracy = None
     if options.accuracy_source:
@@ -400,6 +422,7 @@ def quantize_openvino_int8(
         "int8_kernels_here": int8_kernels(int8_model, quantized),
         "float_layers": float_layers,
         "scan": "float: SelectiveScan2D (ignored by type) and the projections feeding it are not quantized",
+        "ignored_types": list(ignored_types),
         "accuracy": accuracy,
     }
     return int8_model, record

@@ -93,9 +93,16 @@ class OnnxRuntimeBackend:
                 "missing or not matching onnxruntime-gpu?)"
             )
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = self.output_names[0]
         self.graphs = None
-        if self.on_cuda and cuda_graph is not False:
+        # CUDA graphs replay one (N, num_classes) output buffer (cuda_graphs.py): dense artifacts (feature maps,
+        # per-pixel logits whose size follows the input) launch their kernels from the host instead.
+        from ..outputs import manifest_task
+
+        dense = manifest_task(manifest) != "classification"
+        self.cuda_graph_note = "off: dense outputs" if (self.on_cuda and dense) else None
+        if self.on_cuda and cuda_graph is not False and not dense:
             from .cuda_graphs import CudaGraphRunner
 
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
@@ -107,11 +114,17 @@ class OnnxRuntimeBackend:
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self.graphs is not None:
             return self.graphs.run_numpy(batch)
-        return self.session.run(None, {self.input_name: batch})[0]
+        return self.session.run(self.output_names[:1], {self.input_name: batch})[0]
+
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph, in its order (a backbone's four feature maps)."""
+        if self.graphs is not None:
+            return [self.graphs.run_numpy(batch)]
+        return self.session.run(self.output_names, {self.input_name: batch})
 
     def run_device(self, batch):
         """A device-resident batch (DLPack) in, a device OrtValue out (`torch.from_dlpack(out)` takes it), with no
-        host round trip."""
+        host round trip; a list of them, in output order, for a graph with several outputs (a backbone)."""
         if not self.on_cuda:
             raise TargetUnavailableError("device-resident inputs need a cuda-onnxruntime artifact")
         if self.graphs is not None:
@@ -120,6 +133,9 @@ class OnnxRuntimeBackend:
 
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, device_ortvalue(batch))
-        binding.bind_output(self.output_name, "cuda", 0)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        outputs = binding.get_outputs()
+        # One output (logits): the OrtValue, as before; several (a backbone's maps): the list, in graph order.
+        return outputs[0] if len(outputs) == 1 else list(outputs)

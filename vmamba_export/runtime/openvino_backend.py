@@ -175,11 +175,17 @@ class OpenVinoBackend:
             return (idle.pop() if idle else compiled.create_infer_request()), idle
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_outputs(batch, first_only=True)[0]
+
+    def run_outputs(self, batch: np.ndarray, first_only: bool = False) -> list[np.ndarray]:
+        """Every output of the model, in its order (a backbone's four feature maps), or only the first."""
         request, idle = self._request_for(tuple(batch.shape))
         try:
             # share_inputs: the batch is contiguous float32 (Predictor.check_input) and outlives the call;
-            # the output is copied out of the request's buffer (share_outputs defaults to False).
-            return request.infer({0: batch}, share_inputs=True)[0]
+            # the outputs are copied out of the request's buffers (share_outputs defaults to False).
+            result = request.infer({0: batch}, share_inputs=True)
+            count = 1 if first_only else len(result)
+            return [result[i] for i in range(count)]
         finally:
             with self._lock:
                 idle.append(request)

@@ -1,4 +1,8 @@
-"""The predictor an artifact opens into: arrays in, logits out; images in, top-k labels out."""
+"""The predictor an artifact opens into: arrays in, logits out; images in, top-k labels out.
+
+Dense artifacts (outputs.py): a backbone's predictor returns {name: feature map} for a batch and has no `predict`;
+a segmenter's returns the per-pixel logits for a batch, and `segment` / `predict` take images (of any sizes, run one
+at a time) and give class maps at each image's original size."""
 
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ class Predictor:
         self.min_size = int(manifest["input"]["min_size"])
         self.max_size = int(manifest["input"]["max_size"])
         self.channels = int(manifest["input"]["channels"])
+        from ..outputs import manifest_output_names, manifest_task
+
+        self.task = manifest_task(manifest)  # "classification", "backbone" or "segmentation"
+        self.output_names = manifest_output_names(manifest)
 
     def check_input(self, batch) -> np.ndarray:
         """The batch as the runtime takes it: a C-contiguous, native-byte-order float32 NCHW array.
@@ -78,8 +86,10 @@ class Predictor:
             )
         return batch
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Logits (N, num_classes) for a preprocessed float32 NCHW batch.
+    def __call__(self, batch: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """Logits (N, num_classes) for a preprocessed float32 NCHW batch; for a segmentation artifact per-pixel
+        logits (N, num_classes, H, W) at the batch's size; for a backbone {"features_0": (N, C0, H/4, W/4), ...} in
+        output order.
 
         A batch already on the GPU (a torch or cupy tensor: anything with `__dlpack__`) runs on a cuda-onnxruntime
         artifact without a host round trip, and the logits stay on the GPU: an ONNX Runtime OrtValue that
@@ -88,8 +98,14 @@ class Predictor:
         from .cuda_graphs import is_device_array
 
         if is_device_array(batch):
-            return self._run_device(batch)
-        return self.backend.run(self.check_input(batch))
+            result = self._run_device(batch)
+            if self.task == "backbone":
+                return dict(zip(self.output_names, result, strict=True))
+            return result
+        batch = self.check_input(batch)
+        if self.task == "backbone":
+            return dict(zip(self.output_names, self.backend.run_outputs(batch), strict=True))
+        return self.backend.run(batch)
 
     def _run_device(self, batch):
         run_device = getattr(self.backend, "run_device", None)
@@ -110,18 +126,31 @@ class Predictor:
                 )
         return run_device(batch)
 
+    def _open(self, item):
+        """One path or PIL image -> PIL image (upright: its EXIF orientation applied); InputError naming the image."""
+        from PIL import Image
+
+        from ..data.preprocess import open_image, upright
+
+        if isinstance(item, Image.Image):
+            return upright(item)
+        if not isinstance(item, (str, Path)):
+            raise InputError(f"expected an image path or a PIL image, got {type(item).__name__}")
+        return upright(open_image(item))
+
     def _preprocess_one(self, item) -> np.ndarray:
         """One path or PIL image -> (C, H, W) float32; InputError naming the image if it cannot be used."""
         from PIL import Image
 
         from ..data.preprocess import open_image, preprocess
 
+        sizes = {"max_size": self.max_size, "min_size": self.min_size}  # used by the no-crop (segmentation) resize
         if isinstance(item, Image.Image):
-            return preprocess(item, self.input_spec, self.channels)
+            return preprocess(item, self.input_spec, self.channels, **sizes)
         if not isinstance(item, (str, Path)):
             raise InputError(f"expected an image path or a PIL image, got {type(item).__name__}")
         try:
-            return preprocess(open_image(item), self.input_spec, self.channels)
+            return preprocess(open_image(item), self.input_spec, self.channels, **sizes)
         except InputError as exc:
             message = str(exc)
             # open_image's messages name the file; preprocess's (e.g. the pixel limit) are made to.
@@ -134,6 +163,12 @@ class Predictor:
         if not arrays:
             size = self.input_spec.image_size
             return np.zeros((0, self.channels, size, size), dtype=np.float32)
+        shapes = sorted({a.shape[1:] for a in arrays})
+        if len(shapes) > 1:  # a no-crop spec (segmentation) keeps each image's ratio
+            raise InputError(
+                f"the images preprocess to different sizes ({', '.join(f'{h}x{w}' for h, w in shapes[:4])}), which "
+                "do not stack into one batch: preprocess and run them one at a time (segmentation: predictor.segment)"
+            )
         return np.stack(arrays)
 
     def predict(self, images, top_k: int = 5, errors: str = "raise") -> list:
@@ -144,9 +179,16 @@ class Predictor:
         `errors="record"`: that image's entry is the InputError instead of a list, and the others are still run."""
         if errors not in ("raise", "record"):
             raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
+        if self.task == "backbone":
+            raise InputError(
+                "this is a backbone artifact: it outputs feature maps, not labels; call predictor(batch) on a "
+                "preprocessed batch (predictor.preprocess(images)) for {name: feature map}"
+            )
         if isinstance(images, (str, Path)) or hasattr(images, "convert"):
             images = [images]
         images = list(images)
+        if self.task == "segmentation":
+            return self._predict_segmentation(images, errors)
         results: list = [None] * len(images)
         arrays, good = [], []
         for i, item in enumerate(images):
@@ -167,3 +209,91 @@ class Predictor:
             top = np.argsort(-row)[:k]
             results[i] = [{"index": int(j), "label": self.labels[j], "score": float(row[j])} for j in top]
         return results
+
+    # ------------------------------------------------------------------------------------------------ segmentation
+
+    def _require_segmentation(self, what: str) -> None:
+        if self.task != "segmentation":
+            raise InputError(f"{what} is for segmentation artifacts; this one's task is {self.task}")
+
+    def segment_one(self, item) -> dict:
+        """One image (path or PIL image) -> {"class_map": (H, W) int32 at the image's original (upright) size,
+        "probabilities": (num_classes, h, w) float32 softmax at the model's input size, "labels": [...]}.
+
+        The image is preprocessed without a crop whatever the artifact's spec says (a map covers every pixel): its
+        shorter side at image_size, its longer side within the artifact's max_size (preprocess.resize_keep_ratio).
+        The class map is the argmax of the logits resized bilinearly to the original size (as mmseg does at
+        inference), one class at a time, so memory holds two maps of the original size, not num_classes."""
+        import dataclasses
+
+        from ..data.preprocess import preprocess
+
+        self._require_segmentation("segment")
+        image = self._open(item)
+        spec = self.input_spec if not self.input_spec.crop else dataclasses.replace(self.input_spec, crop=False)
+        try:
+            array = preprocess(image, spec, self.channels, max_size=self.max_size, min_size=self.min_size)
+        except InputError as exc:
+            message = str(exc)
+            raise InputError(message if str(item) in message else f"{item}: {message}") from None
+        logits = np.asarray(self(array[None]))[0]
+        return {
+            "class_map": upsampled_argmax(logits, image.size),
+            "probabilities": softmax(logits, axis=0),
+            "labels": list(self.labels),
+        }
+
+    def segment(self, images) -> list[dict]:
+        """segment_one for each image (paths or PIL images), one at a time (their sizes differ)."""
+        self._require_segmentation("segment")
+        if isinstance(images, (str, Path)) or hasattr(images, "convert"):
+            images = [images]
+        return [self.segment_one(item) for item in images]
+
+    def _predict_segmentation(self, images: list, errors: str) -> list:
+        results: list = []
+        for item in images:
+            try:
+                result = self.segment_one(item)
+            except InputError as exc:
+                if errors == "raise":
+                    raise
+                results.append(exc)
+                continue
+            result["class_pixels"] = class_fractions(result["class_map"], self.labels)
+            results.append(result)
+        return results
+
+
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=axis, keepdims=True))
+    return (shifted / shifted.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def upsampled_argmax(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """argmax over classes of (C, h, w) logits resized bilinearly to `size` (width, height), as (H, W) int32.
+
+    Each class's map is resized on its own (Pillow, mode F: half-pixel centres, align_corners False) and folded into
+    a running maximum; ties go to the lower class index, as numpy's argmax."""
+    from PIL import Image
+
+    width, height = size
+    best = np.full((height, width), -np.inf, dtype=np.float32)
+    classes = np.zeros((height, width), dtype=np.int32)
+    same = (logits.shape[2], logits.shape[1]) == (width, height)
+    for c in range(logits.shape[0]):
+        plane = np.ascontiguousarray(logits[c], dtype=np.float32)
+        if not same:
+            plane = np.asarray(Image.fromarray(plane, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+        better = plane > best
+        best = np.where(better, plane, best)
+        classes[better] = c
+    return classes
+
+
+def class_fractions(class_map: np.ndarray, labels: list[str]) -> dict[str, float]:
+    """{label: fraction of the map's pixels} for the classes present, largest first."""
+    counts = np.bincount(class_map.ravel(), minlength=len(labels))
+    total = max(int(class_map.size), 1)
+    order = np.argsort(-counts, kind="stable")
+    return {labels[i]: float(counts[i]) / total for i in order if counts[i] > 0}
