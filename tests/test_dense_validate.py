@@ -300,3 +300,35 @@ def test_labelled_miou_matches_independent_computation(seg_artifact, tmp_path, m
     assert acc["drop_points"] == pytest.approx(100 * (expected["torch"] - expected["art"]), abs=1e-9)
     assert 0 <= acc["artifact_pixel_accuracy"] <= 1 and len(acc["artifact_class_iou"]) == NUM_CLASSES
     json.dumps(result, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------------- record
+
+
+def test_cli_table_json_and_report_show_per_output_rows(seg_artifact, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from vmamba_export.cli import main
+    from vmamba_export.report import render_artifact_report
+
+    folder = tmp_path / "art"
+    shutil.copytree(seg_artifact, folder)
+    assert main(["validate", str(folder), "--sizes", "64,45", "--limit", "1", "--record"]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80, text
+    rows = [line for line in lines if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["64", "45"] and all("pass" in r for r in rows)
+    assert "logits" in rows[0] and "1.0000" in rows[0]  # pixel agreement and mIoU vs PyTorch
+    manifest = artifact_mod.read_manifest(folder)
+    assert manifest["validation"]["runs"][1]["outputs"][0]["shapes"] == [[NUM_CLASSES, 45, 45]]
+    report = render_artifact_report(manifest)
+    assert "| 45 | logits | 5x45x45 |" in report and "mIoU vs PyTorch" in report
+
+    monkeypatch.setattr(runtime_mod, "load", lambda *a, real=runtime_mod.load, **k: _PermutedClasses(real(*a, **k)))
+    assert main(["validate", str(folder), "--sizes", "64", "--limit", "1"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL: size 64: logits: pixel_agreement 0 (needs >= 0.999)" in text
+    assert main(["validate", str(folder), "--sizes", "64", "--limit", "1", "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "fail" and result["runs"][0]["outputs"][0]["pixel_agreement"] == 0.0
