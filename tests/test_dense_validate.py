@@ -225,6 +225,55 @@ def test_corrupted_segmentation_output_fails(seg_artifact, monkeypatch):
     )
 
 
+def _ratio_keeping_spec(spec):
+    """`spec` with crop=False, or a skip while data/preprocess.py still crops (the artifact branch adds the
+    ratio-keeping resize)."""
+    import dataclasses
+
+    from vmamba_export.data.preprocess import preprocess
+
+    kept = dataclasses.replace(spec, crop=False)
+    if preprocess(Image.new("RGB", (90, 60)), kept).shape[1:] != (kept.image_size, kept.image_size * 3 // 2):
+        pytest.skip("data/preprocess.py does not keep the image ratio for crop=False yet (artifact branch)")
+    return kept
+
+
+class _RatioKeeping:
+    """The artifact, its preprocessing read as crop=False (what a segmentation manifest says after the merge)."""
+
+    def __init__(self, predictor):
+        self._predictor = predictor
+        self.input_spec = _ratio_keeping_spec(predictor.input_spec)
+
+    def __getattr__(self, name):
+        return getattr(self._predictor, name)
+
+    def __call__(self, batch):
+        return self._predictor(batch)
+
+
+def test_ratio_keeping_images_run_one_shape_group_at_a_time(seg_artifact, monkeypatch):
+    real_load = runtime_mod.load
+    monkeypatch.setattr(runtime_mod, "load", lambda *a, **k: _RatioKeeping(real_load(*a, **k)))
+    spec = _ratio_keeping_spec(runtime_mod.load(seg_artifact).input_spec)
+    groups = validate_mod.preprocessed_groups("builtin:6", validate_mod._spec_at(spec, 48), None)
+    # astronaut 512x512; chelsea 451x300 and coffee 600x400; rocket 640x427 and the motorcycles 741x500
+    assert [names for _, names in groups] == [
+        ["astronaut"],
+        ["chelsea", "coffee"],
+        ["rocket", "motorcycle_left", "motorcycle_right"],
+    ]
+    assert [batch.shape[2:] for batch, _ in groups] == [(48, 48), (48, 72), (48, 71)]
+    result = validate_mod.validate_artifact(seg_artifact, sizes=[48, 61], images="builtin:6", show_progress=False)
+    assert result["status"] == "pass", [r["failures"] for r in result["runs"]]
+    assert result["runs"][0]["outputs"][0]["shapes"] == [
+        [NUM_CLASSES, 48, 48],
+        [NUM_CLASSES, 48, 72],
+        [NUM_CLASSES, 48, 71],
+    ]
+    assert result["runs"][1]["num_images"] == 6
+
+
 # --------------------------------------------------------------------------------------------------- labelled
 
 
