@@ -381,3 +381,50 @@ def test_cli_table_json_and_report_show_per_output_rows(seg_artifact, tmp_path, 
     assert main(["validate", str(folder), "--sizes", "64", "--limit", "1", "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "fail" and result["runs"][0]["outputs"][0]["pixel_agreement"] == 0.0
+
+
+def test_miou_drop_limit_needs_masks_and_fails_a_degraded_artifact(seg_artifact, tmp_path, monkeypatch, capsys):
+    """int8 semantics: `max_accuracy_drop_points` is mIoU points for a segmenter; without masks it cannot pass."""
+    import shutil
+
+    import torch
+
+    from vmamba_export.cli import main
+    from vmamba_export.data.preprocess import open_image, preprocess
+    from vmamba_export.model_source import rebuild_from_manifest
+    from vmamba_export.scan.op import torch_scan
+
+    _standin_segmentation_sources(monkeypatch)
+    folder = tmp_path / "art"
+    shutil.copytree(seg_artifact, folder)
+    artifact_mod.update_manifest(folder, thresholds={"min_cosine": 0.99, "max_accuracy_drop_points": 1.0})
+    _dense_references_until_merge(folder, monkeypatch)
+    result = validate_mod.validate_artifact(folder, show_progress=False)
+    assert result["status"] == "fail" and result["runs"][0]["passed"]
+    assert result["accuracy_failures"] == [
+        "mIoU drop limit 1 points needs a labelled --accuracy source (images with masks)"
+    ]
+
+    # Masks = the PyTorch model's own maps: PyTorch scores mIoU 1, an artifact with its classes rotated scores 0.
+    manifest = artifact_mod.read_manifest(folder)
+    model = rebuild_from_manifest(manifest).set_scan(torch_scan)
+    data = tmp_path / "labelled"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)).save(data / "images" / f"{i}.png")
+        x = preprocess(
+            open_image(data / "images" / f"{i}.png"), validate_mod.InputSpec(**manifest["input"]["preprocessing"])
+        )
+        with torch.no_grad():
+            mask = model(torch.from_numpy(x[None]))[0].argmax(0).numpy().astype(np.uint8)
+        Image.fromarray(mask).save(data / "masks" / f"{i}.png")
+    result = validate_mod.validate_artifact(folder, accuracy_source=str(data), show_progress=False)
+    assert result["status"] == "pass" and result["accuracy"]["torch_miou"] == 1.0
+    real_load = runtime_mod.load
+    monkeypatch.setattr(runtime_mod, "load", lambda *a, **k: _PermutedClasses(real_load(*a, **k)))
+    assert main(["validate", str(folder), "--accuracy", str(data)]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL: mIoU drop 100.00 points (needs <= 1)" in text
+    assert "artifact 0.0000" in text and "PyTorch 1.0000" in text
