@@ -78,6 +78,34 @@ def test_thresholds_per_task():
     assert target.thresholds_for("int8", "segmentation")["max_accuracy_drop_points"] == 1.0
 
 
+def test_backbone_parity_names_the_output_that_differs():
+    """Metric plumbing of a backbone's four maps (dict per the contract): each output judged on its own."""
+    rng = np.random.default_rng(0)
+    names = [f"features_{i}" for i in range(4)]
+    ref = {
+        n: rng.standard_normal((2, 8 * 2**i, 16 // 2**i, 12 // 2**i)).astype(np.float32) for i, n in enumerate(names)
+    }
+    out = {n: a.copy() for n, a in ref.items()}
+    out["features_1"] = out["features_1"] + 0.01 * rng.standard_normal(out["features_1"].shape).astype(np.float32)
+    out["features_3"] = out["features_3"][:, :, :1]
+    parity = validate_mod.DenseParity(names, segmentation=False, num_classes=0)
+    parity.add(validate_mod.as_outputs(out, names, "test"), ref)
+    run = validate_mod.dense_run_record(64, parity, {"max_rel_l2": 1e-5, "min_pixel_agreement": 0.999})
+    rows = {r["name"]: r for r in run["outputs"]}
+    assert rows["features_0"]["rel_l2"] == 0 and "pixel_agreement" not in rows["features_0"]
+    want = np.linalg.norm((out["features_1"] - ref["features_1"]).astype(np.float64)) / np.linalg.norm(
+        ref["features_1"].astype(np.float64)
+    )
+    assert rows["features_1"]["rel_l2"] == pytest.approx(want, rel=1e-9)
+    assert run["failures"] == [
+        f"features_1: rel_l2 {want:.4g} (needs <= 1e-05)",
+        "features_3: shape (2, 64, 1, 1) differs from PyTorch's (2, 64, 2, 1)",
+    ]
+    assert not run["passed"] and run["pixel_agreement"] is None
+    with pytest.raises(validate_mod.ParityError, match="returned no output 'features_3'"):
+        validate_mod.as_outputs({n: out[n] for n in names[:3]}, names, "the artifact")
+
+
 # --------------------------------------------------------------------------------------------------- artifact
 
 
