@@ -11,6 +11,41 @@ def _fmt(value, spec: str = ".3g") -> str:
     return str(value)
 
 
+def _parity_rows(validation: dict) -> list[str]:
+    lines = [
+        "",
+        "| size | max abs | max rel | rel L2 | cosine (min) | top-1 agree | pass |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in validation.get("runs", []):
+        lines.append(
+            f"| {run['size']} | {_fmt(run['max_abs'])} | {_fmt(run['max_rel'])} | {_fmt(run['rel_l2'])} | "
+            f"{_fmt(run['cosine_min'], '.6f')} | {_fmt(run['top1_agreement'], '.3f')} | "
+            f"{'yes' if run['passed'] else 'NO: ' + '; '.join(run['failures'])} |"
+        )
+    return lines
+
+
+def _dense_parity_rows(validation: dict) -> list[str]:
+    """One row per size and output of a backbone or segmentation artifact."""
+    lines = [
+        "",
+        "| size | output | shape | max abs | rel L2 | cosine (min) | pixel agree | mIoU vs PyTorch | pass |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in validation.get("runs", []):
+        for out in run.get("outputs", []):
+            failed = [f for f in run["failures"] if f.startswith(f"{out['name']}: ")]
+            shapes = ", ".join("x".join(map(str, s)) for s in out.get("shapes") or []) or "-"
+            lines.append(
+                f"| {run['size']} | {out['name']} | {shapes} | {_fmt(out.get('max_abs'))} | "
+                f"{_fmt(out.get('rel_l2'))} | {_fmt(out.get('cosine_min'), '.6f')} | "
+                f"{_fmt(out.get('pixel_agreement'), '.4f')} | {_fmt(out.get('miou_vs_torch'), '.4f')} | "
+                f"{'NO: ' + '; '.join(failed) if failed else 'yes'} |"
+            )
+    return lines
+
+
 def render_artifact_report(m: dict) -> str:
     model, target = m["model"], m["target"]
     lines = [
@@ -60,25 +95,27 @@ def render_artifact_report(m: dict) -> str:
             f"Images: {validation.get('images')} ({validation.get('num_images')} images); "
             f"status: **{validation.get('status')}**"
         )
-        lines += [
-            "",
-            "| size | max abs | max rel | rel L2 | cosine (min) | top-1 agree | pass |",
-            "|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for run in validation.get("runs", []):
-            lines.append(
-                f"| {run['size']} | {_fmt(run['max_abs'])} | {_fmt(run['max_rel'])} | {_fmt(run['rel_l2'])} | "
-                f"{_fmt(run['cosine_min'], '.6f')} | {_fmt(run['top1_agreement'], '.3f')} | "
-                f"{'yes' if run['passed'] else 'NO: ' + '; '.join(run['failures'])} |"
-            )
+        dense = validation.get("task", "classification") != "classification"
+        lines += _dense_parity_rows(validation) if dense else _parity_rows(validation)
         lines.append("")
         lines.append(f"Thresholds: {validation.get('thresholds')}")
-        if validation.get("accuracy"):
-            acc = validation["accuracy"]
+        acc = validation.get("accuracy")
+        if acc and acc.get("metric") == "miou":
+            art, ref = (
+                f"{_fmt(acc.get(f'{who}_miou'), '.4f')} (pixel acc {_fmt(acc.get(f'{who}_pixel_accuracy'), '.4f')})"
+                for who in ("artifact", "torch")
+            )
+            lines.append(
+                f"Labelled mIoU on {acc.get('source')} ({acc.get('num_images')} images): artifact {art}, "
+                f"PyTorch {ref}; drop {_fmt(acc.get('drop_points'), '.2f')} mIoU points"
+            )
+        elif acc:
             lines.append(
                 f"Labelled accuracy on {acc.get('source')}: artifact {_fmt(acc.get('artifact_top1'), '.4f')}, "
                 f"PyTorch {_fmt(acc.get('torch_top1'), '.4f')} ({acc.get('num_images')} images)"
             )
+        for failure in validation.get("accuracy_failures") or []:
+            lines.append(f"Failed: {failure}")
     lines += ["", "## Latency", ""]
     bench = m.get("benchmark")
     if not bench:

@@ -17,6 +17,16 @@ else:  # pragma: no cover
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
+TASKS = ("classification", "backbone", "segmentation")
+# Which threshold keys judge which task (validate.py applies them): top-1 agreement has no meaning for feature maps
+# or class maps, pixel agreement of the argmax maps only for segmentation. The accuracy drop is top-1 points for a
+# classifier and mIoU points for a segmenter.
+TASK_THRESHOLD_KEYS = {
+    "classification": ("max_rel_l2", "min_cosine", "min_top1_agreement", "max_accuracy_drop_points"),
+    "backbone": ("max_rel_l2", "min_cosine"),
+    "segmentation": ("max_rel_l2", "min_cosine", "min_pixel_agreement", "max_accuracy_drop_points"),
+}
+
 
 @dataclass(frozen=True)
 class Target:
@@ -32,9 +42,20 @@ class Target:
     needs_library: str | None = None
     default_max_size: int = 1024
     thresholds: dict = field(default_factory=dict)
+    # Per task, per precision: keys added to (or replacing) `thresholds[precision]` for that task, e.g.
+    # [task_thresholds.segmentation.fp32] min_pixel_agreement = 0.999.
+    task_thresholds: dict = field(default_factory=dict)
 
-    def thresholds_for(self, precision: str) -> dict:
-        return dict(self.thresholds.get(precision, {}))
+    def thresholds_for(self, precision: str, task: str = "classification") -> dict:
+        """The pass/fail limits of an artifact of this precision and task: the precision's own limits that apply to
+        the task, then the task's additions for that precision."""
+        if task not in TASKS:
+            raise VMambaExportError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        merged = dict(self.thresholds.get(precision, {}))
+        merged.update(self.task_thresholds.get(task, {}).get(precision, {}))
+        if task == "classification":
+            return merged  # as before tasks existed: every key of the precision's table
+        return {k: v for k, v in merged.items() if k in TASK_THRESHOLD_KEYS[task]}
 
     def missing_packages(self, packages: tuple[str, ...]) -> list[str]:
         return [p for p in packages if importlib.util.find_spec(p) is None]

@@ -9,7 +9,13 @@ Either way the PyTorch side runs the scan in plain torch (scan/op.py `torch_scan
 kernel the artifact may run. Every metric is computed and every failure listed before the verdict, as Optimum's
 validate_model_outputs does.
 
-Runtime side: torch and the model code are imported only when recomputing (or for the PyTorch top-1 of --accuracy).
+Dense artifacts (manifest `output.task` "backbone" or "segmentation") are judged per output (`output.outputs`): rel L2
+over the batch, cosine per image (each output map flattened), max abs, all finite; for a segmenter also the agreement
+of the argmax maps and the mIoU of the artifact's map taken against the PyTorch model's map. Their labelled source
+(`--accuracy`) is a segmentation source (image + mask folders, `shapes:holdout`): mIoU and pixel accuracy against the
+masks, and the drop in mIoU points that `max_accuracy_drop_points` bounds.
+
+Runtime side: torch and the model code are imported only when recomputing (or for the PyTorch score of --accuracy).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .errors import InputError, ParityError, VMambaExportError
 from .input_spec import InputSpec
 from .progress import progress_bar
 from .references import read_references
+from .segmentation_metrics import confusion_matrix, miou, pixel_accuracy
 
 EXPORT_EXTRA_HINT = "pip install 'vmamba-export[export]'"
 
@@ -92,6 +99,169 @@ def check_sizes(sizes: list[int], min_size: int, max_size: int) -> None:
         )
 
 
+def artifact_task(manifest: dict) -> str:
+    """ "classification", "backbone" or "segmentation": the manifest's `output.task` (absent: a classifier)."""
+    task = (manifest.get("output") or {}).get("task") or "classification"
+    if task not in ("classification", "backbone", "segmentation"):
+        raise VMambaExportError(
+            f"manifest 'output.task' is {task!r}; expected classification, backbone or segmentation"
+        )
+    return task
+
+
+def output_names(manifest: dict) -> list[str]:
+    """The artifact's output names in order: `output.outputs[*].name` for dense artifacts, else `output.name`."""
+    output = manifest.get("output") or {}
+    outputs = output.get("outputs")
+    if outputs:
+        return [str(o["name"]) for o in outputs]
+    return [str(output.get("name") or "logits")]
+
+
+def as_outputs(result, names: list[str], what: str) -> dict[str, np.ndarray]:
+    """A predictor's or model's result as {output name: array}: a dict (backbone) is checked for every name, a
+    single array (logits) is the first output, a tuple or list is taken in output order."""
+    if isinstance(result, dict):
+        missing = [n for n in names if n not in result]
+        if missing:
+            raise ParityError(f"{what} returned no output {missing[0]!r} (it returned {', '.join(map(str, result))})")
+        return {n: np.asarray(result[n]) for n in names}
+    if isinstance(result, (tuple, list)):
+        if len(result) != len(names):
+            raise ParityError(f"{what} returned {len(result)} outputs, the artifact describes {len(names)}")
+        return {n: np.asarray(r) for n, r in zip(names, result)}
+    return {names[0]: np.asarray(result)}
+
+
+class DenseParity:
+    """Parity of dense outputs accumulated over batches (images of different shapes run one group at a time):
+    per output rel L2 over everything, cosine per image, max abs; for the segmentation logits also the argmax
+    maps' pixel agreement and the confusion matrix of the artifact's map against the PyTorch map."""
+
+    def __init__(self, names: list[str], segmentation: bool, num_classes: int):
+        self.names = names
+        self.class_output = names[0] if segmentation else None
+        self.num_classes = num_classes
+        self.stats = {
+            n: {
+                "sq_diff": 0.0,
+                "sq_ref": 0.0,
+                "max_abs": 0.0,
+                "max_ref": 0.0,
+                "cos": [],
+                "finite": True,
+                "shapes": [],
+                "problem": None,
+                "agree": 0,
+                "pixels": 0,
+            }
+            for n in names
+        }
+        self.conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.num_images = 0
+
+    def add(self, out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+        self.num_images += len(next(iter(ref.values())))
+        for name in self.names:
+            st = self.stats[name]
+            o, r = out[name], ref[name]
+            if st["problem"]:
+                continue
+            if o.shape != r.shape:
+                st["problem"] = f"shape {tuple(o.shape)} differs from PyTorch's {tuple(r.shape)}"
+                continue
+            shape = [int(d) for d in o.shape[1:]]
+            if shape not in st["shapes"]:
+                st["shapes"].append(shape)
+            o64, r64 = o.astype(np.float64), r.astype(np.float64)
+            st["finite"] = st["finite"] and bool(np.isfinite(o64).all())
+            diff = o64 - r64
+            st["sq_diff"] += float((diff * diff).sum())
+            st["sq_ref"] += float((r64 * r64).sum())
+            st["max_abs"] = max(st["max_abs"], float(np.abs(diff).max()))
+            st["max_ref"] = max(st["max_ref"], float(np.abs(r64).max()))
+            of, rf = o64.reshape(len(o64), -1), r64.reshape(len(r64), -1)
+            norms = np.linalg.norm(of, axis=1) * np.linalg.norm(rf, axis=1)
+            st["cos"].extend(((of * rf).sum(axis=1) / np.maximum(norms, 1e-30)).tolist())
+            if name == self.class_output:
+                art_map, torch_map = o.argmax(axis=1), r.argmax(axis=1)
+                st["agree"] += int((art_map == torch_map).sum())
+                st["pixels"] += int(art_map.size)
+                self.conf += confusion_matrix(art_map, torch_map, self.num_classes, ignore_index=-1)
+
+    def metrics(self) -> list[dict]:
+        rows = []
+        for name in self.names:
+            st = self.stats[name]
+            row = {"name": name, "shapes": st["shapes"], "problem": st["problem"]}
+            if st["problem"] is None:
+                cos = np.asarray(st["cos"])
+                row.update(
+                    max_abs=st["max_abs"],
+                    max_rel=st["max_abs"] / max(st["max_ref"], 1e-30),
+                    rel_l2=float(np.sqrt(st["sq_diff"]) / max(np.sqrt(st["sq_ref"]), 1e-30)),
+                    cosine_min=float(cos.min()),
+                    cosine_mean=float(cos.mean()),
+                    all_finite=st["finite"],
+                )
+                if name == self.class_output:
+                    row["pixel_agreement"] = st["agree"] / st["pixels"]
+                    row["miou_vs_torch"] = miou(self.conf)[0]
+            rows.append(row)
+        return rows
+
+
+# threshold key -> (metric of an output row, comparison, sign); the segmentation-only key applies to its logits only.
+_DENSE_CHECKS = {
+    "max_rel_l2": ("rel_l2", lambda v, t: v <= t, "<="),
+    "min_cosine": ("cosine_min", lambda v, t: v >= t, ">="),
+    "min_pixel_agreement": ("pixel_agreement", lambda v, t: v >= t, ">="),
+}
+
+
+def dense_threshold_failures(rows: list[dict], thresholds: dict) -> list[str]:
+    """Every threshold broken by any output, each failure naming the output."""
+    failures = []
+    for row in rows:
+        if row["problem"]:
+            failures.append(f"{row['name']}: {row['problem']}")
+            continue
+        if not row["all_finite"]:
+            failures.append(f"{row['name']}: non-finite outputs")
+        for key, limit in thresholds.items():
+            if key not in _DENSE_CHECKS or _DENSE_CHECKS[key][0] not in row:
+                continue
+            metric, ok, sign = _DENSE_CHECKS[key]
+            if not ok(row[metric], limit):
+                failures.append(f"{row['name']}: {metric} {row[metric]:.4g} (needs {sign} {limit:g})")
+    return failures
+
+
+def dense_run_record(size: int, parity: DenseParity, thresholds: dict) -> dict:
+    """One size's result: every output's row, the worst figures over outputs (the build report's columns) and the
+    verdict."""
+    rows = parity.metrics()
+    failures = dense_threshold_failures(rows, thresholds)
+    good = [r for r in rows if r["problem"] is None]
+    seg = next((r for r in good if "pixel_agreement" in r), None)
+    return {
+        "size": size,
+        "num_images": parity.num_images,
+        "outputs": rows,
+        "max_abs": max((r["max_abs"] for r in good), default=None),
+        "max_rel": max((r["max_rel"] for r in good), default=None),
+        "rel_l2": max((r["rel_l2"] for r in good), default=None),
+        "cosine_min": min((r["cosine_min"] for r in good), default=None),
+        "cosine_mean": min((r["cosine_mean"] for r in good), default=None),
+        "top1_agreement": None,
+        "pixel_agreement": seg["pixel_agreement"] if seg else None,
+        "miou_vs_torch": seg["miou_vs_torch"] if seg else None,
+        "all_finite": all(r["all_finite"] for r in good) and len(good) == len(rows),
+        "passed": not failures,
+        "failures": failures,
+    }
+
+
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
@@ -118,6 +288,12 @@ def validate_artifact(
 
     folder = Path(folder)
     manifest = read_manifest(folder)
+    task = artifact_task(manifest)
+    if accuracy_source and task == "backbone":
+        raise InputError(
+            f"--accuracy {accuracy_source}: a backbone artifact outputs feature maps, with no classes to score "
+            "against labels; validate its parity without --accuracy"
+        )
     with _coreml_numpy_evaluator_off_macos(manifest):
         predictor = load(folder, threads=threads)
     if sizes:
@@ -132,48 +308,62 @@ def validate_artifact(
     thresholds = manifest.get("thresholds", {})
     model = None if references is not None else _torch_model(manifest, checkpoint)
     runs = []
+    extra = 2 if accuracy_source else 0
     with progress_bar(show_progress) as progress:
-        if references is not None:
-            task = progress.add_task("self-check", total=1 + (2 if accuracy_source else 0))
+        if task != "classification":
+            runs, images_label, bar = _dense_runs(
+                predictor, manifest, task, references, model, images, sizes, limit, thresholds, progress, extra
+            )
+        elif references is not None:
+            bar = progress.add_task("self-check", total=1 + extra)
             inputs, ref, names = references
             if limit:
                 inputs, ref, names = inputs[:limit], ref[:limit], names[:limit]
             size = int(inputs.shape[-1])
             out = run_predictor(predictor, inputs)
-            progress.advance(task)
+            progress.advance(bar)
             runs.append(_run_record(size, out, ref, thresholds))
             images_label = f"the artifact's references ({manifest['references'].get('source', '?')})"
         else:
             images = images or "builtin"
             images_label = images
             sizes = sizes or [base_spec.image_size]
-            task = progress.add_task("parity", total=len(sizes) * 2 + (2 if accuracy_source else 0))
+            bar = progress.add_task("parity", total=len(sizes) * 2 + extra)
             from .data.sources import load_batch
 
             for size in sizes:
                 batch, _, names = load_batch(images, _spec_at(base_spec, size), limit)
                 ref = run_torch(model, batch)
-                progress.advance(task)
+                progress.advance(bar)
                 out = run_predictor(predictor, batch)
-                progress.advance(task)
+                progress.advance(bar)
                 runs.append(_run_record(size, out, ref, thresholds))
         accuracy = None
-        if accuracy_source:
-            accuracy = _accuracy(predictor, manifest, model, checkpoint, accuracy_source, base_spec, progress, task)
+        if accuracy_source and task == "segmentation":
+            accuracy = _segmentation_accuracy(
+                predictor, manifest, model, checkpoint, accuracy_source, base_spec, progress, bar
+            )
+        elif accuracy_source:
+            accuracy = _accuracy(predictor, manifest, model, checkpoint, accuracy_source, base_spec, progress, bar)
     # Quantised targets are judged by accuracy: a limit without labelled images to check it is a failure, not a pass.
     accuracy_failures = []
+    score = "mIoU" if task == "segmentation" else "top-1"
     if "max_accuracy_drop_points" in thresholds:
         limit_points = thresholds["max_accuracy_drop_points"]
         if accuracy is None:
-            accuracy_failures.append(f"accuracy drop limit {limit_points:g} points needs a labelled --accuracy source")
+            accuracy_failures.append(
+                f"{score} drop limit {limit_points:g} points needs a labelled --accuracy source"
+                + (" (images with masks)" if task == "segmentation" else "")
+            )
         elif accuracy["drop_points"] is None:
             accuracy_failures.append(
-                f"accuracy drop limit {limit_points:g} points needs the PyTorch top-1: {accuracy['torch_note']}"
+                f"{score} drop limit {limit_points:g} points needs the PyTorch {score}: {accuracy['torch_note']}"
             )
         elif accuracy["drop_points"] > limit_points:
-            accuracy_failures.append(f"accuracy drop {accuracy['drop_points']:.2f} points (needs <= {limit_points:g})")
+            accuracy_failures.append(f"{score} drop {accuracy['drop_points']:.2f} points (needs <= {limit_points:g})")
     validation = {
         "mode": "self-check" if references is not None else "recompute",
+        "task": task,
         "images": images_label,
         "num_images": runs[0]["num_images"] if runs else 0,
         "thresholds": thresholds,
@@ -184,7 +374,8 @@ def validate_artifact(
         # Which engine produced the artifact's outputs (e.g. the numpy MIL evaluator instead of Core ML off macOS).
         "evaluated_with": getattr(predictor.backend, "evaluated_with", None),
         "reference": (
-            "the artifact's references.npz: PyTorch fp32 logits recorded at export, scan in plain torch"
+            f"the artifact's references.npz: PyTorch fp32 {'outputs' if task != 'classification' else 'logits'} "
+            "recorded at export, scan in plain torch"
             if references is not None
             else "PyTorch fp32 model, scan in plain torch (independent of the C++ kernel)"
         ),
@@ -192,6 +383,94 @@ def validate_artifact(
     if record:
         update_manifest(folder, validation=validation)
     return validation
+
+
+def _dense_runs(
+    predictor, manifest, task, references, model, images, sizes, limit, thresholds, progress, extra
+) -> tuple[list[dict], str, object]:
+    """Per-output parity of a backbone or segmentation artifact: against its references.npz (one size), or against
+    the PyTorch model at each of `sizes` (images keeping their ratio run one shape group at a time)."""
+    names = output_names(manifest)
+    segmentation = task == "segmentation"
+    num_classes = int(manifest["output"].get("num_classes") or 0)
+    runs = []
+    if references is not None:
+        bar = progress.add_task("self-check", total=1 + extra)
+        inputs, refs, ref_names = references
+        refs = as_outputs(refs, names, "the references.npz")
+        if limit:
+            inputs, refs, ref_names = inputs[:limit], {k: v[:limit] for k, v in refs.items()}, ref_names[:limit]
+        parity = DenseParity(names, segmentation, num_classes)
+        parity.add(run_dense_predictor(predictor, inputs, names), refs)
+        progress.advance(bar)
+        runs.append(dense_run_record(int(inputs.shape[-1]), parity, thresholds))
+        return runs, f"the artifact's references ({manifest['references'].get('source', '?')})", bar
+    images = images or "builtin"
+    spec = predictor.input_spec
+    sizes = sizes or [spec.image_size]
+    bar = progress.add_task("parity", total=len(sizes) * 2 + extra)
+    for size in sizes:
+        parity = DenseParity(names, segmentation, num_classes)
+        groups = preprocessed_groups(images, _spec_at(spec, size), limit)
+        refs = [run_dense_torch(model, batch, names) for batch, _ in groups]
+        progress.advance(bar)
+        for (batch, _), ref in zip(groups, refs):
+            parity.add(run_dense_predictor(predictor, batch, names), ref)
+        progress.advance(bar)
+        runs.append(dense_run_record(size, parity, thresholds))
+    return runs, images, bar
+
+
+def preprocessed_groups(images: str, spec: InputSpec, limit: int | None) -> list[tuple[np.ndarray, list[str]]]:
+    """The images of a source preprocessed by `spec`, as batches of one shape each: one batch when the spec crops
+    to a square; consecutive images of the same shape together when it keeps their ratio (`crop=False`)."""
+    from .data.sources import load_batch, open_source
+
+    if getattr(spec, "crop", True):
+        batch, _, names = load_batch(images, spec, limit)
+        return [(batch, names)]
+    from .data.preprocess import preprocess
+
+    groups: list[tuple[list[np.ndarray], list[str]]] = []
+    for name, image, _ in open_source(images, limit):
+        if isinstance(image, np.ndarray):
+            raise InputError(
+                f"{images}: {name} is an already preprocessed array; a model that keeps the image ratio needs images"
+            )
+        array = preprocess(image, spec)
+        if groups and groups[-1][0][0].shape == array.shape:
+            groups[-1][0].append(array)
+            groups[-1][1].append(name)
+        else:
+            groups.append(([array], [name]))
+    return [(np.stack(arrays).astype(np.float32, copy=False), names) for arrays, names in groups]
+
+
+def run_dense_torch(model, batch: np.ndarray, names: list[str], batch_size: int = 8) -> dict[str, np.ndarray]:
+    import torch
+
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    with torch.no_grad():
+        for start in range(0, len(batch), batch_size):
+            result = model(torch.from_numpy(batch[start : start + batch_size]))
+            if isinstance(result, (tuple, list)):
+                result = [r.numpy() for r in result]
+            elif isinstance(result, dict):
+                result = {k: v.numpy() for k, v in result.items()}
+            else:
+                result = result.numpy()
+            for name, array in as_outputs(result, names, "the PyTorch model").items():
+                parts[name].append(array)
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def run_dense_predictor(predictor, batch: np.ndarray, names: list[str], batch_size: int = 8) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start in range(0, len(batch), batch_size):
+        result = as_outputs(predictor(batch[start : start + batch_size]), names, "the artifact")
+        for name, array in result.items():
+            parts[name].append(array)
+    return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 def _run_record(size: int, out: np.ndarray, ref: np.ndarray, thresholds: dict) -> dict:
@@ -244,6 +523,58 @@ def _accuracy(predictor, manifest, model, checkpoint, source: str, spec: InputSp
     }
 
 
+def _segmentation_accuracy(predictor, manifest, model, checkpoint, source: str, spec: InputSpec, progress, bar):
+    """mIoU and pixel accuracy of the artifact's class maps against the masks of a labelled segmentation source
+    (one image at a time: a folder's images keep their own shapes), the PyTorch model's too where torch and its
+    weights are here, and the drop in mIoU points."""
+    from .data.segmentation_sources import iter_segmentation_samples  # the segmentation source reader (contract)
+
+    num_classes = int(manifest["output"]["num_classes"])
+    torch_note = None
+    if model is None and not torch_available():
+        torch_note = f"torch is not installed ({EXPORT_EXTRA_HINT})"
+    elif model is None:
+        try:
+            model = _torch_model(manifest, checkpoint)
+        except VMambaExportError as exc:  # e.g. the checkpoint is not on this machine: the artifact's mIoU stands
+            torch_note = str(exc)
+    names = output_names(manifest)
+    art_conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    torch_conf = np.zeros_like(art_conf)
+    count = 0
+    for name, image, mask in iter_segmentation_samples(source, spec):
+        mask = np.asarray(mask)
+        logits = run_dense_predictor(predictor, image, names)[names[0]]
+        if logits.shape[-2:] != mask.shape:
+            raise ParityError(
+                f"{source}: mask of {name} is {mask.shape[0]}x{mask.shape[1]}, the class map "
+                f"{logits.shape[-2]}x{logits.shape[-1]}"
+            )
+        try:
+            art_conf += confusion_matrix(logits[0].argmax(0), mask, num_classes)
+            if model is not None:
+                torch_logits = run_dense_torch(model, image, names)[names[0]]
+                torch_conf += confusion_matrix(torch_logits[0].argmax(0), mask, num_classes)
+        except ValueError as exc:  # a mask value beyond the model's classes (another dataset's masks)
+            raise ParityError(f"{source}: mask of {name}: {exc}") from None
+        count += 1
+    progress.advance(bar, 2)
+    art_miou, art_iou = miou(art_conf)
+    torch_miou = miou(torch_conf)[0] if model is not None else None
+    return {
+        "source": source,
+        "metric": "miou",
+        "num_images": count,
+        "artifact_miou": art_miou,
+        "artifact_pixel_accuracy": pixel_accuracy(art_conf),
+        "artifact_class_iou": [None if np.isnan(v) else float(v) for v in art_iou],
+        "torch_miou": torch_miou,
+        "torch_pixel_accuracy": pixel_accuracy(torch_conf) if model is not None else None,
+        "drop_points": None if torch_miou is None else 100 * (torch_miou - art_miou),
+        "torch_note": torch_note,
+    }
+
+
 @contextlib.contextmanager
 def _coreml_numpy_evaluator_off_macos(manifest: dict):
     """Core ML cannot run off macOS: there, validate a Core ML artifact with the numpy MIL evaluator (the backend
@@ -264,5 +595,7 @@ def _spec_at(spec: InputSpec, size: int) -> InputSpec:
     """The model's preprocessing at another input size, keeping its resize/crop ratio."""
     if size == spec.image_size:
         return spec
+    if not getattr(spec, "crop", True):  # shorter side to `size`, nothing cropped: `resize` is unused
+        return dataclasses.replace(spec, image_size=size)
     resize = max(size, round(size * spec.resize / spec.image_size))
     return dataclasses.replace(spec, image_size=size, resize=resize)
