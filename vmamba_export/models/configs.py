@@ -196,6 +196,7 @@ _CONFIGS: dict[str, VMambaConfig] = {
 
 RELEASED_MODELS = tuple(n for n, c in _CONFIGS.items() if c.published_top1 is not None)
 DEFAULT_MODEL = "vmamba_digits_v2"
+DEFAULT_SEGMENTATION_MODEL = "vmamba_shapes_seg"  # the default for --task segmentation (bundled, trained)
 
 
 def list_configs() -> list[VMambaConfig]:
