@@ -9,7 +9,7 @@ Spec strings:
     DIR                          a folder holding images/ and masks/ with matching file stems: any image suffix for
                                  the images; masks PNG (mode L or P), pixel value = class index, 255 = ignore
 
-The shapes set: 64x64 RGB scenes, a textured noisy background and 1-4 overlapping shapes (disc, square, triangle,
+The shapes set: 64x64 RGB scenes, a textured noisy background and 1-3 overlapping shapes (disc, square, triangle,
 ring) drawn in random colours that do not depend on the class, so a model has to tell them apart by shape. Scene i is
 drawn from its own seeded generator (SHAPES_SEED, i): same index, same pixels, whichever split or limit asks for it.
 """
@@ -57,7 +57,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """Boolean (size, size) mask of one shape at a random place, size and rotation."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    r = rng.uniform(7, 16)
+    # Radius 10-18 px: at the model's stride-4 first stage a shape spans 5-9 positions, enough to tell its outline.
+    r = rng.uniform(10, 18)
     cx, cy = rng.uniform(r * 0.6, size - r * 0.6), rng.uniform(r * 0.6, size - r * 0.6)
     dx, dy = xx - cx, yy - cy
     theta = rng.uniform(0, 2 * math.pi)
@@ -99,7 +100,7 @@ def shapes_scene(index: int, size: int = SHAPES_IMAGE_SIZE) -> tuple[Image.Image
     rng = np.random.default_rng([SHAPES_SEED, index])
     img = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, 4))):
         cls = int(rng.integers(1, len(SHAPES_CLASSES)))
         region = _shape_mask(SHAPES_CLASSES[cls], rng, size)
         colour = _shape_colour(rng, img)
