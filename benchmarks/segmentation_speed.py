@@ -364,9 +364,7 @@ def main() -> int:
             rounds = ", ".join(f"{v:.0f}" for v in m["round_medians_ms"])
             lines.append(f"| {r['row']} | {label} | {m['median_ms']:.0f} | {m['p90_ms']:.0f} | {rounds} | {ratio} |")
     lines += ["", "How ours ran:"] + [f"- {r['row']}: {r['ours_path']}" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    write_results(args.out, table, rows)
+    write_results(args.out, "\n".join(lines), rows)  # prints the table too
     return 0
 
 
