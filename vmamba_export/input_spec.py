@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_LABELS = tuple(str(i) for i in range(10))
+# Classes of the generated shapes scenes (data/segmentation_sources.py), the bundled segmenter's labels.
+SHAPES_LABELS = ("background", "disc", "square", "triangle", "ring")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ already preprocessed (3, H, W) float32 array; `label` is a class index or None. 
                            adds deterministic crops/flips of them
     digits                 scikit-learn's 1,797 handwritten digits, as 32x32 RGB, labelled
     digits:train|calib|holdout   a fixed, seeded, stratified split of them; the holdout is never used for calibration
+    shapes, shapes:N, shapes:train|calib|holdout   the generated scenes of the bundled segmenter, images only here
+                           (data/segmentation_sources.py; their masks come with load_segmentation_batch)
     PATH                   an image folder (class subfolders -> labels, or flat), a text file listing images
                            ("path [label]" a line), a .npy/.npz array, or a single image file
 
@@ -232,7 +234,7 @@ def _path_source(spec: str) -> ImageSource:
     if not path.exists():
         raise ImageSourceError(
             f"{spec}: no such file or folder; expected an image folder, an image list (.txt), a .npy/.npz array, "
-            "an image file, 'builtin[:N]' or 'digits[:train|calib|holdout]'"
+            "an image file, 'builtin[:N]', 'digits[:train|calib|holdout]' or 'shapes[:N|train|calib|holdout]'"
         )
     if path.is_dir():
         return _folder_source(path, spec)
@@ -402,6 +404,27 @@ def _digits_source(spec: str, subset: str | None) -> ImageSource:
     return ImageSource(spec, "scikit-learn's digits", items, class_names=DIGITS_LABELS)
 
 
+# --------------------------------------------------------------------------------------------------- shapes
+
+
+def _shapes_source(spec: str, purpose: str) -> ImageSource:
+    """The synthetic segmentation scenes as unlabelled images (e.g. `--calib shapes:calib`)."""
+    from .segmentation_sources import includes_holdout, parse_shapes_spec, shapes_scene
+
+    indices = parse_shapes_spec(spec)
+    if purpose == "calibration" and includes_holdout(indices):
+        raise ImageSourceError(
+            f"{spec}: includes the shapes holdout, on which the bundled segmenter's mIoU is measured; "
+            "calibrate with shapes:calib (or shapes:train)"
+        )
+
+    def items() -> Iterator[Item]:
+        for i in indices:
+            yield f"shapes/{i:05d}", shapes_scene(i)[0], None
+
+    return ImageSource(spec, "the generated shapes scenes", items)
+
+
 # --------------------------------------------------------------------------------------------------- entry points
 
 
@@ -435,6 +458,8 @@ def open_source(spec: str, limit: int | None = None, *, purpose: str = "any") ->
                 "calibrate with digits:calib (or digits:train)"
             )
         source = _digits_source(spec, subset)
+    elif head == "shapes":
+        source = _shapes_source(spec, purpose)
     else:
         source = _path_source(spec)
     source.limit = limit

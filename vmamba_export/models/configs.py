@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 # InputSpec is runtime-side data (the loader reads it from manifests without torch); re-exported here.
-from ..input_spec import DIGITS_LABELS, InputSpec
+from ..input_spec import DIGITS_LABELS, SHAPES_LABELS, InputSpec
 from ..input_spec import IMAGENET_MEAN as IMAGENET_MEAN
 from ..input_spec import IMAGENET_STD as IMAGENET_STD
 
@@ -98,6 +98,17 @@ DIGITS_INPUT = InputSpec(
 SEGMENTATION_INPUT = InputSpec(image_size=512, resize=512, interpolation="bilinear", crop=False)
 TASKS = ("classification", "backbone", "segmentation")
 
+# The generated 64x64 shapes scenes (data/segmentation_sources.py): no resize at 64, every pixel classified.
+SHAPES_INPUT = InputSpec(
+    image_size=64,
+    resize=64,
+    interpolation="bilinear",
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    labels=SHAPES_LABELS,
+    crop=False,
+)
+
 
 def _upernet(name: str, depths, dims, ssm_ratio, **kw) -> VMambaConfig:
     return _v2(
@@ -161,11 +172,31 @@ _CONFIGS: dict[str, VMambaConfig] = {
             input=DIGITS_INPUT,
             description="bundled: trained on digits, v0 style, d_state 16",
         ),
+        # The bundled segmenter, trained on the generated shapes scenes (scripts/train_segmenter.py). dims 16 with
+        # ssm_ratio 1 and mlp_ratio 2 keeps the weights under 2 MB: v2's 3x3 stride-2 downsampling convs dominate the
+        # parameters (dims 24 came to 2.8-4.8 MB), and the shapes need no more width.
+        VMambaConfig(
+            "vmamba_shapes_seg",
+            "v2",
+            (1, 1, 2, 1),
+            16,
+            1.0,
+            1,
+            num_classes=len(SHAPES_LABELS),
+            mlp_ratio=2.0,
+            input=SHAPES_INPUT,
+            task="segmentation",
+            out_norm="ln2d",
+            head_channels=32,
+            pool_scales=(1, 2, 3, 6),
+            description="bundled: UperNet segmenter trained on generated shapes, v2 style, d_state 1",
+        ),
     ]
 }
 
 RELEASED_MODELS = tuple(n for n, c in _CONFIGS.items() if c.published_top1 is not None)
 DEFAULT_MODEL = "vmamba_digits_v2"
+DEFAULT_SEGMENTATION_MODEL = "vmamba_shapes_seg"  # the default for --task segmentation (bundled, trained)
 
 
 def list_configs() -> list[VMambaConfig]:

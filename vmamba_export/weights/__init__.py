@@ -1,5 +1,6 @@
 """The bundled, trained models: `<name>.safetensors` (weights + metadata) and `<name>.json` (how they were trained
-and their held-out accuracy), written by `scripts/train_digits.py`."""
+and their held-out accuracy or mIoU), written by `scripts/train_digits.py` (the digits classifiers) and
+`scripts/train_segmenter.py` (vmamba_shapes_seg, a UperNet segmenter)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import CheckpointError, StateDictMismatchError
-from ..models import VMamba, build_model
+from ..models import AnyModel, build_model
 
 WEIGHTS_DIR = Path(__file__).parent
 
@@ -26,13 +27,15 @@ def bundled_path(name: str) -> Path:
 
 
 def bundled_info(name: str) -> dict:
-    """The training record beside the weights: held-out top-1, train seconds, seed, split sizes, config."""
+    """The training record beside the weights: held-out top-1 (classifiers) or mIoU, pixel accuracy and per-class
+    IoU (segmenters), train seconds, seed, split sizes, config."""
     bundled_path(name)
     return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
 
 
-def load_bundled(name: str) -> VMamba:
-    """`build_model(name)` with the bundled weights loaded strictly, in eval mode."""
+def load_bundled(name: str) -> AnyModel:
+    """`build_model(name)` (the module of the config's task) with the bundled weights loaded strictly, in eval
+    mode."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
