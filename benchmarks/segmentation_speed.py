@@ -11,9 +11,9 @@ height and width, run by ONNX Runtime with the custom-op library registered and 
 settings (intra-op threads T, inter-op 1); and `lowering.openvino_ir.lower_openvino` (the custom-op ONNX converted
 with the extension), compiled as the loader compiles it (`runtime.openvino_backend.compile_ir`, the IR reshaped to
 the fixed input shape, LATENCY hint, f32, T threads).
-MERGE: once `export_artifact` exports segmenters (artifact helper), `--ours artifact` times
-`vmamba_export.load(folder, threads=T)` and `predictor(batch)` instead (see `time_ours_artifact`); `--ours auto`
-takes that path when the export succeeds, else the lowering one; the results file says which path ran.
+`--ours artifact` (the default) times what a user runs instead: the artifact built by `export_artifact` and
+`vmamba_export.load(folder, threads=T)`, `predictor(batch)` (see `time_ours_artifact`); `--ours lowering` the bare
+lowering path above; the results file says which path ran.
 
 The peer: a ConvNeXt-T backbone (benchmarks/convnext.py blocks, widths 96-768 = VMamba-T's) with a LayerNorm per
 output stage as mmseg's ConvNeXt backbone, the same UPerHead class (models/dense.py), the same bilinear upsampling
@@ -317,9 +317,7 @@ def main() -> int:
     parser.add_argument(
         "--ours",
         choices=("auto", "artifact", "lowering"),
-        # MERGE: "artifact" once export_artifact exports segmenters; until then "auto" exports a whole model only to
-        # have the manifest refused (input.preprocessing.crop unknown to the schema here) and falls back.
-        default="lowering",
+        default="artifact",
         help="how ours is exported and run: the artifact + load() path, the lowering path, or the first that works",
     )
     add_round_arguments(parser, runs=5, rounds=3, warmup=1)

@@ -23,29 +23,10 @@ import torch.nn.functional as F
 
 from vmamba_export.data.segmentation_sources import IGNORE_INDEX, SHAPES_SPLITS, load_segmentation_batch
 from vmamba_export.models import build_model, count_parameters, get_config
+from vmamba_export.segmentation_metrics import confusion_matrix, miou, pixel_accuracy
 from vmamba_export.training import WEIGHTS_DIR, selective_scan_train
 
 NAME = "vmamba_shapes_seg"
-
-
-# MERGE: vmamba_export/segmentation_metrics.py (validate helper) provides confusion_matrix / miou / pixel_accuracy
-# with the same definitions; switch to it once merged. Dataset-level confusion over all held-out pixels, as mmseg.
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
-    keep = target != IGNORE_INDEX
-    idx = target[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def miou(conf: np.ndarray) -> tuple[float, np.ndarray]:
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - np.diag(conf)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / union, np.nan)
-    return float(np.nanmean(iou)), iou
-
-
-def pixel_accuracy(conf: np.ndarray) -> float:
-    return float(np.diag(conf).sum() / max(1, conf.sum()))
 
 
 @torch.no_grad()

@@ -371,15 +371,17 @@ def test_cuda_export_of_a_segmenter_builds(seg_model, tmp_path, monkeypatch):
         _export(seg_model, "cuda-onnxruntime", tmp_path / "cl", layout="channels-last")
 
 
-def test_cli_task_of_trained_weights_is_refused(tmp_path, capsys):
-    """This version builds another task than the weights' own for random weights only: the bundled digits
-    classifier is not silently exported as a backbone."""
+def test_cli_backbone_of_trained_classifier_says_what_it_initialised(tmp_path, capsys):
+    """The bundled digits classifier exported as a backbone: its classifier is dropped and the four out-norms, which a
+    classifier does not have, are initialised; the manifest says both (nothing is silently invented)."""
     from vmamba_export.cli import main
 
     out = tmp_path / "bb"
-    assert main(["export", "--task", "backbone", "--target", "cpu-onnxruntime", "--out", str(out)]) == 2
-    assert "exports them as classification only" in capsys.readouterr().err
-    assert not out.exists()
+    assert main(["export", "--task", "backbone", "--target", "cpu-onnxruntime", "--out", str(out)]) == 0
+    weights = read_manifest(out)["model"]["weights"]
+    assert weights["kind"] == "bundled" and weights["task"] == "backbone"
+    assert weights["out_norms"] == "initialised"
+    assert weights["task_dropped"]["count"] > 0 and "classifier" in str(weights["task_dropped"])
 
 
 @pytest.mark.slow

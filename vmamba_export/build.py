@@ -54,9 +54,12 @@ def default_targets() -> list[Target]:
 
 
 def default_sources(model_name: str) -> tuple[str | None, str | None]:
-    """(accuracy source, calibration source) a model's own data suggests: the bundled digits models have labels."""
+    """(accuracy source, calibration source) a model's own data suggests: the bundled digits models and the bundled
+    segmenter (generated shapes scenes with their masks) have labels."""
     if model_name.startswith("vmamba_digits"):
         return "digits:holdout", "digits:calib"
+    if model_name == "vmamba_shapes_seg":
+        return "shapes:holdout", "shapes:calib"
     return None, "builtin"
 
 

@@ -27,6 +27,7 @@ import torch
 from .errors import CheckpointError, ConfigDetectionError
 from .models import TASKS, VMambaConfig, get_config, list_configs
 from .models.adapt import adapt_legacy_keys
+from .models.configs import as_segmenter
 from .models.dense import out_norm_kind
 
 BACKBONE, DECODE_HEAD, AUX_HEAD = "backbone.", "decode_head.", "auxiliary_head."
@@ -129,7 +130,7 @@ def segmentation_config(base: VMambaConfig, shapes: dict[str, tuple]) -> VMambaC
     Labels are kept only when there is one per class."""
     from .checkpoint import with_num_classes
 
-    cfg = base if base.task == "segmentation" else base.with_overrides(task="segmentation")
+    cfg = as_segmenter(base)
     kind = _out_norm_from(_strip_shapes(shapes, BACKBONE))
     if kind and cfg.out_norm != kind:
         cfg = cfg.with_overrides(out_norm=kind)

@@ -163,8 +163,7 @@ def export_artifact(
             "references": references,
             "files": file_entries(folder),
             "toolchain": toolchain_versions(target.export_packages),
-            # MERGE POINT (validate helper): thresholds_for(precision, task) gives a dense task its own limits.
-            "thresholds": target.thresholds_for(precision),
+            "thresholds": target.thresholds_for(precision, task),
             "validation": None,
             "benchmark": None,
         }

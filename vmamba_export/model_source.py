@@ -17,6 +17,7 @@ import torch
 
 from .errors import CheckpointError, VMambaExportError
 from .models import DEFAULT_MODEL, TASKS, AnyModel, build_model, get_config
+from .models.configs import as_segmenter
 
 LABELS_MAX_BYTES = 16 << 20  # a label file is text, one short line per class
 
@@ -165,6 +166,11 @@ def resolve_model(
             fields = dict(overrides or {})
             if task is not None:
                 fields["task"] = task
+            if fields.get("task") == "segmentation" and get_config(name).task != "segmentation":
+                # A classifier built as a segmenter takes the segmentation input and 150 classes (as_segmenter),
+                # recorded as plain overrides so that validate rebuilds the same model.
+                seg = as_segmenter(get_config(name), **{k: v for k, v in fields.items() if k != "task"})
+                fields = {"input": seg.input.to_dict(), "num_classes": seg.num_classes, **fields}
             torch.manual_seed(seed)
             model = build_model(name, **fields)
             weights = {"kind": "random", "name": name, "seed": seed}

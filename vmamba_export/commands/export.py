@@ -58,62 +58,11 @@ DEFAULT_SEGMENTATION_MODEL = "vmamba_shapes_seg"
 
 
 def resolve_source(args: argparse.Namespace):
-    """The ModelSource to export: resolve_model as the model options say, as the model of `--task` when given.
+    """The ModelSource to export: resolve_model as the model options say, as a model of `--task` when given (without
+    --model and --checkpoint, `--task segmentation` means the bundled segmenter)."""
+    from ..model_source import resolve_model
 
-    Without --model and --checkpoint, `--task segmentation` means the bundled segmenter DEFAULT_SEGMENTATION_MODEL
-    (an error naming it where this install does not bundle it). Another task than the weights' own is built here
-    for seeded random weights only (build_model(name, task=...)); converting trained weights between tasks is
-    resolve_model's (the load helper's `task=`)."""
-    from ..errors import VMambaExportError
-    from ..model_source import bundled_names, resolve_model
-
-    kwargs = source_args(args)
-    task = getattr(args, "task", None)
-    if task == "segmentation" and not args.model and not args.checkpoint:
-        from ..models.configs import list_configs
-
-        known = {c.name for c in list_configs()}
-        if DEFAULT_SEGMENTATION_MODEL not in known or (
-            not args.random_weights and DEFAULT_SEGMENTATION_MODEL not in bundled_names()
-        ):
-            raise VMambaExportError(
-                f"--task segmentation without --model uses the bundled segmenter {DEFAULT_SEGMENTATION_MODEL}, which "
-                "this install does not have: pass --model NAME (e.g. upernet_vssm_tiny) with --checkpoint PATH or "
-                "--random-weights"
-            )
-        kwargs["model_name"] = DEFAULT_SEGMENTATION_MODEL
-    # MERGE POINT (load helper): once resolve_model takes `task=`, this call becomes resolve_model(**kwargs,
-    # task=task) and with_task() below goes.
-    source = resolve_model(**kwargs)
-    if task is not None and source.model.config.task != task:
-        source = with_task(source, task, args)
-    return source
-
-
-def with_task(source, task: str, args: argparse.Namespace):
-    """`source` rebuilt as a `task` model: seeded random weights only (the same seed, the config's other fields)."""
-    import torch
-
-    from ..errors import VMambaExportError
-    from ..model_source import ModelSource, apply_labels, state_dict_digest
-    from ..models import build_model
-
-    own = source.model.config.task
-    if source.weights.get("kind") != "random":
-        raise VMambaExportError(
-            f"--task {task}: the {source.weights.get('kind')} weights of {source.model.config.name} are a {own} "
-            f"model's; this version exports them as {own} only (pass --task {own}, a {task} checkpoint, or "
-            "--random-weights)"
-        )
-    name = source.weights["name"]
-    torch.manual_seed(source.weights.get("seed", 0))
-    model = build_model(name, task=task)
-    labels_source = apply_labels(model, args.labels) if task != "backbone" else None
-    # Recorded as the load helper's resolve_model(task=) records config overrides of random weights.
-    weights = {k: v for k, v in source.weights.items() if k != "state_digest"}
-    weights["overrides"] = {**weights.get("overrides", {}), "task": task}
-    weights["state_digest"] = state_dict_digest(model)
-    return ModelSource(model=model, weights=weights, labels_source=labels_source)
+    return resolve_model(**source_args(args), task=getattr(args, "task", None))
 
 
 def add_int8_args(p: argparse.ArgumentParser) -> None:
@@ -122,7 +71,11 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "int8 (--precision int8; apple-coreml: w8a8): post-training quantization from calibration images"
     )
-    g.add_argument("--calib", default="builtin", metavar="SOURCE", help="calibration images (default: builtin)")
+    g.add_argument(
+        "--calib",
+        metavar="SOURCE",
+        help="calibration images (default: builtin; shapes:calib for the bundled segmenter vmamba_shapes_seg)",
+    )
     g.add_argument("--calib-samples", type=positive_int, default=64, metavar="N", help="calibration images to use (64)")
     g.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range method")
     g.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="layers kept float (name, prefix, glob)")
@@ -190,7 +143,7 @@ def int8_options(args: argparse.Namespace):
     if args.max_drop is not None and not args.accuracy:
         raise VMambaExportError("--max-drop needs --accuracy SOURCE (labelled images to measure the drop on)")
     return ExportOptions(
-        calib=args.calib,
+        calib=args.calib or "builtin",
         calib_samples=args.calib_samples,
         calib_method=args.calib_method,
         exclude=tuple(args.exclude),
@@ -204,19 +157,25 @@ def int8_options(args: argparse.Namespace):
     )
 
 
-def validation_accuracy_source(args: argparse.Namespace, target, model_name: str) -> str | None:
-    """The labelled source `--validate` measures top-1 on: --accuracy, else (for a precision judged by accuracy, such
-    as apple-coreml w8/w8a8) the model's own held-out set. Refused before the export when there is none."""
+def validation_accuracy_source(args: argparse.Namespace, target, config, task: str) -> str | None:
+    """The labelled source `--validate` measures accuracy on (top-1, or mIoU for a segmenter): --accuracy, else (for
+    a precision judged by accuracy, such as int8 segmentation or apple-coreml w8/w8a8) the model's own held-out set.
+    Refused before the export when there is none."""
     from ..build import default_sources
     from ..errors import VMambaExportError
 
-    if args.accuracy or "max_accuracy_drop_points" not in target.thresholds_for(args.precision):
+    if args.accuracy or "max_accuracy_drop_points" not in target.thresholds_for(args.precision, task):
         return args.accuracy
-    source = default_sources(model_name)[0]
+    source = default_sources(config.name)[0]
     if source is None:
+        what = (
+            "mIoU: labelled images and masks (a folder with images/ and masks/)"
+            if task == "segmentation"
+            else ("top-1 accuracy: labelled images (e.g. an ImageFolder)")
+        )
         raise VMambaExportError(
-            f"--validate of {target.name} {args.precision} is judged by top-1 accuracy: pass --accuracy SOURCE "
-            f"(labelled images for {model_name}, e.g. an ImageFolder), or leave out --validate"
+            f"--validate of {target.name} {args.precision} is judged by {what}: pass --accuracy SOURCE for "
+            f"{config.name}, or leave out --validate"
         )
     return source
 
@@ -253,7 +212,15 @@ def run(args: argparse.Namespace) -> int:
         )
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_source(args)
-    accuracy = validation_accuracy_source(args, target, source.model.config.name) if args.validate else None
+    task = source.model.config.task
+    accuracy = validation_accuracy_source(args, target, source.model.config, task) if args.validate else None
+    options = int8_options(args)
+    if args.calib is None and task == "segmentation":  # a segmenter's own scenes where it has them
+        from ..build import default_sources
+
+        options.calib = default_sources(source.model.config.name)[1]
+    if task != "classification":
+        options.accuracy_source = None  # for a dense task --accuracy is --validate's labelled set, not int8's top-1
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
     busy = (
         contextlib.nullcontext()
@@ -268,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             args.precision,
             args.max_size,
             args.overwrite,
-            options=int8_options(args),
+            options=options,
             platform=args.platform,
         )
     status = 0

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..errors import ImageSourceError, InputError
 from ..input_spec import SHAPES_LABELS, InputSpec
-from .preprocess import open_image, preprocess, resample_filter, to_rgb, upright
+from .preprocess import open_image, preprocess, to_rgb, upright
 
 SHAPES_CLASSES: tuple[str, ...] = SHAPES_LABELS
 SHAPES_IMAGE_SIZE = 64
@@ -224,34 +224,23 @@ def open_segmentation_source(spec: str, num_classes: int | None = None) -> Itera
 
 
 def _preprocess_pair(image: Image.Image, mask: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Image -> (3, h, w) float32 by the InputSpec; mask -> (h, w) int64, resized nearest to the same grid.
-
-    crop=False: the shorter side to image_size keeping the ratio (the longer one truncated to int, as torchvision),
-    no crop. MERGE: data/preprocess.py gains this resize for crop=False (artifact helper); use it there then.
-    crop=True: preprocess() as for classifiers, the mask resized and centre-cropped the same way."""
+    """Image -> (3, h, w) float32 by the InputSpec (preprocess: crop=False keeps the ratio, crop=True resizes and
+    centre-crops); mask -> (h, w) int64 on the same grid (nearest resize, and the same centre crop)."""
     rgb = to_rgb(image)
+    arr = preprocess(rgb, spec)
     w, h = rgb.size
-    if spec.crop:
-        arr = preprocess(rgb, spec)
-        target = max(spec.resize, spec.image_size)
-    else:
-        target = spec.image_size
-    new_w, new_h = (target, int(target * h / w)) if w <= h else (int(target * w / h), target)
     m = Image.fromarray(mask, "L")
-    if (new_w, new_h) != (w, h):
-        m = m.resize((new_w, new_h), Image.Resampling.NEAREST)
     if spec.crop:
+        target = max(spec.resize, spec.image_size)
+        new_w, new_h = (target, int(target * h / w)) if w <= h else (int(target * w / h), target)
+        if (new_w, new_h) != (w, h):
+            m = m.resize((new_w, new_h), Image.Resampling.NEAREST)
         crop = spec.image_size
         left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
         m = m.crop((left, top, left + crop, top + crop))
-        return arr, np.asarray(m, dtype=np.int64)
-    if (new_w, new_h) != (w, h):
-        rgb = rgb.resize((new_w, new_h), resample_filter(spec.interpolation))
-    x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
-    if spec.channel_order.upper() == "BGR":
-        x = x[..., ::-1]
-    x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), np.asarray(m, dtype=np.int64)
+    elif (arr.shape[2], arr.shape[1]) != (w, h):
+        m = m.resize((arr.shape[2], arr.shape[1]), Image.Resampling.NEAREST)
+    return arr, np.asarray(m, dtype=np.int64)
 
 
 def _num_classes(input_spec: InputSpec, num_classes: int | None) -> int | None:

@@ -61,7 +61,7 @@ class VMambaConfig:
 
     def with_overrides(self, **overrides) -> VMambaConfig:
         if "input" in overrides and isinstance(overrides["input"], dict):
-            overrides["input"] = InputSpec(**overrides["input"])
+            overrides["input"] = InputSpec.from_dict(overrides["input"])
         return replace(self, **overrides)
 
     @staticmethod
@@ -123,6 +123,15 @@ def _upernet(name: str, depths, dims, ssm_ratio, **kw) -> VMambaConfig:
         input=SEGMENTATION_INPUT,
         **kw,
     )
+
+
+def as_segmenter(cfg: VMambaConfig, **fields) -> VMambaConfig:
+    """`cfg` with task segmentation (and `fields`). A classification or backbone config becoming a segmenter also
+    takes the official segmentation input (512, ratio kept, no crop) and ADE20K's 150 classes, unless `fields` give
+    them: a classifier's 224 centre crop would leave the image's borders unlabelled."""
+    if cfg.task != "segmentation":
+        fields = {"input": SEGMENTATION_INPUT, "num_classes": 150, **fields}
+    return cfg.with_overrides(task="segmentation", **fields)
 
 
 _CONFIGS: dict[str, VMambaConfig] = {
