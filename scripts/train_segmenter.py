@@ -166,11 +166,14 @@ def save(model: torch.nn.Module, info: dict, out_dir: Path) -> Path:
     return path
 
 
+# Defaults = the shipped run (817 s on one thread here). Measured on this 2-core machine: one step costs about the
+# same per image at batch 16, 32 or 64 (0.26, 0.47, 0.86 s), so batch 16 gives twice the updates in the same time;
+# 10 epochs at batch 32, lr 3e-3 reached mIoU 0.574, 13 epochs at batch 16, lr 2e-3 reached 0.715.
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int, default=13)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     # One thread: on the shared 2-core machine two threads ran slower per step, and one makes the weights
@@ -179,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N scenes only (smoke runs)")
     p.add_argument("--holdout-limit", type=int, default=None, help="measure on the first N held-out scenes only")
-    # The shipped run reached 0.574 (the aim was 0.8): exit 1 only on a clear regression from it.
-    p.add_argument("--min-miou", type=float, default=0.55, help="exit 1 if the held-out mIoU ends below this")
+    # The shipped run reached 0.715 (the aim was 0.8): exit 1 only on a clear regression from it.
+    p.add_argument("--min-miou", type=float, default=0.69, help="exit 1 if the held-out mIoU ends below this")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
