@@ -144,7 +144,10 @@ def test_scan_stays_float_and_the_rest_is_int8(artifacts, name):
     assert {runtime[scan.get_friendly_name()] for scan in scans} == {("Reference", "f32")}
     int8_ops = [n for n, (kind, prec) in runtime.items() if kind in ("Convolution", "FullyConnected") and prec == "u8"]
     assert len(int8_ops) >= 10
-    assert len(int8_ops) == len(quant["int8_kernels_here"])
+    # Which quantized layers run int8 kernels depends on the CPU and the shape compiled for (the build records them
+    # at a dynamic shape; the loader compiles the batch's static shape, and AMX machines fuse differently): every
+    # one of them must still be a layer NNCF quantized.
+    assert {ov8.layer_of(n) for n in int8_ops} <= set(quant["quantized_layers"])
     assert set(quant["int8_kernels_here"]) <= set(quant["quantized_layers"])
 
 
