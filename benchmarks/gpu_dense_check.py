@@ -132,8 +132,8 @@ def upernet_section(work: Path, size: int, runs: int, rounds: int) -> dict:
         peer = _ort_session(peer_path, precision)
         ours_ms, peer_ms = [], []
         for _ in range(rounds):  # interleaved: the peer in the same rounds
-            ours_ms.append(_median_ms(lambda: predictor(x), 3, runs))
-            peer_ms.append(_median_ms(lambda: peer.run(None, {INPUT_NAME: x}), 3, runs))
+            ours_ms.append(_median_ms(lambda p=predictor: p(x), 3, runs))
+            peer_ms.append(_median_ms(lambda s=peer: s.run(None, {INPUT_NAME: x}), 3, runs))
         ratios = [o["median_ms"] / p["median_ms"] for o, p in zip(ours_ms, peer_ms)]
         out["rows"][precision] = {
             "parity": parity,
