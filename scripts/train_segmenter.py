@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from vmamba_export.data.segmentation_sources import IGNORE_INDEX, SHAPES_SPLITS, load_segmentation_batch
 from vmamba_export.models import build_model, count_parameters, get_config
 from vmamba_export.segmentation_metrics import confusion_matrix, miou, pixel_accuracy
-from vmamba_export.training import WEIGHTS_DIR, selective_scan_train
+from vmamba_export.training import WEIGHTS_DIR, fit, selective_scan_train
 
 NAME = "vmamba_shapes_seg"
 
@@ -58,44 +57,24 @@ def train(args: argparse.Namespace, log=print) -> tuple[torch.nn.Module, dict]:
     model = build_model(NAME)
     scan = model.backbone.layers[0].blocks[0].op.scan_fn
     model.set_scan(selective_scan_train).train()
-    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    total, warmup = args.epochs * steps_per_epoch, max(1, int(0.5 * steps_per_epoch))
-    decay, no_decay = [], []
-    for pname, p in model.named_parameters():
-        # Norms, biases and the SSM's own parameters are not weight-decayed, as in VMamba (and training.py).
-        (no_decay if p.ndim <= 1 or pname.endswith(("A_logs", "Ds", "dt_projs_bias")) else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    gen = torch.Generator().manual_seed(args.seed)  # order and augmentation from one stream: same run, same weights
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb, yb = _augment(x_train_t[idx], y_train_t[idx], gen)
+        return F.cross_entropy(model(xb), yb, ignore_index=IGNORE_INDEX)
+
+    epoch_log, train_seconds = fit(
+        model,
+        len(x_train_t),
+        batch_loss,
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.weight_decay,
+        0.5,
+        gen,
+        lambda e: log(f"{NAME}: epoch {e['epoch']}/{args.epochs} loss {e['loss']:.4f} ({e['seconds']:.0f} s)"),
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))),
-    )
-    gen = torch.Generator().manual_seed(args.seed)
-    epoch_log = []
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(len(x_train_t), generator=gen)
-        loss_sum, seen = 0.0, 0
-        for i in range(steps_per_epoch):
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            xb, yb = _augment(x_train_t[idx], y_train_t[idx], gen)
-            loss = F.cross_entropy(model(xb), yb, ignore_index=IGNORE_INDEX)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        entry = {
-            "epoch": epoch + 1,
-            "loss": round(loss_sum / seen, 4),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        epoch_log.append(entry)
-        log(f"{NAME}: epoch {entry['epoch']}/{args.epochs} loss {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
-    train_seconds = time.perf_counter() - start
 
     model.set_scan(scan).eval()  # measured as shipped and exported
     t1 = time.perf_counter()

@@ -194,6 +194,7 @@ def test_cpu_tvm_runs_without_importing_tvm(cpu_artifacts):
     assert out.stdout.startswith("(2, 10) False TVM runtime only"), out.stdout + out.stderr
 
 
+@pytest.mark.slow  # 80 s of MetaSchedule tuning: in `pytest -m slow`, out of the default suite's 20-minute budget
 def test_cpu_tvm_tuning_saves_and_reuses_its_database(tmp_path):
     """A tiny tuning run (one round of the costliest op) on a small config: the schedule it found is in the artifact's
     database (hashed in the manifest), the artifact still matches PyTorch, and a second build started from that

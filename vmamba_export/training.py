@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,59 @@ def evaluate(model: VMamba, images: np.ndarray | torch.Tensor, labels: list[int]
     return correct / len(x)
 
 
+def fit(
+    model: torch.nn.Module,
+    n_train: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_epochs: float,
+    gen: torch.Generator,
+    on_epoch: Callable[[dict], None] = lambda entry: None,
+) -> tuple[list[dict], float]:
+    """Train `model` in place: AdamW (norms, biases and the SSM's own parameters not decayed, as in VMamba), linear
+    warm-up then cosine decay per step, a fresh order from `gen` each epoch; `batch_loss(indices)` computes the loss of
+    one batch (augmenting with the same `gen`: one stream, so the same run gives the same weights). Returns the
+    per-epoch log and the seconds spent."""
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    total, warmup = epochs * steps_per_epoch, max(1, int(warmup_epochs * steps_per_epoch))
+    decay, no_decay = [], []
+    for pname, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or pname.endswith(("A_logs", "Ds", "dt_projs_bias")) else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))),
+    )
+    epoch_log = []
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(n_train, generator=gen)
+        loss_sum, seen = 0.0, 0
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            loss = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        entry = {
+            "epoch": epoch + 1,
+            "loss": round(loss_sum / seen, 4),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        epoch_log.append(entry)
+        on_epoch(entry)
+    return epoch_log, time.perf_counter() - start
+
+
 def train_digits(name: str, settings: TrainSettings | None = None, log=print) -> tuple[VMamba, TrainResult]:
     """Train config `name` from scratch on digits:train; return the model (custom-op scan, eval mode) and its
     held-out top-1."""
@@ -130,44 +184,24 @@ def train_digits(name: str, settings: TrainSettings | None = None, log=print) ->
     model = build_model(name)
     scan = model.layers[0].blocks[0].op.scan_fn
     model.set_scan(selective_scan_train).train()
-    steps_per_epoch = math.ceil(len(x_train) / s.batch_size)
-    total, warmup = s.epochs * steps_per_epoch, max(1, int(s.warmup_epochs * steps_per_epoch))
-    decay, no_decay = [], []
-    for pname, p in model.named_parameters():
-        # Norms, biases and the SSM's own parameters (A_logs, Ds, dt bias) are not weight-decayed, as in VMamba.
-        (no_decay if p.ndim <= 1 or pname.endswith(("A_logs", "Ds", "dt_projs_bias")) else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))),
-    )
     gen = torch.Generator().manual_seed(s.seed)  # one stream for order and augmentation: same run, same weights
-    epoch_log = []
-    start = time.perf_counter()
-    for epoch in range(s.epochs):
-        model.train()
-        order = torch.randperm(len(x_train_t), generator=gen)
-        loss_sum, seen = 0.0, 0
-        for i in range(steps_per_epoch):
-            idx = order[i * s.batch_size : (i + 1) * s.batch_size]
-            xb = _shift(x_train_t[idx], s.max_shift, gen, fill)
-            loss = F.cross_entropy(model(xb), y_train_t[idx], label_smoothing=s.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        entry = {
-            "epoch": epoch + 1,
-            "loss": round(loss_sum / seen, 4),
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        epoch_log.append(entry)
-        log(f"{name}: epoch {entry['epoch']}/{s.epochs} loss {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
-    train_seconds = time.perf_counter() - start
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb = _shift(x_train_t[idx], s.max_shift, gen, fill)
+        return F.cross_entropy(model(xb), y_train_t[idx], label_smoothing=s.label_smoothing)
+
+    epoch_log, train_seconds = fit(
+        model,
+        len(x_train_t),
+        batch_loss,
+        s.epochs,
+        s.batch_size,
+        s.lr,
+        s.weight_decay,
+        s.warmup_epochs,
+        gen,
+        lambda e: log(f"{name}: epoch {e['epoch']}/{s.epochs} loss {e['loss']:.4f} ({e['seconds']:.0f} s)"),
+    )
 
     # Measure with the model's own scan: the number must hold for what is shipped and exported.
     model.set_scan(scan).eval()
