@@ -9,7 +9,8 @@ Needs onnxruntime-gpu first on PYTHONPATH and vmamba_export/_native/libvmamba_or
              user would (`vmamba-export validate`): self-check against its references (rel L2, pixel agreement) and
              mIoU on shapes:holdout against the ground-truth masks, the PyTorch model's mIoU beside it
   upernet    vmamba_tiny_s1l8 UperNet (UPerHead 512, 150 classes, random weights, seed 0) exported to
-             cuda-onnxruntime fp32 and fp16, parity against PyTorch fp32 on one real photo at --size, and batch-1
+             cuda-onnxruntime fp32 and fp16, parity against PyTorch fp32 (CPU, the scan op's C++ kernel) on one
+             real photo at --size, and batch-1
              latency through `vmamba_export.load` + `predictor(batch)` (numpy in, logits at the input size out);
              the peer, ConvNeXt-T UperNet of the same head (benchmarks/segmentation_speed.py), exported by the same
              exporter (fp16: the same float16 conversion, float32 I/O) and run by the same ONNX Runtime CUDA provider
@@ -103,7 +104,6 @@ def upernet_section(work: Path, size: int, runs: int, rounds: int) -> dict:
     from vmamba_export.lowering.fp16 import convert_model_to_fp16
     from vmamba_export.lowering.onnx_export import INPUT_NAME, IR_VERSION
     from vmamba_export.model_source import ModelSource
-    from vmamba_export.scan.op import torch_scan
     from vmamba_export.targets import get_target
 
     torch.manual_seed(0)
@@ -113,15 +113,19 @@ def upernet_section(work: Path, size: int, runs: int, rounds: int) -> dict:
     import dataclasses
 
     x = load_batch("builtin:1", dataclasses.replace(spec, image_size=size, crop=True, resize=size))[0]
-    with torch.no_grad():
-        ref = model.set_scan(torch_scan)(torch.from_numpy(x)).numpy()
+    t0 = time.perf_counter()
+    with torch.no_grad():  # the scan op's CPU kernel: plain torch's step loop would take minutes at 128 x 128
+        ref = model(torch.from_numpy(x)).numpy()
+    print(f"  upernet: PyTorch fp32 reference {time.perf_counter() - t0:.0f} s", flush=True)
     peer32 = export_peer_onnx(work / "peer_fp32.onnx", size, fixed=False)
     peer16 = work / "peer_fp16.onnx"
     onnx.save_model(convert_model_to_fp16(onnx.load(str(peer32)), IR_VERSION), str(peer16))
     out: dict = {"size": size, "rows": {}}
     for precision, peer_path in (("fp32", peer32), ("fp16", peer16)):
         folder = work / f"upernet-{precision}"
+        t0 = time.perf_counter()
         export_artifact(source, get_target(TARGET), folder, precision, max_size=max(size, 512), overwrite=True)
+        print(f"  upernet {precision}: exported in {time.perf_counter() - t0:.0f} s", flush=True)
         predictor = load(folder)
         got = predictor(x)
         diff = got.astype(np.float64) - ref
