@@ -446,7 +446,13 @@ def preprocessed_groups(images: str, spec: InputSpec, limit: int | None) -> list
     return [(np.stack(arrays).astype(np.float32, copy=False), names) for arrays, names in groups]
 
 
-def run_dense_torch(model, batch: np.ndarray, names: list[str], batch_size: int = 8) -> dict[str, np.ndarray]:
+# Dense models run one image at a time in validation: their activations and outputs grow with the pixels (an
+# UperNet at 512 holds ~0.5 GB per image in its FPN alone; batches of 8 took validate to 13-16 GB), and batching
+# buys nothing for a per-pixel comparison.
+DENSE_BATCH = 1
+
+
+def run_dense_torch(model, batch: np.ndarray, names: list[str], batch_size: int = DENSE_BATCH) -> dict[str, np.ndarray]:
     import torch
 
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -464,7 +470,9 @@ def run_dense_torch(model, batch: np.ndarray, names: list[str], batch_size: int 
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
-def run_dense_predictor(predictor, batch: np.ndarray, names: list[str], batch_size: int = 8) -> dict[str, np.ndarray]:
+def run_dense_predictor(
+    predictor, batch: np.ndarray, names: list[str], batch_size: int = DENSE_BATCH
+) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, len(batch), batch_size):
         result = as_outputs(predictor(batch[start : start + batch_size]), names, "the artifact")
