@@ -262,6 +262,11 @@ def test_predict_cli_writes_mask_and_overlay(seg_ort, tmp_path, capsys):
     overlay = Image.open(out / "street.overlay.png")
     assert mask.mode == "P" and mask.size == (150, 90)
     assert overlay.mode == "RGB" and overlay.size == (300, 90)
+    # Written as any new file is (mkstemp's 0600 would hide them from other users).
+    from vmamba_export.artifact import current_umask
+
+    for png in ("street.mask.png", "street.overlay.png"):
+        assert (out / png).stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert np.array_equal(np.asarray(mask.getpalette()[: 3 * 256]).reshape(256, 3), palette())
     class_map = load(seg_ort).predict([path])[0]["class_map"]
     assert np.array_equal(np.asarray(mask), class_map)

@@ -149,7 +149,7 @@ def _remove_empty(created: list[Path]) -> None:
             path.rmdir()  # only if still empty: never anything else put there meanwhile
 
 
-def _umask() -> int:
+def current_umask() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -165,7 +165,7 @@ def publish_permissions(folder: Path) -> None:
     """Make `folder` readable by others, as files a user copies are: folders 0755, files 0644 (0755 where the owner
     may execute them, e.g. shared libraries), less the umask. mkdtemp makes 0700 folders, which other users (a service
     account running the model) could not open."""
-    keep = ~_umask() & 0o777
+    keep = ~current_umask() & 0o777
     os.chmod(folder, 0o755 & keep)
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:

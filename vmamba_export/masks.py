@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .artifact import current_umask
 from .errors import InputError
 
 PALETTE_SIZE = 256
@@ -78,6 +79,8 @@ def save_png_atomic(image: Image.Image, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format="PNG")
+        # mkstemp creates 0600; a written image gets what any new file would (0644 under the usual umask 022).
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
