@@ -82,23 +82,13 @@ def _ort_session(path: Path, precision: str, library: Path | None = None):
     return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
 
 
-def _median_ms(fn, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
-
-
 def upernet_section(work: Path, size: int, runs: int, rounds: int) -> dict:
     import onnx
     import torch
     from segmentation_speed import export_peer_onnx, our_model
 
     from vmamba_export import load
+    from vmamba_export.bench import time_calls
     from vmamba_export.data.sources import load_batch
     from vmamba_export.exporter import export_artifact
     from vmamba_export.lowering.fp16 import convert_model_to_fp16
@@ -136,8 +126,8 @@ def upernet_section(work: Path, size: int, runs: int, rounds: int) -> dict:
         peer = _ort_session(peer_path, precision)
         ours_ms, peer_ms = [], []
         for _ in range(rounds):  # interleaved: the peer in the same rounds
-            ours_ms.append(_median_ms(lambda p=predictor: p(x), 3, runs))
-            peer_ms.append(_median_ms(lambda s=peer: s.run(None, {INPUT_NAME: x}), 3, runs))
+            ours_ms.append(time_calls(lambda p=predictor: p(x), 3, runs))
+            peer_ms.append(time_calls(lambda s=peer: s.run(None, {INPUT_NAME: x}), 3, runs))
         ratios = [o["median_ms"] / p["median_ms"] for o, p in zip(ours_ms, peer_ms)]
         out["rows"][precision] = {
             "parity": parity,

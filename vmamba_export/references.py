@@ -32,10 +32,7 @@ def write_references(
     artifact takes: a fixed-size TVM build may differ from the config's size)."""
     import dataclasses
 
-    import torch
-
     from .data.sources import load_batch
-    from .scan.op import torch_scan
 
     if getattr(model.config, "task", "classification") != "classification":
         return write_dense_references(folder, model, spec, min_size, max_size, count)
@@ -50,32 +47,59 @@ def write_references(
     count = count or (REFERENCE_COUNT if size <= 64 else REFERENCE_COUNT // 2)
     source = f"{REFERENCE_SOURCE}:{count}"
     inputs, _, names = load_batch(source, spec)
-    # The scan in plain torch for the reference, then each block's own scan back (the model is the caller's).
+    (logits,) = torch_reference(model, inputs, 8)
+    return save_references(
+        folder,
+        inputs,
+        names,
+        {"logits": logits},
+        source=source,
+        size=size,
+        inputs="preprocessed as input.preprocessing says (float32 NCHW)",
+        logits="PyTorch fp32 model, scan in plain torch (independent of the C++ kernel), computed at export",
+    )
+
+
+def torch_reference(model, inputs: np.ndarray, batch: int) -> list[np.ndarray]:
+    """The PyTorch fp32 model's outputs for `inputs` (a list: one array per output, in order), in batches of `batch`,
+    with the scan in plain torch; every block's own scan is put back afterwards (the model is the caller's)."""
+    import torch
+
+    from .scan.op import torch_scan
+
     blocks = [m for m in model.modules() if hasattr(m, "scan_fn")]
     saved = [b.scan_fn for b in blocks]
+    parts: list[list[np.ndarray]] = []
     try:
         model.eval().set_scan(torch_scan)
         with torch.no_grad():
-            logits = np.concatenate(
-                [model(torch.from_numpy(inputs[s : s + 8])).numpy() for s in range(0, len(inputs), 8)]
-            )
+            for start in range(0, len(inputs), batch):
+                result = model(torch.from_numpy(inputs[start : start + batch]))
+                result = result if isinstance(result, (tuple, list)) else (result,)
+                parts = parts or [[] for _ in result]
+                for part, value in zip(parts, result, strict=True):
+                    part.append(value.numpy().astype(np.float32))
     finally:
         for block, scan in zip(blocks, saved):
             block.scan_fn = scan
+    return [np.concatenate(part) for part in parts]
+
+
+def save_references(
+    folder: Path, images: np.ndarray, names: list[str], arrays: dict[str, np.ndarray], **record
+) -> dict:
+    """Write references.npz (`images` as `inputs`, `names` and `arrays`); returns the manifest's `references`
+    section: the file, the images, `record` (source, size, what the arrays are) and the torch that computed them."""
+    import torch
+
     np.savez(
-        Path(folder) / REFERENCES_FILE,
-        inputs=inputs.astype(np.float32),
-        logits=logits.astype(np.float32),
-        names=np.asarray(names, dtype=str),
+        Path(folder) / REFERENCES_FILE, inputs=images.astype(np.float32), names=np.asarray(names, dtype=str), **arrays
     )
     return {
         "file": REFERENCES_FILE,
-        "source": source,
         "names": list(names),
         "num_images": len(names),
-        "size": size,
-        "inputs": "preprocessed as input.preprocessing says (float32 NCHW)",
-        "logits": "PyTorch fp32 model, scan in plain torch (independent of the C++ kernel), computed at export",
+        **record,
         "torch": torch.__version__,
     }
 
@@ -116,12 +140,10 @@ def write_dense_references(
     """references.npz of a backbone or segmentation artifact: `inputs` (N, 3, s, s) square crops at the reduced side
     s (dense_reference_plan), `names`, and `out_<name>` per output (outputs.py names), from the PyTorch fp32 model
     with the scan in plain torch. Returns the manifest's `references` section (side, count, bytes recorded)."""
-    import torch
 
     from .data.preprocess import fixed_size_spec
     from .data.sources import load_batch
     from .outputs import output_names
-    from .scan.op import torch_scan
 
     cfg = model.config
     side, planned, per_image = dense_reference_plan(cfg, min_size, max_size)
@@ -129,40 +151,20 @@ def write_dense_references(
     source = f"{REFERENCE_SOURCE}:{count}"
     inputs, _, names = load_batch(source, fixed_size_spec(spec, side))
     keys = output_names(cfg.task, len(cfg.depths))
-    blocks = [m for m in model.modules() if hasattr(m, "scan_fn")]
-    saved = [b.scan_fn for b in blocks]
-    outputs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    try:
-        model.eval().set_scan(torch_scan)
-        with torch.no_grad():
-            for s in range(0, len(inputs), 2):
-                result = model(torch.from_numpy(inputs[s : s + 2]))
-                result = result if isinstance(result, (tuple, list)) else (result,)
-                for key, value in zip(keys, result, strict=True):
-                    outputs[key].append(value.numpy().astype(np.float32))
-    finally:
-        for block, scan in zip(blocks, saved):
-            block.scan_fn = scan
-    arrays = {f"{OUTPUT_PREFIX}{k}": np.concatenate(v) for k, v in outputs.items()}
-    np.savez(
-        Path(folder) / REFERENCES_FILE,
-        inputs=inputs.astype(np.float32),
-        names=np.asarray(names, dtype=str),
-        **arrays,
-    )
-    return {
-        "file": REFERENCES_FILE,
-        "source": source,
-        "names": list(names),
-        "num_images": len(names),
-        "size": side,
-        "outputs": [f"{OUTPUT_PREFIX}{k}" for k in keys],
-        "output_bytes_per_image": per_image,
-        "inputs": f"square {side} x {side} crops, preprocessed as input.preprocessing says otherwise (float32 NCHW);"
+    outputs = torch_reference(model, inputs, 2)
+    return save_references(
+        folder,
+        inputs,
+        names,
+        {f"{OUTPUT_PREFIX}{k}": v for k, v in zip(keys, outputs, strict=True)},
+        source=source,
+        size=side,
+        outputs=[f"{OUTPUT_PREFIX}{k}" for k in keys],
+        output_bytes_per_image=per_image,
+        inputs=f"square {side} x {side} crops, preprocessed as input.preprocessing says otherwise (float32 NCHW);"
         f" a reduced side and {len(names)} images keep the file small",
-        "logits": "PyTorch fp32 model's outputs, scan in plain torch (independent of the C++ kernel), at export",
-        "torch": torch.__version__,
-    }
+        logits="PyTorch fp32 model's outputs, scan in plain torch (independent of the C++ kernel), at export",
+    )
 
 
 def read_references(
