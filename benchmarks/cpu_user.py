@@ -126,7 +126,8 @@ def peer_int8_onnx(fp32: Path, workdir: Path, calib: np.ndarray) -> Path:
     if not out.exists():
         prepared = prepare_model(fp32, workdir / f"{fp32.stem}_prepared.onnx")
         cache = workdir / f"{fp32.stem}_ranges.json"
-        calibrate(prepared, calib, "minmax", cache, None, show_progress=False)
+        # One image per calibration batch: the fixed-shape peer takes its own batch size only.
+        calibrate(prepared, calib, "minmax", cache, None, show_progress=False, batch_size=1)
         quantize_with_cache(prepared, out, cache, "minmax", "qop-u8s8", prepared.scan_feeders)
     return out
 
