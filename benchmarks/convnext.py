@@ -46,35 +46,40 @@ class ConvNeXtTiny(nn.Module):
         return self.head(self.norm(self.features(x).mean(dim=(2, 3))))
 
 
-def export_convnext_onnx(path: str, opset: int | None = None, fixed_batch: int | None = None) -> None:
-    """ConvNeXt-T to ONNX with a dynamic batch (or a fixed one: `fixed_batch`), through the same dynamo exporter and at
-    the same opset as our models (opset 20: GELU as one Gelu node, which ONNX Runtime runs faster than its Erf
-    decomposition)."""
+def export_peer_module(model: torch.nn.Module, example: torch.Tensor, dynamic, path: str, opset: int | None = None):
+    """A peer model to ONNX the way our models go (vmamba_export/lowering/onnx_export.py): dynamo exporter, same
+    opset (20: GELU as one Gelu node, which ONNX Runtime runs faster than its Erf decomposition), optimize, same
+    input/output names and IR version; `dynamic`: torch.export dynamic shapes of input "x", or None (fixed)."""
     import contextlib
     import io
     import warnings
 
-    if opset is None:
-        from vmamba_export.lowering.onnx_export import OPSET as opset
-    torch.manual_seed(0)
-    model = ConvNeXtTiny().eval()
-    x = torch.randn(fixed_batch or 2, 3, 224, 224)
-    dynamic = None if fixed_batch else {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    import onnx
+
+    from vmamba_export.lowering.onnx_export import INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME
+
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
-            (x,),
+            (example,),
             dynamo=True,
             dynamic_shapes=dynamic,
-            input_names=["pixel_values"],
-            output_names=["logits"],
-            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset or OPSET,
             optimize=True,
             verbose=False,
         )
     proto = program.model_proto
-    proto.ir_version = 10
-    import onnx
+    proto.ir_version = IR_VERSION
+    onnx.save_model(proto, str(path))
 
-    onnx.save_model(proto, path)
+
+def export_convnext_onnx(path: str, opset: int | None = None, fixed_batch: int | None = None) -> None:
+    """ConvNeXt-T to ONNX with a dynamic batch (or a fixed one: `fixed_batch`), as export_peer_module says."""
+    torch.manual_seed(0)
+    model = ConvNeXtTiny().eval()
+    x = torch.randn(fixed_batch or 2, 3, 224, 224)
+    dynamic = None if fixed_batch else {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    export_peer_module(model, x, dynamic, path, opset)

@@ -107,14 +107,8 @@ def export_peer_onnx(path: Path, size: int, fixed: bool) -> Path:
     with our dynamic axes (batch, height, width) or at the fixed shape (1, 3, size, size)."""
     if path.exists():
         return path
-    import contextlib
-    import io
-    import warnings
-
-    import onnx
     import torch
-
-    from vmamba_export.lowering.onnx_export import INPUT_NAME, IR_VERSION, OPSET, OUTPUT_NAME
+    from convnext import export_peer_module
 
     model = convnext_upernet()
     if fixed:
@@ -128,22 +122,7 @@ def export_peer_onnx(path: Path, size: int, fixed: bool) -> Path:
                 3: torch.export.Dim("width", min=32, max=1024),
             }
         }
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            (example,),
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=OPSET,
-            optimize=True,
-            verbose=False,
-        )
-    proto = program.model_proto
-    proto.ir_version = IR_VERSION
-    onnx.save_model(proto, str(path))
+    export_peer_module(model, example, dynamic, path)
     return path
 
 
