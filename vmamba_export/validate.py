@@ -32,6 +32,7 @@ import numpy as np
 from .artifact import read_manifest, update_manifest
 from .errors import InputError, ParityError, VMambaExportError
 from .input_spec import InputSpec
+from .outputs import manifest_output_names, manifest_task
 from .progress import progress_bar
 from .references import read_references
 from .segmentation_metrics import confusion_matrix, miou, pixel_accuracy
@@ -97,25 +98,6 @@ def check_sizes(sizes: list[int], min_size: int, max_size: int) -> None:
         raise InputError(
             f"sizes (--sizes) {','.join(map(str, bad))}: this artifact takes input sides {min_size}..{max_size}"
         )
-
-
-def artifact_task(manifest: dict) -> str:
-    """ "classification", "backbone" or "segmentation": the manifest's `output.task` (absent: a classifier)."""
-    task = (manifest.get("output") or {}).get("task") or "classification"
-    if task not in ("classification", "backbone", "segmentation"):
-        raise VMambaExportError(
-            f"manifest 'output.task' is {task!r}; expected classification, backbone or segmentation"
-        )
-    return task
-
-
-def output_names(manifest: dict) -> list[str]:
-    """The artifact's output names in order: `output.outputs[*].name` for dense artifacts, else `output.name`."""
-    output = manifest.get("output") or {}
-    outputs = output.get("outputs")
-    if outputs:
-        return [str(o["name"]) for o in outputs]
-    return [str(output.get("name") or "logits")]
 
 
 def as_outputs(result, names: list[str], what: str) -> dict[str, np.ndarray]:
@@ -288,7 +270,7 @@ def validate_artifact(
 
     folder = Path(folder)
     manifest = read_manifest(folder)
-    task = artifact_task(manifest)
+    task = manifest_task(manifest)  # read_manifest's schema check has refused any other task
     if accuracy_source and task == "backbone":
         raise InputError(
             f"--accuracy {accuracy_source}: a backbone artifact outputs feature maps, with no classes to score "
@@ -390,7 +372,7 @@ def _dense_runs(
 ) -> tuple[list[dict], str, object]:
     """Per-output parity of a backbone or segmentation artifact: against its references.npz (one size), or against
     the PyTorch model at each of `sizes` (images keeping their ratio run one shape group at a time)."""
-    names = output_names(manifest)
+    names = manifest_output_names(manifest)
     segmentation = task == "segmentation"
     num_classes = int(manifest["output"].get("num_classes") or 0)
     runs = []
@@ -546,7 +528,7 @@ def _segmentation_accuracy(predictor, manifest, model, checkpoint, source: str, 
             model = _torch_model(manifest, checkpoint)
         except VMambaExportError as exc:  # e.g. the checkpoint is not on this machine: the artifact's mIoU stands
             torch_note = str(exc)
-    names = output_names(manifest)
+    names = manifest_output_names(manifest)
     art_conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     torch_conf = np.zeros_like(art_conf)
     count = 0
