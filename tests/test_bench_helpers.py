@@ -76,3 +76,22 @@ def test_portable_floor_lean_forms_compute_the_scan(form, chunk):
     c = flat["C"].transpose(0, 1, 3, 2) if form == "chunked" else flat["C"]  # chunked takes C as (.., 1, N)
     want = _sequential_scan(flat["dt"], flat["x"], flat["B"], c, feeds["A"].astype(np.float64).reshape(4, n, di))
     np.testing.assert_allclose(y.reshape(want.shape), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_predictor_overhead_leaves_out_the_runtime_and_restores_the_backend(digits_artifact):
+    from vmamba_export import load
+    from vmamba_export.bench import predictor_overhead_us
+
+    predictor = load(digits_artifact, threads=1)
+    real = predictor.backend
+    calls = []
+    run = real.run
+    real.run = lambda batch: calls.append(batch.shape) or run(batch)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    overhead = predictor_overhead_us(predictor, x, calls=200)
+    # The runtime ran once (the answer computed beforehand), not once per timed call; the figure is the predictor's
+    # own checks, microseconds, and the real backend is back afterwards with the same outputs.
+    assert calls == [(2, 3, 32, 32)]
+    assert 0.0 < overhead < 5_000.0
+    assert predictor.backend is real
+    np.testing.assert_array_equal(predictor(x), run(x))

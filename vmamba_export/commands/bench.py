@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     graphs = any("cuda_graph" in r for r in result["results"])  # cuda-onnxruntime: with and without CUDA graphs
     columns = ["batch", "threads", "size", "median ms", "p90 ms", "images/s"]
     columns += ["graph median ms", "graph p90 ms", "graph images/s"] if graphs else []
-    for col in (*columns, "peak RSS MB"):
+    for col in (*columns, "predictor us", "peak RSS MB"):
         table.add_column(col, justify="right")
     for r in result["results"]:
         cells = [str(r["batch"]), str(r["threads"]), str(r["size"])]
         for stats in (r, r.get("cuda_graph")) if graphs else (r,):
             cells += [f"{stats['median_ms']:.2f}", f"{stats['p90_ms']:.2f}", f"{stats['throughput']:.1f}"]
-        table.add_row(*cells, f"{r['peak_rss_mb']:.0f}")
+        table.add_row(*cells, f"{r['predictor_overhead_us']:.0f}", f"{r['peak_rss_mb']:.0f}")
     Console(width=140).print(table)
     return finish(errors, 0)
