@@ -330,6 +330,38 @@ void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float
   }
 }
 
+// d_state 1: two directions whose walks are each other's reverse (0 and 2, 1 and 3) in one loop. Their recurrences
+// are independent, so the core interleaves two state chains where one direction alone leaves it waiting on the
+// latency of the previous step's FMA: with AVX-512 a 16-channel tile is a single vector, one chain (kPairDirections;
+// with narrower vectors a tile is already kGroups chains, and pairing measured 5-10% slower on AVX2). `wb` must
+// visit the positions of `wa` in reverse order. When both reach the same position in one step (the middle of an
+// odd-length walk) the two y updates run one after the other, as written.
+constexpr bool kPairDirections = kGroups == 1;
+template <typename TB>
+void scan_direction_pair_d1(const Walk& wa, const Walk& wb, const float* delta_a, const float* delta_b,
+                            const float* u_t, float* y_t, const vf* bias_a, const vf* bias_b, const vf* a_a,
+                            const vf* a_b, const TB* b_a, const TB* c_a, const TB* b_b, const TB* c_b) {
+  vf ha[kGroups] = {}, hb[kGroups] = {};
+  int64_t pa_outer = wa.start, pb_outer = wb.start;
+  for (int64_t o = 0; o < wa.n_outer; ++o, pa_outer += wa.outer_step, pb_outer += wb.outer_step) {
+    int64_t pa = pa_outer, pb = pb_outer;
+    for (int64_t i = 0; i < wa.n_inner; ++i, pa += wa.inner_step, pb += wb.inner_step) {
+      const float bja = to_float(b_a[pa]), cja = to_float(c_a[pa]);
+      const float bjb = to_float(b_b[pb]), cjb = to_float(c_b[pb]);
+      for (int g = 0; g < kGroups; ++g) {
+        const vf dta = softplus(load(delta_a + pa * kLanes + g * kNative) + bias_a[g]);
+        const vf dtb = softplus(load(delta_b + pb * kLanes + g * kNative) + bias_b[g]);
+        ha[g] = exp2_nonpos(dta * a_a[g]) * ha[g] + dta * load(u_t + pa * kLanes + g * kNative) * bja;
+        hb[g] = exp2_nonpos(dtb * a_b[g]) * hb[g] + dtb * load(u_t + pb * kLanes + g * kNative) * bjb;
+        float* ya = y_t + pa * kLanes + g * kNative;
+        store(ya, load(ya) + ha[g] * cja);
+        float* yb = y_t + pb * kLanes + g * kNative;
+        store(yb, load(yb) + hb[g] * cjb);
+      }
+    }
+  }
+}
+
 // Flush-to-zero / denormals-are-zero for the lifetime of a work item. The state decays geometrically, so long scans
 // with large dt * |A| drive it into the denormal range, where every multiply takes a ~100-cycle microcode assist
 // (measured: 7x slower end to end). Values below 1.2e-38 change nothing that float32 output could show.
@@ -381,17 +413,22 @@ void run_item(void* arg, int64_t item) {
 
   // Scratch: u, delta and y tiles, then per-state decay rates A and (generic d_state) the state itself, then the
   // fused dt projection's weights in lanes.
+  // d_state 1 with one vector per tile (AVX-512) scans two directions at a time (scan_direction_pair_d1): a second
+  // delta tile and decay-rate row.
+  const bool paired = n == 1 && kPairDirections;
   const int64_t tile = len * kLanes;
-  AlignedBuffer buf(3 * tile + 2 * n * kLanes + t.dt_rank * kLanes);  // a and state: n * kGroups vectors each
+  const int64_t delta_tiles = paired ? 2 : 1;
+  const int64_t a_rows = paired ? 2 : n;
+  AlignedBuffer buf((2 + delta_tiles) * tile + (a_rows + n) * kLanes + t.dt_rank * kLanes);
   if (buf.p == nullptr) {
     job.failed.store(true, std::memory_order_relaxed);
     return;
   }
   float* u_t = buf.p;
   float* delta_t = u_t + tile;
-  float* y_t = delta_t + tile;
-  vf* a = reinterpret_cast<vf*>(y_t + tile);
-  vf* state = a + n * kGroups;
+  float* y_t = delta_t + delta_tiles * tile;
+  vf* a = reinterpret_cast<vf*>(y_t + tile);  // a_rows * kGroups vectors
+  vf* state = a + a_rows * kGroups;
   float* w_lanes = reinterpret_cast<float*>(state + n * kGroups);
 
   to_lanes(t.u + (b * di + d0) * len, len, nc, len, u_t);
@@ -408,29 +445,45 @@ void run_item(void* arg, int64_t item) {
     }
   }
 
-  for (int64_t k = 0; k < 4; ++k) {
+  // Direction k's delta tile (lanes layout), its bias and its decay rates A * log2(e) (a[j * kGroups + g]).
+  auto prepare = [&](int64_t k, float* delta_dst, vf* bias, vf* a_dst) {
     if (t.dt_weight != nullptr) {
       project_to_lanes(t.delta + (b * 4 + k) * t.dt_rank * len, t.dt_rank, t.dt_weight + (k * di + d0) * t.dt_rank,
-                       nc, len, w_lanes, delta_t);
+                       nc, len, w_lanes, delta_dst);
     } else {
-      to_lanes(t.delta + ((b * 4 + k) * di + d0) * len, len, nc, len, delta_t);
+      to_lanes(t.delta + ((b * 4 + k) * di + d0) * len, len, nc, len, delta_dst);
     }
     alignas(64) float bias_lanes[kLanes] = {};
     for (int64_t c = 0; c < nc; ++c) bias_lanes[c] = t.delta_bias[k * di + d0 + c];
-    vf bias[kGroups];
     for (int g = 0; g < kGroups; ++g) bias[g] = load(bias_lanes + g * kNative);
     for (int64_t j = 0; j < n; ++j) {
       // A * log2(e): the decay exp(dt * A) is computed as 2^(dt * A log2 e). Padding lanes: 0, so their state stays 0.
       alignas(64) float a_lanes[kLanes] = {};
       for (int64_t c = 0; c < nc; ++c) a_lanes[c] = -std::exp(t.A_logs[(k * di + d0 + c) * n + j]) * kLog2e;
-      for (int g = 0; g < kGroups; ++g) a[j * kGroups + g] = load(a_lanes + g * kNative);
+      for (int g = 0; g < kGroups; ++g) a_dst[j * kGroups + g] = load(a_lanes + g * kNative);
     }
-    const Walk wk = walk_for(k, s.height, s.width);
-    if (n == 1) {
-      const T* bsrc = t.B + (b * 4 + k) * len;
-      const T* csrc = t.C + (b * 4 + k) * len;
-      scan_direction<1>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, csrc, 1, 0, state);
-    } else {
+  };
+
+  if (paired) {
+    for (int64_t ka = 0; ka < 2; ++ka) {  // directions 0 with 2, then 1 with 3: each pair walks one order both ways
+      const int64_t kb = ka + 2;
+      vf bias_a[kGroups], bias_b[kGroups];
+      prepare(ka, delta_t, bias_a, a);
+      prepare(kb, delta_t + tile, bias_b, a + kGroups);
+      scan_direction_pair_d1(walk_for(ka, s.height, s.width), walk_for(kb, s.height, s.width), delta_t,
+                             delta_t + tile, u_t, y_t, bias_a, bias_b, a, a + kGroups, t.B + (b * 4 + ka) * len,
+                             t.C + (b * 4 + ka) * len, t.B + (b * 4 + kb) * len, t.C + (b * 4 + kb) * len);
+    }
+  } else {
+    for (int64_t k = 0; k < 4; ++k) {
+      vf bias[kGroups];
+      prepare(k, delta_t, bias, a);
+      const Walk wk = walk_for(k, s.height, s.width);
+      if (n == 1) {
+        scan_direction<1>(wk, n, delta_t, u_t, y_t, bias, a, t.B + (b * 4 + k) * len, t.C + (b * 4 + k) * len, 1, 0,
+                          state);
+        continue;
+      }
       const float* bsrc = job.bc_t + (b * 4 + k) * len * 2 * n;
       if (n == 16) {
         scan_direction<16>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, bsrc + n, 2 * n, 1, state);
