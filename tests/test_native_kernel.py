@@ -146,6 +146,20 @@ def test_c_api_rejects_bad_arguments() -> None:
     assert fn(*([None] * 8), 1, 4, 4, 1, 2, 2, 1) == 1  # null pointers
 
 
+@needs_scan
+def test_arithmetic_floor_runs_every_row_on_any_thread_count() -> None:
+    # The benchmark floor (benchmarks/cpu_profile.py) splits its rows into fixed work items: the checksum is the
+    # same on 1 and 3 threads, finite, and changes with the number of rows (the loop is not optimised away).
+    lib = ctypes.CDLL(str(scan_library_path()))
+    fn = lib.vmamba_scan_arithmetic_floor
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int]
+    fn.restype = ctypes.c_float
+    one, three = fn(4096, 1), fn(4096, 3)
+    assert np.isfinite(one) and one != 0.0
+    assert one == three
+    assert fn(8192, 2) != one
+
+
 def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -80,4 +80,10 @@ __attribute__((visibility("default"))) int vmamba_selective_scan_2d_f32(
 // The instruction-set variant in use (selective_scan_2d.h: scan_isa), for benchmarks and bug reports.
 __attribute__((visibility("default"))) const char* vmamba_scan_isa(void) { return vmamba::scan_isa(); }
 
+// selective_scan_2d.h: scan_arithmetic_floor on num_threads threads (a benchmark; returns its checksum).
+__attribute__((visibility("default"))) float vmamba_scan_arithmetic_floor(int64_t rows, int num_threads) {
+  ThreadCount threads{num_threads < 1 ? 1 : num_threads};
+  return vmamba::scan_arithmetic_floor(rows, thread_parallel_for, &threads);
+}
+
 }  // extern "C"

@@ -51,6 +51,7 @@ namespace VMAMBA_SCAN_VARIANT {
 
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+float arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx);
 
 namespace {
 
@@ -535,7 +536,58 @@ const char* run_typed(const ScanTensorsOf<T>& t, const ScanShape& s, ParallelFor
   return job.failed.load() ? "out of memory" : nullptr;
 }
 
+// The arithmetic floor of the d_state-1 scan (scan_arithmetic_floor in the header): each work item runs kFloorChains
+// independent chains of the per-step arithmetic on registers only. The inputs change every step (z and u drift),
+// so nothing can be hoisted out of the loop; the results are summed so nothing can be dropped.
+constexpr int64_t kFloorItems = 64;
+constexpr int kFloorChains = 4;
+
+struct FloorJob {
+  int64_t rows_per_item;
+  float sums[kFloorItems];
+};
+
+void floor_item(void* arg, int64_t item) {
+  FloorJob& job = *static_cast<FloorJob*>(arg);
+  const FlushDenormals ftz;
+  const vf bias = splat(0.25f), a = splat(-0.7f * kLog2e), step = splat(1e-6f);
+  const float bj = 0.3f, cj = 0.6f;
+  vf z[kFloorChains], u[kFloorChains], h[kFloorChains], acc[kFloorChains];
+  for (int c = 0; c < kFloorChains; ++c) {
+    z[c] = splat(0.1f * static_cast<float>(c + item) - 1.0f);
+    u[c] = splat(0.5f);
+    h[c] = vf{};
+    acc[c] = vf{};
+  }
+  // rows_per_item rows of kLanes channels: kLanes / kNative vectors each, spread over the chains.
+  const int64_t vectors = job.rows_per_item * kGroups;
+  for (int64_t i = 0; i < vectors; i += kFloorChains) {
+    for (int c = 0; c < kFloorChains; ++c) {
+      const vf dt = softplus(z[c] + bias);
+      h[c] = exp2_nonpos(dt * a) * h[c] + dt * u[c] * bj;
+      acc[c] += h[c] * cj;
+      z[c] += step;
+      u[c] -= step;
+    }
+  }
+  vf total = vf{};
+  for (int c = 0; c < kFloorChains; ++c) total += acc[c];
+  float sum = 0.0f;
+  for (int l = 0; l < kNative; ++l) sum += total[l];
+  job.sums[item] = sum;
+}
+
 }  // namespace
+
+float arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx) {
+  if (parallel_for == nullptr) parallel_for = serial_for;
+  FloorJob job;
+  job.rows_per_item = (rows + kFloorItems - 1) / kFloorItems;
+  parallel_for(parallel_ctx, kFloorItems, floor_item, &job);
+  float sum = 0.0f;
+  for (float v : job.sums) sum += v;
+  return sum;
+}
 
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx) {
   return run_typed(t, s, parallel_for, parallel_ctx);
@@ -553,18 +605,21 @@ const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor p
 namespace x86_64_v3 {
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+float arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx);
 }
 #endif
 #if defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
 namespace armv8_2_a {
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+float arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx);
 }
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
 namespace x86_64_v4 {
 const char* run(const ScanTensors& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
 const char* run_bf16(const ScanTensorsBf16& t, const ScanShape& s, ParallelFor parallel_for, void* parallel_ctx);
+float arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx);
 }
 #endif
 
@@ -572,11 +627,13 @@ namespace {
 
 using RunFn = const char* (*)(const ScanTensors&, const ScanShape&, ParallelFor, void*);
 using RunBf16Fn = const char* (*)(const ScanTensorsBf16&, const ScanShape&, ParallelFor, void*);
+using FloorFn = float (*)(int64_t, ParallelFor, void*);
 
 struct Variant {
   const char* name;
   RunFn run;
   RunBf16Fn run_bf16;
+  FloorFn floor;
 };
 
 Variant pick_variant() {
@@ -589,26 +646,26 @@ Variant pick_variant() {
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
   if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) {
-    return {"x86-64-v4", x86_64_v4::run, x86_64_v4::run_bf16};
+    return {"x86-64-v4", x86_64_v4::run, x86_64_v4::run_bf16, x86_64_v4::arithmetic_floor};
   }
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
   if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) {
-    return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16};
+    return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16, x86_64_v3::arithmetic_floor};
   }
 #endif
 #if defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
   // The kernel's CPU, not the build machine's: the Linux kernel reports the features in the aux vector.
   const unsigned long hwcap = getauxval(AT_HWCAP);
   if ((hwcap & HWCAP_ASIMDDP) && (hwcap & HWCAP_ASIMDHP) && allowed("armv8.2-a+fp16+dotprod")) {
-    return {"armv8.2-a+fp16+dotprod", armv8_2_a::run, armv8_2_a::run_bf16};
+    return {"armv8.2-a+fp16+dotprod", armv8_2_a::run, armv8_2_a::run_bf16, armv8_2_a::arithmetic_floor};
   }
 #endif
   (void)allowed;
 #if defined(__aarch64__)
-  return {"armv8-a", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16};
+  return {"armv8-a", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16, VMAMBA_SCAN_VARIANT::arithmetic_floor};
 #else
-  return {"generic", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16};
+  return {"generic", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16, VMAMBA_SCAN_VARIANT::arithmetic_floor};
 #endif
 }
 
@@ -659,6 +716,10 @@ const char* selective_scan_2d_bf16(const ScanTensorsBf16& t, const ScanShape& s,
 }
 
 const char* scan_isa() { return variant().name; }
+
+float scan_arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx) {
+  return variant().floor(rows < 0 ? 0 : rows, parallel_for, parallel_ctx);
+}
 
 #endif  // VMAMBA_SCAN_DISPATCH
 

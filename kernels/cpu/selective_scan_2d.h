@@ -61,4 +61,10 @@ const char* selective_scan_2d_bf16(const ScanTensorsBf16& tensors, const ScanSha
 // lower variant, for tests and benchmarks.
 const char* scan_isa();
 
+// A benchmark floor, not part of the op: the arithmetic of `rows` d_state-1 scan steps of 16 channels each
+// (softplus, the decay's exponential, the state update and C . h: what one step of the kernel computes per tile row),
+// run on registers only by independent chains, with no loads, stores or transposes. Timing it for the rows a model's
+// scans take gives a lower bound on the kernel's time (benchmarks/cpu_profile.py). Returns a checksum.
+float scan_arithmetic_floor(int64_t rows, ParallelFor parallel_for, void* parallel_ctx);
+
 }  // namespace vmamba
