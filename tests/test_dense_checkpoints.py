@@ -395,9 +395,28 @@ def test_training_file_with_logger_state_and_numpy_loads(tmp_path, monkeypatch):
     assert "mmengine.logging.history_buffer HistoryBuffer" in globals_used and "__builtin__ getattr" in globals_used
     model, sel = load_checkpoint_selection(path)
     assert isinstance(model, UperNetSegmenter) and len(sel.task_dropped) == 8
+    assert sel.class_names == ["a", "b", "c", "d", "e"]  # meta.dataset_meta.classes
     x = torch.randn(1, 3, 33, 47)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_segmenter_class_names_come_from_the_training_file_unless_labels_are_given(tmp_path):
+    from vmamba_export.model_source import resolve_model
+
+    ref = small_segmenter()
+    named = mmengine_file(tmp_path / "named.pth", ref.state_dict(), classes=ref.config.num_classes)
+    source = resolve_model(checkpoint=named)
+    assert source.model.config.input.labels == tuple(f"class{i}" for i in range(ref.config.num_classes))
+    assert source.labels_source == "checkpoint meta.dataset_meta.classes"
+    # --labels wins; a class list of another length (a file of another dataset's meta) is not used.
+    given = [f"mine{i}" for i in range(ref.config.num_classes)]
+    assert resolve_model(checkpoint=named, labels=given).model.config.input.labels == tuple(given)
+    other = mmengine_file(tmp_path / "other.pth", ref.state_dict(), classes=ref.config.num_classes + 1)
+    assert resolve_model(checkpoint=other).model.config.input.labels != tuple(
+        f"class{i}" for i in range(ref.config.num_classes + 1)
+    )
+    assert resolve_model(checkpoint=other).labels_source != "checkpoint meta.dataset_meta.classes"
 
 
 def test_other_globals_in_a_training_file_are_still_refused(tmp_path):

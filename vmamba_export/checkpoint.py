@@ -69,6 +69,23 @@ class _ReadInfo:
     format: str  # "torch-zip", "torch-legacy" (pre-1.6 non-zip serialisation) or "safetensors"
     wrapper: str | None  # the dict key the state dict came from; None for a bare state dict
     stripped_prefix: str | None
+    class_names: list[str] | None = None  # an mmengine training file's meta.dataset_meta.classes
+
+
+MAX_CLASS_NAMES = 100_000
+
+
+def _dataset_classes(obj) -> list[str] | None:
+    """The class names an mmengine (mmseg/mmdet) training file records in `meta.dataset_meta.classes`, when that is a
+    non-empty list of non-empty strings; None for anything else (the names are a convenience, never an error)."""
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    dataset_meta = meta.get("dataset_meta") if isinstance(meta, dict) else None
+    classes = dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None
+    if not isinstance(classes, (list, tuple)) or not 0 < len(classes) <= MAX_CLASS_NAMES:
+        return None
+    if not all(isinstance(c, str) and c.strip() for c in classes):
+        return None
+    return [c.strip() for c in classes]
 
 
 def _one_line(text: str) -> str:
@@ -278,7 +295,7 @@ def _read(path, key: str | None = None) -> tuple[dict[str, torch.Tensor], _ReadI
     sd, wrapper = _unwrap(path, obj, key)
     _check_contents(path, sd)
     sd, prefix = _strip_prefix(dict(sd))
-    return sd, _ReadInfo(fmt, wrapper, prefix)
+    return sd, _ReadInfo(fmt, wrapper, prefix, _dataset_classes(obj))
 
 
 def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
@@ -593,6 +610,7 @@ class Selection:
     task_dropped: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
     name: str | None = None  # the config name the weights were matched to (a dense file's may be its backbone's)
+    class_names: list[str] | None = None  # the file's meta.dataset_meta.classes (mmengine training files)
 
 
 def _select_classification(
@@ -727,12 +745,15 @@ def load_checkpoint_selection(
     drop_unexpected: bool = False,
     task: str | None = None,
 ) -> tuple[AnyModel, Selection]:
-    """`load_checkpoint` (strict) that also returns what was taken and left out of the file."""
-    sd = read_state_dict(path, key=key)
+    """`load_checkpoint` (strict) that also returns what was taken and left out of the file, and the class names an
+    mmengine training file records (`Selection.class_names`)."""
+    sd, info = _read(path, key=key)
     try:
-        return _load_sd(sd, name, True, ignore_keys, drop_unexpected, task=task)
+        model, sel = _load_sd(sd, name, True, ignore_keys, drop_unexpected, task=task)
     except CheckpointError as exc:
         raise _with_path(path, exc) from None
+    sel.class_names = info.class_names
+    return model, sel
 
 
 def load_checkpoint(
