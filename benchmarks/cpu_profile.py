@@ -3,7 +3,7 @@ same runtime, same threads, from ONNX Runtime's own profiler (`SessionOptions.en
 after graph optimisation, so fused and layout nodes such as ReorderInput/ReorderOutput appear as ORT runs them).
 
     python benchmarks/cpu_profile.py [--sizes 224 512] [--threads 2] [--runs 20] [--int8] [--openvino]
-                                     [--workdir D] [--out F.md]
+                                     [--upernet SIZE] [--workdir D] [--out F.md]
 
 Graphs: ours as the cpu-onnxruntime target exports it (channel-first residual stream, projections as 1x1
 convolutions that ORT runs in its blocked NCHWc layout, one custom scan node per block), and the channels-last form
@@ -13,7 +13,10 @@ comparison; ConvNeXt-T exported by the same exporter at the fixed input shape (b
 With --openvino (224 only), the same for OpenVINO from its per-node counters (PERF_COUNT, summed by node type):
 our cpu-openvino artifacts in fp32, bf16 and int8, compiled as the loader compiles them (fixed input shape, LATENCY
 hint), against ConvNeXt-T IR converted from the fixed-shape ONNX file (int8 through NNCF's default quantize, as
-cpu_user.py does) with the same hints. Each graph is profiled in its own process, batch 1; the tables give ms per
+cpu_user.py does) with the same hints. With --upernet SIZE, the vmamba_tiny_s1l8 UperNet of
+benchmarks/segmentation_speed.py against its ConvNeXt-T UperNet (same head) at SIZE x SIZE, fp32, on both runtimes
+(ours as the custom-op ONNX and the OpenVINO IR the targets write; the peer as ONNX at the fixed shape and its IR).
+Each graph is profiled in its own process, batch 1; the tables give ms per
 inference by op (node) type, summed over nodes, and the wall-clock median of the profiled runs.
 
 "Floor" rows: the kernels that do the model's own arithmetic (convolutions and matrix products in any precision,
@@ -54,6 +57,8 @@ ARITHMETIC_OPS = {
     # OpenVINO CPU plugin ("Reference": an extension op, our scan; ReduceMean, RMS, Subtract: LayerNorm pieces)
     "Convolution", "GroupConvolution", "FullyConnected", "FullyConnectedQuantizedLegacy", "MVN", "RMS", "ReduceMean",
     "Eltwise", "Subgraph", "Reference", "Subtract", "Multiply", "Power", "Sqrt", "Divide",
+    # both: the segmentation head's bilinear upsampling
+    "Resize", "Interpolate",
 }  # fmt: skip
 
 
@@ -94,6 +99,7 @@ def profile_worker(path: str, library: str | None, size: int, threads: int, runs
     }
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
 SCAN_OPS = ("SelectiveScan2D", "Reference")  # ONNX Runtime, OpenVINO (an extension op runs as "Reference")
 
 
@@ -189,6 +195,31 @@ def export_openvino_graphs(workdir: Path) -> dict[str, dict]:
     return graphs
 
 
+def upernet_graphs(workdir: Path, size: int) -> dict[str, dict]:
+    """name -> worker spec for the UperNet pair on both runtimes (benchmarks/segmentation_speed.py's models)."""
+    import segmentation_speed as seg
+
+    ours_ort = seg.build_ours_lowered(workdir, "ort-fp32", size)
+    ours_ov = seg.build_ours_lowered(workdir, "ov-fp32", size)
+    peer_onnx = seg.export_peer_onnx(workdir / f"convnext_upernet_{size}.onnx", size, fixed=True)
+    common = {"size": size}
+    return {
+        "onnxruntime": {
+            f"{MODEL} UperNet fp32": {"path": ours_ort["path"], "library": ours_ort["library"], **common},
+            f"convnext_tiny UperNet fp32, fixed {size}": {"path": str(peer_onnx), "library": None, **common},
+        },
+        "openvino": {
+            f"{MODEL} UperNet fp32": {"xml": ours_ov["path"], "library": ours_ov["library"], "hint": "f32", **common},
+            f"convnext_tiny UperNet fp32, fixed {size}": {
+                "xml": str(seg.peer_ir(peer_onnx)),
+                "library": None,
+                "hint": "f32",
+                **common,
+            },
+        },
+    }
+
+
 def export_graphs(workdir: Path, sizes: list[int], int8: bool) -> dict[str, tuple[Path, str | None, list[int]]]:
     """name -> (ONNX file, custom-op library or None, sizes it is profiled at)."""
     import torch
@@ -264,8 +295,8 @@ def floor_ratios(results: dict[str, dict], scan_floor: float) -> list[dict]:
     for name, r in results.items():
         if name.startswith("convnext"):
             continue
-        precision = name.split()[1].rstrip(",")
-        peer = next(p for p in results if p.startswith("convnext") and precision in p.split(",")[0].split())
+        precision = next(w for w in name.replace(",", " ").split() if w in PRECISIONS)
+        peer = next(p for p in results if p.startswith("convnext") and precision in p.replace(",", " ").split())
         floor = sum(ms for op, (ms, _) in r["ops"].items() if op in ARITHMETIC_OPS)
         scan = sum(ms for op, (ms, _) in r["ops"].items() if op in SCAN_OPS)
         peer_wall = results[peer]["wall_median_ms"]
@@ -298,6 +329,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--int8", action="store_true", help="also the ONNX Runtime int8 graphs (224)")
     parser.add_argument("--openvino", action="store_true", help="also OpenVINO fp32, bf16 and int8 (224)")
+    parser.add_argument("--upernet", type=int, metavar="SIZE", help="also the UperNet pair at SIZE, both runtimes")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -337,6 +369,16 @@ def main() -> int:
         lines += table("OpenVINO, 224 x 224", results)
         floors = floor_ratios(results, scan_floor_ms(224, args.threads))
         rows.append({"runtime": "openvino", "size": 224, "results": results, "floors": floors})
+    if args.upernet:
+        for runtime, specs in upernet_graphs(workdir, args.upernet).items():
+            results = {}
+            for name, spec in specs.items():
+                results[name] = run_worker_process({**spec, **common})
+                print(f"{args.upernet}: {runtime} {name}: {results[name]['wall_median_ms']:.1f} ms", file=sys.stderr)
+            title = f"{'ONNX Runtime' if runtime == 'onnxruntime' else 'OpenVINO'}, UperNet, {args.upernet}"
+            lines += table(f"{title} x {args.upernet}", results)
+            floors = floor_ratios(results, scan_floor_ms(args.upernet, args.threads))
+            rows.append({"runtime": runtime, "size": args.upernet, "results": results, "floors": floors})
     lines += ["", "### Floors: ours / the peer of the same runtime, precision and size", ""]
     lines += [
         "| runtime | size | ours | wall ratio | floor ms | floor / peer wall | scan ms | scan floor ms | "

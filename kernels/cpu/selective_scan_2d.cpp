@@ -10,8 +10,9 @@
 // baseline and a Neoverse / Cortex-A76 the v8.2 code. Other architectures build `generic` alone. The vector code uses
 // GCC/Clang vector extensions, which each compile lowers to its own ISA (4-lane NEON vectors on aarch64).
 //
-// Work decomposition: a work item is (batch, block of 16 channels) and runs all four directions one after the
-// other, so no two threads ever write the same y element and no per-direction y buffers are needed. The item
+// Work decomposition: a work item is (batch, block of 16 channels) and runs all four directions (one after the
+// other, or for d_state 1 on AVX-512 two at a time: scan_direction_pair_d1), so no two threads ever write the same y
+// element and no per-direction y buffers are needed. The item
 // transposes its u / delta / y tiles into channel-last scratch ([position][16 channels]) so that each scan step
 // loads one 64-byte row: the 16 channels are the vector lanes, the positions are walked in the direction's order
 // (any order costs the same in that layout). B and C (shared by all channels of a direction) are read as
@@ -413,9 +414,8 @@ void run_item(void* arg, int64_t item) {
   const int64_t nc = std::min<int64_t>(kLanes, di - d0);
 
   // Scratch: u, delta and y tiles, then per-state decay rates A and (generic d_state) the state itself, then the
-  // fused dt projection's weights in lanes.
-  // d_state 1 with one vector per tile (AVX-512) scans two directions at a time (scan_direction_pair_d1): a second
-  // delta tile and decay-rate row.
+  // fused dt projection's weights in lanes. d_state 1 with one vector per tile (AVX-512) scans two directions at a
+  // time (scan_direction_pair_d1): a second delta tile and decay-rate row.
   const bool paired = n == 1 && kPairDirections;
   const int64_t tile = len * kLanes;
   const int64_t delta_tiles = paired ? 2 : 1;
