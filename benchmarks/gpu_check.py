@@ -461,13 +461,13 @@ def ort_speed(session, input_name: str, output_name: str, batch: int, runs: int)
     return time_calls(lambda: session.run_with_iobinding(binding), warmup=5, runs=runs)["median_ms"]
 
 
-def graph_speed(make_session, batch: int, runs: int) -> float:
+def graph_speed(make_session, probe_session, batch: int, runs: int) -> float:
     """The same as ort_speed through a captured CUDA graph (runtime/cuda_graphs.py): input already on the GPU,
     output left there, one graph replay per call."""
     from vmamba_export.bench import time_calls
     from vmamba_export.runtime.cuda_graphs import CudaGraphRunner
 
-    runner = CudaGraphRunner(make_session)
+    runner = CudaGraphRunner(make_session, probe_session)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
     runner.run_numpy(x)  # creates the session and its buffers
     graph = runner._graph_for(x.shape)
@@ -479,7 +479,7 @@ def speed_rows(rec: dict, session, make_graph_session, quick: bool) -> None:
     inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
     for batch, runs in ((128, 5 if quick else 20), (1, 20 if quick else 200)):
         plain = ort_speed(session, inp, outp, batch, runs=runs)
-        graphed = graph_speed(make_graph_session, batch, runs=runs)
+        graphed = graph_speed(make_graph_session, session, batch, runs=runs)
         rec[f"batch{batch}_ms"], rec[f"batch{batch}_graph_ms"] = plain, graphed
         rec[f"batch{batch}_img_s"], rec[f"batch{batch}_graph_img_s"] = batch * 1e3 / plain, batch * 1e3 / graphed
 

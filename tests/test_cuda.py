@@ -142,7 +142,7 @@ def test_graph_runner_takes_a_shape_into_a_graph_from_its_second_call():
     bounded. Capture and replay are tested on a GPU below."""
     from vmamba_export.runtime.cuda_graphs import REMEMBERED_SHAPES, CudaGraphRunner
 
-    runner = CudaGraphRunner(lambda: pytest.fail("wants() must not make a session"))
+    runner = CudaGraphRunner(lambda: pytest.fail("wants() must not make a session"), probe_session=None)
     assert not runner.wants((1, 3, 64, 64)) and runner.wants((1, 3, 64, 64)) and runner.wants((1, 3, 64, 64))
     assert not runner.wants((1, 3, 193, 161)) and runner.wants((1, 3, 193, 161))
     for side in range(REMEMBERED_SHAPES):
@@ -448,7 +448,12 @@ def test_cuda_graph_path_on_dense_artifacts(tmp_path, task, precision):
                     assert _rel_l2(g, r) <= 1e-5 and _rel_l2(w, r) <= 1e-5, (shape, _rel_l2(g, r), _rel_l2(w, r))
                 else:
                     assert _rel_l2(g, w) <= 5e-3 and _rel_l2(g, r) <= 1e-2, (shape, _rel_l2(g, w), _rel_l2(g, r))
-    assert sorted(graphed.backend.graphs.cached_shapes) == sorted(set(shapes))
+    backend = graphed.backend
+    if task == "segmentation" and backend.graphs is None:
+        # ONNX Runtime refuses to capture the UperNet (a node it puts on the CPU): the plain session runs instead.
+        assert "graph capture" in backend.cuda_graph_note
+    else:
+        assert sorted(backend.graphs.cached_shapes) == sorted(set(shapes))
     x = rng.standard_normal((1, 3, 193, 161), dtype=np.float32)
     host = _as_list(graphed(x))
     kept = _as_list(graphed(torch.from_numpy(x).cuda()))

@@ -44,26 +44,23 @@ def is_device_array(batch) -> bool:
 class _GraphSession:
     """One session, one input shape, one captured graph, with the input and output buffers it was captured on."""
 
-    def __init__(self, session, shape: tuple[int, ...]):
+    def __init__(self, session, shape: tuple[int, ...], probe_session):
         import onnxruntime as ort
 
         self.session = session
-        inp = session.get_inputs()[0]
-        self.input = ort.OrtValue.ortvalue_from_shape_and_type(shape, _ONNX_TO_NUMPY[inp.type], "cuda", 0)
-        self.input.update_inplace(np.zeros(shape, dtype=_ONNX_TO_NUMPY[inp.type]))
+        inp, outputs = session.get_inputs()[0], session.get_outputs()
+        dtype = _ONNX_TO_NUMPY[inp.type]
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input(inp.name, self.input)
-        # The output shapes come from one ordinary run of this very session at this shape, its outputs allocated by
-        # ONNX Runtime: no rule to keep in step with the model (a backbone's maps are floor(side / 4) then ceil(/ 2)
-        # per stage for v0 but ceil(side / stride) for v2, so 193 x 161 has no one formula; ONNX shape inference
-        # leaves such sides symbolic). The run is not captured: the CUDA provider captures only after its regular
-        # warm-up runs (at least one in every version), so it is one of those.
-        outputs = session.get_outputs()
-        for out in outputs:
-            self.binding.bind_output(out.name, "cuda", 0)
-        session.run_with_iobinding(self.binding)
-        shapes = [tuple(value.shape()) for value in self.binding.get_outputs()]
-        self.binding.clear_binding_outputs()
+        # The output shapes come from one ordinary run at this shape of `probe_session`, a session of the same model
+        # without graphs: no rule to keep in step with the model (a backbone's maps are floor(side / 4) then
+        # ceil(/ 2) per stage for v0 but ceil(side / stride) for v2, so 193 x 161 has no one formula; ONNX shape
+        # inference leaves such sides symbolic). Not a run of the graph session itself: ONNX Runtime captures within
+        # that session's first run, so the graph would keep the probe's own output buffers (seen on an H100 with
+        # onnxruntime-gpu 1.31.1: the bound buffers were never written, every later call read zeros).
+        probe = probe_session.run(None, {probe_session.get_inputs()[0].name: np.zeros(shape, dtype=dtype)})
+        shapes = [tuple(value.shape) for value in probe]
         self.output_dtypes = [_ONNX_TO_NUMPY[out.type] for out in outputs]
         self.outputs = []
         for out, out_shape, dtype in zip(outputs, shapes, self.output_dtypes, strict=True):
@@ -72,7 +69,7 @@ class _GraphSession:
             self.outputs.append(value)
 
     def replay(self) -> None:
-        # The first runs after the probe are ONNX Runtime's warm-up and capture, every later one replays the graph.
+        # The first run does ONNX Runtime's warm-up runs and the capture, every later one replays the graph.
         self.session.run_with_iobinding(self.binding)
 
 
@@ -85,8 +82,11 @@ class CudaGraphRunner:
     """Runs an artifact's model through CUDA graphs, one per input shape (least recently used dropped first). Any
     number of outputs, of shapes that follow the input's (a backbone's four maps, a segmenter's logits)."""
 
-    def __init__(self, make_session: Callable[[], object], max_shapes: int = MAX_CACHED_SHAPES):
+    def __init__(self, make_session: Callable[[], object], probe_session, max_shapes: int = MAX_CACHED_SHAPES):
+        """`make_session`: a new session of the model with `enable_cuda_graph` (one per shape); `probe_session`: an
+        ordinary session of the same model, run once per new shape for the output shapes (see _GraphSession)."""
         self._make_session = make_session
+        self._probe_session = probe_session
         self._max_shapes = max_shapes
         self._graphs: OrderedDict[tuple[int, ...], _GraphSession] = OrderedDict()
         self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
@@ -107,12 +107,16 @@ class CudaGraphRunner:
     def cached_shapes(self) -> list[tuple[int, ...]]:
         return list(self._graphs)
 
+    def prepare(self, shape: tuple[int, ...]) -> None:
+        """Make the graph session of `shape` now (raises what the session's creation raises)."""
+        self._graph_for(shape)
+
     def _graph_for(self, shape: tuple[int, ...]) -> _GraphSession:
         graph = self._graphs.get(shape)
         if graph is None:
             if len(self._graphs) >= self._max_shapes:
                 self._graphs.popitem(last=False)
-            graph = _GraphSession(self._make_session(), shape)
+            graph = _GraphSession(self._make_session(), shape, self._probe_session)
             self._graphs[shape] = graph
         self._graphs.move_to_end(shape)
         return graph

@@ -101,12 +101,28 @@ class OnnxRuntimeBackend:
             from .cuda_graphs import CudaGraphRunner
 
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-            self.graphs = CudaGraphRunner(lambda: make_session(model_path, library_path, threads, graph_providers))
+            self.graphs = CudaGraphRunner(
+                lambda: make_session(model_path, library_path, threads, graph_providers), self.session
+            )
+        # Why graphs are off, once ONNX Runtime has refused to capture this model (set on first use, see _graphed).
+        self.cuda_graph_note: str | None = None
 
     def _graphed(self, shape) -> bool:
         """Whether this call replays a CUDA graph: graphs on, and the shape not seen for the first time (a new shape
-        runs the plain session once, so one-off sizes never pay for a graph's session; cuda_graphs.py)."""
-        return self.graphs is not None and self.graphs.wants(tuple(int(d) for d in shape))
+        runs the plain session once, so one-off sizes never pay for a graph's session; cuda_graphs.py). A model that
+        ONNX Runtime will not capture (a node it places on the CPU, e.g. the UperNet pooling's mask arithmetic)
+        turns graphs off for good, with the reason in `cuda_graph_note`, and runs on the plain session."""
+        shape = tuple(int(d) for d in shape)
+        if self.graphs is None or not self.graphs.wants(shape):
+            return False
+        try:
+            self.graphs.prepare(shape)
+        except ArtifactError as exc:
+            if "graph capture" not in str(exc):
+                raise
+            self.graphs, self.cuda_graph_note = None, f"off: {exc}"
+            return False
+        return True
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self._graphed(batch.shape):
