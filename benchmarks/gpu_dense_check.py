@@ -103,7 +103,9 @@ def graph_parity(folder: Path, model) -> dict:
                     raise AssertionError(f"shapes at {shape}: graph {g.shape}, plain {w.shape}, torch {r.shape}")
                 for key, a, b in (("graph_vs_plain", g, w), ("graph_vs_torch", g, r), ("plain_vs_torch", w, r)):
                     worst[key] = max(worst[key], _rel_l2(a, b))
-    return {"shapes": [list(s) for s in GRAPH_SHAPES], "cached": graphed.backend.graphs.cached_shapes, **worst}
+    backend = graphed.backend  # graphs None: ORT would not capture this model, the reason in cuda_graph_note
+    cached = backend.graphs.cached_shapes if backend.graphs is not None else []
+    return {"shapes": [list(s) for s in GRAPH_SHAPES], "cached": cached, "note": backend.cuda_graph_note, **worst}
 
 
 def plain_outputs(out) -> list[np.ndarray]:
@@ -119,7 +121,7 @@ def _graph_line(gp: dict) -> str:
         return f"ERROR {gp['error']}"
     return (
         f"rel L2 graph/plain {gp['graph_vs_plain']:.1e}, graph/torch {gp['graph_vs_torch']:.1e}, "
-        f"plain/torch {gp['plain_vs_torch']:.1e}"
+        f"plain/torch {gp['plain_vs_torch']:.1e}" + (f" (graphs {gp['note']})" if gp.get("note") else "")
     )
 
 
@@ -191,7 +193,7 @@ def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, re
             "pixel_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
         }
     peer = _ort_session(peer_path, precision)
-    peer_graph = CudaGraphRunner(lambda: _ort_session(peer_path, precision, graph=True))
+    peer_graph = CudaGraphRunner(lambda: _ort_session(peer_path, precision, graph=True), peer)
     calls = {
         "ours": lambda: plain(x),
         "ours_graph": lambda: graphed(x),
@@ -219,12 +221,16 @@ def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, re
         "graph_speedup_ours": _paired_ratio(times["ours"], times["ours_graph"]),
         "graph_speedup_peer": _paired_ratio(times["peer"], times["peer_graph"]),
         "errors": errors,
+        # None while our graph path replays graphs; ORT's refusal when it would not capture (then "ours_graph" times
+        # the plain session it falls back to)
+        "ours_graph_note": graphed.backend.cuda_graph_note,
         "providers": plain.backend.session.get_providers(),
     }
     print(
         f"  upernet {precision}: rel L2 {parity['plain']['rel_l2']:.2e} (graph {parity['graph']['rel_l2']:.2e}), "
         f"pixel agreement {parity['plain']['pixel_agreement']:.4f} (graph {parity['graph']['pixel_agreement']:.4f}); "
         f"{_ms_line(med)}; ratio {_num(row['ratio_median'])}, with graphs {_num(row['ratio_median_graph'])}"
+        + (f"; our graph path {row['ours_graph_note']}" if row["ours_graph_note"] else "")
         + (f"; errors {errors}" if errors else ""),
         flush=True,
     )
