@@ -263,7 +263,7 @@ def export_graphs(workdir: Path, sizes: list[int], int8: bool) -> dict[str, tupl
             source = resolve_model(MODEL, random_weights=True)
             export_artifact(source, get_target("cpu-onnxruntime"), folder, precision="int8", options=options)
         graphs[f"{MODEL} int8 (cpu-onnxruntime)"] = (folder / "model.onnx", library, [224])
-        peer = peer_int8_onnx(workdir / "convnext_tiny_224.onnx", workdir, calibration_images())
+        peer = peer_int8_onnx(workdir / "convnext_tiny_224.onnx", workdir, calibration_images(), 1)
         graphs["convnext_tiny int8 (QOperator U8S8), fixed 224"] = (peer, None, [224])
     return graphs
 

@@ -118,16 +118,19 @@ def calibration_images(count: int = 16) -> np.ndarray:
     return batch
 
 
-def peer_int8_onnx(fp32: Path, workdir: Path, calib: np.ndarray) -> Path:
-    """ConvNeXt-T int8 for ONNX Runtime: QOperator U8S8 per-channel, the project's quantizer, calibrated on photos."""
+def peer_int8_onnx(fp32: Path, workdir: Path, calib: np.ndarray, fixed_batch: int | None = None) -> Path:
+    """ConvNeXt-T int8 for ONNX Runtime: QOperator U8S8 per-channel, the project's quantizer, calibrated on photos.
+    `fixed_batch`: the batch size a fixed-shape model takes (its calibration batches are that size); None for a
+    dynamic batch (one image per calibration batch)."""
     from vmamba_export.quantize.onnxruntime_int8 import calibrate, prepare_model, quantize_with_cache
 
     out = workdir / f"{fp32.stem}_qop-u8s8.onnx"
     if not out.exists():
         prepared = prepare_model(fp32, workdir / f"{fp32.stem}_prepared.onnx")
         cache = workdir / f"{fp32.stem}_ranges.json"
-        # One image per calibration batch: the fixed-shape peer takes its own batch size only.
-        calibrate(prepared, calib, "minmax", cache, None, show_progress=False, batch_size=1)
+        batch = fixed_batch or 1
+        images = np.resize(calib, (-(-len(calib) // batch) * batch, *calib.shape[1:]))  # whole batches of it
+        calibrate(prepared, images, "minmax", cache, None, show_progress=False, batch_size=batch)
         quantize_with_cache(prepared, out, cache, "minmax", "qop-u8s8", prepared.scan_feeders)
     return out
 
@@ -181,7 +184,8 @@ def build(args, workdir: Path) -> dict:
             for row in args.rows:
                 _, precision, runtime, hint = ROWS[row]
                 if runtime == "onnxruntime":
-                    path = peer_int8_onnx(fp32, workdir, calib) if precision == "int8" else fp32
+                    fixed = batch if shape == "fixed" else None
+                    path = peer_int8_onnx(fp32, workdir, calib, fixed) if precision == "int8" else fp32
                 else:
                     path = peer_ir(fp32, precision == "int8", calib)
                 peer = {"kind": "peer", "path": str(path), "runtime": runtime, "hint": hint, "batch": batch}
