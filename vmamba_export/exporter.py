@@ -84,6 +84,20 @@ def check_dense_export(task: str, target: Target, options: ExportOptions) -> Non
         )
 
 
+def _import_export_packages(target: Target) -> None:
+    """Import the target's export packages now, before atomic_artifact turns SIGTERM into an exception. A native
+    extension's module initialisation runs Python code (onnx's nanobind enums, for one) where a Python exception
+    cannot unwind through it: a SIGTERM landing there aborted the process (SIGABRT, partial folder left behind)
+    instead of exiting 143 with everything cleaned up. Afterwards the same signal finds ordinary Python frames."""
+    import importlib
+
+    for name in target.export_packages:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # can_build() has checked they are installed; the lowering reports any import failure itself
+
+
 def export_artifact(
     source: ModelSource,
     target: Target,
@@ -127,6 +141,7 @@ def export_artifact(
         cfg = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=None))
         labels_source = None
     lowering = get_lowering(target)
+    _import_export_packages(target)
     with atomic_artifact(Path(out), overwrite=overwrite) as folder:
         entry, info = lowering(model, target, folder, options)
         # Inputs and PyTorch fp32 logits for the device's self-check (validate without torch): hashed in files.
