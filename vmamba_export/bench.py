@@ -148,14 +148,19 @@ class _AnsweredBackend:
         return self._outputs
 
 
-def predictor_overhead_us(predictor, batch: np.ndarray, calls: int = 2000) -> float:
+def predictor_overhead_us(predictor, batch: np.ndarray, calls: int = 2000, budget_s: float = 0.5) -> float:
     """The predictor's own cost per call in microseconds, measured directly: the same `predictor(batch)` call with the
     runtime's work taken out (its backend answers from outputs computed once), so what is left is the input checks,
     conversion and dispatch a user's call pays on top of the runtime. (The difference of two timed medians of the
-    full call is noise at this size.)"""
+    full call is noise at this size.) At most `calls` calls, fewer (not under 20) where they would take more than
+    about `budget_s` (big batches: the input check reads every value)."""
     real = predictor.backend
     predictor.backend = _AnsweredBackend(real, batch)
     try:
+        start = time.perf_counter()
+        predictor(batch)
+        once = max(time.perf_counter() - start, 1e-9)
+        calls = max(20, min(calls, int(budget_s / once)))
         return time_calls(lambda: predictor(batch), min(100, calls), calls)["median_ms"] * 1e3
     finally:
         predictor.backend = real
