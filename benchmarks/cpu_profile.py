@@ -36,7 +36,6 @@ import argparse
 import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -315,13 +314,6 @@ def floor_ratios(results: dict[str, dict], scan_floor: float) -> list[dict]:
     return rows
 
 
-def run_worker_process(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"profiling {spec} failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 512])
@@ -340,7 +332,7 @@ def main() -> int:
         print(json.dumps(worker(**spec)))
         return 0
 
-    from vmamba_export.bench import machine_description, write_results
+    from vmamba_export.bench import machine_description, run_in_worker, write_results
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-cpu-profile-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -356,7 +348,7 @@ def main() -> int:
         results = {}
         for name, (path, library, sizes) in graphs.items():
             if size in sizes:
-                results[name] = run_worker_process({"path": str(path), "library": library, "size": size, **common})
+                results[name] = run_in_worker(__file__, {"path": str(path), "library": library, "size": size, **common})
                 print(f"{size}: {name}: {results[name]['wall_median_ms']:.1f} ms", file=sys.stderr)
         lines += table(f"ONNX Runtime, {size} x {size}", results)
         floors = floor_ratios(results, scan_floor_ms(size, args.threads))
@@ -364,7 +356,7 @@ def main() -> int:
     if args.openvino:
         results = {}
         for name, spec in export_openvino_graphs(workdir).items():
-            results[name] = run_worker_process({**spec, "size": 224, **common})
+            results[name] = run_in_worker(__file__, {**spec, "size": 224, **common})
             print(f"224: {name}: {results[name]['wall_median_ms']:.1f} ms", file=sys.stderr)
         lines += table("OpenVINO, 224 x 224", results)
         floors = floor_ratios(results, scan_floor_ms(224, args.threads))
@@ -373,7 +365,7 @@ def main() -> int:
         for runtime, specs in upernet_graphs(workdir, args.upernet).items():
             results = {}
             for name, spec in specs.items():
-                results[name] = run_worker_process({**spec, **common})
+                results[name] = run_in_worker(__file__, {**spec, **common})
                 print(f"{args.upernet}: {runtime} {name}: {results[name]['wall_median_ms']:.1f} ms", file=sys.stderr)
             title = f"{'ONNX Runtime' if runtime == 'onnxruntime' else 'OpenVINO'}, UperNet, {args.upernet}"
             lines += table(f"{title} x {args.upernet}", results)

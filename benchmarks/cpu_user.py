@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,11 +81,9 @@ def time_peer(path: str, runtime: str, hint: str | None, threads: int, batch: in
 
 def measure(spec: dict, args) -> dict:
     """One timing in its own process (runtimes' thread pools never share a process: an idle pool spins)."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps({**spec, "warmup": args.warmup, "runs": args.runs})]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"timing {spec} failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from vmamba_export.bench import run_in_worker
+
+    return run_in_worker(__file__, {**spec, "warmup": args.warmup, "runs": args.runs})
 
 
 def run_worker(spec: dict) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -239,11 +238,10 @@ def run_worker(spec: dict) -> dict:
 
 def measure(spec: dict, args) -> dict:
     """One timing in its own process (runtimes' thread pools never share a process: an idle pool spins)."""
+    from vmamba_export.bench import run_in_worker
+
     payload = {**spec, "threads": args.threads, "size": args.size, "warmup": args.warmup, "runs": args.runs}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"timing {spec} failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_worker(__file__, payload)
 
 
 # ---- main ----

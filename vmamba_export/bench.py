@@ -135,8 +135,9 @@ class _AnsweredBackend:
 
     def __init__(self, real, batch: np.ndarray):
         self._real = real
-        self._output = real.run(batch)
-        self._outputs = real.run_outputs(batch) if hasattr(real, "run_outputs") else [self._output]
+        # One run of the runtime: `run` gives the first of `run_outputs` where a backend has both.
+        self._outputs = real.run_outputs(batch) if hasattr(real, "run_outputs") else [real.run(batch)]
+        self._output = self._outputs[0]
 
     def __getattr__(self, name: str):
         return getattr(self._real, name)
@@ -164,6 +165,15 @@ def predictor_overhead_us(predictor, batch: np.ndarray, calls: int = 2000, budge
         return time_calls(lambda: predictor(batch), min(100, calls), calls)["median_ms"] * 1e3
     finally:
         predictor.backend = real
+
+
+def run_in_worker(script: str, spec: dict) -> dict:
+    """`python SCRIPT --worker SPEC_JSON` in its own process (runtimes' thread pools never share a process: an idle
+    pool spins); the JSON object on its last line of output. The benchmarks' worker side prints it."""
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_point(folder: Path, batch: int, threads: int, size: int, warmup: int, runs: int) -> dict:

@@ -196,15 +196,12 @@ def resolve_model(
                 f"no weights for {name!r}: pass --checkpoint PATH (an official .pth or your fine-tune), "
                 f"or --random-weights for a speed-only build; bundled trained models: {', '.join(bundled_names())}"
             )
-    if labels is None and checkpoint is not None and model.config.task == "segmentation":
-        # An mmseg training file names its classes (meta.dataset_meta.classes): used when there is one per class.
-        names = sel.class_names
-        if names is not None and len(names) == model.config.num_classes:
-            cfg = model.config
-            model.config = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=tuple(names)))
-            labels_source = "checkpoint meta.dataset_meta.classes"
-        else:
-            labels_source = apply_labels(model, None)
+    # An mmseg training file names its classes (meta.dataset_meta.classes): used, unless labels are given, when there
+    # is one per class.
+    names = sel.class_names if checkpoint is not None and model.config.task == "segmentation" else None
+    if labels is None and names is not None and len(names) == model.config.num_classes:
+        apply_labels(model, names)
+        labels_source = "checkpoint meta.dataset_meta.classes"
     else:
         labels_source = apply_labels(model, labels)
     weights["state_digest"] = state_dict_digest(model)
