@@ -332,7 +332,9 @@ def main() -> int:
         print(json.dumps(worker(**spec)))
         return 0
 
-    from vmamba_export.bench import machine_description, run_in_worker, write_results
+    from worker import run_in_worker
+
+    from vmamba_export.bench import machine_description, write_results
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmamba-cpu-profile-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def time_peer(path: str, runtime: str, hint: str | None, threads: int, batch: in
 
 def measure(spec: dict, args) -> dict:
     """One timing in its own process (runtimes' thread pools never share a process: an idle pool spins)."""
-    from vmamba_export.bench import run_in_worker
+    from worker import run_in_worker
 
     return run_in_worker(__file__, {**spec, "warmup": args.warmup, "runs": args.runs})
 

@@ -238,7 +238,7 @@ def run_worker(spec: dict) -> dict:
 
 def measure(spec: dict, args) -> dict:
     """One timing in its own process (runtimes' thread pools never share a process: an idle pool spins)."""
-    from vmamba_export.bench import run_in_worker
+    from worker import run_in_worker
 
     payload = {**spec, "threads": args.threads, "size": args.size, "warmup": args.warmup, "runs": args.runs}
     return run_in_worker(__file__, payload)

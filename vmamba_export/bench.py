@@ -167,15 +167,6 @@ def predictor_overhead_us(predictor, batch: np.ndarray, calls: int = 2000, budge
         predictor.backend = real
 
 
-def run_in_worker(script: str, spec: dict) -> dict:
-    """`python SCRIPT --worker SPEC_JSON` in its own process (runtimes' thread pools never share a process: an idle
-    pool spins); the JSON object on its last line of output. The benchmarks' worker side prints it."""
-    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec} failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def bench_point(folder: Path, batch: int, threads: int, size: int, warmup: int, runs: int) -> dict:
     """One measurement in this process (the worker side). A cuda-onnxruntime artifact is timed twice: launching every
     kernel from the host (the plain figures) and replaying its CUDA graph (`cuda_graph`: the predictor's default)."""
