@@ -461,25 +461,25 @@ def ort_speed(session, input_name: str, output_name: str, batch: int, runs: int)
     return time_calls(lambda: session.run_with_iobinding(binding), warmup=5, runs=runs)["median_ms"]
 
 
-def graph_speed(make_session, num_outputs: int, batch: int, runs: int) -> float:
+def graph_speed(make_session, probe_session, batch: int, runs: int) -> float:
     """The same as ort_speed through a captured CUDA graph (runtime/cuda_graphs.py): input already on the GPU,
     output left there, one graph replay per call."""
     from vmamba_export.bench import time_calls
     from vmamba_export.runtime.cuda_graphs import CudaGraphRunner
 
-    runner = CudaGraphRunner(make_session, num_outputs)
+    runner = CudaGraphRunner(make_session, probe_session)
     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
     runner.run_numpy(x)  # creates the session and its buffers
     graph = runner._graph_for(x.shape)
     return time_calls(graph.replay, warmup=5, runs=runs)["median_ms"]
 
 
-def speed_rows(rec: dict, session, make_graph_session, num_outputs: int, quick: bool) -> None:
+def speed_rows(rec: dict, session, make_graph_session, quick: bool) -> None:
     """Batch 128 and batch 1, plain I/O binding and CUDA graph, into `rec`."""
     inp, outp = session.get_inputs()[0].name, session.get_outputs()[0].name
     for batch, runs in ((128, 5 if quick else 20), (1, 20 if quick else 200)):
         plain = ort_speed(session, inp, outp, batch, runs=runs)
-        graphed = graph_speed(make_graph_session, num_outputs, batch, runs=runs)
+        graphed = graph_speed(make_graph_session, session, batch, runs=runs)
         rec[f"batch{batch}_ms"], rec[f"batch{batch}_graph_ms"] = plain, graphed
         rec[f"batch{batch}_img_s"], rec[f"batch{batch}_graph_img_s"] = batch * 1e3 / plain, batch * 1e3 / graphed
 
@@ -565,7 +565,7 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
             rec["predictor_b1_numpy_ms"] = predictor_call_ms(predictor, 1, 20 if quick else 200)
             rec["predictor_b1_numpy_graph_ms"] = predictor_call_ms(graphed, 1, 20 if quick else 200)
             del graphed
-            speed_rows(rec, session, backend.graphs._make_session, predictor.num_classes, quick)
+            speed_rows(rec, session, backend.graphs._make_session, quick)
             log(
                 f"{name} {row}: batch 128 {rec['batch128_img_s']:.0f} img/s, graph {rec['batch128_graph_img_s']:.0f}; "
                 f"batch 1 {rec['batch1_ms']:.2f} ms, graph {rec['batch1_graph_ms']:.2f} ms; predictor(numpy) b1 "
@@ -584,7 +584,7 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
             session = make_session(path, None, None, [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"])
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
             conv["providers"] = session.get_providers()
-            speed_rows(conv, session, lambda p=path, g=graph_providers: make_session(p, None, None, g), 1000, quick)
+            speed_rows(conv, session, lambda p=path, g=graph_providers: make_session(p, None, None, g), quick)
             log(
                 f"convnext_tiny {precision}: batch 128 {conv['batch128_img_s']:.0f} img/s, graph "
                 f"{conv['batch128_graph_img_s']:.0f}; batch 1 {conv['batch1_ms']:.2f} ms, graph "

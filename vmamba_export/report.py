@@ -168,9 +168,6 @@ def outputs_section(m: dict) -> list[str]:
     refs = m.get("references") or {}
     if refs.get("size"):
         lines += ["", f"References: {refs.get('num_images')} images at {refs['size']} px ({refs.get('source')})."]
-    notes = (m.get("lowering") or {}).get("cuda_graphs")
-    if notes:
-        lines += ["", f"CUDA graphs: {notes}."]
     return lines
 
 

@@ -121,9 +121,6 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     path = folder / "model.onnx"
     info = export_onnx(graph_model, path, scan="custom-op", max_size=options.max_size)
     info["residual_layout"] = layout
-    if task != "classification":
-        # runtime/cuda_graphs.py replays graphs with one (N, num_classes) output buffer: dense outputs run without.
-        info["cuda_graphs"] = f"off for task {task} (the graph runner handles one (N, num_classes) output)"
     if layer_norm == "custom-op" or options.precision == "fp16":
         import onnx
 

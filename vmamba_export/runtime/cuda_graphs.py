@@ -2,8 +2,9 @@
 
 At batch 1 a VMamba is a chain of ~300 small kernels, so launch and host overhead decide its time; ONNX Runtime's
 CUDA graph (`enable_cuda_graph`) replays the whole chain with one launch. A captured graph reads its input from, and
-writes its output to, the device addresses it saw at capture, so each input shape gets its own session with a fixed
-input and output buffer bound through I/O binding; calls copy into and out of those buffers. Sessions are kept for
+writes its outputs to, the device addresses it saw at capture, so each input shape gets its own session with a fixed
+input buffer and fixed output buffers (any number: a classifier's logits, a backbone's four feature maps, a segmenter's
+per-pixel logits) bound through I/O binding; calls copy into and out of those buffers. Sessions are kept for
 the last few shapes seen (each holds its own copy of the weights on the GPU).
 
 The custom scan op is capture-safe: it launches on ONNX Runtime's stream, never synchronises, and its only scratch
@@ -20,6 +21,7 @@ import numpy as np
 # ONNX tensor element types of the artifact's input and output -> numpy dtypes (cuda-onnxruntime keeps float32 I/O).
 _ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 MAX_CACHED_SHAPES = 4
+REMEMBERED_SHAPES = 64  # shapes seen once (see CudaGraphRunner.wants), most recent kept
 
 
 def device_ortvalue(array_like):
@@ -42,64 +44,102 @@ def is_device_array(batch) -> bool:
 class _GraphSession:
     """One session, one input shape, one captured graph, with the input and output buffers it was captured on."""
 
-    def __init__(self, session, shape: tuple[int, ...], num_outputs_per_item: int):
+    def __init__(self, session, shape: tuple[int, ...], probe_session):
         import onnxruntime as ort
 
         self.session = session
-        inp, out = session.get_inputs()[0], session.get_outputs()[0]
-        self.input = ort.OrtValue.ortvalue_from_shape_and_type(shape, _ONNX_TO_NUMPY[inp.type], "cuda", 0)
-        self.output_shape = (shape[0], num_outputs_per_item)
-        self.output_dtype = _ONNX_TO_NUMPY[out.type]
-        self.output = ort.OrtValue.ortvalue_from_shape_and_type(self.output_shape, self.output_dtype, "cuda", 0)
+        inp, outputs = session.get_inputs()[0], session.get_outputs()
+        dtype = _ONNX_TO_NUMPY[inp.type]
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input(inp.name, self.input)
-        self.binding.bind_ortvalue_output(out.name, self.output)
+        # The output shapes come from one ordinary run at this shape of `probe_session`, a session of the same model
+        # without graphs: no rule to keep in step with the model (a backbone's maps are floor(side / 4) then
+        # ceil(/ 2) per stage for v0 but ceil(side / stride) for v2, so 193 x 161 has no one formula; ONNX shape
+        # inference leaves such sides symbolic). Not a run of the graph session itself: ONNX Runtime captures within
+        # that session's first run, so the graph would keep the probe's own output buffers (seen on an H100 with
+        # onnxruntime-gpu 1.31.1: the bound buffers were never written, every later call read zeros).
+        probe = probe_session.run(None, {probe_session.get_inputs()[0].name: np.zeros(shape, dtype=dtype)})
+        shapes = [tuple(value.shape) for value in probe]
+        self.output_dtypes = [_ONNX_TO_NUMPY[out.type] for out in outputs]
+        self.outputs = []
+        for out, out_shape, dtype in zip(outputs, shapes, self.output_dtypes, strict=True):
+            value = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, dtype, "cuda", 0)
+            self.binding.bind_ortvalue_output(out.name, value)
+            self.outputs.append(value)
 
     def replay(self) -> None:
-        # The first run captures (after ONNX Runtime's own warm-up runs), every later one replays the graph.
+        # The first run does ONNX Runtime's warm-up runs and the capture, every later one replays the graph.
         self.session.run_with_iobinding(self.binding)
 
 
-class CudaGraphRunner:
-    """Runs an artifact's model through CUDA graphs, one per input shape (least recently used dropped first)."""
+def _one_or_all(values: list):
+    """A single output as itself (a classifier's logits, a segmenter's per-pixel logits), several as the list."""
+    return values[0] if len(values) == 1 else values
 
-    def __init__(
-        self, make_session: Callable[[], object], num_outputs_per_item: int, max_shapes: int = MAX_CACHED_SHAPES
-    ):
+
+class CudaGraphRunner:
+    """Runs an artifact's model through CUDA graphs, one per input shape (least recently used dropped first). Any
+    number of outputs, of shapes that follow the input's (a backbone's four maps, a segmenter's logits)."""
+
+    def __init__(self, make_session: Callable[[], object], probe_session, max_shapes: int = MAX_CACHED_SHAPES):
+        """`make_session`: a new session of the model with `enable_cuda_graph` (one per shape); `probe_session`: an
+        ordinary session of the same model, run once per new shape for the output shapes (see _GraphSession)."""
         self._make_session = make_session
-        self._per_item = num_outputs_per_item
+        self._probe_session = probe_session
         self._max_shapes = max_shapes
         self._graphs: OrderedDict[tuple[int, ...], _GraphSession] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
+
+    def wants(self, shape: tuple[int, ...]) -> bool:
+        """Whether a call at `shape` should go through a graph: yes for a shape captured already or seen once before;
+        no (and remembered) the first time. A graph costs a session of its own (weights, cuDNN set-up, warm-up runs,
+        capture), which a stream of one-off shapes (a folder of photos of all sizes through a segmenter) would pay on
+        every image; the caller runs its plain session on those instead."""
+        if shape in self._graphs or shape in self._seen:
+            return True
+        self._seen[shape] = None
+        if len(self._seen) > REMEMBERED_SHAPES:
+            self._seen.popitem(last=False)
+        return False
 
     @property
     def cached_shapes(self) -> list[tuple[int, ...]]:
         return list(self._graphs)
+
+    def prepare(self, shape: tuple[int, ...]) -> None:
+        """Make the graph session of `shape` now (raises what the session's creation raises)."""
+        self._graph_for(shape)
 
     def _graph_for(self, shape: tuple[int, ...]) -> _GraphSession:
         graph = self._graphs.get(shape)
         if graph is None:
             if len(self._graphs) >= self._max_shapes:
                 self._graphs.popitem(last=False)
-            graph = _GraphSession(self._make_session(), shape, self._per_item)
+            graph = _GraphSession(self._make_session(), shape, self._probe_session)
             self._graphs[shape] = graph
         self._graphs.move_to_end(shape)
         return graph
 
-    def run_numpy(self, batch: np.ndarray) -> np.ndarray:
+    def run_numpy(self, batch: np.ndarray):
+        """numpy in; the output as a numpy array, or the list of them, in graph order, when there are several."""
         graph = self._graph_for(tuple(batch.shape))
         graph.input.update_inplace(batch)
         graph.replay()
-        return graph.output.numpy()
+        return _one_or_all([value.numpy() for value in graph.outputs])
 
     def run_device(self, batch):
-        """Device array in, a new device OrtValue out (it supports `__dlpack__`): the graph's own output buffer is
-        overwritten by the next call, so the result is copied on the GPU."""
+        """Device array in, a new device OrtValue out (it supports `__dlpack__`), or the list of them when there are
+        several: the graph's own output buffers are overwritten by the next call, so results are copied on the GPU."""
         import onnxruntime as ort
 
         source = device_ortvalue(batch)
         graph = self._graph_for(tuple(source.shape()))
         graph.input.update_inplace(source)
         graph.replay()
-        result = ort.OrtValue.ortvalue_from_shape_and_type(graph.output_shape, graph.output_dtype, "cuda", 0)
-        result.update_inplace(graph.output)
-        return result
+        results = []
+        for value, dtype in zip(graph.outputs, graph.output_dtypes, strict=True):
+            copy = ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), dtype, "cuda", 0)
+            copy.update_inplace(value)
+            results.append(copy)
+        return _one_or_all(results)

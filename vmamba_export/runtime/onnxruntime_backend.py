@@ -69,7 +69,8 @@ def make_session(model_path: Path, library: Path | None, threads: int | None, pr
 
 class OnnxRuntimeBackend:
     """Runs an artifact's ONNX model. On a CUDA artifact, `cuda_graph` (default on) replays one captured CUDA graph
-    per input shape (runtime/cuda_graphs.py) instead of launching every kernel from the host."""
+    per input shape (runtime/cuda_graphs.py) instead of launching every kernel from the host, for every task
+    (a classifier's logits, a backbone's feature maps, a segmenter's per-pixel logits)."""
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None, cuda_graph: bool | None = None):
         entry = manifest["entry"]
@@ -96,38 +97,54 @@ class OnnxRuntimeBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_name = self.output_names[0]
         self.graphs = None
-        # CUDA graphs replay one (N, num_classes) output buffer (cuda_graphs.py): dense artifacts (feature maps,
-        # per-pixel logits whose size follows the input) launch their kernels from the host instead.
-        from ..outputs import manifest_task
-
-        dense = manifest_task(manifest) != "classification"
-        self.cuda_graph_note = "off: dense outputs" if (self.on_cuda and dense) else None
-        if self.on_cuda and cuda_graph is not False and not dense:
+        if self.on_cuda and cuda_graph is not False:
             from .cuda_graphs import CudaGraphRunner
 
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
             self.graphs = CudaGraphRunner(
-                lambda: make_session(model_path, library_path, threads, graph_providers),
-                int(manifest["output"]["num_classes"]),
+                lambda: make_session(model_path, library_path, threads, graph_providers), self.session
             )
+        # Why graphs are off, once ONNX Runtime has refused to capture this model (set on first use, see _graphed).
+        self.cuda_graph_note: str | None = None
+
+    def _graphed(self, shape) -> bool:
+        """Whether this call replays a CUDA graph: graphs on, and the shape not seen for the first time (a new shape
+        runs the plain session once, so one-off sizes never pay for a graph's session; cuda_graphs.py). A model that
+        ONNX Runtime will not capture (a node it places on the CPU, e.g. the UperNet pooling's mask arithmetic)
+        turns graphs off for good, with the reason in `cuda_graph_note`, and runs on the plain session."""
+        shape = tuple(int(d) for d in shape)
+        if self.graphs is None or not self.graphs.wants(shape):
+            return False
+        try:
+            self.graphs.prepare(shape)
+        except ArtifactError as exc:
+            if "graph capture" not in str(exc):
+                raise
+            self.graphs, self.cuda_graph_note = None, f"off: {exc}"
+            return False
+        return True
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        if self.graphs is not None:
-            return self.graphs.run_numpy(batch)
+        if self._graphed(batch.shape):
+            return self._graph_outputs(batch)[0]
         return self.session.run(self.output_names[:1], {self.input_name: batch})[0]
 
     def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every output of the graph, in its order (a backbone's four feature maps)."""
-        if self.graphs is not None:
-            return [self.graphs.run_numpy(batch)]
+        if self._graphed(batch.shape):
+            return self._graph_outputs(batch)
         return self.session.run(self.output_names, {self.input_name: batch})
+
+    def _graph_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        outputs = self.graphs.run_numpy(batch)
+        return outputs if isinstance(outputs, list) else [outputs]
 
     def run_device(self, batch):
         """A device-resident batch (DLPack) in, a device OrtValue out (`torch.from_dlpack(out)` takes it), with no
         host round trip; a list of them, in output order, for a graph with several outputs (a backbone)."""
         if not self.on_cuda:
             raise TargetUnavailableError("device-resident inputs need a cuda-onnxruntime artifact")
-        if self.graphs is not None:
+        if self._graphed(batch.shape):
             return self.graphs.run_device(batch)
         from .cuda_graphs import device_ortvalue
 
