@@ -507,7 +507,7 @@ def graph_parity_after_shape_changes(predictor, x: np.ndarray, ref: np.ndarray, 
 def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[str] | None = None) -> dict:
     from vmamba_export import load
     from vmamba_export.model_source import resolve_model
-    from vmamba_export.runtime.onnxruntime_backend import CUDA_PROVIDER, make_session
+    from vmamba_export.runtime.onnxruntime_backend import CUDA_PROVIDER, dim_overrides_for, make_session
     from vmamba_export.scan.op import torch_scan
     from vmamba_export.validate import parity_metrics, threshold_failures
 
@@ -565,7 +565,7 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
             rec["predictor_b1_numpy_ms"] = predictor_call_ms(predictor, 1, 20 if quick else 200)
             rec["predictor_b1_numpy_graph_ms"] = predictor_call_ms(graphed, 1, 20 if quick else 200)
             del graphed
-            speed_rows(rec, session, backend.graphs._make_session, quick)
+            speed_rows(rec, session, backend.graphs.make_session, quick)
             log(
                 f"{name} {row}: batch 128 {rec['batch128_img_s']:.0f} img/s, graph {rec['batch128_graph_img_s']:.0f}; "
                 f"batch 1 {rec['batch1_ms']:.2f} ms, graph {rec['batch1_graph_ms']:.2f} ms; predictor(numpy) b1 "
@@ -584,7 +584,14 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
             session = make_session(path, None, None, [(CUDA_PROVIDER, cuda_options), "CPUExecutionProvider"])
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
             conv["providers"] = session.get_providers()
-            speed_rows(conv, session, lambda p=path, g=graph_providers: make_session(p, None, None, g), quick)
+            speed_rows(
+                conv,
+                session,
+                lambda shape, p=path, g=graph_providers, s=session: make_session(
+                    p, None, None, g, dim_overrides_for(s, shape)
+                ),
+                quick,
+            )
             log(
                 f"convnext_tiny {precision}: batch 128 {conv['batch128_img_s']:.0f} img/s, graph "
                 f"{conv['batch128_graph_img_s']:.0f}; batch 1 {conv['batch1_ms']:.2f} ms, graph "

@@ -125,11 +125,17 @@ def _graph_line(gp: dict) -> str:
     )
 
 
-def _ort_session(path: Path, precision: str, library: Path | None = None, graph: bool = False):
+def _ort_session(
+    path: Path, precision: str, library: Path | None = None, graph: bool = False, overrides: dict | None = None
+):
+    """A CUDA session as the loader makes one (`overrides`: the input's symbolic dimensions fixed, as the loader's
+    graph sessions have them)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for name, value in (overrides or {}).items():
+        options.add_free_dimension_override_by_name(name, int(value))
     if library is not None:
         options.register_custom_ops_library(str(library))
     cuda = {"use_tf32": "0"} if precision == "fp32" else {}
@@ -181,6 +187,7 @@ def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, re
     from vmamba_export.bench import time_calls
     from vmamba_export.lowering.onnx_export import INPUT_NAME
     from vmamba_export.runtime.cuda_graphs import CudaGraphRunner
+    from vmamba_export.runtime.onnxruntime_backend import dim_overrides_for
 
     plain, graphed = load(folder, cuda_graph=False), load(folder)
     parity = {}
@@ -193,7 +200,9 @@ def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, re
             "pixel_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
         }
     peer = _ort_session(peer_path, precision)
-    peer_graph = CudaGraphRunner(lambda: _ort_session(peer_path, precision, graph=True), peer)
+    peer_graph = CudaGraphRunner(
+        lambda shape: _ort_session(peer_path, precision, graph=True, overrides=dim_overrides_for(peer, shape)), peer
+    )
     calls = {
         "ours": lambda: plain(x),
         "ours_graph": lambda: graphed(x),

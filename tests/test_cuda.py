@@ -140,9 +140,10 @@ def test_graph_runner_takes_a_shape_into_a_graph_from_its_second_call():
     """The runner's shape policy only (no GPU, no graph): a shape's first call stays on the plain session, so one-off
     sizes (photos of all sizes through a segmenter) never pay for a graph's own session; the remembered shapes are
     bounded. Capture and replay are tested on a GPU below."""
-    from vmamba_export.runtime.cuda_graphs import REMEMBERED_SHAPES, CudaGraphRunner
+    from vmamba_export.runtime.cuda_graphs import CudaGraphRunner
+    from vmamba_export.runtime.shape_cache import REMEMBERED_SHAPES
 
-    runner = CudaGraphRunner(lambda: pytest.fail("wants() must not make a session"), probe_session=None)
+    runner = CudaGraphRunner(lambda shape: pytest.fail("wants() must not make a session"), probe_session=None)
     assert not runner.wants((1, 3, 64, 64)) and runner.wants((1, 3, 64, 64)) and runner.wants((1, 3, 64, 64))
     assert not runner.wants((1, 3, 193, 161)) and runner.wants((1, 3, 193, 161))
     for side in range(REMEMBERED_SHAPES):

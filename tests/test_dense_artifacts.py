@@ -110,6 +110,52 @@ def test_fp32_segmentation_onnxruntime(seg_model, seg_ort):
     _check_fp32_parity(seg_model, seg_ort)
 
 
+def test_repeated_shape_runs_on_a_session_made_for_it(seg_model, seg_ort):
+    """From a shape's second call, ONNX Runtime runs a session with the input's symbolic dimensions fixed to it. Its
+    optimiser then folds every shape computation into constants, which needs the scan op's declared output shape (no
+    Shape node survives), and runs the head's upsampling in its blocked NCHWc layout; the outputs still equal
+    PyTorch's, on every call, at a size that is not a multiple of 32 too. One-off shapes stay on the general session;
+    `specialize_shapes=False` makes no session."""
+    import onnx
+    import onnxruntime as ort
+
+    from vmamba_export import kernels_paths
+    from vmamba_export.runtime.onnxruntime_backend import dim_overrides_for
+
+    predictor = load(seg_ort)
+    rng = np.random.default_rng(3)
+    for h, w in SIZES:
+        x = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+        want = _torch_outputs(seg_model, x)[0]
+        for _ in range(3):
+            assert _rel_l2(_artifact_outputs(predictor, x)[0], want) <= 1e-5, (h, w)
+    predictor(rng.standard_normal((2, 3, 64, 64)).astype(np.float32))  # seen once
+    assert predictor.backend.shape_sessions.cached_shapes == [(1, 3, h, w) for h, w in SIZES]
+    unspecialised = load(seg_ort, specialize_shapes=False)
+    x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    for _ in range(2):
+        unspecialised(x)
+    assert unspecialised.backend.shape_sessions is None
+
+    def optimised(overrides: dict, path) -> onnx.ModelProto:
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(kernels_paths.ort_library_path()))
+        for name, value in overrides.items():
+            options.add_free_dimension_override_by_name(name, value)
+        options.optimized_model_filepath = str(path)
+        ort.InferenceSession(str(seg_ort / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        return onnx.load(str(path), load_external_data=False)
+
+    general = predictor.backend.session
+    fixed = optimised(dim_overrides_for(general, (1, 3, 64, 64)), seg_ort.parent / "fixed.onnx")
+    dynamic = optimised({}, seg_ort.parent / "dynamic.onnx")
+    assert sum(n.op_type == "Shape" for n in dynamic.graph.node) > 0
+    assert sum(n.op_type == "Shape" for n in fixed.graph.node) == 0
+    if any(n.domain == "com.microsoft.nchwc" for n in fixed.graph.node):  # x86 with AVX2 or AVX-512
+        assert any(n.op_type == "Upsample" and n.domain == "com.microsoft.nchwc" for n in fixed.graph.node)
+        assert not any(n.op_type == "Upsample" for n in dynamic.graph.node)
+
+
 def test_fp32_backbone_onnxruntime(backbone_model, backbone_ort):
     _check_fp32_parity(backbone_model, backbone_ort)
 

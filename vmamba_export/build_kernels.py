@@ -280,6 +280,7 @@ def build_cuda(
             op.source,
             cuda_op.source,
             ort_dir / "cuda_op.h",
+            ort_dir / "shape_inference.h",
             *sorted(cuda_dir.glob("*.cu*")),
             str(include),
             *sorted(include.glob("onnxruntime_*.h")),
@@ -604,7 +605,9 @@ def build(
     else:
         op = Unit(KERNELS / "onnxruntime" / "custom_op.cpp", _obj_dir(plat) / "custom_op.o")
         headers = sorted(include.glob("onnxruntime_*.h"))
-        ort_digest = _digest([*kernel_sources, op.source, str(include), *headers])
+        ort_digest = _digest(
+            [*kernel_sources, op.source, op.source.with_name("shape_inference.h"), str(include), *headers]
+        )
         if not force and _up_to_date(ort_lib, ort_digest):
             results[ORT_LIBRARY_NAME] = "up to date"
         else:

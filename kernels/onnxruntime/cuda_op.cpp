@@ -21,6 +21,7 @@
 #include "../cuda/layer_norm.cuh"
 #include "../cuda/selective_scan_2d.cuh"
 #include "cuda_op.h"
+#include "shape_inference.h"
 
 namespace vmamba_cuda {
 namespace {
@@ -121,6 +122,7 @@ struct ScanCudaOp : Ort::CustomOpBase<ScanCudaOp, ScanCudaKernel, true> {
     // The V1 entry points stay unused (WithStatus = true); fill them so no field of OrtCustomOp is garbage.
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
+    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
@@ -184,6 +186,7 @@ struct LayerNormCudaOp : Ort::CustomOpBase<LayerNormCudaOp, LayerNormCudaKernel,
   explicit LayerNormCudaOp(ONNXTensorElementDataType t) : type(t) {
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
+    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../cpu/selective_scan_2d.h"
+#include "shape_inference.h"
 #ifdef VMAMBA_WITH_CUDA
 #include "cuda_op.h"
 #endif
@@ -132,6 +133,7 @@ struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveS
     // The V1 entry points stay unused (WithStatus = true); fill them so no field of OrtCustomOp is garbage.
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
+    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {

@@ -26,13 +26,18 @@ def load(
     verify: bool = True,
     expected_sha256: str | None = None,
     cuda_graph: bool | None = None,
+    specialize_shapes: bool = True,
 ) -> Predictor:
     """Open an artifact folder: check every file against its manifest hash, load its runtime, return a Predictor.
 
     `expected_sha256` (hex) pins manifest.json itself, checked before it is parsed: the manifest lists every other
     file's sha256, so a hash received through a trusted channel pins the whole artifact (README "Artifacts").
     `cuda_graph`: for cuda-onnxruntime artifacts, replay a captured CUDA graph per input shape (default on; False
-    launches every kernel from the host, as ONNX Runtime does by default)."""
+    launches every kernel from the host, as ONNX Runtime does by default).
+    `specialize_shapes`: for ONNX Runtime artifacts, run an input shape seen more than once on a session made for
+    that shape (default on: ONNX Runtime folds the graph's shape arithmetic and picks faster kernels, such as the
+    segmentation head's upsampling in its blocked layout; each costs a session creation and a copy of the weights;
+    the last four shapes are kept). False keeps every call on the one session with symbolic shapes."""
     folder = Path(artifact_dir)
     manifest = read_manifest(folder, expected_sha256=expected_sha256)
     if verify:
@@ -45,7 +50,7 @@ def load(
 
     module_name, class_name = _BACKENDS[runtime]
     module = importlib.import_module(f".{module_name}", __package__)
-    options = {"cuda_graph": cuda_graph} if runtime == "onnxruntime" else {}
+    options = {"cuda_graph": cuda_graph, "specialize_shapes": specialize_shapes} if runtime == "onnxruntime" else {}
     backend = getattr(module, class_name)(folder, manifest, threads=threads, **options)
     return Predictor(manifest, backend, folder)
 

@@ -13,15 +13,15 @@ memory is stream-ordered (cudaMallocAsync / cudaFreeAsync), which graph capture 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 
+from .shape_cache import ShapeCache
+
 # ONNX tensor element types of the artifact's input and output -> numpy dtypes (cuda-onnxruntime keeps float32 I/O).
 _ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 MAX_CACHED_SHAPES = 4
-REMEMBERED_SHAPES = 64  # shapes seen once (see CudaGraphRunner.wants), most recent kept
 
 
 def device_ortvalue(array_like):
@@ -82,44 +82,36 @@ class CudaGraphRunner:
     """Runs an artifact's model through CUDA graphs, one per input shape (least recently used dropped first). Any
     number of outputs, of shapes that follow the input's (a backbone's four maps, a segmenter's logits)."""
 
-    def __init__(self, make_session: Callable[[], object], probe_session, max_shapes: int = MAX_CACHED_SHAPES):
-        """`make_session`: a new session of the model with `enable_cuda_graph` (one per shape); `probe_session`: an
-        ordinary session of the same model, run once per new shape for the output shapes (see _GraphSession)."""
-        self._make_session = make_session
-        self._probe_session = probe_session
-        self._max_shapes = max_shapes
-        self._graphs: OrderedDict[tuple[int, ...], _GraphSession] = OrderedDict()
-        self._seen: OrderedDict[tuple[int, ...], None] = OrderedDict()
+    def __init__(
+        self,
+        make_session: Callable[[tuple[int, ...]], object],
+        probe_session,
+        max_shapes: int = MAX_CACHED_SHAPES,
+    ):
+        """`make_session(shape)`: a new session of the model with `enable_cuda_graph`, specialised to that input
+        shape; `probe_session`: an ordinary session of the same model, run once per new shape for the output shapes
+        (see _GraphSession)."""
+        self.make_session = make_session
+        self._graphs: ShapeCache[_GraphSession] = ShapeCache(
+            lambda shape: _GraphSession(make_session(shape), shape, probe_session), max_shapes
+        )
 
     def wants(self, shape: tuple[int, ...]) -> bool:
-        """Whether a call at `shape` should go through a graph: yes for a shape captured already or seen once before;
-        no (and remembered) the first time. A graph costs a session of its own (weights, cuDNN set-up, warm-up runs,
-        capture), which a stream of one-off shapes (a folder of photos of all sizes through a segmenter) would pay on
-        every image; the caller runs its plain session on those instead."""
-        if shape in self._graphs or shape in self._seen:
-            return True
-        self._seen[shape] = None
-        if len(self._seen) > REMEMBERED_SHAPES:
-            self._seen.popitem(last=False)
-        return False
+        """Whether a call at `shape` should go through a graph: from a shape's second call on (shape_cache.py). A
+        graph costs a session of its own (weights, cuDNN set-up, warm-up runs, capture); the caller runs its plain
+        session on first calls."""
+        return self._graphs.wants(shape)
 
     @property
     def cached_shapes(self) -> list[tuple[int, ...]]:
-        return list(self._graphs)
+        return self._graphs.cached_shapes
 
     def prepare(self, shape: tuple[int, ...]) -> None:
         """Make the graph session of `shape` now (raises what the session's creation raises)."""
-        self._graph_for(shape)
+        self._graphs.get(shape)
 
     def _graph_for(self, shape: tuple[int, ...]) -> _GraphSession:
-        graph = self._graphs.get(shape)
-        if graph is None:
-            if len(self._graphs) >= self._max_shapes:
-                self._graphs.popitem(last=False)
-            graph = _GraphSession(self._make_session(), shape, self._probe_session)
-            self._graphs[shape] = graph
-        self._graphs.move_to_end(shape)
-        return graph
+        return self._graphs.get(shape)
 
     def run_numpy(self, batch: np.ndarray):
         """numpy in; the output as a numpy array, or the list of them, in graph order, when there are several."""

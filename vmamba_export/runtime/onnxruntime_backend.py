@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, TargetUnavailableError
+from .shape_cache import ShapeCache
 
 
 def import_onnxruntime():
@@ -49,13 +50,24 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def make_session(model_path: Path, library: Path | None, threads: int | None, providers=None):
+def make_session(
+    model_path: Path,
+    library: Path | None,
+    threads: int | None,
+    providers=None,
+    dim_overrides: dict[str, int] | None = None,
+):
+    """An InferenceSession of the model (custom-op `library` registered first). `dim_overrides` fixes the input's
+    symbolic dimensions by name ({"batch": 1, "height": 512, ...}): ONNX Runtime then infers every shape, folds the
+    shape arithmetic into constants and optimises for that one shape (see OnnxRuntimeBackend)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for name, value in (dim_overrides or {}).items():
+        options.add_free_dimension_override_by_name(name, int(value))
     if library is not None:
         try:
             options.register_custom_ops_library(str(library))
@@ -67,12 +79,32 @@ def make_session(model_path: Path, library: Path | None, threads: int | None, pr
         raise ArtifactError(f"ONNX Runtime cannot open {model_path}: {str(exc).splitlines()[0]}") from None
 
 
-class OnnxRuntimeBackend:
-    """Runs an artifact's ONNX model. On a CUDA artifact, `cuda_graph` (default on) replays one captured CUDA graph
-    per input shape (runtime/cuda_graphs.py) instead of launching every kernel from the host, for every task
-    (a classifier's logits, a backbone's feature maps, a segmenter's per-pixel logits)."""
+def dim_overrides_for(session, shape: tuple[int, ...]) -> dict[str, int]:
+    """The free-dimension overrides that fix `session`'s first input to `shape` (its symbolic dimensions by name)."""
+    dims = session.get_inputs()[0].shape
+    return {dim: size for dim, size in zip(dims, shape, strict=True) if isinstance(dim, str)}
 
-    def __init__(self, folder: Path, manifest: dict, threads: int | None = None, cuda_graph: bool | None = None):
+
+class OnnxRuntimeBackend:
+    """Runs an artifact's ONNX model. The artifact's graph takes any input size (symbolic batch, height, width); a
+    shape seen more than once runs on a session specialised to it (`specialize_shapes`, default on; shape_cache.py):
+    with the dimensions fixed, ONNX Runtime folds the graph's shape arithmetic (the segmentation head's resize sizes,
+    its pooling masks) into constants, which lets the CPU provider run the bilinear upsampling in its blocked NCHWc
+    layout (docs/cpu-latency.md). On a CUDA artifact, `cuda_graph` (default on) replays one captured CUDA graph per
+    input shape (runtime/cuda_graphs.py) instead of launching every kernel from the host, for every task (a
+    classifier's logits, a backbone's feature maps, a segmenter's per-pixel logits); its sessions are specialised
+    the same way."""
+
+    MAX_SHAPES = 4  # specialised CPU sessions kept (each holds its own copy of the weights)
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict,
+        threads: int | None = None,
+        cuda_graph: bool | None = None,
+        specialize_shapes: bool = True,
+    ):
         entry = manifest["entry"]
         library = entry.get("custom_op_library")
         providers = entry.get("providers")
@@ -96,16 +128,30 @@ class OnnxRuntimeBackend:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_name = self.output_names[0]
+
+        def specialised(shape: tuple[int, ...], session_providers=providers):
+            overrides = dim_overrides_for(self.session, shape) if specialize_shapes else None
+            return make_session(model_path, library_path, threads, session_providers, overrides)
+
+        # CPU: a specialised session per shape (on CUDA the graph sessions below are the specialised ones).
+        self.shape_sessions = (
+            ShapeCache(specialised, self.MAX_SHAPES) if specialize_shapes and not self.on_cuda else None
+        )
         self.graphs = None
         if self.on_cuda and cuda_graph is not False:
             from .cuda_graphs import CudaGraphRunner
 
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-            self.graphs = CudaGraphRunner(
-                lambda: make_session(model_path, library_path, threads, graph_providers), self.session
-            )
+            self.graphs = CudaGraphRunner(lambda shape: specialised(shape, graph_providers), self.session)
         # Why graphs are off, once ONNX Runtime has refused to capture this model (set on first use, see _graphed).
         self.cuda_graph_note: str | None = None
+
+    def _session_for(self, shape) -> object:
+        """The session for a plain (not graphed) run at `shape`: its specialised one from the shape's second call."""
+        if self.shape_sessions is None:
+            return self.session
+        shape = tuple(int(d) for d in shape)
+        return self.shape_sessions.get(shape) if self.shape_sessions.wants(shape) else self.session
 
     def _graphed(self, shape) -> bool:
         """Whether this call replays a CUDA graph: graphs on, and the shape not seen for the first time (a new shape
@@ -127,13 +173,13 @@ class OnnxRuntimeBackend:
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self._graphed(batch.shape):
             return self._graph_outputs(batch)[0]
-        return self.session.run(self.output_names[:1], {self.input_name: batch})[0]
+        return self._session_for(batch.shape).run(self.output_names[:1], {self.input_name: batch})[0]
 
     def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every output of the graph, in its order (a backbone's four feature maps)."""
         if self._graphed(batch.shape):
             return self._graph_outputs(batch)
-        return self.session.run(self.output_names, {self.input_name: batch})
+        return self._session_for(batch.shape).run(self.output_names, {self.input_name: batch})
 
     def _graph_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         outputs = self.graphs.run_numpy(batch)
