@@ -437,7 +437,8 @@ def test_each_input_shape_gets_a_static_compile_with_the_dynamic_ir_results(arti
         x = rng.standard_normal(shape, dtype=np.float32)
         dynamic = backend.compiled.create_infer_request().infer({0: x})[0]
         np.testing.assert_allclose(predictor(x), dynamic, rtol=1e-5, atol=1e-5)
-        assert len(backend._shapes) <= backend.MAX_SHAPES
-        compiled = backend._shapes[shape][0]
+        assert len(backend._shapes.cached_shapes) <= backend.MAX_SHAPES
+        compiled = backend._shapes.get(shape)[0]
         assert [d.get_length() for d in compiled.inputs[0].get_partial_shape()] == list(shape)  # static
-    assert list(backend._shapes)[0] == (1, 3, 96, 96)  # (1, 3, 64, 64) was dropped after four others, then came back
+    # (1, 3, 64, 64) was dropped after four others, then came back
+    assert backend._shapes.cached_shapes[0] == (1, 3, 96, 96)

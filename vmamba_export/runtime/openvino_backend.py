@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ArtifactError, TargetUnavailableError
+from .shape_cache import ShapeCache
 
 INSTALL_HINT = "pip install openvino==2026.4.1"
 
@@ -153,8 +153,10 @@ class OpenVinoBackend:
         )
         # Per input shape: the compiled model and its idle infer requests. A request holds its input/output buffers
         # and is not re-entrant, so each concurrent call takes its own (created on demand) and gives it back.
-        self._shapes: OrderedDict[tuple[int, ...], tuple[object, list]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._shapes: ShapeCache[tuple[object, list]] = ShapeCache(
+            lambda shape: (self._compile(shape=shape), []), self.MAX_SHAPES
+        )
+        self._lock = threading.Lock()  # guards the idle lists
 
     @property
     def runs_in(self) -> str:
@@ -163,15 +165,8 @@ class OpenVinoBackend:
         return self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def _request_for(self, shape: tuple[int, ...]):
+        compiled, idle = self._shapes.get(shape)  # compiled at a shape's first call (no general model runs calls)
         with self._lock:
-            entry = self._shapes.get(shape)
-            if entry is None:
-                if len(self._shapes) >= self.MAX_SHAPES:
-                    self._shapes.popitem(last=False)
-                entry = (self._compile(shape=shape), [])
-                self._shapes[shape] = entry
-            self._shapes.move_to_end(shape)
-            compiled, idle = entry
             return (idle.pop() if idle else compiled.create_infer_request()), idle
 
     def run(self, batch: np.ndarray) -> np.ndarray:
