@@ -53,9 +53,10 @@ ARITHMETIC_OPS = {
     "Conv", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
     "SelectiveScan2D", "LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "QuickGelu",
     "Sigmoid", "Mul", "Add",
-    # OpenVINO CPU plugin ("Reference": an extension op, our scan; ReduceMean, RMS, Subtract: LayerNorm pieces)
+    # OpenVINO CPU plugin ("Reference": an extension op, our scan; ReduceMean, RMS, NormalizeL2, Subtract: LayerNorm
+    # pieces)
     "Convolution", "GroupConvolution", "FullyConnected", "FullyConnectedQuantizedLegacy", "MVN", "RMS", "ReduceMean",
-    "Eltwise", "Subgraph", "Reference", "Subtract", "Multiply", "Power", "Sqrt", "Divide",
+    "NormalizeL2", "Eltwise", "Subgraph", "Reference", "Subtract", "Multiply", "Power", "Sqrt", "Divide",
     # both: the segmentation head's bilinear upsampling
     "Resize", "Interpolate",
 }  # fmt: skip

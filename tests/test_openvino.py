@@ -82,18 +82,22 @@ def test_ir_has_one_scan_op_per_block(artifacts, name):
     assert not {"Loop", "TensorIterator", "Scan"} & {t for t, _ in types}
 
 
-def test_channel_first_layer_norms_run_without_transposes(artifacts):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_channel_first_layer_norms_run_without_transposes(artifacts, precision):
     """v2 models export LayerNorm2d in its in-place form for OpenVINO: the compiled graph has no Transpose pair per
-    LayerNorm2d (the permuted form gave two each)."""
+    LayerNorm2d (the permuted form gave two each), and each norm's variance, normalisation and affine run as one
+    NormalizeL2 node (LayerNorm2d.channel_axis_norm; the mean/variance form gave two Reduces and two Subgraphs)."""
+    from vmamba_export.lowering.openvino_ir import PRECISION_HINTS
     from vmamba_export.models.vmamba import LayerNorm2d
     from vmamba_export.runtime.openvino_backend import compile_ir
 
     model = resolve_model("vmamba_test_v2", random_weights=True).model
     norms = sum(isinstance(m, LayerNorm2d) for m in model.modules())
-    folder = artifacts[("vmamba_test_v2", "fp32")]
-    compiled = compile_ir(folder / "model.xml", openvino_extension_path(), "f32", 1)
+    folder = artifacts[("vmamba_test_v2", precision)]
+    compiled = compile_ir(folder / "model.xml", openvino_extension_path(), PRECISION_HINTS[precision], 1)
     types = [op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops()]
     assert norms > 0 and types.count("Transpose") < norms / 2
+    assert types.count("NormalizeL2") == norms
 
 
 def test_layer_norm_2d_forms_agree():

@@ -8,7 +8,7 @@ a graph with more nodes (867 against 839) that ran slower (median 803 against 64
 in bf16, both on a heavily loaded machine, 2 threads), and its conversion took longer; the ONNX graph is also the one
 the ONNX Runtime target already proves right. One difference: LayerNorm2d is exported in its in-place channel-axis
 form (models/vmamba.py), which OpenVINO runs without Transposes (s1l8 fp32 36.0 -> 32.5 ms; ONNX Runtime prefers
-the permuted form).
+the permuted form), its variance, normalisation and affine as one NormalizeL2 node (LayerNorm2d.channel_axis_norm).
 
 bf16 is an inference precision, not a storage one: the IR keeps fp32 weights (compress_to_fp16=False) and the
 manifest entry says which INFERENCE_PRECISION_HINT to compile with ("f32" or "bf16"). The hint is also written into
