@@ -14,12 +14,15 @@ Needs onnxruntime-gpu first on PYTHONPATH and vmamba_export/_native/libvmamba_or
   upernet    vmamba_tiny_s1l8 UperNet (UPerHead 512, 150 classes, random weights, seed 0) exported to
              cuda-onnxruntime fp32 and fp16, parity against PyTorch fp32 (CPU, the scan op's C++ kernel) on one
              real photo at --size, with and without CUDA graphs, and batch-1 latency through `vmamba_export.load` +
-             `predictor(batch)` (numpy in, logits at the input size out), `cuda_graph=False` and the default (graphs);
-             the peer, ConvNeXt-T UperNet of the same head (benchmarks/segmentation_speed.py), exported by the same
-             exporter (fp16: the same float16 conversion, float32 I/O) and run by the same ONNX Runtime CUDA provider
-             with the same options (TF32 off for fp32): plain `session.run` (numpy in and out), and with
-             `enable_cuda_graph` + I/O binding through the same runner as ours (runtime/cuda_graphs.py: numpy copied
-             into the captured input buffer, the logits out of its output buffer); all four timed in the same rounds;
+             `predictor(batch)`: `cuda_graph=False` with numpy in and logits out, and the default (graphs) with the
+             batch already on the GPU and the logits left there (a dense artifact's numpy calls run the plain
+             session: run 19 measured the graph path with numpy out at twice the plain time, the copy of the logits
+             out of the graph's buffer); the peer, ConvNeXt-T UperNet of the same head
+             (benchmarks/segmentation_speed.py), exported by the same exporter (fp16: the same float16 conversion,
+             float32 I/O) and run by the same ONNX Runtime CUDA provider with the same options (TF32 off for fp32):
+             plain `session.run` (numpy in and out), and with `enable_cuda_graph` + I/O binding through the same
+             runner as ours (runtime/cuda_graphs.py `run_device`, sessions specialised to the shape as the loader's);
+             all four timed in the same rounds;
              ratios ours / peer without graphs and with graphs
 
 Writes gpu_dense_check.json under --out (default $OUT or ./gpu_results) and prints a table last.
@@ -88,6 +91,8 @@ GRAPH_SHAPES = ((1, 3, 64, 64), (1, 3, 193, 161), (1, 3, 64, 64))  # an odd size
 def graph_parity(folder: Path, model) -> dict:
     """The artifact with CUDA graphs (the loader's default) against the same artifact without, and both against the
     PyTorch fp32 model: largest rel L2 over GRAPH_SHAPES, three calls each (first call plain, then capture, replays)."""
+    import torch
+
     from vmamba_export import load
     from vmamba_export.references import torch_reference
 
@@ -97,7 +102,12 @@ def graph_parity(folder: Path, model) -> dict:
     for shape in GRAPH_SHAPES:
         for _ in range(3):
             x = rng.standard_normal(shape, dtype=np.float32)
-            got, want, ref = plain_outputs(graphed(x)), plain_outputs(plain(x)), torch_reference(model, x, 1)
+            # A dense artifact replays graphs for device-resident calls (its numpy calls run the plain session).
+            on_device = graphed(torch.from_numpy(x).cuda())
+            got = [
+                torch.from_dlpack(v).cpu().numpy() for v in (on_device if isinstance(on_device, list) else [on_device])
+            ]
+            want, ref = plain_outputs(plain(x)), torch_reference(model, x, 1)
             for g, w, r in zip(got, want, ref, strict=True):
                 if not g.shape == w.shape == r.shape:
                     raise AssertionError(f"shapes at {shape}: graph {g.shape}, plain {w.shape}, torch {r.shape}")
@@ -183,6 +193,8 @@ def upernet_section(work: Path, size: int, runs: int, rounds: int) -> dict:
 def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, ref: np.ndarray, runs: int, rounds: int):
     """One precision of the upernet section: parity with and without graphs, then ours and the peer, each without and
     with CUDA graphs, timed in the same rounds."""
+    import torch
+
     from vmamba_export import load
     from vmamba_export.bench import time_calls
     from vmamba_export.lowering.onnx_export import INPUT_NAME
@@ -190,10 +202,14 @@ def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, re
     from vmamba_export.runtime.onnxruntime_backend import dim_overrides_for
 
     plain, graphed = load(folder, cuda_graph=False), load(folder)
+    # A dense artifact replays graphs for device-resident calls only (numpy calls run the plain session: copying
+    # the 150 x S x S logits out of a graph's buffer cost more than the graph saved, run 19), so the graph rows
+    # take a batch already on the GPU and leave the logits there, for ours and for the peer's runner alike.
+    x_device = torch.from_numpy(x).cuda()
     parity = {}
     for path_name, predictor in (("plain", plain), ("graph", graphed)):
         for _ in range(3):  # the graph path: first call plain, then ORT's warm-up and capture; the last a graph's
-            got = predictor(x)
+            got = predictor(x) if path_name == "plain" else torch.from_dlpack(predictor(x_device)).cpu().numpy()
         diff = got.astype(np.float64) - ref
         parity[path_name] = {
             "rel_l2": float(np.linalg.norm(diff) / np.linalg.norm(ref)),
@@ -205,9 +221,9 @@ def upernet_row(folder: Path, precision: str, peer_path: Path, x: np.ndarray, re
     )
     calls = {
         "ours": lambda: plain(x),
-        "ours_graph": lambda: graphed(x),
+        "ours_graph": lambda: graphed(x_device),
         "peer": lambda: peer.run(None, {INPUT_NAME: x}),
-        "peer_graph": lambda: peer_graph.run_numpy(x),
+        "peer_graph": lambda: peer_graph.run_device(x_device),
     }
     times: dict = {k: [] for k in calls}
     errors: dict = {}

@@ -360,9 +360,10 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2"])
 def test_cuda_graph_path_matches_plain_runs_across_shape_changes(tmp_path, precision, name):
-    """The CUDA-graph path (one captured graph per shape) gives what plain ONNX Runtime runs give, also when the
-    input shape changes and comes back (a stale graph would replay the old shape's buffers), and the d_state-16 scan
-    (cudaMallocAsync scratch) captures too (vmamba_test_v0)."""
+    """The CUDA-graph path (one captured graph per shape) gives what plain ONNX Runtime runs give (fp16: to fp16
+    rounding, as the graph's session is specialised to its shape), also when the input shape changes and comes back
+    (a stale graph would replay the old shape's buffers), and the d_state-16 scan (cudaMallocAsync scratch) captures
+    too (vmamba_test_v0)."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
@@ -378,7 +379,10 @@ def test_cuda_graph_path_matches_plain_runs_across_shape_changes(tmp_path, preci
             x = rng.standard_normal(shape, dtype=np.float32)
             want, got = plain(x), graphed(x)
             assert got.shape == want.shape
-            np.testing.assert_allclose(got, want, rtol=1e-4 if precision == "fp32" else 2e-2, atol=1e-4)
+            if precision == "fp32":
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            else:  # two fp16 graphs: the graph's session is specialised to its shape, so ORT may fuse differently
+                assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max(), shape
     assert len(graphed.backend.graphs.cached_shapes) == 4  # LRU: the four most recent shapes
 
 
@@ -394,7 +398,9 @@ def test_device_resident_batches_stay_on_the_gpu(tmp_path, cuda_graph):
     export_artifact(source, get_target("cuda-onnxruntime"), folder, precision="fp16", max_size=256)
     predictor = load(folder, cuda_graph=cuda_graph)
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
-    host = predictor(x)
+    # The second call at a shape is the first through its graph (the first runs the plain session): the reference
+    # comes from the same path as the device calls below, so they must agree to float32 rounding.
+    host = [predictor(x) for _ in range(2)][-1]
     for _ in range(3):
         out = predictor(torch.from_numpy(x).cuda())
         logits = torch.from_dlpack(out)
@@ -421,13 +427,19 @@ def _as_list(out) -> list:
 @pytest.mark.parametrize("task", ["segmentation", "backbone"])
 def test_cuda_graph_path_on_dense_artifacts(tmp_path, task, precision):
     """Dense artifacts through CUDA graphs: the bundled segmenter (per-pixel logits at the input size) and its
-    backbone (`--task backbone`: four maps at strides 4..32). Each output buffer takes its shape from the probe run,
-    also at an odd size (193 x 161, v2's ceil(side / stride) maps); graph on and off agree, fp32 within rel L2 1e-5 of
-    PyTorch, across shape changes and back; a device-resident batch gives the same maps, copied out of the graph."""
+    backbone (`--task backbone`: four maps at strides 4..32). A dense artifact replays graphs for device-resident
+    calls only (its numpy calls run the plain session: copying a large output out of a graph's buffer costs more than
+    the graph saves). Each output buffer takes its shape from the probe run, also at an odd size (193 x 161, v2's
+    ceil(side / stride) maps); device calls through graphs, numpy calls and the artifact without graphs agree, fp32
+    within rel L2 1e-5 of PyTorch, across shape changes and back; a result is not overwritten by the next call."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
     from vmamba_export.references import torch_reference
+
+    def on_host(out) -> list[np.ndarray]:  # a device call's output(s), copied to the host
+        values = _as_list(out) if not isinstance(out, list) else out
+        return [torch.from_dlpack(v).cpu().numpy() for v in values]
 
     source = resolve_model("vmamba_shapes_seg", task=task)
     folder = tmp_path / precision
@@ -440,26 +452,25 @@ def test_cuda_graph_path_on_dense_artifacts(tmp_path, task, precision):
     for shape in shapes:
         for _ in range(3):  # plain first call, then the probe and ORT's warm-up, capture, replays
             x = rng.standard_normal(shape, dtype=np.float32)
-            want, got = _as_list(plain(x)), _as_list(graphed(x))
+            want, numpy_out = _as_list(plain(x)), _as_list(graphed(x))
+            got = on_host(graphed(torch.from_numpy(x).cuda()))
             refs = torch_reference(source.model, x, len(x))
-            assert len(got) == len(want) == len(refs) == (4 if task == "backbone" else 1)
-            for g, w, r in zip(got, want, refs, strict=True):
-                assert g.shape == w.shape == r.shape, (shape, g.shape, r.shape)
-                if precision == "fp32":
-                    assert _rel_l2(g, r) <= 1e-5 and _rel_l2(w, r) <= 1e-5, (shape, _rel_l2(g, r), _rel_l2(w, r))
-                else:
-                    assert _rel_l2(g, w) <= 5e-3 and _rel_l2(g, r) <= 1e-2, (shape, _rel_l2(g, w), _rel_l2(g, r))
+            assert len(got) == len(want) == len(numpy_out) == len(refs) == (4 if task == "backbone" else 1)
+            for g, n, w, r in zip(got, numpy_out, want, refs, strict=True):
+                assert g.shape == n.shape == w.shape == r.shape, (shape, g.shape, r.shape)
+                for out in (g, n):  # device calls (graphs from a shape's second call) and numpy calls (plain)
+                    if precision == "fp32":
+                        assert _rel_l2(out, r) <= 1e-5 and _rel_l2(w, r) <= 1e-5, (shape, _rel_l2(out, r))
+                    else:
+                        assert _rel_l2(out, w) <= 5e-3 and _rel_l2(out, r) <= 1e-2, (shape, _rel_l2(out, w))
     backend = graphed.backend
-    if task == "segmentation" and backend.graphs is None:
-        # ONNX Runtime refuses to capture the UperNet (a node it puts on the CPU): the plain session runs instead.
-        assert "graph capture" in backend.cuda_graph_note
-    else:
-        assert sorted(backend.graphs.cached_shapes) == sorted(set(shapes))
+    assert backend.graphs is not None, backend.cuda_graph_note  # captured (run 19: also the UperNet head)
+    assert sorted(backend.graphs.cached_shapes) == sorted(set(shapes))
+    assert "device-resident calls only" in backend.cuda_graph_note
     x = rng.standard_normal((1, 3, 193, 161), dtype=np.float32)
-    host = _as_list(graphed(x))
-    kept = _as_list(graphed(torch.from_numpy(x).cuda()))
+    x_device = torch.from_numpy(x).cuda()
+    host = on_host(graphed(x_device))
+    kept = graphed(x_device)
     graphed(torch.zeros((1, 3, 193, 161), device="cuda"))  # rewrites the graph's own buffers, not `kept`
-    for value, want in zip(kept, host, strict=True):
-        tensor = torch.from_dlpack(value)
-        assert tensor.is_cuda and tuple(tensor.shape) == want.shape
-        np.testing.assert_allclose(tensor.cpu().numpy(), want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(on_host(kept), host, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
