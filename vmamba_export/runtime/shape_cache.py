@@ -1,7 +1,8 @@
-"""What a backend builds once per input shape (an ONNX Runtime session specialised to it, a captured CUDA graph),
-kept for the last few shapes, and built only for a shape seen before: a stream of one-off sizes (a folder of photos
-of all sizes through a segmenter) would otherwise pay a session's creation on every image, and runs on the
-backend's general session instead."""
+"""What a backend builds once per input shape (an ONNX Runtime session specialised to it, a captured CUDA graph, an
+OpenVINO compile), kept for the last few shapes. `wants` is the policy of the ONNX Runtime backends: build only for a
+shape seen before, since a stream of one-off sizes (a folder of photos of all sizes through a segmenter) would
+otherwise pay a session's creation on every image; those calls run on the backend's general session instead. The
+OpenVINO backend has no general compiled model for calls and builds at a shape's first call (`get` alone)."""
 
 from __future__ import annotations
 
