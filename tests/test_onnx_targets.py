@@ -58,6 +58,11 @@ def test_custom_op_graph_has_one_scan_node_per_block(artifacts, name):
     assert len(scans) == sum(resolve_model(name, random_weights=True).model.config.depths)
     assert all(n.domain == "ai.vmamba" for n in scans)
     assert proto.ir_version == 10
+    # The x_proj's dt, B and C projections run as one convolution and a Split (lowering/sibling_convs.py).
+    pointwise_sources = [n.input[0] for n in proto.graph.node if n.op_type == "Conv" and len(n.input) == 2]
+    assert len(pointwise_sources) == len(set(pointwise_sources))
+    rewrites = read_manifest(artifacts[(name, "cpu-onnxruntime")])["lowering"]["rewrites"]
+    assert rewrites["merged_pointwise_convs"] == 2 * len(scans)
 
 
 @pytest.mark.parametrize("name", ["vmamba_test_v2", "vmamba_test_v0"])

@@ -63,11 +63,14 @@ def _onnx_portable(model: VMamba, target: Target, folder: Path, options: ExportO
 
 
 def _export_onnx_at(model: VMamba, path: Path, scan: str, options: ExportOptions, library: Path | None) -> dict:
-    """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`."""
+    """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`. The custom-op
+    graph (cpu-onnxruntime) gets ONNX Runtime's CPU rewrites (onnxruntime_cpu.py), on the float or the quantized graph."""
     from .onnx_export import export_onnx
+    from .onnxruntime_cpu import onnxruntime_cpu_rewrites
 
+    rewrite = onnxruntime_cpu_rewrites if scan == "custom-op" else None
     if options.precision != "int8":
-        return export_onnx(model, path, scan=scan, max_size=options.max_size)
+        return export_onnx(model, path, scan=scan, max_size=options.max_size, rewrite=rewrite)
     import tempfile
 
     from ..quantize.calibration import load_calibration_batch
@@ -82,6 +85,12 @@ def _export_onnx_at(model: VMamba, path: Path, scan: str, options: ExportOptions
         info["quantization"] = quantize_onnx_int8(
             fp32, path, model.config.input, options, library, show_progress=show, calib_batch=calib
         )
+    if rewrite is not None:  # after quantization, whose layer names (--exclude, the report) are the model's own
+        import onnx
+
+        proto = onnx.load(str(path))
+        info["rewrites"] = rewrite(proto)
+        onnx.save_model(proto, str(path))
     return info
 
 

@@ -11,6 +11,8 @@ they run in float32 between Casts.
 
 from __future__ import annotations
 
+from .graph_order import sort_topologically
+
 # Kept in float32 (with Casts around them) on top of the converter's defaults (ML-domain ops, TopK, Range, CumSum,
 # Min/Max, Upsample, ...). None of these is on VMamba's hot path; they are here so a graph that has them stays
 # accurate: Softplus/Exp overflow float16 above ~11, ReduceSum/ReduceSumSquare over a whole map lose digits.
@@ -37,30 +39,9 @@ def convert_model_to_fp16(proto, ir_version: int):
         disable_shape_infer=True,
     )
     converted.ir_version = ir_version
-    _sort_topologically(converted.graph)
+    # The converter appends its input Casts after the nodes that read them; ONNX requires producers first.
+    sort_topologically(converted.graph)
     return converted
-
-
-def _sort_topologically(graph) -> None:
-    """The converter appends its input Casts after the nodes that read them; ONNX requires producers first."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        ready = [n for n in pending if all(name in available for name in n.input)]
-        if not ready:  # inputs from an outer scope or a cycle: keep the rest as it was
-            ordered.extend(pending)
-            break
-        ready_ids = {id(n) for n in ready}
-        pending = [n for n in pending if id(n) not in ready_ids]
-        for node in ready:
-            ordered.append(node)
-            available.update(node.output)
-    nodes = [type(n)() for n in ordered]
-    for copy, node in zip(nodes, ordered):
-        copy.CopyFrom(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def fp16_info(converted) -> dict:

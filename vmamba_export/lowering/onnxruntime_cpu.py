@@ -1,0 +1,14 @@
+"""Graph changes for ONNX Runtime's CPU provider (the cpu-onnxruntime target), applied to the exported graph before
+it is saved (and before int8 quantization). Each is the same function, computed with fewer or cheaper kernels; the
+manifest records what each changed (`lowering.rewrites`)."""
+
+from __future__ import annotations
+
+import onnx
+
+from .sibling_convs import merge_sibling_pointwise_convs
+
+
+def onnxruntime_cpu_rewrites(model: onnx.ModelProto) -> dict:
+    """Apply the cpu-onnxruntime rewrites to `model` in place; returns {rewrite: count} for the manifest."""
+    return {"merged_pointwise_convs": merge_sibling_pointwise_convs(model)}
