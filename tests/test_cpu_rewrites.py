@@ -96,3 +96,35 @@ def test_graph_without_siblings_is_unchanged():
     text = model.SerializeToString()
     assert merge_sibling_pointwise_convs(model) == 0
     assert model.SerializeToString() == text
+
+
+def test_silu_pairs_become_quick_gelu():
+    """Mul(x, Sigmoid(x)) -> QuickGelu(x); a Sigmoid read twice, or a Mul of another tensor, stays as it is."""
+    from vmamba_export.lowering.silu_fusion import fuse_silu
+
+    nodes = [
+        helper.make_node("Sigmoid", ["x"], ["sx"]),
+        helper.make_node("Mul", ["sx", "x"], ["silu"]),  # operands in either order
+        helper.make_node("Sigmoid", ["y"], ["sy"]),
+        helper.make_node("Mul", ["y", "sy"], ["silu_y"]),
+        helper.make_node("Add", ["sy", "y"], ["also_reads_sy"]),  # a second reader: not fused
+        helper.make_node("Sigmoid", ["x"], ["sx2"]),
+        helper.make_node("Mul", ["y", "sx2"], ["gate"]),  # y * sigmoid(x): not a SiLU
+    ]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 3, 4])  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "silu", [value("x"), value("y")], [value(n) for n in ("silu", "silu_y", "also_reads_sy", "gate")]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    rng = np.random.default_rng(2)
+    feeds = {k: (4 * rng.standard_normal((2, 3, 4))).astype(np.float32) for k in ("x", "y")}
+    before = _run(model, feeds)
+
+    assert fuse_silu(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("QuickGelu") == 1
+    after = _run(model, feeds)
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-6, atol=1e-6)
+    x = feeds["x"].astype(np.float64)
+    np.testing.assert_allclose(after["silu"], x / (1 + np.exp(-x)), rtol=1e-5, atol=1e-6)

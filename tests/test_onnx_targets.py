@@ -63,6 +63,9 @@ def test_custom_op_graph_has_one_scan_node_per_block(artifacts, name):
     assert len(pointwise_sources) == len(set(pointwise_sources))
     rewrites = read_manifest(artifacts[(name, "cpu-onnxruntime")])["lowering"]["rewrites"]
     assert rewrites["merged_pointwise_convs"] == 2 * len(scans)
+    # Every SiLU (one a block after the depthwise convolution; v0 also gates with one) is one QuickGelu node.
+    assert rewrites["fused_silu"] >= len(scans)
+    assert not any(n.op_type == "Sigmoid" for n in proto.graph.node)
 
 
 @pytest.mark.parametrize("name", ["vmamba_test_v2", "vmamba_test_v0"])

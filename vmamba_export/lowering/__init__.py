@@ -64,7 +64,7 @@ def _onnx_portable(model: VMamba, target: Target, folder: Path, options: ExportO
 
 def _export_onnx_at(model: VMamba, path: Path, scan: str, options: ExportOptions, library: Path | None) -> dict:
     """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`. The custom-op
-    graph (cpu-onnxruntime) gets ONNX Runtime's CPU rewrites (onnxruntime_cpu.py), on the float or the quantized graph."""
+    graph (cpu-onnxruntime) gets ONNX Runtime's CPU rewrites (onnxruntime_cpu.py), to the float or the int8 graph."""
     from .onnx_export import export_onnx
     from .onnxruntime_cpu import onnxruntime_cpu_rewrites
 

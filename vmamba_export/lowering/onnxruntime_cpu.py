@@ -7,8 +7,9 @@ from __future__ import annotations
 import onnx
 
 from .sibling_convs import merge_sibling_pointwise_convs
+from .silu_fusion import fuse_silu
 
 
 def onnxruntime_cpu_rewrites(model: onnx.ModelProto) -> dict:
     """Apply the cpu-onnxruntime rewrites to `model` in place; returns {rewrite: count} for the manifest."""
-    return {"merged_pointwise_convs": merge_sibling_pointwise_convs(model)}
+    return {"merged_pointwise_convs": merge_sibling_pointwise_convs(model), "fused_silu": fuse_silu(model)}
