@@ -240,7 +240,7 @@ def test_scan_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
 def test_channel_norm_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
     """The aarch64 channel LayerNorm (ai.vmamba::ChannelLayerNorm's kernel) against the float64 reference of
     kernels/cpu/channel_norm_check.cpp (C 1 to 1000, pixel counts around every vector width, batch > 1, a large
-    offset, the fused residual, 1 and 2 threads): both variants, picked by the run-time dispatch as for the scan."""
+    offset, 1 and 2 threads): both variants, picked by the run-time dispatch as for the scan."""
     from vmamba_export.build_kernels import BUILD, build
 
     build(quiet=True, platform_name="linux-aarch64")

@@ -90,28 +90,14 @@ struct Job {
 };
 
 // Normalises V * Lanes<T>::kWidth pixels starting at flat offset `at` (batch n's base + first pixel) over all C
-// channels. With kResidual, x + residual is formed in the first pass, written to sum, and read back from there (the
-// block's rows are still in cache) by the other two.
-template <typename T, int V, bool kResidual>
+// channels.
+template <typename T, int V>
 VM_INLINE void norm_block(const Job& job, int64_t at) {
   using L = Lanes<T>;
   constexpr int W = L::kWidth;
   const int64_t channels = job.s.channels, stride = job.s.pixels;
   const float* x = job.t.x + at;
-  const float* r = kResidual ? job.t.residual + at : nullptr;
-  float* sum = kResidual ? job.t.sum + at : nullptr;
-  const float* src = kResidual ? sum : x;  // what the second and third passes read
-
-  auto input = [&](int64_t c, int v) {
-    const int64_t i = c * stride + v * W;
-    if constexpr (kResidual) {
-      const T value = L::load(x + i) + L::load(r + i);
-      L::store(sum + i, value);
-      return value;
-    } else {
-      return L::load(x + i);
-    }
-  };
+  auto input = [&](int64_t c, int v) { return L::load(x + c * stride + v * W); };
 
   // Pass 1: mean of x - shift, shift = channel 0's value (its own term is 0). Two accumulators per vector: two
   // independent add chains per lane keep the adder busy where one would wait on its latency.
@@ -137,7 +123,7 @@ VM_INLINE void norm_block(const Job& job, int64_t at) {
   }
 
   // Pass 2: the centred variance.
-  auto centred = [&](int64_t ch, int v) { return (L::load(src + ch * stride + v * W) - shift[v]) - mean[v]; };
+  auto centred = [&](int64_t ch, int v) { return (input(ch, v) - shift[v]) - mean[v]; };
   c = 0;
   for (; c + 1 < channels; c += 2) {
     for (int v = 0; v < V; ++v) {
@@ -171,16 +157,15 @@ constexpr int64_t kItemElements = int64_t{1} << 15;  // about 128 KB of x per wo
 constexpr int64_t kParallelMinElements = int64_t{1} << 17;
 
 // Blocks of up to kBlockVectors whole vectors over pixels [begin, end) of the image at flat offset `base`.
-template <bool kResidual>
 VM_INLINE void norm_vectors(const Job& job, int64_t base, int64_t begin, int64_t end) {
   int64_t p = begin;
   for (; p + kBlockVectors * kNative <= end; p += kBlockVectors * kNative) {
-    norm_block<vf, kBlockVectors, kResidual>(job, base + p);
+    norm_block<vf, kBlockVectors>(job, base + p);
   }
   switch ((end - p) / kNative) {  // the 1-3 whole vectors left, as one block
-    case 3: norm_block<vf, 3, kResidual>(job, base + p); break;
-    case 2: norm_block<vf, 2, kResidual>(job, base + p); break;
-    case 1: norm_block<vf, 1, kResidual>(job, base + p); break;
+    case 3: norm_block<vf, 3>(job, base + p); break;
+    case 2: norm_block<vf, 2>(job, base + p); break;
+    case 1: norm_block<vf, 1>(job, base + p); break;
     default: break;
   }
 }
@@ -188,7 +173,6 @@ VM_INLINE void norm_vectors(const Job& job, int64_t base, int64_t begin, int64_t
 // Work item: (batch element, a run of whole vectors of pixels). The last item of an image may end in a partial
 // vector: it is done as one more vector ending at the image's last pixel, which overlaps pixels already done and
 // rewrites them with the same values; an image narrower than a vector goes one pixel at a time.
-template <bool kResidual>
 void run_item(void* arg, int64_t item) {
   const Job& job = *static_cast<const Job*>(arg);
   const int64_t n = item / job.items_per_image;
@@ -197,12 +181,12 @@ void run_item(void* arg, int64_t item) {
   const int64_t end = index + 1 == job.items_per_image ? job.s.pixels : begin + job.pixels_per_item;
   const int64_t base = n * job.s.channels * job.s.pixels;
   if (job.s.pixels < kNative) {
-    for (int64_t p = begin; p < end; ++p) norm_block<float, 1, kResidual>(job, base + p);
+    for (int64_t p = begin; p < end; ++p) norm_block<float, 1>(job, base + p);
     return;
   }
   const int64_t whole_end = begin + (end - begin) / kNative * kNative;
-  norm_vectors<kResidual>(job, base, begin, whole_end);
-  if (whole_end < end) norm_block<vf, 1, kResidual>(job, base + end - kNative);
+  norm_vectors(job, base, begin, whole_end);
+  if (whole_end < end) norm_block<vf, 1>(job, base + end - kNative);
 }
 
 void serial_for(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
@@ -225,11 +209,10 @@ const char* channel_norm_run(const ChannelNormTensors& t, const ChannelNormShape
     job.pixels_per_item = s.pixels;
   }
   const int64_t items = s.batch * job.items_per_image;
-  void (*fn)(void*, int64_t) = t.residual != nullptr ? run_item<true> : run_item<false>;
   if (items == 1 || parallel_for == nullptr || s.batch * s.channels * s.pixels < kParallelMinElements) {
     parallel_for = serial_for;
   }
-  parallel_for(parallel_ctx, items, fn, &job);
+  parallel_for(parallel_ctx, items, run_item, &job);
   return nullptr;
 }
 
@@ -299,7 +282,6 @@ const char* check_channel_norm_shape(const ChannelNormShape& s) {
 const char* channel_layer_norm_f32(const ChannelNormTensors& t, const ChannelNormShape& s, float epsilon,
                                    ParallelFor parallel_for, void* parallel_ctx) {
   if (const char* err = check_channel_norm_shape(s)) return err;
-  if ((t.residual == nullptr) != (t.sum == nullptr)) return "residual and sum must be given together";
   if (s.batch == 0 || s.channels == 0 || s.pixels == 0) return nullptr;  // empty y
   if (!t.x || !t.weight || !t.bias || !t.y) return "null tensor pointer";
   if (!(epsilon >= 0.0f)) return "epsilon must be >= 0";

@@ -6,8 +6,7 @@
 //
 // float32 throughout, two passes over the channels (mean, then the centred variance) as torch computes it. The
 // pixels of one channel are contiguous, so the kernel runs whole vectors of pixels down the channels: no horizontal
-// reductions and no transposes. Optionally it adds a residual first (the Add that precedes most norms):
-// sum = x + residual is written out and normalised.
+// reductions and no transposes.
 #pragma once
 
 #include <cstdint>
@@ -22,21 +21,19 @@ struct ChannelNormShape {
   int64_t pixels;    // product of the dimensions after the channel axis (H * W)
 };
 
-// All tensors dense (contiguous, row-major): x, residual, sum and y (batch, channels, pixels); weight, bias
-// (channels). y and sum must not overlap x or residual.
+// All tensors dense (contiguous, row-major): x and y (batch, channels, pixels), weight and bias (channels). y must
+// not overlap x.
 struct ChannelNormTensors {
   const float* x;
   const float* weight;
   const float* bias;
   float* y;
-  const float* residual = nullptr;  // optional: normalise x + residual ...
-  float* sum = nullptr;             // ... and write x + residual here (both set or neither)
 };
 
 // nullptr when the shape is one the kernel accepts, otherwise a static message saying why not.
 const char* check_channel_norm_shape(const ChannelNormShape& shape);
 
-// Computes y (and sum). Returns nullptr on success, otherwise a static error message. `parallel_for` may be null
+// Computes y. Returns nullptr on success, otherwise a static error message. `parallel_for` may be null
 // (runs serially on the calling thread).
 const char* channel_layer_norm_f32(const ChannelNormTensors& tensors, const ChannelNormShape& shape, float epsilon,
                                    ParallelFor parallel_for, void* parallel_ctx);

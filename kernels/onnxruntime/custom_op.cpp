@@ -166,8 +166,7 @@ constexpr const char* kNormOpName = "ChannelLayerNorm";
 constexpr float kDefaultEpsilon = 1e-5f;  // LayerNormalization's default
 
 // ai.vmamba::ChannelLayerNorm: X (N, C, ...) normalised over axis 1 per position, times weight (C) plus bias (C);
-// attribute epsilon. Optional 4th input R and 2nd output S (both or neither): S = X + R is written and normalised,
-// the residual Add before a norm fused into it.
+// attribute epsilon.
 struct ChannelLayerNormCpuKernel {
   float epsilon = kDefaultEpsilon;
 
@@ -177,19 +176,10 @@ struct ChannelLayerNormCpuKernel {
 
   OrtStatus* compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const size_t n_in = ctx.GetInputCount(), n_out = ctx.GetOutputCount();
-    if (n_in < 3 || n_in > 4 || n_out < 1 || n_out > 2) {
-      return make_status(ORT_INVALID_ARGUMENT, "expects inputs (X, weight, bias[, residual]), outputs (Y[, sum])",
-                         kNormOpName);
+    if (ctx.GetInputCount() != 3 || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT, "expects 3 inputs (X, weight, bias), 1 output", kNormOpName);
     }
     auto x = ctx.GetInput(0);
-    auto weight = ctx.GetInput(1);
-    auto bias = ctx.GetInput(2);
-    Ort::ConstValue residual{n_in == 4 ? ctx.GetInput(3) : Ort::ConstValue{nullptr}};
-    const bool fused = residual != nullptr;
-    if (fused != (n_out == 2)) {
-      return make_status(ORT_INVALID_ARGUMENT, "the residual input and the sum output come together", kNormOpName);
-    }
     const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
     if (shape.size() < 2) {
       return make_status(ORT_INVALID_ARGUMENT, "X must be (N, C, ...), got " + shape_str(shape), kNormOpName);
@@ -197,10 +187,9 @@ struct ChannelLayerNormCpuKernel {
     const int64_t channels = shape[1];
     int64_t pixels = 1;
     for (size_t i = 2; i < shape.size(); ++i) pixels *= shape[i];
-    const char* names[] = {"X", "weight", "bias", "residual"};
-    const std::vector<std::vector<int64_t>> expected = {shape, {channels}, {channels}, shape};
-    for (size_t i = 0; i < n_in; ++i) {
-      if (i == 3 && !fused) break;
+    const char* names[] = {"X", "weight", "bias"};
+    const std::vector<std::vector<int64_t>> expected = {shape, {channels}, {channels}};
+    for (size_t i = 0; i < 3; ++i) {
       auto info = ctx.GetInput(i).GetTensorTypeAndShapeInfo();
       if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + names[i] + "' must be float32", kNormOpName);
@@ -217,12 +206,8 @@ struct ChannelLayerNormCpuKernel {
       return make_status(ORT_INVALID_ARGUMENT, err, kNormOpName);
     }
     auto y = ctx.GetOutput(0, shape);
-    vmamba::ChannelNormTensors tensors{x.GetTensorData<float>(), weight.GetTensorData<float>(),
-                                       bias.GetTensorData<float>(), y.GetTensorMutableData<float>()};
-    if (fused) {
-      tensors.residual = residual.GetTensorData<float>();
-      tensors.sum = ctx.GetOutput(1, shape).GetTensorMutableData<float>();
-    }
+    const vmamba::ChannelNormTensors tensors{x.GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
+                                             ctx.GetInput(2).GetTensorData<float>(), y.GetTensorMutableData<float>()};
     if (const char* err = vmamba::channel_layer_norm_f32(tensors, norm_shape, epsilon, ort_parallel_for, context)) {
       return make_status(ORT_FAIL, err, kNormOpName);
     }
@@ -234,7 +219,7 @@ struct ChannelLayerNormCpuOp : Ort::CustomOpBase<ChannelLayerNormCpuOp, ChannelL
   ChannelLayerNormCpuOp() {
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
-    OrtCustomOp::InferOutputShapeFn = vmamba_ort::outputs_like_input0;
+    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
@@ -255,16 +240,10 @@ struct ChannelLayerNormCpuOp : Ort::CustomOpBase<ChannelLayerNormCpuOp, ChannelL
 
   const char* GetName() const { return kNormOpName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
+  size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
 };
 
 // Registration hook for the CUDA kernel: only libvmamba_ort_cuda.so (compiled with -DVMAMBA_WITH_CUDA, linked with

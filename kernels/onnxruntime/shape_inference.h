@@ -1,4 +1,4 @@
-// Shape inference for the library's ops, whose outputs have the type and shape of input 0 (the scan's u, the
+// Shape inference for the library's ops, whose single output has the type and shape of input 0 (the scan's u, the
 // LayerNorms' X). Declaring it lets ONNX Runtime infer every shape after our nodes, so a session with fixed input
 // dimensions folds the shape arithmetic downstream into constants (the segmentation head's Resize sizes, which its
 // CPU NCHWc transformer needs to run bilinear upsampling in the blocked layout; no Shape node left on the CPU of a
@@ -16,19 +16,6 @@ inline OrtStatusPtr ORT_API_CALL output_like_input0(const OrtCustomOp*, OrtShape
   OrtTensorTypeAndShapeInfo* info = nullptr;
   if (OrtStatus* status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return status;
   return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
-}
-
-// ChannelLayerNorm: Y like X, and with the optional 4th input (the fused residual) the second output, the sum, too.
-// The context tells the inputs' count, not the outputs'; the op's contract ties the two.
-inline OrtStatusPtr ORT_API_CALL outputs_like_input0(const OrtCustomOp* op, OrtShapeInferContext* ctx) {
-  const OrtApi& api = Ort::GetApi();
-  if (OrtStatus* status = output_like_input0(op, ctx)) return status;
-  size_t inputs = 0;
-  if (OrtStatus* status = api.ShapeInferContext_GetInputCount(ctx, &inputs)) return status;
-  if (inputs < 4) return nullptr;
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  if (OrtStatus* status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return status;
-  return api.ShapeInferContext_SetOutputTypeShape(ctx, 1, info);
 }
 
 }  // namespace vmamba_ort
