@@ -20,8 +20,12 @@ slower and is not done (docs/cpu-latency.md).
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 from .onnx_export import ONNX_DOMAIN
+
+if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with the lowering registry
+    import onnx
 
 CHANNEL_NORM_OP = "ChannelLayerNorm"
 DEFAULT_EPSILON = 1e-5  # LayerNormalization's default
@@ -53,7 +57,7 @@ def register_channel_norm_schema() -> None:
     defs.register_schema(schema)
 
 
-def _attribute(node, name: str, default):
+def _attribute(node: onnx.NodeProto, name: str, default):
     import onnx
 
     for attr in node.attribute:
@@ -62,7 +66,7 @@ def _attribute(node, name: str, default):
     return default
 
 
-def _is_transpose(node, perm: list[int]) -> bool:
+def _is_transpose(node: onnx.NodeProto | None, perm: list[int]) -> bool:
     return (
         node is not None
         and node.op_type == "Transpose"
@@ -81,7 +85,9 @@ def _channel_vector(name: str, initializers: dict) -> int | None:
     return int(tensor.dims[0])
 
 
-def _triplet(node, producer: dict, readers: dict, outputs: set, initializers: dict):
+def _triplet(
+    node: onnx.NodeProto, producer: dict, readers: dict, outputs: set[str], initializers: dict
+) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
     """(first Transpose, second Transpose) when LayerNormalization `node` is the middle of a replaceable triplet,
     else None."""
     if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
@@ -104,7 +110,7 @@ def _triplet(node, producer: dict, readers: dict, outputs: set, initializers: di
     return first, after[0]
 
 
-def use_channel_layer_norms(proto) -> dict:
+def use_channel_layer_norms(proto: onnx.ModelProto) -> dict:
     """Replace, in place, every Transpose -> LayerNormalization -> Transpose triplet of ModelProto `proto` that
     ChannelLayerNorm covers (module docstring). Returns what the manifest records: how many norms were replaced and
     how many LayerNormalizations kept."""
@@ -119,7 +125,7 @@ def use_channel_layer_norms(proto) -> dict:
             readers.setdefault(name, []).append(n)
     outputs = {o.name for o in graph.output}
 
-    replacements: dict[int, object] = {}  # id(second Transpose) -> the new node, placed where it was
+    replacements: dict[int, onnx.NodeProto] = {}  # id(second Transpose) -> the new node, placed where it was
     removed: set[int] = set()
     dropped_tensors: set[str] = set()
     kept = 0
@@ -157,7 +163,7 @@ def use_channel_layer_norms(proto) -> dict:
     return {"op": f"{ONNX_DOMAIN}::{CHANNEL_NORM_OP}", "replaced": len(replacements), "kept": kept}
 
 
-def one_node_channel_norm_model(channels: int | str = "C", epsilon: float = DEFAULT_EPSILON):
+def one_node_channel_norm_model(channels: int | str = "C", epsilon: float = DEFAULT_EPSILON) -> onnx.ModelProto:
     """An ONNX ModelProto holding one ChannelLayerNorm node, for kernel tests and benchmarks: inputs X (N, C, H, W),
     symbolic but C when an int), weight and bias (C); output Y."""
     from onnx import TensorProto, helper
