@@ -6,9 +6,11 @@ after graph optimisation, so fused and layout nodes such as ReorderInput/Reorder
                                      [--upernet SIZE] [--workdir D] [--out F.md]
 
 Graphs: ours as the cpu-onnxruntime target exports it (channel-first residual stream, projections as 1x1
-convolutions that ORT runs in its blocked NCHWc layout, one custom scan node per block), and the channels-last form
-the cuda-onnxruntime target uses (models/channels_last.py: projections as MatMuls, no NCHWc around them) for
-comparison; ConvNeXt-T exported by the same exporter at the fixed input shape (benchmarks/convnext.py). With --int8
+convolutions that ORT runs in its blocked NCHWc layout, one custom scan node per block, each LayerNorm2d one
+ChannelLayerNorm node: lowering/channel_norm.py), and for comparison the same graph with ONNX Runtime's Transpose ->
+LayerNormalization -> Transpose instead (as the target exported it before that rewrite) and the channels-last form
+the cuda-onnxruntime target uses (models/channels_last.py: projections as MatMuls, no NCHWc around them);
+ConvNeXt-T exported by the same exporter at the fixed input shape (benchmarks/convnext.py). With --int8
 (224 only), also the cpu-onnxruntime int8 artifact and the QOperator int8 ConvNeXt-T of cpu_user.py. Random weights.
 With --openvino (224 only), the same for OpenVINO from its per-node counters (PERF_COUNT, summed by node type):
 our cpu-openvino artifacts in fp32, bf16 and int8, compiled as the loader compiles them (fixed input shape, LATENCY
@@ -51,8 +53,8 @@ MODEL = "vmamba_tiny_s1l8"
 ARITHMETIC_OPS = {
     # ONNX Runtime
     "Conv", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
-    "SelectiveScan2D", "LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "QuickGelu",
-    "Sigmoid", "Mul", "Add",
+    "SelectiveScan2D", "ChannelLayerNorm", "LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu",
+    "FastGelu", "QuickGelu", "Sigmoid", "Mul", "Add",
     # OpenVINO CPU plugin ("Reference": an extension op, our scan; ReduceMean, RMS, NormalizeL2, Subtract: LayerNorm
     # pieces)
     "Convolution", "GroupConvolution", "FullyConnected", "FullyConnectedQuantizedLegacy", "MVN", "RMS", "ReduceMean",
@@ -220,6 +222,21 @@ def upernet_graphs(workdir: Path, size: int) -> dict[str, dict]:
     }
 
 
+def channel_norm_graph(path: Path) -> Path:
+    """The custom-op graph at `path` as the cpu-onnxruntime target writes it: LayerNorm2d's Transpose ->
+    LayerNormalization -> Transpose as one ChannelLayerNorm node (lowering/channel_norm.py). Written beside it."""
+    import onnx
+
+    from vmamba_export.lowering.channel_norm import use_channel_layer_norms
+
+    out = path.with_name(f"{path.stem}_channel-norm.onnx")
+    if not out.exists():
+        proto = onnx.load(str(path))
+        use_channel_layer_norms(proto)
+        onnx.save_model(proto, str(out))
+    return out
+
+
 def export_graphs(workdir: Path, sizes: list[int], int8: bool) -> dict[str, tuple[Path, str | None, list[int]]]:
     """name -> (ONNX file, custom-op library or None, sizes it is profiled at)."""
     import torch
@@ -238,11 +255,11 @@ def export_graphs(workdir: Path, sizes: list[int], int8: bool) -> dict[str, tupl
         path = workdir / f"{MODEL}_{layout}.onnx"
         if not path.exists():
             export_onnx(layout_graph(model, layout)[0], path, scan="custom-op", max_size=max(sizes))
-        graphs[f"{MODEL} fp32, {layout}" + (" (cpu-onnxruntime)" if layout == "channels-first" else "")] = (
-            path,
-            library,
-            sizes,
-        )
+        if layout == "channels-first":
+            graphs[f"{MODEL} fp32 (cpu-onnxruntime)"] = (channel_norm_graph(path), library, sizes)
+            graphs[f"{MODEL} fp32, ONNX Runtime LayerNorm"] = (path, library, sizes)
+        else:
+            graphs[f"{MODEL} fp32, channels-last"] = (path, library, sizes)
     for size in sizes:
         path = workdir / f"convnext_tiny_{size}.onnx"
         if not path.exists():

@@ -7,7 +7,8 @@ resolution, timed in the same rounds.
 Ours: `build_model("vmamba_tiny_s1l8", task="segmentation", num_classes=150)` (UPerHead 512 channels, the backbone
 of upernet_vssm_tiny), random weights (speed does not depend on them), exported as the cpu-onnxruntime and
 cpu-openvino artifacts export it: `lowering.onnx_export.export_onnx(..., scan="custom-op")` with dynamic batch,
-height and width, run by ONNX Runtime with the custom-op library registered and the runtime loader's session
+height and width (for ONNX Runtime with LayerNorm2d as ChannelLayerNorm nodes, lowering/channel_norm.py), run by ONNX
+Runtime with the custom-op library registered and the runtime loader's session
 settings (intra-op threads T, inter-op 1); and `lowering.openvino_ir.lower_openvino` (the custom-op ONNX converted
 with the extension), compiled as the loader compiles it (`runtime.openvino_backend.compile_ir`, the IR reshaped to
 the fixed input shape, LATENCY hint, f32, T threads).
@@ -170,11 +171,17 @@ def build_ours_lowered(workdir: Path, row: str, size: int) -> dict:
     from vmamba_export.kernels_paths import openvino_extension_path, ort_library_path
 
     if ROWS[row] == "onnxruntime":
+        import onnx
+
+        from vmamba_export.lowering.channel_norm import use_channel_layer_norms
         from vmamba_export.lowering.onnx_export import export_onnx
 
-        path = workdir / "ours_custom-op.onnx"
+        path = workdir / "ours_custom-op_channel-norm.onnx"
         if not path.exists():
             export_onnx(our_model(), path, scan="custom-op", max_size=max(size, 512))
+            proto = onnx.load(str(path))
+            use_channel_layer_norms(proto)  # LayerNorm2d as one node, as cpu-onnxruntime writes it
+            onnx.save_model(proto, str(path))
         return {"kind": "ours-ort", "path": str(path), "library": str(ort_library_path())}
     from vmamba_export.lowering import ExportOptions
     from vmamba_export.lowering.openvino_ir import lower_openvino

@@ -235,6 +235,32 @@ def test_scan_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
     assert "scan_check: PASS" in subprocess.run([str(host_exe)], capture_output=True, text=True).stdout
 
 
+@on_x86
+@needs_cross
+def test_channel_norm_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
+    """The aarch64 channel LayerNorm (ai.vmamba::ChannelLayerNorm's kernel) against the float64 reference of
+    kernels/cpu/channel_norm_check.cpp (C 1 to 1000, pixel counts around every vector width, batch > 1, a large
+    offset, 1 and 2 threads): both variants, picked by the run-time dispatch as for the scan."""
+    from vmamba_export.build_kernels import BUILD, build
+
+    build(quiet=True, platform_name="linux-aarch64")
+    obj = BUILD / "obj" / "linux-aarch64"
+    exe = tmp_path / "channel_norm_check"
+    source = str(ROOT / "kernels" / "cpu" / "channel_norm_check.cpp")
+    objects = [str(obj / n) for n in ("norm_armv8_a.o", "norm_armv8_2_a.o")]
+    subprocess.run([CROSS_CXX, "-O1", "-std=c++17", source, *objects, "-pthread", "-o", str(exe)], check=True)
+    qemu = [QEMU, "-L", "/usr/aarch64-linux-gnu"]
+    for cpu, want in ((None, "armv8.2-a+fp16+dotprod"), ("cortex-a53", "armv8-a")):
+        cmd = [*qemu, *(["-cpu", cpu] if cpu else []), str(exe), want]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"channel_norm_check: variant {want}" in proc.stdout and "channel_norm_check: PASS" in proc.stdout
+    host_objects = [str(p) for p in sorted((BUILD / "obj").glob("norm_*.o"))]
+    host_exe = tmp_path / "channel_norm_check_host"
+    subprocess.run(["g++", "-O1", "-std=c++17", source, *host_objects, "-pthread", "-o", str(host_exe)], check=True)
+    assert "channel_norm_check: PASS" in subprocess.run([str(host_exe)], capture_output=True, text=True).stdout
+
+
 @pytest.mark.slow
 @on_x86
 @needs_cross

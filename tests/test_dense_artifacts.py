@@ -106,8 +106,21 @@ def _check_fp32_parity(model, folder):
             assert _rel_l2(g, r) <= 1e-5, (folder.name, (h, w), g.shape)
 
 
+def _check_channel_norms(model, folder):
+    """cpu-onnxruntime: every LayerNorm2d (the backbone's and its output norms) runs as one ChannelLayerNorm node."""
+    import onnx
+
+    from vmamba_export.models.vmamba import LayerNorm2d
+
+    ops = [n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node]
+    norms2d = sum(isinstance(m, LayerNorm2d) for m in model.modules())
+    assert read_manifest(folder)["lowering"]["layer_norms"]["replaced"] == ops.count("ChannelLayerNorm") == norms2d
+    assert "LayerNormalization" not in ops
+
+
 def test_fp32_segmentation_onnxruntime(seg_model, seg_ort):
     _check_fp32_parity(seg_model, seg_ort)
+    _check_channel_norms(seg_model, seg_ort)
 
 
 def test_repeated_shape_runs_on_a_session_made_for_it(seg_model, seg_ort):
@@ -158,6 +171,7 @@ def test_repeated_shape_runs_on_a_session_made_for_it(seg_model, seg_ort):
 
 def test_fp32_backbone_onnxruntime(backbone_model, backbone_ort):
     _check_fp32_parity(backbone_model, backbone_ort)
+    _check_channel_norms(backbone_model, backbone_ort)
 
 
 @pytest.mark.parametrize(
@@ -368,9 +382,13 @@ def _check_reduced(model, folder, max_rel_l2: float, min_agreement: float) -> di
 
 
 def test_int8_segmentation_onnxruntime(seg_model, tmp_path):
+    import onnx
+
     manifest = _export(seg_model, "cpu-onnxruntime", tmp_path / "seg-ort-int8", "int8")
     assert manifest["lowering"]["quantization"]["quantized_layers"]
     _check_reduced(seg_model, tmp_path / "seg-ort-int8", 0.1, 0.95)
+    proto = onnx.load(str(tmp_path / "seg-ort-int8" / "model.onnx"))  # int8 keeps ORT's LayerNormalization
+    assert "ChannelLayerNorm" not in {n.op_type for n in proto.graph.node}
 
 
 @pytest.mark.slow

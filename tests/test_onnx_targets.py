@@ -68,6 +68,29 @@ def test_custom_op_graph_has_one_scan_node_per_block(artifacts, name):
     assert not any(n.op_type == "Sigmoid" for n in proto.graph.node)
 
 
+@needs_library
+@pytest.mark.parametrize("name", ["vmamba_test_v2", "vmamba_test_v0"])
+def test_custom_op_graph_norms_channel_first_maps_in_place(artifacts, name):
+    """cpu-onnxruntime: every LayerNorm2d (v2) is one ChannelLayerNorm node, no Transpose around it; v0's norms are
+    channel-last LayerNormalizations and stay; the manifest says how many were replaced (lowering/channel_norm.py)."""
+    from vmamba_export.models.vmamba import LayerNorm2d
+
+    folder = artifacts[(name, "cpu-onnxruntime")]
+    proto = onnx.load(str(folder / "model.onnx"))
+    model = resolve_model(name, random_weights=True).model
+    norms2d = sum(isinstance(m, LayerNorm2d) for m in model.modules())
+    ops = [n.op_type for n in proto.graph.node]
+    record = read_manifest(folder)["lowering"]["layer_norms"]
+    assert record["replaced"] == ops.count("ChannelLayerNorm") == norms2d
+    assert record["kept"] == ops.count("LayerNormalization")
+    if name == "vmamba_test_v2":
+        assert norms2d > 0 and ops.count("LayerNormalization") == 1  # the classifier's final norm
+        assert ops.count("Transpose") == 1
+    assert "ChannelLayerNorm" not in {
+        n.op_type for n in onnx.load(str(artifacts[(name, "onnx-portable")] / "model.onnx")).graph.node
+    }
+
+
 @pytest.mark.parametrize("name", ["vmamba_test_v2", "vmamba_test_v0"])
 @pytest.mark.parametrize("target", ["cpu-onnxruntime", "onnx-portable"])
 @pytest.mark.parametrize("shape", [(1, 3, 224, 224), (3, 3, 45, 37), (2, 3, 64, 100)])

@@ -2,7 +2,8 @@
 
 Outputs (vmamba_export/_native/ for this machine; vmamba_export/_native/<platform>/ when cross-building):
   libvmamba_scan.so  C API of the CPU kernel (kernels/cpu), loaded by the torch op through ctypes
-  libvmamba_ort.so   ONNX Runtime custom-op library (kernels/onnxruntime), op ai.vmamba::SelectiveScan2D
+  libvmamba_ort.so   ONNX Runtime custom-op library (kernels/onnxruntime), ops ai.vmamba::SelectiveScan2D and
+                     ai.vmamba::ChannelLayerNorm (kernels/cpu/channel_layer_norm.cpp)
   libvmamba_ort_cuda.so  the same plus the op's CUDAExecutionProvider kernel (kernels/cuda), only with --cuda
   libvmamba_openvino.so  OpenVINO extension (kernels/openvino), when the openvino package is installed
 
@@ -11,13 +12,14 @@ takes minutes (about 90 s of wall time per architecture on a 2-core CI machine),
 is skipped with a message when nvcc is absent. VMAMBA_CUDA_ARCHS="90" (space- or comma-separated) narrows the
 architectures for a quick local build. It is linked with `-cudart static` and never against ONNX Runtime.
 
-g++ is called directly (no CMake): five small translation units compiled in parallel take seconds, which matters
+g++ is called directly (no CMake): a few small translation units compiled in parallel take seconds, which matters
 because CI builds on every fresh clone. The OpenVINO extension still builds against the CMake config the openvino
 wheel ships: its compile definitions, include directory and libraries are read from the wheel's
-cmake/OpenVINOTargets*.cmake and TBBTargets-release.cmake (`openvino_toolchain`). The kernel is compiled once per
-instruction-set variant of the platform (vmamba_export/platforms.py; x86-64: baseline, x86-64-v3 = AVX2/FMA,
-x86-64-v4 = AVX-512, picked at run time from CPUID; aarch64: armv8-a NEON and armv8.2-a+fp16+dotprod, picked from
-getauxval(AT_HWCAP)), so the libraries are portable; never -march=native.
+cmake/OpenVINOTargets*.cmake and TBBTargets-release.cmake (`openvino_toolchain`). The CPU kernels (the scan and, in
+the ONNX Runtime libraries, the channel LayerNorm) are compiled once per instruction-set variant of the platform
+(vmamba_export/platforms.py; x86-64: baseline, x86-64-v3 = AVX2/FMA, x86-64-v4 = AVX-512, picked at run time from
+CPUID; aarch64: armv8-a NEON and armv8.2-a+fp16+dotprod, picked from getauxval(AT_HWCAP); one dispatcher for both,
+kernels/cpu/isa_dispatch.h), so the libraries are portable; never -march=native.
 
 Cross-building (`--platform linux-aarch64` on x86-64) uses the platform's Debian cross compiler
 (aarch64-linux-gnu-g++: apt-get install g++-aarch64-linux-gnu, or scripts/arm64_env.sh) and the same ONNX Runtime
@@ -120,18 +122,29 @@ def _obj_dir(plat: Platform) -> Path:
     return BUILD / "obj" if plat.name == host_platform() else BUILD / "obj" / plat.name
 
 
-def _scan_units(plat: Platform) -> list[Unit]:
-    """The kernel's instruction-set variants for `plat` (platforms.py; kernels/cpu/selective_scan_2d.cpp): the
-    first is the baseline and also compiles the dispatcher, which knows the others through dispatch_flags."""
-    src = KERNELS / "cpu" / "selective_scan_2d.cpp"
+def _variant_units(plat: Platform, source: str, prefix: str) -> list[Unit]:
+    """A kernel's instruction-set variants for `plat` (platforms.py): kernels/cpu/`source` compiled once per variant;
+    the first is the baseline and also compiles the dispatcher (isa_dispatch.h), which knows the others through
+    dispatch_flags."""
+    src = KERNELS / "cpu" / source
     obj = _obj_dir(plat)
     units = []
     for i, variant in enumerate(plat.kernel_variants):
         flags = [*variant.flags, f"-DVMAMBA_SCAN_VARIANT={variant.name}"]
         if i == 0:
             flags += ["-DVMAMBA_SCAN_DISPATCH", *plat.dispatch_flags]
-        units.append(Unit(src, obj / f"scan_{variant.name}.o", flags))
+        units.append(Unit(src, obj / f"{prefix}_{variant.name}.o", flags))
     return units
+
+
+def _scan_units(plat: Platform) -> list[Unit]:
+    """The scan kernel's variants (kernels/cpu/selective_scan_2d.cpp), in every library."""
+    return _variant_units(plat, "selective_scan_2d.cpp", "scan")
+
+
+def _norm_units(plat: Platform) -> list[Unit]:
+    """The channel LayerNorm's variants (kernels/cpu/channel_layer_norm.cpp), in the ONNX Runtime libraries only."""
+    return _variant_units(plat, "channel_layer_norm.cpp", "norm")
 
 
 def _compiler_id(cxx: str = CXX) -> str:
@@ -247,9 +260,14 @@ def _gencode(archs: Sequence[str]) -> list[str]:
 
 
 def build_cuda(
-    kernel_units: Sequence[Unit], kernel_sources: Sequence[str | Path], force: bool = False, quiet: bool = False
+    kernel_units: Sequence[Unit],
+    kernel_sources: Sequence[str | Path],
+    force: bool = False,
+    quiet: bool = False,
+    norm_units: Sequence[Unit] = (),
 ) -> str:
-    """libvmamba_ort_cuda.so: the ORT library (CPU kernel too) plus the CUDA kernel. Returns what happened."""
+    """libvmamba_ort_cuda.so: the ORT library (CPU kernels too: `kernel_units` the scan's, `norm_units` the channel
+    LayerNorm's) plus the CUDA kernels. Returns what happened."""
     nvcc = shutil.which(NVCC)
     if nvcc is None:
         return f"skipped: `{NVCC}` not found (install the CUDA toolkit, or set VMAMBA_NVCC)"
@@ -263,7 +281,7 @@ def build_cuda(
     obj = BUILD / "obj" / "cuda"
     archs = _cuda_archs()
     gencode = _gencode(archs)
-    units = [Unit(u.source, obj / u.obj.name, u.flags) for u in kernel_units]
+    units = [Unit(u.source, obj / u.obj.name, u.flags) for u in (*kernel_units, *norm_units)]
     op = Unit(ort_dir / "custom_op.cpp", obj / "custom_op_cuda.o", ["-DVMAMBA_WITH_CUDA"])
     cuda_op = Unit(ort_dir / "cuda_op.cpp", obj / "cuda_op.o")
     cu_units = [
@@ -275,6 +293,7 @@ def build_cuda(
     digest = _digest(
         [
             *kernel_sources,
+            *sorted({u.source for u in norm_units}),
             nvcc_id,
             " ".join(NVCCFLAGS + gencode + link),
             op.source,
@@ -576,6 +595,7 @@ def build(
     compiler = _compiler_id(cxx)
     cpu_dir = KERNELS / "cpu"
     kernel_units = _scan_units(plat)
+    norm_units = _norm_units(plat)
     c_api = Unit(cpu_dir / "c_api.cpp", _obj_dir(plat) / "c_api.o")
     kernel_sources: list[str | Path] = [
         compiler,
@@ -606,13 +626,20 @@ def build(
         op = Unit(KERNELS / "onnxruntime" / "custom_op.cpp", _obj_dir(plat) / "custom_op.o")
         headers = sorted(include.glob("onnxruntime_*.h"))
         ort_digest = _digest(
-            [*kernel_sources, op.source, op.source.with_name("shape_inference.h"), str(include), *headers]
+            [
+                *kernel_sources,
+                norm_units[0].source,
+                op.source,
+                op.source.with_name("shape_inference.h"),
+                str(include),
+                *headers,
+            ]
         )
         if not force and _up_to_date(ort_lib, ort_digest):
             results[ORT_LIBRARY_NAME] = "up to date"
         else:
-            _compile([op] if kernels_built else [*kernel_units, op], [cpu_dir, include], cxx)
-            _link([u.obj for u in kernel_units] + [op.obj], ort_lib, ort_digest, cxx)
+            _compile([*norm_units, op] if kernels_built else [*kernel_units, *norm_units, op], [cpu_dir, include], cxx)
+            _link([u.obj for u in (*kernel_units, *norm_units, op)], ort_lib, ort_digest, cxx)
             results[ORT_LIBRARY_NAME] = "built"
 
     if cross:
@@ -628,7 +655,7 @@ def build(
 
     if cuda and not cross:
         NATIVE_DIR.mkdir(parents=True, exist_ok=True)
-        results[ORT_CUDA_LIBRARY_NAME] = build_cuda(kernel_units, kernel_sources, force, quiet)
+        results[ORT_CUDA_LIBRARY_NAME] = build_cuda(kernel_units, kernel_sources, force, quiet, norm_units)
 
     for name, what in results.items():
         _say(quiet, f"{name}: {what}")

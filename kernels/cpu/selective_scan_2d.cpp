@@ -33,14 +33,8 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
-#if defined(VMAMBA_SCAN_DISPATCH) && defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
-#include <sys/auxv.h>
-#ifndef HWCAP_ASIMDHP
-#define HWCAP_ASIMDHP (1UL << 10)  // arch/arm64/include/uapi/asm/hwcap.h
-#endif
-#ifndef HWCAP_ASIMDDP
-#define HWCAP_ASIMDDP (1UL << 20)
-#endif
+#ifdef VMAMBA_SCAN_DISPATCH
+#include "isa_dispatch.h"
 #endif
 
 #ifndef VMAMBA_SCAN_VARIANT
@@ -637,36 +631,25 @@ struct Variant {
 };
 
 Variant pick_variant() {
-  const char* forced = std::getenv("VMAMBA_SCAN_ISA");
-  auto allowed = [forced](const char* name) { return forced == nullptr || *forced == '\0' ||
-                                                       std::strcmp(forced, name) == 0; };
-  // A forced name only ever selects a variant the CPU supports; an unknown name falls through to generic.
-#if defined(VMAMBA_SCAN_HAVE_X86_64_V4) || defined(VMAMBA_SCAN_HAVE_X86_64_V3)
-  __builtin_cpu_init();
-#endif
+  // isa_dispatch.h: the CPU's widest variant this build holds, or the one VMAMBA_SCAN_ISA forces.
+  const Isa isa = pick_isa();
+  switch (isa) {
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V4)
-  if (__builtin_cpu_supports("x86-64-v4") && allowed("x86-64-v4")) {
-    return {"x86-64-v4", x86_64_v4::run, x86_64_v4::run_bf16, x86_64_v4::arithmetic_floor};
-  }
+    case Isa::kX86_64_V4:
+      return {isa_name(isa), x86_64_v4::run, x86_64_v4::run_bf16, x86_64_v4::arithmetic_floor};
 #endif
 #if defined(VMAMBA_SCAN_HAVE_X86_64_V3)
-  if (__builtin_cpu_supports("x86-64-v3") && allowed("x86-64-v3")) {
-    return {"x86-64-v3", x86_64_v3::run, x86_64_v3::run_bf16, x86_64_v3::arithmetic_floor};
-  }
+    case Isa::kX86_64_V3:
+      return {isa_name(isa), x86_64_v3::run, x86_64_v3::run_bf16, x86_64_v3::arithmetic_floor};
 #endif
 #if defined(VMAMBA_SCAN_HAVE_ARMV8_2_A)
-  // The kernel's CPU, not the build machine's: the Linux kernel reports the features in the aux vector.
-  const unsigned long hwcap = getauxval(AT_HWCAP);
-  if ((hwcap & HWCAP_ASIMDDP) && (hwcap & HWCAP_ASIMDHP) && allowed("armv8.2-a+fp16+dotprod")) {
-    return {"armv8.2-a+fp16+dotprod", armv8_2_a::run, armv8_2_a::run_bf16, armv8_2_a::arithmetic_floor};
+    case Isa::kArmV8_2_A:
+      return {isa_name(isa), armv8_2_a::run, armv8_2_a::run_bf16, armv8_2_a::arithmetic_floor};
+#endif
+    default:
+      return {isa_name(Isa::kBaseline), VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16,
+              VMAMBA_SCAN_VARIANT::arithmetic_floor};
   }
-#endif
-  (void)allowed;
-#if defined(__aarch64__)
-  return {"armv8-a", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16, VMAMBA_SCAN_VARIANT::arithmetic_floor};
-#else
-  return {"generic", VMAMBA_SCAN_VARIANT::run, VMAMBA_SCAN_VARIANT::run_bf16, VMAMBA_SCAN_VARIANT::arithmetic_floor};
-#endif
 }
 
 const Variant& variant() {

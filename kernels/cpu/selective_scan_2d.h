@@ -8,10 +8,9 @@
 
 #include <cstdint>
 
-namespace vmamba {
+#include "parallel_for.h"
 
-// Runs fn(arg, i) for every i in [0, n), possibly concurrently, and returns when all calls are done.
-using ParallelFor = void (*)(void* ctx, int64_t n, void (*fn)(void* arg, int64_t i), void* arg);
+namespace vmamba {
 
 struct ScanShape {
   int64_t batch;

@@ -1,9 +1,10 @@
-// ONNX Runtime custom-op library: `SelectiveScan2D` in domain `ai.vmamba`, opset 1 (contract: docs/scan-op.md).
+// ONNX Runtime custom-op library, domain `ai.vmamba`, opset 1: `SelectiveScan2D` (contract: docs/scan-op.md) and
+// `ChannelLayerNorm` (kernels/cpu/channel_layer_norm.h; docs/scan-op.md, "Other ops"), both for the CPU provider.
 //
 // Built against the ORT 1.21 C/C++ headers (Debian's libonnxruntime-dev) and never linked against libonnxruntime:
 // the C API is versioned and backward compatible, so the library loads in any ORT >= 1.21 (tested with 1.32).
-// The CPU kernel threads through ORT's intra-op pool (KernelContext_ParallelFor), so it obeys
-// intra_op_num_threads and never competes with a second pool.
+// The CPU kernels thread through ORT's intra-op pool (KernelContext_ParallelFor), so they obey
+// intra_op_num_threads and never compete with a second pool.
 //
 // Uses the classic Ort::CustomOpBase with the status-returning V2 entry points, so no C++ exception ever crosses
 // into ORT; the CUDA kernel (a later change) registers as a second CustomOpBase with GetExecutionProviderType()
@@ -14,11 +15,13 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "../cpu/channel_layer_norm.h"
 #include "../cpu/selective_scan_2d.h"
 #include "shape_inference.h"
 #ifdef VMAMBA_WITH_CUDA
@@ -40,8 +43,22 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-OrtStatus* make_status(OrtErrorCode code, const std::string& message) {
-  return Ort::GetApi().CreateStatus(code, (std::string(kOpName) + ": " + message).c_str());
+OrtStatus* make_status(OrtErrorCode code, const std::string& message, const char* op = kOpName) {
+  return Ort::GetApi().CreateStatus(code, (std::string(op) + ": " + message).c_str());
+}
+
+// Runs `compute` and turns any C++ exception into a status: none may cross into ORT.
+template <typename Compute>
+OrtStatus* guarded(const char* op, Compute&& compute) {
+  try {
+    return compute();
+  } catch (const Ort::Exception& e) {
+    return make_status(e.GetOrtErrorCode(), e.what(), op);
+  } catch (const std::exception& e) {
+    return make_status(ORT_FAIL, e.what(), op);
+  } catch (...) {
+    return make_status(ORT_FAIL, "unknown error", op);
+  }
 }
 
 // Adapts the kernel's ParallelFor to ORT's intra-op pool.
@@ -66,15 +83,7 @@ void ort_parallel_for(void* ctx, int64_t n, void (*fn)(void*, int64_t), void* ar
 
 struct SelectiveScan2DCpuKernel {
   OrtStatus* ComputeV2(OrtKernelContext* context) {
-    try {
-      return compute(context);
-    } catch (const Ort::Exception& e) {
-      return make_status(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return make_status(ORT_FAIL, e.what());
-    } catch (...) {
-      return make_status(ORT_FAIL, "unknown error");
-    }
+    return guarded(kOpName, [&] { return compute(context); });
   }
 
   OrtStatus* compute(OrtKernelContext* context) {
@@ -153,6 +162,90 @@ struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveS
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+constexpr const char* kNormOpName = "ChannelLayerNorm";
+constexpr float kDefaultEpsilon = 1e-5f;  // LayerNormalization's default
+
+// ai.vmamba::ChannelLayerNorm: X (N, C, ...) normalised over axis 1 per position, times weight (C) plus bias (C);
+// attribute epsilon.
+struct ChannelLayerNormCpuKernel {
+  float epsilon = kDefaultEpsilon;
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded(kNormOpName, [&] { return compute(context); });
+  }
+
+  OrtStatus* compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    if (ctx.GetInputCount() != 3 || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT, "expects 3 inputs (X, weight, bias), 1 output", kNormOpName);
+    }
+    auto x = ctx.GetInput(0);
+    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() < 2) {
+      return make_status(ORT_INVALID_ARGUMENT, "X must be (N, C, ...), got " + shape_str(shape), kNormOpName);
+    }
+    const int64_t channels = shape[1];
+    int64_t pixels = 1;
+    for (size_t i = 2; i < shape.size(); ++i) pixels *= shape[i];
+    const char* names[] = {"X", "weight", "bias"};
+    const std::vector<std::vector<int64_t>> expected = {shape, {channels}, {channels}};
+    for (size_t i = 0; i < 3; ++i) {
+      auto info = ctx.GetInput(i).GetTensorTypeAndShapeInfo();
+      if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + names[i] + "' must be float32", kNormOpName);
+      }
+      if (info.GetShape() != expected[i]) {
+        return make_status(ORT_INVALID_ARGUMENT,
+                           std::string("input '") + names[i] + "' must have shape " + shape_str(expected[i]) +
+                               " (from X " + shape_str(shape) + "), got " + shape_str(info.GetShape()),
+                           kNormOpName);
+      }
+    }
+    const vmamba::ChannelNormShape norm_shape{shape[0], channels, pixels};
+    if (const char* err = vmamba::check_channel_norm_shape(norm_shape)) {
+      return make_status(ORT_INVALID_ARGUMENT, err, kNormOpName);
+    }
+    auto y = ctx.GetOutput(0, shape);
+    const vmamba::ChannelNormTensors tensors{x.GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
+                                             ctx.GetInput(2).GetTensorData<float>(), y.GetTensorMutableData<float>()};
+    if (const char* err = vmamba::channel_layer_norm_f32(tensors, norm_shape, epsilon, ort_parallel_for, context)) {
+      return make_status(ORT_FAIL, err, kNormOpName);
+    }
+    return nullptr;
+  }
+};
+
+struct ChannelLayerNormCpuOp : Ort::CustomOpBase<ChannelLayerNormCpuOp, ChannelLayerNormCpuKernel, true> {
+  ChannelLayerNormCpuOp() {
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return guarded(kNormOpName, [&]() -> OrtStatus* {
+      auto created = std::make_unique<ChannelLayerNormCpuKernel>();
+      float epsilon = kDefaultEpsilon;
+      // An absent attribute keeps the default (the status only says it is absent).
+      if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, "epsilon", &epsilon)) {
+        api.ReleaseStatus(status);
+        epsilon = kDefaultEpsilon;
+      }
+      if (!(epsilon >= 0.0f)) return make_status(ORT_INVALID_ARGUMENT, "epsilon must be >= 0", kNormOpName);
+      created->epsilon = epsilon;
+      *kernel = created.release();
+      return nullptr;
+    });
+  }
+
+  const char* GetName() const { return kNormOpName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 // Registration hook for the CUDA kernel: only libvmamba_ort_cuda.so (compiled with -DVMAMBA_WITH_CUDA, linked with
 // cuda_op.cpp and kernels/cuda) has it; libvmamba_ort.so stays free of any CUDA dependency.
 void add_cuda_ops(Ort::CustomOpDomain& domain) {
@@ -170,6 +263,11 @@ SelectiveScan2DCpuOp& cpu_op() {
   return op;
 }
 
+ChannelLayerNormCpuOp& norm_op() {
+  static ChannelLayerNormCpuOp op;
+  return op;
+}
+
 void keep_domain(Ort::CustomOpDomain&& domain) {
   static std::mutex mutex;
   static auto* domains = new std::vector<Ort::CustomOpDomain>();
@@ -178,6 +276,12 @@ void keep_domain(Ort::CustomOpDomain&& domain) {
 }
 
 }  // namespace
+
+// The instruction-set variant the CPU kernels run (kernels/cpu/isa_dispatch.h; VMAMBA_SCAN_ISA forces a lower one),
+// for tests and bug reports: callable through ctypes without ONNX Runtime.
+extern "C" __attribute__((visibility("default"))) const char* vmamba_ort_cpu_isa(void) {
+  return vmamba::channel_norm_isa();
+}
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
@@ -190,6 +294,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   try {
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(&cpu_op());
+    domain.Add(&norm_op());
     add_cuda_ops(domain);
     Ort::UnownedSessionOptions(options).Add(domain);
     keep_domain(std::move(domain));

@@ -1,5 +1,5 @@
 // Shape inference for the library's ops, whose single output has the type and shape of input 0 (the scan's u, the
-// LayerNorm's X). Declaring it lets ONNX Runtime infer every shape after our nodes, so a session with fixed input
+// LayerNorms' X). Declaring it lets ONNX Runtime infer every shape after our nodes, so a session with fixed input
 // dimensions folds the shape arithmetic downstream into constants (the segmentation head's Resize sizes, which its
 // CPU NCHWc transformer needs to run bilinear upsampling in the blocked layout; no Shape node left on the CPU of a
 // CUDA graph). Written against the C API rather than Ort::ShapeInferContext, which reads shapes but not types (the

@@ -40,6 +40,7 @@ Lowering = Callable[[VMamba, Target, Path, ExportOptions], tuple[dict, dict]]
 def _onnx_custom_op(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
     from ..kernels_paths import ort_library_path
     from ..platforms import host_platform
+    from .onnxruntime_cpu import onnxruntime_cpu_rewrites
 
     # The artifact ships the library of its platform; export checks and int8 calibration run here, with this
     # machine's build of the same sources.
@@ -52,9 +53,26 @@ def _onnx_custom_op(model: VMamba, target: Target, folder: Path, options: Export
                 f"target {target.name} needs the ONNX Runtime custom-op library for {name or host_platform()}: "
                 f"run python -m vmamba_export.build_kernels{flag}"
             )
-    info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, host_library)
+    layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
+    if layer_norm not in ("custom-op", "onnxruntime"):
+        raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
+    # fp32 only: in an int8 graph ONNX Runtime runs the quantized convolutions channels-last (NHWC QLinearConv) and
+    # the LayerNormalizations between them with no Transpose left; a channel-first norm there would bring the
+    # Transposes back (measured, vmamba_tiny_s1l8 224: 29 -> 95 Transposes, 39.4 -> 41.3 ms; docs/cpu-latency.md).
+    edit = _channel_norm_edit if layer_norm == "custom-op" and options.precision == "fp32" else None
+    info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, host_library, edit)
+    # ONNX Runtime CPU rewrites for every precision (onnxruntime_cpu.py); for int8 on the quantized graph, whose layer
+    # names (--exclude, the report) are then the model's own.
+    info["rewrites"] = _edit_onnx(folder / "model.onnx", onnxruntime_cpu_rewrites)
     shutil.copy2(library, folder / library.name)
     return {"model": "model.onnx", "custom_op_library": library.name}, info
+
+
+def _channel_norm_edit(proto) -> dict:
+    """cpu-onnxruntime: LayerNorm2d's Transpose -> LayerNormalization -> Transpose as one ChannelLayerNorm node."""
+    from .channel_norm import use_channel_layer_norms
+
+    return {"layer_norms": use_channel_layer_norms(proto)}
 
 
 def _onnx_portable(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:
@@ -62,15 +80,22 @@ def _onnx_portable(model: VMamba, target: Target, folder: Path, options: ExportO
     return {"model": "model.onnx"}, info
 
 
-def _export_onnx_at(model: VMamba, path: Path, scan: str, options: ExportOptions, library: Path | None) -> dict:
-    """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`. The custom-op
-    graph (cpu-onnxruntime) gets ONNX Runtime's CPU rewrites (onnxruntime_cpu.py), to the float or the int8 graph."""
-    from .onnx_export import export_onnx
-    from .onnxruntime_cpu import onnxruntime_cpu_rewrites
+GraphEdit = Callable[..., dict]  # (onnx.ModelProto, edited in place) -> what the manifest's lowering records
 
-    rewrite = onnxruntime_cpu_rewrites if scan == "custom-op" else None
+
+def _export_onnx_at(
+    model: VMamba, path: Path, scan: str, options: ExportOptions, library: Path | None, edit: GraphEdit | None = None
+) -> dict:
+    """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`. `edit`: the
+    target's graph edits, applied to the fp32 graph (for int8 before quantization, so that calibration, --accuracy
+    and the artifact see the same graph; the quantizer leaves custom ops float, as it does the scan)."""
+    from .onnx_export import export_onnx
+
     if options.precision != "int8":
-        return export_onnx(model, path, scan=scan, max_size=options.max_size, rewrite=rewrite)
+        info = export_onnx(model, path, scan=scan, max_size=options.max_size)
+        if edit is not None:
+            info |= _edit_onnx(path, edit)
+        return info
     import tempfile
 
     from ..quantize.calibration import load_calibration_batch
@@ -82,16 +107,22 @@ def _export_onnx_at(model: VMamba, path: Path, scan: str, options: ExportOptions
     with tempfile.TemporaryDirectory(prefix="vmamba-fp32-") as tmp:
         fp32 = Path(tmp) / "model_fp32.onnx"
         info = export_onnx(model, fp32, scan=scan, max_size=options.max_size)
+        if edit is not None:
+            info |= _edit_onnx(fp32, edit)
         info["quantization"] = quantize_onnx_int8(
             fp32, path, model.config.input, options, library, show_progress=show, calib_batch=calib
         )
-    if rewrite is not None:  # after quantization, whose layer names (--exclude, the report) are the model's own
-        import onnx
-
-        proto = onnx.load(str(path))
-        info["rewrites"] = rewrite(proto)
-        onnx.save_model(proto, str(path))
     return info
+
+
+def _edit_onnx(path: Path, edit: GraphEdit) -> dict:
+    """Apply `edit` to the ONNX file at `path` in place; returns its record."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    record = edit(proto)
+    onnx.save_model(proto, str(path))
+    return {**record, "nodes": len(proto.graph.node)}
 
 
 def _coreml(model: VMamba, target: Target, folder: Path, options: ExportOptions) -> tuple[dict, dict]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +19,6 @@ from ..models.shapes import export_min_size
 from ..outputs import output_names
 from ..scan import QUALIFIED_NAME
 from ..scan.portable import DEFAULT_CHUNK, blocked_depth, levels_for, selective_scan_prefix
-
-if TYPE_CHECKING:
-    import onnx
 from .quiet import quiet_toolchain
 
 ONNX_DOMAIN = "ai.vmamba"
@@ -76,18 +71,11 @@ def dynamic_input_spec(model: VMamba, max_size: int) -> dict:
     }
 
 
-def export_onnx(
-    model: VMamba,
-    path: Path,
-    scan: str,
-    max_size: int = 1024,
-    rewrite: Callable[[onnx.ModelProto], dict] | None = None,
-) -> dict:
+def export_onnx(model: VMamba, path: Path, scan: str, max_size: int = 1024) -> dict:
     """Export `model` to `path` with the scan lowered as `scan` ("custom-op" or "portable"). Returns the input spec
     (dynamic axes with their ranges, scan levels for the portable form) to record in the manifest. The outputs are
     named by the model's task (outputs.py): `logits`, or `features_0..3` for a backbone (VMambaBackbone,
-    UperNetSegmenter and VMamba all export through here). `rewrite` edits the graph in place before it is saved (a
-    runtime's own graph changes) and returns what the manifest records of them, under "rewrites".
+    UperNetSegmenter and VMamba all export through here).
 
     Both lowerings trace the model once with the scan as one custom node per block. For "portable", the scan alone is
     then exported once as its own graph (plain tensor ops, every dimension dynamic) and inlined at every node: tracing
@@ -133,8 +121,6 @@ def export_onnx(
         info["scan_chunk"] = chunk
         info["scan_depth"] = blocked_depth(stage1 * stage1, chunk)
         proto = inline_portable_scan(proto, stage1 * stage1, cfg.d_state, form, chunk)
-    if rewrite is not None:
-        info["rewrites"] = rewrite(proto)
     proto.ir_version = IR_VERSION
     proto.producer_name = "vmamba-export"
     onnx.save_model(proto, str(path))

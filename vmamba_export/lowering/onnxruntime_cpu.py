@@ -1,6 +1,7 @@
-"""Graph changes for ONNX Runtime's CPU provider (the cpu-onnxruntime target), applied to the exported graph before
-it is saved (and before int8 quantization). Each is the same function, computed with fewer or cheaper kernels; the
-manifest records what each changed (`lowering.rewrites`)."""
+"""Graph changes for ONNX Runtime's CPU provider (the cpu-onnxruntime target), applied to the artifact's graph: the
+exported one, or for int8 the quantized one. Each is the same function, computed with fewer or cheaper kernels; the
+manifest records what each changed (`lowering.rewrites`). The LayerNorms' rewrite (channel_norm.py) is not here: it
+applies to float graphs only, before the LayerNorm count is taken (`lowering.layer_norms`)."""
 
 from __future__ import annotations
 
