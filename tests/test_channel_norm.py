@@ -74,6 +74,11 @@ CASES = [
     (1, 384, 14, 14),
     (2, 768, 7, 7),
     (1, 1000, 5, 9),
+    # one pixel per image: each image is one row of C contiguous values, the kernel's row form (LastAxisLayerNorm)
+    (5, 96, 1, 1),
+    (3, 17, 1, 1),
+    (2, 100, 1, 1),
+    (1, 768, 1, 1),
 ]
 
 
@@ -318,3 +323,41 @@ def test_cpu_onnxruntime_lowering_applies_it_unless_asked_not_to(layer_norm, tmp
             tmp_path,
             ExportOptions(extra={"layer_norm": "fast"}),
         )
+
+
+def last_axis_model(shape: list, epsilon: float = 1e-5):
+    """One ai.vmamba::LastAxisLayerNorm node: X `shape` normalised over its last axis."""
+    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.onnx_export import IR_VERSION, OPSET
+
+    c = shape[-1]
+    value = lambda name, dims: helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)  # noqa: E731
+    node = helper.make_node("LastAxisLayerNorm", ["X", "weight", "bias"], ["Y"], domain="ai.vmamba", epsilon=epsilon)
+    graph = helper.make_graph(
+        [node], "last_axis_norm", [value("X", shape), value("weight", [c]), value("bias", [c])], [value("Y", shape)]
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.vmamba", 1)],
+        ir_version=IR_VERSION,
+    )
+
+
+@needs_ort
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape", [[1, 56, 56, 96], [2, 7, 5, 33], [3, 4], [1, 14, 14, 384], [1, 112, 112, 48], [4, 17], [2, 3, 768]]
+)
+def test_last_axis_op_matches_float64(shape, threads):
+    """LastAxisLayerNorm (the int8 graphs' channels-last norm): rows of C contiguous values, widths around and below
+    multiples of the vector width, against LayerNorm over the last axis in float64; a large offset keeps its digits."""
+    rng = np.random.default_rng(3)
+    for offset in (0.0, 1e3):
+        x = (rng.standard_normal(shape) * 2.0 + offset).astype(np.float32)
+        weight, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+        (y,) = session(last_axis_model(shape), threads).run(None, {"X": x, "weight": weight, "bias": bias})
+        xd = x.astype(np.float64)
+        mean = xd.mean(-1, keepdims=True)
+        want = (xd - mean) / np.sqrt(((xd - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * weight + bias
+        assert np.abs(y - want).max() <= 1e-4, (shape, offset, np.abs(y - want).max())

@@ -387,7 +387,7 @@ def test_int8_segmentation_onnxruntime(seg_model, tmp_path):
     manifest = _export(seg_model, "cpu-onnxruntime", tmp_path / "seg-ort-int8", "int8")
     assert manifest["lowering"]["quantization"]["quantized_layers"]
     _check_reduced(seg_model, tmp_path / "seg-ort-int8", 0.1, 0.95)
-    proto = onnx.load(str(tmp_path / "seg-ort-int8" / "model.onnx"))  # int8 keeps ORT's LayerNormalization
+    proto = onnx.load(str(tmp_path / "seg-ort-int8" / "model.onnx"))  # int8 keeps its last-axis norms
     assert "ChannelLayerNorm" not in {n.op_type for n in proto.graph.node}
 
 

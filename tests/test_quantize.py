@@ -180,10 +180,11 @@ def test_int8_artifact_manifest_report_and_loader(tmp_path):
     )
     quant = m["lowering"]["quantization"]
     assert m["precision"] == "int8" and m["thresholds"] == {"min_cosine": 0.99}
-    # int8 keeps ONNX Runtime's LayerNormalization, which it runs channels-last beside its NHWC int8 convolutions
-    # (the channel-first ChannelLayerNorm is an fp32 rewrite: lowering/__init__.py).
+    # int8 keeps its norms over the last axis, which ORT runs channels-last beside its NHWC int8 convolutions, as the
+    # library's LastAxisLayerNorm (the channel-first ChannelLayerNorm is an fp32 rewrite: lowering/__init__.py).
     ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
-    assert "LayerNormalization" in ops and "ChannelLayerNorm" not in ops and "layer_norms" not in m["lowering"]
+    assert "LastAxisLayerNorm" in ops and "LayerNormalization" not in ops and "ChannelLayerNorm" not in ops
+    assert "layer_norms" not in m["lowering"] and m["lowering"]["rewrites"]["last_axis_layer_norms"] > 0
     assert quant["method"] == "minmax" and quant["calibration"]["source"] == "digits:calib"
     assert quant["calibration"]["samples"] == 32 and quant["format"] in q8.FORMATS
     assert quant["accuracy"]["source"] == "digits:holdout" and 0 <= quant["accuracy"]["int8_top1"] <= 1

@@ -189,6 +189,67 @@ void run_item(void* arg, int64_t item) {
   if (whole_end < end) norm_block<vf, 1>(job, base + end - kNative);
 }
 
+// pixels == 1: every batch element is one row of C contiguous values, the last-axis LayerNorm of a channels-last map
+// (`ai.vmamba::LastAxisLayerNorm`). Pixel lanes would be one pixel wide there, so a row is walked as whole vectors
+// of channels plus a scalar tail instead, with one horizontal sum per pass; same shift and two passes as above.
+VM_INLINE float sum_lanes(vf v) {
+  float total = 0.0f;
+  for (int i = 0; i < kNative; ++i) total += v[i];
+  return total;
+}
+
+void norm_row(const Job& job, int64_t row) {
+  using L = Lanes<vf>;
+  const int64_t width = job.s.channels;
+  const float* x = job.t.x + row * width;
+  float* y = job.t.y + row * width;
+  const float shift = x[0];
+  const vf vshift = L::splat(shift);
+  vf acc0 = L::splat(0.0f), acc1 = L::splat(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * kNative <= width; i += 2 * kNative) {
+    acc0 += L::load(x + i) - vshift;
+    acc1 += L::load(x + i + kNative) - vshift;
+  }
+  for (; i + kNative <= width; i += kNative) acc0 += L::load(x + i) - vshift;
+  float tail = 0.0f;
+  for (; i < width; ++i) tail += x[i] - shift;
+  const float mean = (sum_lanes(acc0 + acc1) + tail) * job.inv_c;  // of x - shift
+  const vf vmean = L::splat(mean);
+
+  acc0 = acc1 = L::splat(0.0f);
+  for (i = 0; i + 2 * kNative <= width; i += 2 * kNative) {
+    const vf d0 = (L::load(x + i) - vshift) - vmean, d1 = (L::load(x + i + kNative) - vshift) - vmean;
+    acc0 += d0 * d0;
+    acc1 += d1 * d1;
+  }
+  for (; i + kNative <= width; i += kNative) {
+    const vf d = (L::load(x + i) - vshift) - vmean;
+    acc0 += d * d;
+  }
+  tail = 0.0f;
+  for (; i < width; ++i) {
+    const float d = (x[i] - shift) - mean;
+    tail += d * d;
+  }
+  const float rstd = 1.0f / std::sqrt((sum_lanes(acc0 + acc1) + tail) * job.inv_c + job.epsilon);
+  const vf vrstd = L::splat(rstd);
+  const float* w = job.t.weight;
+  const float* b = job.t.bias;
+  for (i = 0; i + kNative <= width; i += kNative) {
+    L::store(y + i, ((L::load(x + i) - vshift) - vmean) * vrstd * L::load(w + i) + L::load(b + i));
+  }
+  for (; i < width; ++i) y[i] = ((x[i] - shift) - mean) * rstd * w[i] + b[i];
+}
+
+// Work item of the row form: rows [item * pixels_per_item, ...) (pixels_per_item holds rows per item there).
+void run_rows_item(void* arg, int64_t item) {
+  const Job& job = *static_cast<const Job*>(arg);
+  const int64_t begin = item * job.pixels_per_item;
+  const int64_t end = std::min(job.s.batch, begin + job.pixels_per_item);
+  for (int64_t row = begin; row < end; ++row) norm_row(job, row);
+}
+
 void serial_for(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
   for (int64_t i = 0; i < n; ++i) fn(arg, i);
 }
@@ -198,6 +259,13 @@ void serial_for(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
 const char* channel_norm_run(const ChannelNormTensors& t, const ChannelNormShape& s, float epsilon,
                              ParallelFor parallel_for, void* parallel_ctx) {
   Job job{t, s, epsilon, 1.0f / static_cast<float>(s.channels), 1, 0};
+  if (s.pixels == 1 && s.channels >= kNative) {  // rows of C contiguous values: the row form
+    job.pixels_per_item = std::max<int64_t>(kItemElements / s.channels, 1);  // rows per item
+    const int64_t items = (s.batch + job.pixels_per_item - 1) / job.pixels_per_item;
+    if (items == 1 || parallel_for == nullptr || s.batch * s.channels < kParallelMinElements) parallel_for = serial_for;
+    parallel_for(parallel_ctx, items, run_rows_item, &job);
+    return nullptr;
+  }
   // Items of whole vectors, about kItemElements each. A remainder narrower than a vector joins the last item (the
   // overlapping vector needs a whole vector of the image behind it).
   const int64_t vectors = std::max<int64_t>(s.pixels / kNative, 1);

@@ -1,5 +1,6 @@
-// ONNX Runtime custom-op library, domain `ai.vmamba`, opset 1: `SelectiveScan2D` (contract: docs/scan-op.md) and
-// `ChannelLayerNorm` (kernels/cpu/channel_layer_norm.h; docs/scan-op.md, "Other ops"), both for the CPU provider.
+// ONNX Runtime custom-op library, domain `ai.vmamba`, opset 1: `SelectiveScan2D` (contract: docs/scan-op.md),
+// `ChannelLayerNorm` and `LastAxisLayerNorm` (kernels/cpu/channel_layer_norm.h; docs/scan-op.md, "Other ops"), all
+// for the CPU provider.
 //
 // Built against the ORT 1.21 C/C++ headers (Debian's libonnxruntime-dev) and never linked against libonnxruntime:
 // the C API is versioned and backward compatible, so the library loads in any ORT >= 1.21 (tested with 1.32).
@@ -162,83 +163,97 @@ struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveS
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-constexpr const char* kNormOpName = "ChannelLayerNorm";
 constexpr float kDefaultEpsilon = 1e-5f;  // LayerNormalization's default
 
-// ai.vmamba::ChannelLayerNorm: X (N, C, ...) normalised over axis 1 per position, times weight (C) plus bias (C);
-// attribute epsilon.
-struct ChannelLayerNormCpuKernel {
+// ai.vmamba::ChannelLayerNorm: X (N, C, ...) normalised over axis 1 per position, times weight (C) plus bias (C).
+// ai.vmamba::LastAxisLayerNorm (kLastAxis): X (..., C) normalised over its last axis, the channels-last form the int8
+// graphs run between channels-last quantized convolutions (the same name as the CUDA library's op for its EP).
+// Both: attribute epsilon; the kernel of kernels/cpu/channel_layer_norm.h (a last-axis norm is its pixels == 1 case).
+template <bool kLastAxis>
+struct LayerNormCpuKernel {
+  static constexpr const char* kName = kLastAxis ? "LastAxisLayerNorm" : "ChannelLayerNorm";
   float epsilon = kDefaultEpsilon;
 
   OrtStatus* ComputeV2(OrtKernelContext* context) {
-    return guarded(kNormOpName, [&] { return compute(context); });
+    return guarded(kName, [&] { return compute(context); });
   }
 
   OrtStatus* compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     if (ctx.GetInputCount() != 3 || ctx.GetOutputCount() != 1) {
-      return make_status(ORT_INVALID_ARGUMENT, "expects 3 inputs (X, weight, bias), 1 output", kNormOpName);
+      return make_status(ORT_INVALID_ARGUMENT, "expects 3 inputs (X, weight, bias), 1 output", kName);
     }
     auto x = ctx.GetInput(0);
     const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape.size() < 2) {
-      return make_status(ORT_INVALID_ARGUMENT, "X must be (N, C, ...), got " + shape_str(shape), kNormOpName);
+    if (shape.size() < (kLastAxis ? 1u : 2u)) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         std::string("X must be ") + (kLastAxis ? "(..., C)" : "(N, C, ...)") + ", got " +
+                             shape_str(shape),
+                         kName);
     }
-    const int64_t channels = shape[1];
-    int64_t pixels = 1;
-    for (size_t i = 2; i < shape.size(); ++i) pixels *= shape[i];
+    int64_t outer = 1, pixels = 1;  // ChannelLayerNorm: (N, C, pixels); LastAxisLayerNorm: (rows, C, 1)
+    const int64_t channels = kLastAxis ? shape.back() : shape[1];
+    if (kLastAxis) {
+      for (size_t i = 0; i + 1 < shape.size(); ++i) outer *= shape[i];
+    } else {
+      outer = shape[0];
+      for (size_t i = 2; i < shape.size(); ++i) pixels *= shape[i];
+    }
     const char* names[] = {"X", "weight", "bias"};
     const std::vector<std::vector<int64_t>> expected = {shape, {channels}, {channels}};
     for (size_t i = 0; i < 3; ++i) {
       auto info = ctx.GetInput(i).GetTensorTypeAndShapeInfo();
       if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + names[i] + "' must be float32", kNormOpName);
+        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + names[i] + "' must be float32", kName);
       }
       if (info.GetShape() != expected[i]) {
         return make_status(ORT_INVALID_ARGUMENT,
                            std::string("input '") + names[i] + "' must have shape " + shape_str(expected[i]) +
                                " (from X " + shape_str(shape) + "), got " + shape_str(info.GetShape()),
-                           kNormOpName);
+                           kName);
       }
     }
-    const vmamba::ChannelNormShape norm_shape{shape[0], channels, pixels};
+    const vmamba::ChannelNormShape norm_shape{outer, channels, pixels};
     if (const char* err = vmamba::check_channel_norm_shape(norm_shape)) {
-      return make_status(ORT_INVALID_ARGUMENT, err, kNormOpName);
+      return make_status(ORT_INVALID_ARGUMENT, err, kName);
     }
     auto y = ctx.GetOutput(0, shape);
     const vmamba::ChannelNormTensors tensors{x.GetTensorData<float>(), ctx.GetInput(1).GetTensorData<float>(),
                                              ctx.GetInput(2).GetTensorData<float>(), y.GetTensorMutableData<float>()};
     if (const char* err = vmamba::channel_layer_norm_f32(tensors, norm_shape, epsilon, ort_parallel_for, context)) {
-      return make_status(ORT_FAIL, err, kNormOpName);
+      return make_status(ORT_FAIL, err, kName);
     }
     return nullptr;
   }
 };
 
-struct ChannelLayerNormCpuOp : Ort::CustomOpBase<ChannelLayerNormCpuOp, ChannelLayerNormCpuKernel, true> {
-  ChannelLayerNormCpuOp() {
+template <bool kLastAxis>
+struct LayerNormCpuOp : Ort::CustomOpBase<LayerNormCpuOp<kLastAxis>, LayerNormCpuKernel<kLastAxis>, true> {
+  using Kernel = LayerNormCpuKernel<kLastAxis>;
+
+  LayerNormCpuOp() {
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
     OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return guarded(kNormOpName, [&]() -> OrtStatus* {
-      auto created = std::make_unique<ChannelLayerNormCpuKernel>();
+    return guarded(Kernel::kName, [&]() -> OrtStatus* {
+      auto created = std::make_unique<Kernel>();
       float epsilon = kDefaultEpsilon;
       // An absent attribute keeps the default (the status only says it is absent).
       if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, "epsilon", &epsilon)) {
         api.ReleaseStatus(status);
         epsilon = kDefaultEpsilon;
       }
-      if (!(epsilon >= 0.0f)) return make_status(ORT_INVALID_ARGUMENT, "epsilon must be >= 0", kNormOpName);
+      if (!(epsilon >= 0.0f)) return make_status(ORT_INVALID_ARGUMENT, "epsilon must be >= 0", Kernel::kName);
       created->epsilon = epsilon;
       *kernel = created.release();
       return nullptr;
     });
   }
 
-  const char* GetName() const { return kNormOpName; }
+  const char* GetName() const { return Kernel::kName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -263,8 +278,13 @@ SelectiveScan2DCpuOp& cpu_op() {
   return op;
 }
 
-ChannelLayerNormCpuOp& norm_op() {
-  static ChannelLayerNormCpuOp op;
+LayerNormCpuOp<false>& channel_norm_op() {
+  static LayerNormCpuOp<false> op;
+  return op;
+}
+
+LayerNormCpuOp<true>& last_axis_norm_op() {
+  static LayerNormCpuOp<true> op;
   return op;
 }
 
@@ -294,7 +314,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   try {
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(&cpu_op());
-    domain.Add(&norm_op());
+    domain.Add(&channel_norm_op());
+    domain.Add(&last_axis_norm_op());
     add_cuda_ops(domain);
     Ort::UnownedSessionOptions(options).Add(domain);
     keep_domain(std::move(domain));

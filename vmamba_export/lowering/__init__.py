@@ -63,7 +63,9 @@ def _onnx_custom_op(model: VMamba, target: Target, folder: Path, options: Export
     info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, host_library, edit)
     # ONNX Runtime CPU rewrites for every precision (onnxruntime_cpu.py); for int8 on the quantized graph, whose layer
     # names (--exclude, the report) are then the model's own.
-    info["rewrites"] = _edit_onnx(folder / "model.onnx", onnxruntime_cpu_rewrites)
+    info["rewrites"] = _edit_onnx(
+        folder / "model.onnx", lambda proto: onnxruntime_cpu_rewrites(proto, layer_norms=layer_norm == "custom-op")
+    )
     shutil.copy2(library, folder / library.name)
     return {"model": "model.onnx", "custom_op_library": library.name}, info
 
