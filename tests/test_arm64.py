@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -205,60 +206,54 @@ def test_build_for_aarch64_without_an_emulator(tmp_path, monkeypatch):
     assert "Built for: linux-aarch64" in (tmp_path / "report.md").read_text()
 
 
-@on_x86
-@needs_cross
-def test_scan_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
-    """The aarch64 kernel against the float64 reference of kernels/cpu/scan_check.cpp (d_state 1, 16 and 3, odd
-    sizes, batch > 1): the armv8.2-a variant on qemu's default CPU (it has dot-product and fp16), the armv8-a
-    baseline chosen by the run-time dispatch on a Cortex-A53, which has neither."""
+def _check_harness_on_both_cpus(
+    tmp_path: Path, harness: str, aarch64_objects: list[str], host_globs: tuple[str, ...]
+) -> Iterator[str]:
+    """Cross-compile kernels/cpu/`harness`.cpp (a float64-reference check of a kernel, printing `<harness>: variant
+    V` and `<harness>: PASS`) with the aarch64 objects, run it under qemu on its default CPU (dot-product and fp16:
+    the armv8.2-a variant) and on a Cortex-A53 (neither: the armv8-a baseline, chosen by the run-time dispatch), then
+    the same harness with this machine's objects: its reference agrees with the host kernel too. Yields each
+    emulated run's output; the host run comes when the caller has taken both."""
     from vmamba_export.build_kernels import BUILD, build
 
     build(quiet=True, platform_name="linux-aarch64")
     obj = BUILD / "obj" / "linux-aarch64"
-    exe = tmp_path / "scan_check"
-    objects = [str(obj / n) for n in ("scan_armv8_a.o", "scan_armv8_2_a.o", "c_api.o")]
-    source = str(ROOT / "kernels" / "cpu" / "scan_check.cpp")
+    source = str(ROOT / "kernels" / "cpu" / f"{harness}.cpp")
+    exe = tmp_path / harness
+    objects = [str(obj / n) for n in aarch64_objects]
     subprocess.run([CROSS_CXX, "-O1", "-std=c++17", source, *objects, "-pthread", "-o", str(exe)], check=True)
     qemu = [QEMU, "-L", "/usr/aarch64-linux-gnu"]
     for cpu, want in ((None, "armv8.2-a+fp16+dotprod"), ("cortex-a53", "armv8-a")):
         cmd = [*qemu, *(["-cpu", cpu] if cpu else []), str(exe), want]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"scan_check: variant {want}" in proc.stdout
-        assert "d_state 16" in proc.stdout and "d_state 1 " in proc.stdout and "scan_check: PASS" in proc.stdout
-    # The harness's reference agrees with the host kernel too (which tests/test_native_kernel.py checks against the
-    # torch float64 reference): the check is the same on both architectures.
-    host_obj = BUILD / "obj"
-    host_exe = tmp_path / "scan_check_host"
-    host_objects = [str(p) for p in sorted(host_obj.glob("scan_*.o"))] + [str(host_obj / "c_api.o")]
+        assert f"{harness}: variant {want}" in proc.stdout and f"{harness}: PASS" in proc.stdout, proc.stdout
+        yield proc.stdout
+    host_objects = [str(p) for pattern in host_globs for p in sorted((BUILD / "obj").glob(pattern))]
+    host_exe = tmp_path / f"{harness}_host"
     subprocess.run(["g++", "-O1", "-std=c++17", source, *host_objects, "-pthread", "-o", str(host_exe)], check=True)
-    assert "scan_check: PASS" in subprocess.run([str(host_exe)], capture_output=True, text=True).stdout
+    assert f"{harness}: PASS" in subprocess.run([str(host_exe)], capture_output=True, text=True).stdout
+
+
+@on_x86
+@needs_cross
+def test_scan_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
+    """The aarch64 scan kernel against the float64 reference of kernels/cpu/scan_check.cpp (d_state 1, 16 and 3,
+    odd sizes, batch > 1), both variants, and the host kernel against the same reference (which
+    tests/test_native_kernel.py checks against the torch float64 reference)."""
+    objects = ["scan_armv8_a.o", "scan_armv8_2_a.o", "c_api.o"]
+    for out in _check_harness_on_both_cpus(tmp_path, "scan_check", objects, ("scan_*.o", "c_api.o")):
+        assert "d_state 16" in out and "d_state 1 " in out
 
 
 @on_x86
 @needs_cross
 def test_channel_norm_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_path):
-    """The aarch64 channel LayerNorm (ai.vmamba::ChannelLayerNorm's kernel) against the float64 reference of
-    kernels/cpu/channel_norm_check.cpp (C 1 to 1000, pixel counts around every vector width, batch > 1, a large
-    offset, 1 and 2 threads): both variants, picked by the run-time dispatch as for the scan."""
-    from vmamba_export.build_kernels import BUILD, build
-
-    build(quiet=True, platform_name="linux-aarch64")
-    obj = BUILD / "obj" / "linux-aarch64"
-    exe = tmp_path / "channel_norm_check"
-    source = str(ROOT / "kernels" / "cpu" / "channel_norm_check.cpp")
-    objects = [str(obj / n) for n in ("norm_armv8_a.o", "norm_armv8_2_a.o")]
-    subprocess.run([CROSS_CXX, "-O1", "-std=c++17", source, *objects, "-pthread", "-o", str(exe)], check=True)
-    qemu = [QEMU, "-L", "/usr/aarch64-linux-gnu"]
-    for cpu, want in ((None, "armv8.2-a+fp16+dotprod"), ("cortex-a53", "armv8-a")):
-        cmd = [*qemu, *(["-cpu", cpu] if cpu else []), str(exe), want]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"channel_norm_check: variant {want}" in proc.stdout and "channel_norm_check: PASS" in proc.stdout
-    host_objects = [str(p) for p in sorted((BUILD / "obj").glob("norm_*.o"))]
-    host_exe = tmp_path / "channel_norm_check_host"
-    subprocess.run(["g++", "-O1", "-std=c++17", source, *host_objects, "-pthread", "-o", str(host_exe)], check=True)
-    assert "channel_norm_check: PASS" in subprocess.run([str(host_exe)], capture_output=True, text=True).stdout
+    """The aarch64 channel LayerNorm (ai.vmamba::ChannelLayerNorm's and LastAxisLayerNorm's kernel) against the
+    float64 reference of kernels/cpu/channel_norm_check.cpp (C 1 to 1000, pixel counts around every vector width,
+    batch > 1, a large offset, 1 and 2 threads): both variants, picked by the run-time dispatch as for the scan."""
+    objects = ["norm_armv8_a.o", "norm_armv8_2_a.o"]
+    assert len(list(_check_harness_on_both_cpus(tmp_path, "channel_norm_check", objects, ("norm_*.o",)))) == 2
 
 
 @pytest.mark.slow

@@ -300,6 +300,7 @@ def build_cuda(
             cuda_op.source,
             ort_dir / "cuda_op.h",
             ort_dir / "shape_inference.h",
+            ort_dir / "op_status.h",
             *sorted(cuda_dir.glob("*.cu*")),
             str(include),
             *sorted(include.glob("onnxruntime_*.h")),
@@ -631,6 +632,7 @@ def build(
                 norm_units[0].source,
                 op.source,
                 op.source.with_name("shape_inference.h"),
+                op.source.with_name("op_status.h"),
                 str(include),
                 *headers,
             ]

@@ -81,10 +81,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   // C from 1 to past a stage-4 width; pixel counts narrower than a vector, around multiples of the vector widths
-  // (4, 8, 16 lanes) and of the 4-vector block, and real stage sizes; batch > 1; a large common offset.
+  // (4, 8, 16 lanes) and of the 4-vector block, and real stage sizes; batch > 1; a large common offset. One pixel
+  // per image is the row form (LastAxisLayerNorm: rows of C contiguous values, widths around the vector widths).
   const Case cases[] = {
       {1, 1, 15, 0.0f},   {2, 3, 7, 0.0f},    {1, 5, 1, 0.0f},         {2, 96, 3136, 0.0f}, {1, 100, 143, 0.0f},
       {1, 384, 196, 0.0f}, {2, 768, 49, 1000.0f}, {1, 17, 65, 0.0f}, {3, 33, 63, 0.0f},   {1, 1000, 9, 0.0f},
+      {3136, 96, 1, 0.0f}, {7, 17, 1, 0.0f},  {5, 33, 1, 1000.0f},     {49, 768, 1, 0.0f},
   };
   int failures = 0;
   unsigned seed = 1;

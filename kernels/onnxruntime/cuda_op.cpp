@@ -16,11 +16,13 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../cuda/layer_norm.cuh"
 #include "../cuda/selective_scan_2d.cuh"
 #include "cuda_op.h"
+#include "op_status.h"
 #include "shape_inference.h"
 
 namespace vmamba_cuda {
@@ -31,30 +33,15 @@ constexpr const char* kLayerNormName = "LastAxisLayerNorm";
 constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
 constexpr size_t kNumInputs = 7;
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << "]";
-  return out.str();
-}
+using vmamba_ort::shape_str;
 
 OrtStatus* make_status(OrtErrorCode code, const std::string& message, const char* op = kOpName) {
-  return Ort::GetApi().CreateStatus(code, (std::string(op) + " (CUDA): " + message).c_str());
+  return vmamba_ort::op_status(code, message, std::string(op) + " (CUDA)");
 }
 
-// Runs `body` (which returns a status), turning any exception into a status naming `op`.
 template <typename Body>
 OrtStatus* guarded(const char* op, Body&& body) {
-  try {
-    return body();
-  } catch (const Ort::Exception& e) {
-    return make_status(e.GetOrtErrorCode(), e.what(), op);
-  } catch (const std::exception& e) {
-    return make_status(ORT_FAIL, e.what(), op);
-  } catch (...) {
-    return make_status(ORT_FAIL, "unknown error", op);
-  }
+  return vmamba_ort::guarded_status(std::string(op) + " (CUDA)", std::forward<Body>(body));
 }
 
 int kernel_dtype(ONNXTensorElementDataType type) {

@@ -20,10 +20,12 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../cpu/channel_layer_norm.h"
 #include "../cpu/selective_scan_2d.h"
+#include "op_status.h"
 #include "shape_inference.h"
 #ifdef VMAMBA_WITH_CUDA
 #include "cuda_op.h"
@@ -36,30 +38,15 @@ constexpr const char* kOpName = "SelectiveScan2D";
 constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
 constexpr size_t kNumInputs = 7;
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
-  out << "]";
-  return out.str();
-}
+using vmamba_ort::shape_str;
 
 OrtStatus* make_status(OrtErrorCode code, const std::string& message, const char* op = kOpName) {
-  return Ort::GetApi().CreateStatus(code, (std::string(op) + ": " + message).c_str());
+  return vmamba_ort::op_status(code, message, std::string(op));
 }
 
-// Runs `compute` and turns any C++ exception into a status: none may cross into ORT.
-template <typename Compute>
-OrtStatus* guarded(const char* op, Compute&& compute) {
-  try {
-    return compute();
-  } catch (const Ort::Exception& e) {
-    return make_status(e.GetOrtErrorCode(), e.what(), op);
-  } catch (const std::exception& e) {
-    return make_status(ORT_FAIL, e.what(), op);
-  } catch (...) {
-    return make_status(ORT_FAIL, "unknown error", op);
-  }
+template <typename Body>
+OrtStatus* guarded(const char* op, Body&& body) {
+  return vmamba_ort::guarded_status(std::string(op), std::forward<Body>(body));
 }
 
 // Adapts the kernel's ParallelFor to ORT's intra-op pool.

@@ -38,23 +38,17 @@ def register_channel_norm_schema() -> None:
     """The op's ONNX schema, so that onnx.checker (and shape inference) accept graphs holding it."""
     from onnx import defs
 
-    param = defs.OpSchema.FormalParameter
-    schema = defs.OpSchema(
+    from .onnx_export import register_vmamba_schema
+
+    register_vmamba_schema(
         CHANNEL_NORM_OP,
-        ONNX_DOMAIN,
-        1,
-        doc=(
-            "LayerNorm over axis 1 of X (N, C, ...): per position, (X - mean) / sqrt(var + epsilon) * weight + bias, "
-            "statistics over the C channels (docs/scan-op.md)."
-        ),
-        inputs=[param("X", "T"), param("weight", "T"), param("bias", "T")],
-        outputs=[param("Y", "T")],
-        type_constraints=[("T", ["tensor(float)"], "float32")],
-        attributes=[
-            defs.OpSchema.Attribute("epsilon", defs.OpSchema.AttrType.FLOAT, "added to the variance", required=False),
-        ],
+        "LayerNorm over axis 1 of X (N, C, ...): per position, (X - mean) / sqrt(var + epsilon) * weight + bias, "
+        "statistics over the C channels (docs/scan-op.md).",
+        ["X", "weight", "bias"],
+        "Y",
+        ["tensor(float)"],
+        (defs.OpSchema.Attribute("epsilon", defs.OpSchema.AttrType.FLOAT, "added to the variance", required=False),),
     )
-    defs.register_schema(schema)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):

@@ -32,21 +32,36 @@ OUTPUT_NAME = "logits"
 SCAN_INPUTS = ("u", "delta", "A_logs", "B", "C", "D", "delta_bias")
 
 
-@functools.cache
-def _register_scan_schema() -> None:
+def register_vmamba_schema(
+    op: str, doc: str, inputs: list[str], output: str, types: list[str], attributes: tuple = ()
+) -> None:
+    """Register an ai.vmamba op's ONNX schema (opset 1; every input and the output of one type T among `types`), so
+    that onnx.checker and shape inference accept graphs holding it. `attributes`: onnx.defs.OpSchema.Attribute."""
     from onnx import defs
 
     param = defs.OpSchema.FormalParameter
     schema = defs.OpSchema(
-        ONNX_OP,
+        op,
         ONNX_DOMAIN,
         1,
-        doc="Fused 2-D selective scan of VMamba's SS2D (docs/scan-op.md).",
-        inputs=[param(name, "T") for name in SCAN_INPUTS],
-        outputs=[param("y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float32, or float16 with float32 state")],
+        doc=doc,
+        inputs=[param(name, "T") for name in inputs],
+        outputs=[param(output, "T")],
+        type_constraints=[("T", types, " or ".join(types))],
+        attributes=list(attributes),
     )
     defs.register_schema(schema)
+
+
+@functools.cache
+def _register_scan_schema() -> None:
+    register_vmamba_schema(
+        ONNX_OP,
+        "Fused 2-D selective scan of VMamba's SS2D (docs/scan-op.md); float16 tensors keep a float32 state.",
+        list(SCAN_INPUTS),
+        "y",
+        ["tensor(float)", "tensor(float16)"],
+    )
 
 
 def _scan_translation_table() -> dict:
