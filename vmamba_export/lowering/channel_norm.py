@@ -7,9 +7,10 @@ of the NCHW map in place, vectorised over pixels: the same function in one node,
 
 Only the triplet is replaced, and only where nothing else reads its intermediate tensors (the first Transpose's
 output and the LayerNormalization's), the norm is over the last axis with scale and bias given as (C,)
-initializers, and no Mean/InvStdDev output is asked for. Every other LayerNormalization stays (in VMamba: the
-classifier's final norm, read by a ReduceMean in channel-last layout; v0's channel-last norms). The manifest records
-how many were replaced and kept (`lowering.layer_norms`), as the cuda-onnxruntime rewrite does (cuda_graph.py).
+initializers, and no Mean/InvStdDev output is asked for. Every other LayerNormalization stays one here (in VMamba:
+the classifier's final norm, read by a ReduceMean in channel-last layout; v0's channel-last norms); the lowering then
+runs those over the last axis as LastAxisLayerNorm (onnxruntime_cpu.py). The manifest records how many were replaced
+and kept (`lowering.layer_norms`), as the cuda-onnxruntime rewrite does (cuda_graph.py).
 
 The lowering applies it to fp32 graphs only (lowering/__init__.py): in int8 graphs ONNX Runtime runs the quantized
 convolutions channels-last and the LayerNormalizations between them without Transposes, which a channel-first norm
