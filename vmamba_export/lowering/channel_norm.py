@@ -24,6 +24,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from .onnx_export import ONNX_DOMAIN
+from .onnx_graph import node_attribute
 
 if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with the lowering registry
     import onnx
@@ -52,21 +53,12 @@ def register_channel_norm_schema() -> None:
     )
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    import onnx
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
 def _is_transpose(node: onnx.NodeProto | None, perm: list[int]) -> bool:
     return (
         node is not None
         and node.op_type == "Transpose"
         and node.domain in ("", "ai.onnx")
-        and list(_attribute(node, "perm", [])) == perm
+        and list(node_attribute(node, "perm", [])) == perm
     )
 
 
@@ -87,7 +79,7 @@ def _triplet(
     else None."""
     if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
         return None
-    if _attribute(node, "axis", -1) not in (-1, 3) or _attribute(node, "stash_type", 1) != 1:
+    if node_attribute(node, "axis", -1) not in (-1, 3) or node_attribute(node, "stash_type", 1) != 1:
         return None
     if any(o and (readers.get(o) or o in outputs) for o in node.output[1:]):  # Mean / InvStdDev used
         return None
@@ -138,7 +130,7 @@ def use_channel_layer_norms(proto: onnx.ModelProto) -> dict:
             [second.output[0]],
             name=node.name or f"{CHANNEL_NORM_OP}_{len(replacements)}",
             domain=ONNX_DOMAIN,
-            epsilon=float(_attribute(node, "epsilon", DEFAULT_EPSILON)),
+            epsilon=float(node_attribute(node, "epsilon", DEFAULT_EPSILON)),
         )
         norm.metadata_props.extend(node.metadata_props)  # the exporter's module scope, for tools that read it
         replacements[id(second)] = norm

@@ -9,26 +9,18 @@ and bias given as initializers of an even width up to 2048, no Mean/InvStdDev ou
 from __future__ import annotations
 
 from .onnx_export import ONNX_DOMAIN
+from .onnx_graph import node_attribute
 
 LAYER_NORM_OP = "LastAxisLayerNorm"
 MAX_LAYER_NORM_WIDTH = 2048  # VMAMBA_LAYER_NORM_MAX_WIDTH of kernels/cuda/layer_norm.cuh
 DEFAULT_EPSILON = 1e-5  # LayerNormalization's default
 
 
-def _attribute(node, name: str, default):
-    import onnx
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
 def _replaceable_width(node, initializers: dict) -> int | None:
     """The normalised width when `node` is a LayerNormalization the CUDA kernel covers, else None."""
     if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
         return None
-    if _attribute(node, "axis", -1) != -1 or len(node.input) != 3 or any(node.output[1:]):
+    if node_attribute(node, "axis", -1) != -1 or len(node.input) != 3 or any(node.output[1:]):
         return None
     scale, bias = initializers.get(node.input[1]), initializers.get(node.input[2])
     if scale is None or bias is None or len(scale.dims) != 1 or list(bias.dims) != list(scale.dims):
@@ -50,7 +42,7 @@ def use_last_axis_layer_norms(proto) -> dict:
         if _replaceable_width(node, initializers) is None:
             kept += 1
             continue
-        epsilon = float(_attribute(node, "epsilon", DEFAULT_EPSILON))
+        epsilon = float(node_attribute(node, "epsilon", DEFAULT_EPSILON))
         node.op_type, node.domain = LAYER_NORM_OP, ONNX_DOMAIN
         del node.output[1:]
         del node.attribute[:]

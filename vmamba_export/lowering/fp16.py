@@ -11,7 +11,7 @@ they run in float32 between Casts.
 
 from __future__ import annotations
 
-from .graph_order import sort_topologically
+from .onnx_graph import sort_topologically
 
 # Kept in float32 (with Casts around them) on top of the converter's defaults (ML-domain ops, TopK, Range, CumSum,
 # Min/Max, Upsample, ...). None of these is on VMamba's hot path; they are here so a graph that has them stays

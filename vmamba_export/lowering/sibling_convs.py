@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_order import sort_topologically
+from .onnx_graph import sort_topologically
 
 
 def _plain_conv(node: onnx.NodeProto) -> bool:

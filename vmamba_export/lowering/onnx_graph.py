@@ -1,4 +1,4 @@
-"""Node order of ONNX graphs that a rewrite has edited."""
+"""Small pieces the graph rewrites share: a node's attribute, the node order of an edited graph."""
 
 from __future__ import annotations
 
@@ -26,3 +26,11 @@ def sort_topologically(graph: onnx.GraphProto) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default):
+    """The value of `node`'s attribute `name`, or `default` when it has none."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
