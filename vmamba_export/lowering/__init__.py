@@ -59,13 +59,15 @@ def _onnx_custom_op(model: VMamba, target: Target, folder: Path, options: Export
     # fp32 only: in an int8 graph ONNX Runtime runs the quantized convolutions channels-last (NHWC QLinearConv) and
     # the LayerNormalizations between them with no Transpose left; a channel-first norm there would bring the
     # Transposes back (measured, vmamba_tiny_s1l8 224: 29 -> 95 Transposes, 39.4 -> 41.3 ms; docs/cpu-latency.md).
-    edit = _channel_norm_edit if layer_norm == "custom-op" and options.precision == "fp32" else None
+    channel_norms = layer_norm == "custom-op" and options.precision == "fp32"
+
+    def edit(proto) -> dict:
+        record = _channel_norm_edit(proto) if channel_norms else {}
+        # ONNX Runtime CPU rewrites for every precision (onnxruntime_cpu.py), after the channel norms: the norms those
+        # leave over the last axis become LastAxisLayerNorm.
+        return {**record, "rewrites": onnxruntime_cpu_rewrites(proto, layer_norms=layer_norm == "custom-op")}
+
     info = _export_onnx_at(model, folder / "model.onnx", "custom-op", options, host_library, edit)
-    # ONNX Runtime CPU rewrites for every precision (onnxruntime_cpu.py); for int8 on the quantized graph, whose layer
-    # names (--exclude, the report) are then the model's own.
-    info["rewrites"] = _edit_onnx(
-        folder / "model.onnx", lambda proto: onnxruntime_cpu_rewrites(proto, layer_norms=layer_norm == "custom-op")
-    )
     shutil.copy2(library, folder / library.name)
     return {"model": "model.onnx", "custom_op_library": library.name}, info
 
@@ -89,15 +91,13 @@ def _export_onnx_at(
     model: VMamba, path: Path, scan: str, options: ExportOptions, library: Path | None, edit: GraphEdit | None = None
 ) -> dict:
     """fp32 export to `path`; for int8, export fp32 to a temporary file and quantize it into `path`. `edit`: the
-    target's graph edits, applied to the fp32 graph (for int8 before quantization, so that calibration, --accuracy
-    and the artifact see the same graph; the quantizer leaves custom ops float, as it does the scan)."""
+    target's graph edits, applied once to the artifact's graph in `path` (for int8 the quantized one, whose layer
+    names, for --exclude and the report, are then the model's own)."""
     from .onnx_export import export_onnx
 
     if options.precision != "int8":
         info = export_onnx(model, path, scan=scan, max_size=options.max_size)
-        if edit is not None:
-            info |= _edit_onnx(path, edit)
-        return info
+        return info | _edit_onnx(path, edit) if edit is not None else info
     import tempfile
 
     from ..quantize.calibration import load_calibration_batch
@@ -109,12 +109,10 @@ def _export_onnx_at(
     with tempfile.TemporaryDirectory(prefix="vmamba-fp32-") as tmp:
         fp32 = Path(tmp) / "model_fp32.onnx"
         info = export_onnx(model, fp32, scan=scan, max_size=options.max_size)
-        if edit is not None:
-            info |= _edit_onnx(fp32, edit)
         info["quantization"] = quantize_onnx_int8(
             fp32, path, model.config.input, options, library, show_progress=show, calib_batch=calib
         )
-    return info
+    return info | _edit_onnx(path, edit) if edit is not None else info
 
 
 def _edit_onnx(path: Path, edit: GraphEdit) -> dict:
