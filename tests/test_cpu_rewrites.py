@@ -128,3 +128,85 @@ def test_silu_pairs_become_quick_gelu():
         np.testing.assert_allclose(after[name], before[name], rtol=1e-6, atol=1e-6)
     x = feeds["x"].astype(np.float64)
     np.testing.assert_allclose(after["silu"], x / (1 + np.exp(-x)), rtol=1e-5, atol=1e-6)
+
+
+def _scan_graph(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Three scans of one map u (1, 16, 6, 5), d_state 1, each with its delta from a grouped (4 groups) 1x1
+    convolution of its own projection input, reshaped to (1, 4, 16, 6, 5), as the exporter leaves an SS2D block:
+    rank 6 (fused), rank 12 (above MAX_FUSED_RANK: kept), and rank 6 whose convolution output has a second reader
+    (kept)."""
+    d_inner, shape = 16, [1, 16, 6, 5]
+    weights = {
+        "A_logs": (0.5 * rng.standard_normal((64, 1))).astype(np.float32),
+        "D": rng.standard_normal(64).astype(np.float32),
+        "delta_bias": (0.3 * rng.standard_normal(64) - 1).astype(np.float32),
+        "delta_shape": np.array([1, 4, d_inner, 6, 5], dtype=np.int64),
+    }
+    nodes, inputs = [], [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("u", shape),)]
+    outputs = []
+    for index, rank in enumerate((6, 12, 6)):
+        low, w, conv, delta, y = (f"{n}{index}" for n in ("low", "w", "conv", "delta", "y"))
+        weights[w] = (rng.standard_normal((4 * d_inner, rank, 1, 1)) / rank**0.5).astype(np.float32)
+        inputs.append(helper.make_tensor_value_info(low, TensorProto.FLOAT, [1, 4 * rank, 6, 5]))
+        for name in (f"B{index}", f"C{index}"):
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4, 1, 6, 5]))
+        nodes += [
+            helper.make_node("Conv", [low, w], [conv], group=4, kernel_shape=[1, 1]),
+            helper.make_node("Reshape", [conv, "delta_shape"], [delta]),
+            helper.make_node(
+                "SelectiveScan2D",
+                ["u", delta, "A_logs", f"B{index}", f"C{index}", "D", "delta_bias"],
+                [y],
+                domain="ai.vmamba",
+            ),
+        ]
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, shape))
+    outputs.append(helper.make_tensor_value_info("conv2", TensorProto.FLOAT, [1, 64, 6, 5]))  # the second reader
+    graph = helper.make_graph(
+        nodes, "scans", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.vmamba", 1)],
+        ir_version=IR_VERSION,
+    )
+    feeds = {
+        i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+        for i in inputs
+    }
+    return model, feeds
+
+
+def test_small_rank_dt_projections_fuse_into_the_scan():
+    """Reshape(Conv(low, w, group=4)) -> scan becomes scan(low, ..., dt_weight = w as (4, Di, R)) for ranks up to
+    MAX_FUSED_RANK whose convolution has no other reader; outputs agree to float32 rounding."""
+    import pytest
+
+    from vmamba_export.kernels_paths import ort_library_path
+    from vmamba_export.lowering.dt_projection import MAX_FUSED_RANK, fuse_dt_projections
+    from vmamba_export.lowering.onnx_export import _register_scan_schema
+
+    if ort_library_path() is None:
+        pytest.skip("libvmamba_ort.so not built: run `python -m vmamba_export.build_kernels`")
+    _register_scan_schema()
+    assert MAX_FUSED_RANK >= 6 > 12 - MAX_FUSED_RANK
+    model, feeds = _scan_graph(np.random.default_rng(3))
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_library_path()))
+
+    def run(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+    before = run(model)
+    assert fuse_dt_projections(model) == 1
+    onnx.checker.check_model(model)
+    scans = {n.output[0]: n for n in model.graph.node if n.op_type == "SelectiveScan2D"}
+    assert len(scans["y0"].input) == 8 and scans["y0"].input[1] == "low0"
+    assert len(scans["y1"].input) == 7 and len(scans["y2"].input) == 7
+    assert [n.op_type for n in model.graph.node].count("Conv") == 2  # ranks 12 and the shared one
+    after = run(model)
+    for name in before:
+        rel = np.linalg.norm(after[name] - before[name]) / np.linalg.norm(before[name])
+        assert rel < 1e-6, (name, rel)
+    assert not np.array_equal(after["y0"], np.zeros_like(after["y0"]))

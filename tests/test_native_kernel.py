@@ -224,3 +224,95 @@ def test_ort_op_bad_shape_is_an_error() -> None:
     good = make_inputs(1, 8, 1, 4, 4)
     (y,) = session.run(["y"], _feeds(good))
     assert rel_l2(y, selective_scan_reference(*good)) <= TOLERANCE
+
+
+# ---- ONNX Runtime, dt projection fused into the op (input 8, dt_weight) ----
+
+# (batch, d_inner, d_state, H, W, dt_rank): ranks up to 8 are projected inside the scan loop (the d_state-1 pair
+# loop on AVX-512, the generic loop for d_state 16), larger ones into the delta tile first; d_inner 17 and 40 end
+# in a padded block.
+FUSED_CASES = [
+    (1, 16, 1, 1, 1, 1),
+    (2, 17, 1, 5, 7, 6),
+    (1, 40, 1, 14, 14, 8),
+    (2, 31, 16, 7, 4, 6),
+    (1, 24, 1, 9, 11, 12),
+    (1, 40, 16, 6, 5, 24),
+]
+
+
+def fused_projection_error(case: tuple, seed: int = 0) -> float:
+    """Relative L2 error of the fused op (delta from the projection's input and weights) against the float64
+    reference scan of the projected delta."""
+    import onnx
+    import onnxruntime as ort
+
+    from vmamba_export.lowering.onnx_export import one_node_scan_model
+
+    batch, d_inner, d_state, height, width, rank = case
+    args = list(make_inputs(batch, d_inner, d_state, height, width, seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    low = torch.randn(batch, 4 * rank, height, width, generator=g)
+    weight = torch.randn(4, d_inner, rank, generator=g) / rank**0.5
+    args[1] = torch.einsum("kdj,bkjhw->bkdhw", weight.double(), low.double().view(batch, 4, rank, height, width))
+    model = one_node_scan_model(d_state)
+    model.graph.node[0].input.append("dt_weight")
+    model.graph.input.append(onnx.helper.make_tensor_value_info("dt_weight", onnx.TensorProto.FLOAT, [4, "d", "r"]))
+    delta = next(i for i in model.graph.input if i.name == "delta")
+    delta.type.tensor_type.shape.ClearField("dim")
+    for name in ("b", "kr", "h", "w"):
+        delta.type.tensor_type.shape.dim.add().dim_param = name
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = _feeds(tuple(a.float() for a in args))
+    feeds.update(delta=low.numpy(), dt_weight=weight.numpy())
+    (y,) = session.run(["y"], feeds)
+    return rel_l2(y, selective_scan_reference(*args))
+
+
+@needs_ort
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "b{}_di{}_n{}_{}x{}_r{}".format(*c))
+def test_ort_op_with_fused_dt_projection_matches_reference(case: tuple) -> None:
+    pytest.importorskip("onnxruntime")
+    assert fused_projection_error(case) <= TOLERANCE
+
+
+@needs_ort
+@pytest.mark.parametrize("isa", ["generic", "x86-64-v3"])
+def test_fused_dt_projection_on_instruction_set_variants(isa: str) -> None:
+    pytest.importorskip("onnxruntime")
+    code = (
+        "from tests.test_native_kernel import FUSED_CASES, fused_projection_error\n"
+        "for case in FUSED_CASES:\n"
+        "    err = fused_projection_error(case)\n"
+        "    assert err <= 1e-5, (case, err)\n"
+    )
+    env = {**os.environ, "VMAMBA_SCAN_ISA": isa}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=_repo_root())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@needs_ort
+def test_ort_op_fused_dt_projection_bad_shapes_are_errors() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from vmamba_export.lowering.onnx_export import one_node_scan_model
+
+    model = one_node_scan_model(1)
+    model.graph.node[0].input.append("dt_weight")
+    model.graph.input.append(onnx.helper.make_tensor_value_info("dt_weight", onnx.TensorProto.FLOAT, None))
+    delta = next(i for i in model.graph.input if i.name == "delta")
+    delta.type.tensor_type.ClearField("shape")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = _feeds(make_inputs(1, 8, 1, 4, 4))
+    feeds["delta"] = np.zeros((1, 12, 4, 4), np.float32)  # 4 directions x rank 3
+    feeds["dt_weight"] = np.zeros((4, 9, 3), np.float32)  # Di must be 8
+    with pytest.raises(Exception, match=r"input 'dt_weight' must be \(K, Di, R\) with Di = 8"):
+        session.run(["y"], feeds)
+    feeds["dt_weight"] = np.zeros((4, 8, 2), np.float32)  # rank 2: delta must be (1, 8, 4, 4)
+    with pytest.raises(Exception, match=r"with dt_weight, input 'delta' must be \(B, K\*R, H, W\)"):
+        session.run(["y"], feeds)

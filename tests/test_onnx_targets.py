@@ -16,6 +16,8 @@ from vmamba_export.artifact import read_manifest
 from vmamba_export.errors import ArtifactError, InputError, TargetUnavailableError
 from vmamba_export.exporter import export_artifact
 from vmamba_export.kernels_paths import ort_library_path
+from vmamba_export.lowering.dt_projection import MAX_FUSED_RANK
+from vmamba_export.lowering.onnx_graph import node_attribute
 from vmamba_export.model_source import resolve_model
 from vmamba_export.scan.op import torch_scan
 from vmamba_export.targets import get_target
@@ -65,6 +67,13 @@ def test_custom_op_graph_has_one_scan_node_per_block(artifacts, name):
     assert rewrites["merged_pointwise_convs"] == 2 * len(scans)
     # Every SiLU (one a block after the depthwise convolution; v0 also gates with one) is one QuickGelu node.
     assert rewrites["fused_silu"] >= len(scans)
+    # The dt projections of rank <= MAX_FUSED_RANK run inside the scan op (lowering/dt_projection.py); here all.
+    ranks = [
+        block.op.dt_rank for stage in resolve_model(name, random_weights=True).model.layers for block in stage.blocks
+    ]
+    fused = [n for n in scans if len(n.input) == 8]
+    assert rewrites["fused_dt_projections"] == len(fused) == sum(r <= MAX_FUSED_RANK for r in ranks) == len(scans)
+    assert not any(node_attribute(n, "group", 1) == 4 for n in proto.graph.node if n.op_type == "Conv")
     assert not any(n.op_type == "Sigmoid" for n in proto.graph.node)
 
 

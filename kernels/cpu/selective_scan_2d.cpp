@@ -16,9 +16,10 @@
 // transposes its u / delta / y tiles into channel-last scratch ([position][16 channels]) so that each scan step
 // loads one 64-byte row: the 16 channels are the vector lanes, the positions are walked in the direction's order
 // (any order costs the same in that layout). B and C (shared by all channels of a direction) are read as
-// broadcast scalars: directly from the input when d_state = 1, else from a [position][B | C] copy made once per
-// call. softplus(delta + bias) and exp(dt * A) are computed inside the scan loop; they do not depend on the state,
-// so the out-of-order core overlaps them with the (short) state recurrence.
+// broadcast scalars: directly from the input when d_state = 1, else from position rows made once per call
+// ([position][dt inputs | B | C], gather_rows; the dt inputs when a small-rank dt projection is fused, delta_at).
+// softplus(delta + bias) and exp(dt * A) are computed inside the scan loop; they do not depend on the state, so the
+// out-of-order core overlaps them with the (short) state recurrence.
 
 #include "selective_scan_2d.h"
 
@@ -270,6 +271,43 @@ void project_to_lanes(const T* low, int64_t r, const float* w, int64_t nc, int64
 
 // ---- the scan ----
 
+// Where a scan step gets delta (before bias and softplus) for its kLanes channels at position p: row p of a delta
+// tile in lanes layout, or (kProject) the fused dt projection computed in the loop, sum_j w[j] * row[j], where row
+// (stride row_stride per position) holds that position's dt_rank projection inputs, followed by B and C
+// (Job::rows_t), and w[j] (kLanes floats each) the direction's weights in lanes. The products are independent of the
+// state, so the core overlaps them with the recurrence, and no delta tile is written, read or transposed. They cost
+// dt_rank FMAs (and weight loads) a step on the ports the scan's own arithmetic already fills, so only small ranks
+// are projected in the loop (kMaxLoopRank); larger ones fill the tile with project_to_lanes.
+struct DeltaSource {
+  const float* tile;  // no projection: the direction's delta tile
+  const float* w;     // projection: dt_rank rows of kLanes weights
+  const float* rows;  // projection: the direction's position rows
+  int64_t rank;
+  int64_t row_stride;
+};
+
+// Largest dt_rank projected inside the scan loop. Measured (vmamba_tiny_s1l8, ONNX Runtime, 224): in the loop, the
+// rank-6 stage-1 scans beat a separate grouped convolution, and ranks 12 to 48 (stages 2 to 4) lost to it.
+constexpr int64_t kMaxLoopRank = 8;
+
+template <bool kProject>
+VM_INLINE vf delta_at(const DeltaSource& d, int64_t p, int g) {
+  if constexpr (!kProject) {
+    return load(d.tile + p * kLanes + g * kNative);
+  } else {
+    // Four partial sums: a dt_rank of 24 or 48 (stages 3 and 4) would otherwise be one long chain of dependent FMAs.
+    const float* row = d.rows + p * d.row_stride;
+    const float* w = d.w + g * kNative;
+    vf acc[4] = {};
+    int64_t j = 0;
+    for (; j + 4 <= d.rank; j += 4) {
+      for (int q = 0; q < 4; ++q) acc[q] += load(w + (j + q) * kLanes) * row[j + q];
+    }
+    for (; j < d.rank; ++j) acc[0] += load(w + j * kLanes) * row[j];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
 // Positions of direction k as a double loop: p = start + o * outer_step + i * inner_step.
 struct Walk {
   int64_t start, n_outer, outer_step, n_inner, inner_step;
@@ -289,8 +327,8 @@ Walk walk_for(int64_t k, int64_t h, int64_t w) {
 // NS > 0 fixes d_state at compile time (state kept in registers / fully unrolled); NS = 0 reads it from n.
 // bias[g], a[j * kGroups + g] (A * log2 e) and the state h[j * kGroups + g] are native vectors covering lanes
 // g * kNative...
-template <int NS, typename TB>
-void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float* u_t, float* y_t, const vf* bias,
+template <int NS, bool kProject, typename TB>
+void scan_direction(const Walk& wk, int64_t n, const DeltaSource& delta, const float* u_t, float* y_t, const vf* bias,
                     const vf* a, const TB* bsrc, const TB* csrc, int64_t pos_stride, int64_t state_stride,
                     vf* state_scratch) {
   const int64_t ns = NS > 0 ? NS : n;
@@ -305,7 +343,7 @@ void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float
       const TB* cp = csrc + p * pos_stride;
       vf dt[kGroups], dtu[kGroups], acc[kGroups];
       for (int g = 0; g < kGroups; ++g) {
-        dt[g] = softplus(load(delta_t + p * kLanes + g * kNative) + bias[g]);
+        dt[g] = softplus(delta_at<kProject>(delta, p, g) + bias[g]);
         dtu[g] = dt[g] * load(u_t + p * kLanes + g * kNative);
         acc[g] = vf{};
       }
@@ -333,20 +371,21 @@ void scan_direction(const Walk& wk, int64_t n, const float* delta_t, const float
 // visit the positions of `wa` in reverse order. When both reach the same position in one step (the middle of an
 // odd-length walk) the two y updates run one after the other, as written.
 constexpr bool kPairDirections = kGroups == 1;
-template <typename TB>
-void scan_direction_pair_d1(const Walk& wa, const Walk& wb, const float* delta_a, const float* delta_b,
+template <bool kProject, typename TB>
+void scan_direction_pair_d1(const Walk& wa, const Walk& wb, const DeltaSource& delta_a, const DeltaSource& delta_b,
                             const float* u_t, float* y_t, const vf* bias_a, const vf* bias_b, const vf* a_a,
-                            const vf* a_b, const TB* b_a, const TB* c_a, const TB* b_b, const TB* c_b) {
+                            const vf* a_b, const TB* b_a, const TB* c_a, const TB* b_b, const TB* c_b,
+                            int64_t bc_stride) {
   vf ha[kGroups] = {}, hb[kGroups] = {};
   int64_t pa_outer = wa.start, pb_outer = wb.start;
   for (int64_t o = 0; o < wa.n_outer; ++o, pa_outer += wa.outer_step, pb_outer += wb.outer_step) {
     int64_t pa = pa_outer, pb = pb_outer;
     for (int64_t i = 0; i < wa.n_inner; ++i, pa += wa.inner_step, pb += wb.inner_step) {
-      const float bja = to_float(b_a[pa]), cja = to_float(c_a[pa]);
-      const float bjb = to_float(b_b[pb]), cjb = to_float(c_b[pb]);
+      const float bja = to_float(b_a[pa * bc_stride]), cja = to_float(c_a[pa * bc_stride]);
+      const float bjb = to_float(b_b[pb * bc_stride]), cjb = to_float(c_b[pb * bc_stride]);
       for (int g = 0; g < kGroups; ++g) {
-        const vf dta = softplus(load(delta_a + pa * kLanes + g * kNative) + bias_a[g]);
-        const vf dtb = softplus(load(delta_b + pb * kLanes + g * kNative) + bias_b[g]);
+        const vf dta = softplus(delta_at<kProject>(delta_a, pa, g) + bias_a[g]);
+        const vf dtb = softplus(delta_at<kProject>(delta_b, pb, g) + bias_b[g]);
         ha[g] = exp2_nonpos(dta * a_a[g]) * ha[g] + dta * load(u_t + pa * kLanes + g * kNative) * bja;
         hb[g] = exp2_nonpos(dtb * a_b[g]) * hb[g] + dtb * load(u_t + pb * kLanes + g * kNative) * bjb;
         float* ya = y_t + pa * kLanes + g * kNative;
@@ -382,8 +421,10 @@ template <typename T>
 struct Job {
   ScanTensorsOf<T> t;
   ScanShape s;
-  int64_t blocks;      // channel blocks per batch element
-  const float* bc_t;   // d_state > 1: (batch, 4, L, [B(N) | C(N)]), else null
+  int64_t blocks;         // channel blocks per batch element
+  const float* rows_t;    // (batch, 4, L, row_stride) position rows, or null (d_state 1 without dt_weight): see gather_rows
+  int64_t row_stride;     // dt_rank + 2 d_state with dt_weight, else 2 d_state
+  int64_t rows_bc;        // where B starts in a row (C follows it): dt_rank, or 0
   std::atomic<bool> failed{false};
 };
 
@@ -406,23 +447,28 @@ void run_item(void* arg, int64_t item) {
   const int64_t b = item / job.blocks;
   const int64_t d0 = (item % job.blocks) * kLanes;
   const int64_t nc = std::min<int64_t>(kLanes, di - d0);
+  const bool project = t.dt_weight != nullptr;
+  const int64_t rank = project ? t.dt_rank : 0;
+  const bool in_loop = project && rank <= kMaxLoopRank;  // else project_to_lanes fills the delta tile
 
-  // Scratch: u, delta and y tiles, then per-state decay rates A and (generic d_state) the state itself, then the
-  // fused dt projection's weights in lanes. d_state 1 with one vector per tile (AVX-512) scans two directions at a
-  // time (scan_direction_pair_d1): a second delta tile and decay-rate row.
+  // Scratch: u and y tiles, the delta tile(s) unless the dt projection runs in the loop, then per-state decay rates
+  // A and (generic d_state) the state itself, then the projection's weights in lanes. d_state 1 with one vector per
+  // tile (AVX-512) scans two directions at a time (scan_direction_pair_d1): a second delta tile, decay-rate row and
+  // (in the loop) set of weights.
   const bool paired = n == 1 && kPairDirections;
   const int64_t tile = len * kLanes;
-  const int64_t delta_tiles = paired ? 2 : 1;
+  const int64_t delta_tiles = in_loop ? 0 : paired ? 2 : 1;
   const int64_t a_rows = paired ? 2 : n;
-  AlignedBuffer buf((2 + delta_tiles) * tile + (a_rows + n) * kLanes + t.dt_rank * kLanes);
+  const int64_t w_sets = in_loop && paired ? 2 : 1;
+  AlignedBuffer buf((2 + delta_tiles) * tile + (a_rows + n) * kLanes + w_sets * rank * kLanes);
   if (buf.p == nullptr) {
     job.failed.store(true, std::memory_order_relaxed);
     return;
   }
   float* u_t = buf.p;
-  float* delta_t = u_t + tile;
-  float* y_t = delta_t + delta_tiles * tile;
-  vf* a = reinterpret_cast<vf*>(y_t + tile);  // a_rows * kGroups vectors
+  float* y_t = u_t + tile;
+  float* delta_t = y_t + tile;
+  vf* a = reinterpret_cast<vf*>(delta_t + delta_tiles * tile);  // a_rows * kGroups vectors
   vf* state = a + a_rows * kGroups;
   float* w_lanes = reinterpret_cast<float*>(state + n * kGroups);
 
@@ -440,11 +486,19 @@ void run_item(void* arg, int64_t item) {
     }
   }
 
-  // Direction k's delta tile (lanes layout), its bias and its decay rates A * log2(e) (a[j * kGroups + g]).
-  auto prepare = [&](int64_t k, float* delta_dst, vf* bias, vf* a_dst) {
-    if (t.dt_weight != nullptr) {
-      project_to_lanes(t.delta + (b * 4 + k) * t.dt_rank * len, t.dt_rank, t.dt_weight + (k * di + d0) * t.dt_rank,
-                       nc, len, w_lanes, delta_dst);
+  // Direction k's delta source (its tile, filled here, or its projection: weights in lanes into `w_dst`), its bias
+  // and its decay rates A * log2(e) (a[j * kGroups + g]).
+  auto prepare = [&](int64_t k, float* delta_dst, float* w_dst, vf* bias, vf* a_dst) {
+    DeltaSource src{delta_dst, nullptr, nullptr, rank, job.row_stride};
+    const float* w = project ? t.dt_weight + (k * di + d0) * rank : nullptr;
+    if (in_loop) {
+      for (int64_t j = 0; j < rank; ++j) {
+        for (int64_t c = 0; c < kLanes; ++c) w_dst[j * kLanes + c] = c < nc ? w[c * rank + j] : 0.0f;
+      }
+      src.w = w_dst;
+      src.rows = job.rows_t + (b * 4 + k) * len * job.row_stride;
+    } else if (project) {
+      project_to_lanes(t.delta + (b * 4 + k) * rank * len, rank, w, nc, len, w_dst, delta_dst);
     } else {
       to_lanes(t.delta + ((b * 4 + k) * di + d0) * len, len, nc, len, delta_dst);
     }
@@ -457,33 +511,53 @@ void run_item(void* arg, int64_t item) {
       for (int64_t c = 0; c < nc; ++c) a_lanes[c] = -std::exp(t.A_logs[(k * di + d0 + c) * n + j]) * kLog2e;
       for (int g = 0; g < kGroups; ++g) a_dst[j * kGroups + g] = load(a_lanes + g * kNative);
     }
+    return src;
   };
+  // B and C of direction k, read with a position stride and a state stride: from the position rows when there are
+  // any, else (d_state 1) straight from the input.
+  auto b_of = [&](int64_t k) { return job.rows_t + (b * 4 + k) * len * job.row_stride + job.rows_bc; };
 
   if (paired) {
     for (int64_t ka = 0; ka < 2; ++ka) {  // directions 0 with 2, then 1 with 3: each pair walks one order both ways
       const int64_t kb = ka + 2;
       vf bias_a[kGroups], bias_b[kGroups];
-      prepare(ka, delta_t, bias_a, a);
-      prepare(kb, delta_t + tile, bias_b, a + kGroups);
-      scan_direction_pair_d1(walk_for(ka, s.height, s.width), walk_for(kb, s.height, s.width), delta_t,
-                             delta_t + tile, u_t, y_t, bias_a, bias_b, a, a + kGroups, t.B + (b * 4 + ka) * len,
-                             t.C + (b * 4 + ka) * len, t.B + (b * 4 + kb) * len, t.C + (b * 4 + kb) * len);
+      const DeltaSource da = prepare(ka, delta_t, w_lanes, bias_a, a);
+      const DeltaSource db = prepare(kb, delta_t + (in_loop ? 0 : tile), w_lanes + (in_loop ? rank * kLanes : 0), bias_b,
+                                     a + kGroups);
+      const Walk wa = walk_for(ka, s.height, s.width), wb = walk_for(kb, s.height, s.width);
+      if (in_loop) {
+        scan_direction_pair_d1<true>(wa, wb, da, db, u_t, y_t, bias_a, bias_b, a, a + kGroups, b_of(ka), b_of(ka) + 1,
+                                     b_of(kb), b_of(kb) + 1, job.row_stride);
+      } else {
+        scan_direction_pair_d1<false>(wa, wb, da, db, u_t, y_t, bias_a, bias_b, a, a + kGroups,
+                                      t.B + (b * 4 + ka) * len, t.C + (b * 4 + ka) * len, t.B + (b * 4 + kb) * len,
+                                      t.C + (b * 4 + kb) * len, 1);
+      }
     }
   } else {
     for (int64_t k = 0; k < 4; ++k) {
       vf bias[kGroups];
-      prepare(k, delta_t, bias, a);
+      const DeltaSource delta = prepare(k, delta_t, w_lanes, bias, a);
       const Walk wk = walk_for(k, s.height, s.width);
-      if (n == 1) {
-        scan_direction<1>(wk, n, delta_t, u_t, y_t, bias, a, t.B + (b * 4 + k) * len, t.C + (b * 4 + k) * len, 1, 0,
-                          state);
+      if (job.rows_t == nullptr) {  // d_state 1, no projection: B and C from the input
+        scan_direction<1, false>(wk, n, delta, u_t, y_t, bias, a, t.B + (b * 4 + k) * len, t.C + (b * 4 + k) * len, 1,
+                                 0, state);
         continue;
       }
-      const float* bsrc = job.bc_t + (b * 4 + k) * len * 2 * n;
-      if (n == 16) {
-        scan_direction<16>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, bsrc + n, 2 * n, 1, state);
+      const float* bsrc = b_of(k);
+      const int64_t rs = job.row_stride;
+      if (in_loop) {
+        if (n == 1) {
+          scan_direction<1, true>(wk, n, delta, u_t, y_t, bias, a, bsrc, bsrc + n, rs, 1, state);
+        } else if (n == 16) {
+          scan_direction<16, true>(wk, n, delta, u_t, y_t, bias, a, bsrc, bsrc + n, rs, 1, state);
+        } else {
+          scan_direction<0, true>(wk, n, delta, u_t, y_t, bias, a, bsrc, bsrc + n, rs, 1, state);
+        }
+      } else if (n == 16) {
+        scan_direction<16, false>(wk, n, delta, u_t, y_t, bias, a, bsrc, bsrc + n, rs, 1, state);
       } else {
-        scan_direction<0>(wk, n, delta_t, u_t, y_t, bias, a, bsrc, bsrc + n, 2 * n, 1, state);
+        scan_direction<0, false>(wk, n, delta, u_t, y_t, bias, a, bsrc, bsrc + n, rs, 1, state);
       }
     }
   }
@@ -491,20 +565,23 @@ void run_item(void* arg, int64_t item) {
   from_lanes(y_t, nc, len, t.y + (b * di + d0) * len, len);
 }
 
-// d_state > 1: copy B and C of (batch b, direction k) into [position][B(0..N-1) | C(0..N-1)].
+// The position rows of (batch b, direction k) = item b * 4 + k: row p holds the dt projection's inputs at p (dt_rank
+// values, with dt_weight), then B (d_state values) and C (d_state values), as float32. A step then reads everything
+// it needs besides its own channels' u from one or two cache lines, where the planes put each value L apart. Built
+// when there is a projection or d_state > 1; one pass over (small) inputs, shared by all channel blocks.
 template <typename T>
-void gather_bc(void* arg, int64_t item) {
+void gather_rows(void* arg, int64_t item) {
   Job<T>& job = *static_cast<Job<T>*>(arg);
-  const int64_t n = job.s.d_state, len = job.s.height * job.s.width;
-  const T* bsrc = job.t.B + item * n * len;
-  const T* csrc = job.t.C + item * n * len;
-  float* dst = const_cast<float*>(job.bc_t) + item * len * 2 * n;
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t p = 0; p < len; ++p) {
-      dst[p * 2 * n + j] = to_float(bsrc[j * len + p]);
-      dst[p * 2 * n + n + j] = to_float(csrc[j * len + p]);
+  const int64_t n = job.s.d_state, len = job.s.height * job.s.width, rank = job.rows_bc, rs = job.row_stride;
+  float* dst = const_cast<float*>(job.rows_t) + item * len * rs;
+  auto copy_planes = [&](const T* src, int64_t planes, int64_t offset) {
+    for (int64_t j = 0; j < planes; ++j) {
+      for (int64_t p = 0; p < len; ++p) dst[p * rs + offset + j] = to_float(src[j * len + p]);
     }
-  }
+  };
+  if (rank > 0) copy_planes(job.t.delta + item * rank * len, rank, 0);
+  copy_planes(job.t.B + item * n * len, n, rank);
+  copy_planes(job.t.C + item * n * len, n, rank + n);
 }
 
 void serial_for(void*, int64_t n, void (*fn)(void*, int64_t), void* arg) {
@@ -519,12 +596,15 @@ const char* run_typed(const ScanTensorsOf<T>& t, const ScanShape& s, ParallelFor
   job.t = t;
   job.s = s;
   job.blocks = (s.d_inner + kLanes - 1) / kLanes;
-  job.bc_t = nullptr;
-  AlignedBuffer bc(s.d_state > 1 ? static_cast<size_t>(s.batch * 4 * len * 2 * s.d_state) : 0);
-  if (s.d_state > 1) {
-    if (bc.p == nullptr) return "out of memory";
-    job.bc_t = bc.p;
-    parallel_for(parallel_ctx, s.batch * 4, gather_bc<T>, &job);
+  job.rows_bc = t.dt_weight != nullptr && t.dt_rank <= kMaxLoopRank ? t.dt_rank : 0;  // projected in the loop
+  job.row_stride = job.rows_bc + 2 * s.d_state;
+  job.rows_t = nullptr;
+  const bool rows = job.rows_bc > 0 || s.d_state > 1;
+  AlignedBuffer rows_buf(rows ? static_cast<size_t>(s.batch * 4 * len * job.row_stride) : 0);
+  if (rows) {
+    if (rows_buf.p == nullptr) return "out of memory";
+    job.rows_t = rows_buf.p;
+    parallel_for(parallel_ctx, s.batch * 4, gather_rows<T>, &job);
   }
   parallel_for(parallel_ctx, s.batch * job.blocks, run_item<T>, &job);
   return job.failed.load() ? "out of memory" : nullptr;

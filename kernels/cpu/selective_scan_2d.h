@@ -34,9 +34,11 @@ struct ScanTensorsOf {
   const float* D;           // (4 * d_inner)
   const float* delta_bias;  // (4 * d_inner)
   T* y;                     // (batch, d_inner, H, W), written (not accumulated into)
-  // Optional, OpenVINO only: the dt projection fused into the op. When set, `delta` holds its input instead,
-  // (batch, 4, dt_rank, H, W), and delta of direction k, channel c is sum_j dt_weight[(k * d_inner + c) * dt_rank + j]
-  // * delta[b, k, j] (dt_weight (4, d_inner, dt_rank)): the (batch, 4, d_inner, H, W) tensor is never stored.
+  // Optional (OpenVINO for every rank, ONNX Runtime for ranks up to 8): the dt projection fused into the op. When
+  // set, `delta` holds its input instead, (batch, 4, dt_rank, H, W), and delta of direction k, channel c is
+  // sum_j dt_weight[(k * d_inner + c) * dt_rank + j] * delta[b, k, j] (dt_weight (4, d_inner, dt_rank)): the
+  // (batch, 4, d_inner, H, W) tensor is never stored. Ranks up to 8 are projected inside the scan loop, larger ones
+  // into the kernel's delta tile first.
   const float* dt_weight = nullptr;
   int64_t dt_rank = 0;
 };

@@ -35,8 +35,8 @@ namespace {
 
 constexpr const char* kDomain = "ai.vmamba";
 constexpr const char* kOpName = "SelectiveScan2D";
-constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
-constexpr size_t kNumInputs = 7;
+constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias", "dt_weight"};
+constexpr size_t kNumInputs = 7;  // the op of docs/scan-op.md; an optional 8th, dt_weight, fuses the dt projection
 
 using vmamba_ort::shape_str;
 
@@ -76,33 +76,59 @@ struct SelectiveScan2DCpuKernel {
 
   OrtStatus* compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    if (ctx.GetInputCount() != kNumInputs || ctx.GetOutputCount() != 1) {
-      return make_status(ORT_INVALID_ARGUMENT, "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias), 1 output");
+    const size_t count = ctx.GetInputCount();
+    if (count < kNumInputs || count > kNumInputs + 1 || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias) and an optional dt_weight, 1 output");
     }
     std::vector<Ort::ConstValue> inputs;
     std::vector<std::vector<int64_t>> shapes;
-    for (size_t i = 0; i < kNumInputs; ++i) {
+    for (size_t i = 0; i < count; ++i) {
       inputs.push_back(ctx.GetInput(i));
+      if (!inputs.back()) {  // an optional input left empty
+        inputs.pop_back();
+        break;
+      }
       auto info = inputs.back().GetTensorTypeAndShapeInfo();
       if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
         return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] + "' must be float32");
       }
       shapes.push_back(info.GetShape());
     }
+    if (inputs.size() < kNumInputs) return make_status(ORT_INVALID_ARGUMENT, "inputs 1 to 7 are required");
+    const bool fused = inputs.size() == kNumInputs + 1;
     const auto& us = shapes[0];
     const auto& ds = shapes[1];
     if (us.size() != 4) {
       return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us));
     }
-    if (ds.size() != 5) {
-      return make_status(ORT_INVALID_ARGUMENT, "input 'delta' must be (B, K, Di, H, W), got " + shape_str(ds));
-    }
     if (shapes[2].size() != 2) {
       return make_status(ORT_INVALID_ARGUMENT, "input 'A_logs' must be (K*Di, N), got " + shape_str(shapes[2]));
     }
-    const int64_t b = us[0], di = us[1], h = us[2], w = us[3], k = ds[1], n = shapes[2][1];
+    const int64_t b = us[0], di = us[1], h = us[2], w = us[3], n = shapes[2][1];
+    // With dt_weight (K, Di, R), input 1 is the dt projection's input flattened over the directions, (B, K*R, H, W),
+    // as the x_proj convolution leaves it; without, delta itself, (B, K, Di, H, W).
+    int64_t k = 0, rank = 0;
+    if (fused) {
+      const auto& ws = shapes[kNumInputs];
+      if (ws.size() != 3 || ws[1] != di || ws[2] < 1) {
+        return make_status(ORT_INVALID_ARGUMENT, "input 'dt_weight' must be (K, Di, R) with Di = " +
+                                                     std::to_string(di) + " (from u), got " + shape_str(ws));
+      }
+      k = ws[0];
+      rank = ws[2];
+      if (ds != std::vector<int64_t>{b, k * rank, h, w}) {
+        return make_status(ORT_INVALID_ARGUMENT, "with dt_weight, input 'delta' must be (B, K*R, H, W) = " +
+                                                     shape_str({b, k * rank, h, w}) + ", got " + shape_str(ds));
+      }
+    } else {
+      if (ds.size() != 5) {
+        return make_status(ORT_INVALID_ARGUMENT, "input 'delta' must be (B, K, Di, H, W), got " + shape_str(ds));
+      }
+      k = ds[1];
+    }
     const std::vector<std::vector<int64_t>> expected = {
-        us, {b, k, di, h, w}, {k * di, n}, {b, k, n, h, w}, {b, k, n, h, w}, {k * di}, {k * di}};
+        us, ds, {k * di, n}, {b, k, n, h, w}, {b, k, n, h, w}, {k * di}, {k * di}};
     for (size_t i = 1; i < kNumInputs; ++i) {
       if (shapes[i] != expected[i]) {
         return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] + "' must have shape " +
@@ -110,14 +136,14 @@ struct SelectiveScan2DCpuKernel {
                                                      " and delta " + shape_str(ds) + "), got " + shape_str(shapes[i]));
       }
     }
+    if (fused && rank > (int64_t{1} << 20)) return make_status(ORT_INVALID_ARGUMENT, "dt_weight: R must be <= 2^20");
     const vmamba::ScanShape shape{b, k, di, n, h, w};
     if (const char* err = vmamba::check_scan_shape(shape)) return make_status(ORT_INVALID_ARGUMENT, err);
 
     auto output = ctx.GetOutput(0, us);
-    const vmamba::ScanTensors tensors{inputs[0].GetTensorData<float>(), inputs[1].GetTensorData<float>(),
-                                      inputs[2].GetTensorData<float>(), inputs[3].GetTensorData<float>(),
-                                      inputs[4].GetTensorData<float>(), inputs[5].GetTensorData<float>(),
-                                      inputs[6].GetTensorData<float>(), output.GetTensorMutableData<float>()};
+    auto f = [&](size_t i) { return inputs[i].GetTensorData<float>(); };
+    const vmamba::ScanTensors tensors{f(0), f(1), f(2), f(3), f(4), f(5), f(6),
+                                      output.GetTensorMutableData<float>(), fused ? f(kNumInputs) : nullptr, rank};
     if (const char* err = vmamba::selective_scan_2d_f32(tensors, shape, ort_parallel_for, context)) {
       return make_status(ORT_FAIL, err);
     }
@@ -144,8 +170,11 @@ struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveS
 
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
+  size_t GetInputTypeCount() const { return kNumInputs + 1; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index < kNumInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };

@@ -33,19 +33,29 @@ SCAN_INPUTS = ("u", "delta", "A_logs", "B", "C", "D", "delta_bias")
 
 
 def register_vmamba_schema(
-    op: str, doc: str, inputs: list[str], output: str, types: list[str], attributes: tuple = ()
+    op: str,
+    doc: str,
+    inputs: list[str],
+    output: str,
+    types: list[str],
+    attributes: tuple = (),
+    optional_inputs: tuple[str, ...] = (),
 ) -> None:
     """Register an ai.vmamba op's ONNX schema (opset 1; every input and the output of one type T among `types`), so
-    that onnx.checker and shape inference accept graphs holding it. `attributes`: onnx.defs.OpSchema.Attribute."""
+    that onnx.checker and shape inference accept graphs holding it. `attributes`: onnx.defs.OpSchema.Attribute;
+    `optional_inputs`: trailing inputs a node may leave out."""
     from onnx import defs
 
     param = defs.OpSchema.FormalParameter
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    formal_inputs = [param(name, "T") for name in inputs]
+    formal_inputs += [param(name, "T", param_option=optional) for name in optional_inputs]
     schema = defs.OpSchema(
         op,
         ONNX_DOMAIN,
         1,
         doc=doc,
-        inputs=[param(name, "T") for name in inputs],
+        inputs=formal_inputs,
         outputs=[param(output, "T")],
         type_constraints=[("T", types, " or ".join(types))],
         attributes=list(attributes),
@@ -57,10 +67,12 @@ def register_vmamba_schema(
 def _register_scan_schema() -> None:
     register_vmamba_schema(
         ONNX_OP,
-        "Fused 2-D selective scan of VMamba's SS2D (docs/scan-op.md); float16 tensors keep a float32 state.",
+        "Fused 2-D selective scan of VMamba's SS2D (docs/scan-op.md); float16 tensors keep a float32 state. With the "
+        "optional dt_weight (K, Di, R), delta is the dt projection's input (B, K*R, H, W) (CPU library only).",
         list(SCAN_INPUTS),
         "y",
         ["tensor(float)", "tensor(float16)"],
+        optional_inputs=("dt_weight",),
     )
 
 

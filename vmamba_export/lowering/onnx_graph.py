@@ -1,4 +1,5 @@
-"""Small pieces the graph rewrites share: a node's attribute, the node order of an edited graph."""
+"""Small pieces the graph rewrites share: a node's attribute, the node order of an edited graph, static tensor shapes,
+the pointwise convolutions they look for."""
 
 from __future__ import annotations
 
@@ -34,3 +35,28 @@ def node_attribute(node: onnx.NodeProto, name: str, default):
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Tensor name -> dimensions (None where symbolic), from shape inference and the initializers: the weights are
+    often computed tensors, not initializers."""
+    shapes: dict[str, list[int | None]] = {i.name: list(i.dims) for i in model.graph.initializer}
+    for info in onnx.shape_inference.infer_shapes(model).graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def pointwise_conv(node: onnx.NodeProto, group: int = 1) -> bool:
+    """A bias-free convolution with `group` groups, unit strides and dilations and no padding, whose kernel is 1 x 1
+    when it says so (a missing kernel_shape comes from the weight: the caller checks the weight's shape)."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return False
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if list(attrs.get("kernel_shape", [1, 1])) != [1, 1]:
+        return False
+    if attrs.get("group", 1) != group or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return False
+    if any(v != 0 for v in attrs.get("pads", [])):
+        return False
+    return all(v == 1 for v in attrs.get("strides", [1, 1])) and all(v == 1 for v in attrs.get("dilations", [1, 1]))

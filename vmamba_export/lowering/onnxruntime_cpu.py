@@ -15,6 +15,8 @@ from __future__ import annotations
 import onnx
 
 from .cuda_graph import use_last_axis_layer_norms
+from .dt_projection import fuse_dt_projections
+from .onnx_graph import static_shapes
 from .sibling_convs import merge_sibling_pointwise_convs
 from .silu_fusion import fuse_silu
 
@@ -22,7 +24,14 @@ from .silu_fusion import fuse_silu
 def onnxruntime_cpu_rewrites(model: onnx.ModelProto, layer_norms: bool = True) -> dict:
     """Apply the cpu-onnxruntime rewrites to `model` in place; returns {rewrite: count} for the manifest.
     `layer_norms` False keeps ORT's LayerNormalization (the lowering's layer_norm="onnxruntime", for A/B timing)."""
-    merged = merge_sibling_pointwise_convs(model)  # first: it runs shape inference, which knows no ai.vmamba norm
+    shapes = static_shapes(model)  # first: shape inference knows no ai.vmamba norm
+    merged = merge_sibling_pointwise_convs(model, shapes)
+    dt_projections = fuse_dt_projections(model, shapes)
     fused = fuse_silu(model)
     norms = use_last_axis_layer_norms(model)["replaced"] if layer_norms else 0
-    return {"merged_pointwise_convs": merged, "fused_silu": fused, "last_axis_layer_norms": norms}
+    return {
+        "merged_pointwise_convs": merged,
+        "fused_dt_projections": dt_projections,
+        "fused_silu": fused,
+        "last_axis_layer_norms": norms,
+    }

@@ -15,44 +15,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_graph import sort_topologically
+from .onnx_graph import pointwise_conv, sort_topologically, static_shapes
 
 
-def _plain_conv(node: onnx.NodeProto) -> bool:
-    """A bias-free convolution with group 1, unit strides and dilations and no padding (its kernel size is its
-    weight's: checked by the caller)."""
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-        return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if list(attrs.get("kernel_shape", [1, 1])) != [1, 1]:
-        return False
-    if attrs.get("group", 1) != 1 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        return False
-    if any(v != 0 for v in attrs.get("pads", [])):
-        return False
-    return all(v == 1 for v in attrs.get("strides", [1, 1])) and all(v == 1 for v in attrs.get("dilations", [1, 1]))
-
-
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Tensor name -> dimensions (None where symbolic), from shape inference and the initializers: the weights are
-    often computed tensors, not initializers."""
-    shapes: dict[str, list[int | None]] = {i.name: list(i.dims) for i in model.graph.initializer}
-    for info in onnx.shape_inference.infer_shapes(model).graph.value_info:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims]
-    return shapes
-
-
-def merge_sibling_pointwise_convs(model: onnx.ModelProto) -> int:
+def merge_sibling_pointwise_convs(model: onnx.ModelProto, shapes: dict[str, list[int | None]] | None = None) -> int:
     """Rewrite `model` in place: every set of two or more bias-free 1x1 convolutions that read the same tensor becomes
     Concat(weights) -> one Conv -> Split(axis 1) with the original output names. Returns how many Conv nodes were
-    removed. Convolutions whose weight shape is not known statically are left alone."""
+    removed. Convolutions whose weight shape is not known statically are left alone. `shapes`: static_shapes(model),
+    when the caller has them."""
     graph = model.graph
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model) if shapes is None else shapes
     groups: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
         weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
-        if _plain_conv(node) and weight is not None and len(weight) == 4 and weight[0] and weight[2:] == [1, 1]:
+        if pointwise_conv(node) and weight is not None and len(weight) == 4 and weight[0] and weight[2:] == [1, 1]:
             groups.setdefault(node.input[0], []).append(index)
 
     added: list[onnx.NodeProto] = []
