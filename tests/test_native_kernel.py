@@ -116,16 +116,20 @@ def test_thread_counts_agree(threads: int) -> None:
 @needs_scan
 @pytest.mark.parametrize("isa", ["generic", "x86-64-v3"])
 def test_instruction_set_variants(isa: str) -> None:
-    # The variant is picked once per process, so each forced one runs in a child process.
-    code = (
+    _run_with_isa(
+        isa,
         "import torch\n"
         "from tests.test_native_kernel import make_inputs, rel_l2\n"
         "from vmamba_export.scan import native, selective_scan_reference\n"
         "for case in [(1, 17, 1, 5, 7, 0.0, 0.0), (2, 20, 16, 9, 11, 10.0, 2.0), (1, 9, 3, 4, 4, -10.0, 0.0)]:\n"
         "    args = make_inputs(*case)\n"
         "    err = rel_l2(native.selective_scan_2d(*args), selective_scan_reference(*args))\n"
-        "    assert err <= 1e-5, (case, err)\n"
+        "    assert err <= 1e-5, (case, err)\n",
     )
+
+
+def _run_with_isa(isa: str, code: str) -> None:
+    """Run `code` in a child process with the kernel variant `isa` forced: the variant is picked once per process."""
     env = {**os.environ, "VMAMBA_SCAN_ISA": isa}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=_repo_root())
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -282,15 +286,13 @@ def test_ort_op_with_fused_dt_projection_matches_reference(case: tuple) -> None:
 @pytest.mark.parametrize("isa", ["generic", "x86-64-v3"])
 def test_fused_dt_projection_on_instruction_set_variants(isa: str) -> None:
     pytest.importorskip("onnxruntime")
-    code = (
+    _run_with_isa(
+        isa,
         "from tests.test_native_kernel import FUSED_CASES, fused_projection_error\n"
         "for case in FUSED_CASES:\n"
         "    err = fused_projection_error(case)\n"
-        "    assert err <= 1e-5, (case, err)\n"
+        "    assert err <= 1e-5, (case, err)\n",
     )
-    env = {**os.environ, "VMAMBA_SCAN_ISA": isa}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=_repo_root())
-    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @needs_ort

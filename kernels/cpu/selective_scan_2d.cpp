@@ -421,10 +421,10 @@ template <typename T>
 struct Job {
   ScanTensorsOf<T> t;
   ScanShape s;
-  int64_t blocks;         // channel blocks per batch element
-  const float* rows_t;    // (batch, 4, L, row_stride) position rows, or null (d_state 1 without dt_weight): see gather_rows
-  int64_t row_stride;     // dt_rank + 2 d_state with dt_weight, else 2 d_state
-  int64_t rows_bc;        // where B starts in a row (C follows it): dt_rank, or 0
+  int64_t blocks;       // channel blocks per batch element
+  const float* rows_t;  // (batch, 4, L, row_stride) position rows (gather_rows); null: d_state 1, no in-loop projection
+  int64_t row_stride;   // rows_bc + 2 d_state
+  int64_t rows_bc;      // where B starts in a row (C follows it): dt_rank with an in-loop projection, else 0
   std::atomic<bool> failed{false};
 };
 
@@ -513,8 +513,7 @@ void run_item(void* arg, int64_t item) {
     }
     return src;
   };
-  // B and C of direction k, read with a position stride and a state stride: from the position rows when there are
-  // any, else (d_state 1) straight from the input.
+  // Where B of direction k starts in its position rows (C follows d_state values later).
   auto b_of = [&](int64_t k) { return job.rows_t + (b * 4 + k) * len * job.row_stride + job.rows_bc; };
 
   if (paired) {
@@ -522,8 +521,8 @@ void run_item(void* arg, int64_t item) {
       const int64_t kb = ka + 2;
       vf bias_a[kGroups], bias_b[kGroups];
       const DeltaSource da = prepare(ka, delta_t, w_lanes, bias_a, a);
-      const DeltaSource db = prepare(kb, delta_t + (in_loop ? 0 : tile), w_lanes + (in_loop ? rank * kLanes : 0), bias_b,
-                                     a + kGroups);
+      float* delta_b = delta_t + (in_loop ? 0 : tile);
+      const DeltaSource db = prepare(kb, delta_b, w_lanes + (in_loop ? rank * kLanes : 0), bias_b, a + kGroups);
       const Walk wa = walk_for(ka, s.height, s.width), wb = walk_for(kb, s.height, s.width);
       if (in_loop) {
         scan_direction_pair_d1<true>(wa, wb, da, db, u_t, y_t, bias_a, bias_b, a, a + kGroups, b_of(ka), b_of(ka) + 1,
@@ -566,9 +565,9 @@ void run_item(void* arg, int64_t item) {
 }
 
 // The position rows of (batch b, direction k) = item b * 4 + k: row p holds the dt projection's inputs at p (dt_rank
-// values, with dt_weight), then B (d_state values) and C (d_state values), as float32. A step then reads everything
-// it needs besides its own channels' u from one or two cache lines, where the planes put each value L apart. Built
-// when there is a projection or d_state > 1; one pass over (small) inputs, shared by all channel blocks.
+// values, when it is projected in the loop), then B (d_state values) and C (d_state values), as float32. A step then
+// reads everything it needs besides its own channels' u from one or two cache lines, where the planes put each value
+// L apart. Built for an in-loop projection or d_state > 1; one pass over (small) inputs, shared by all channel blocks.
 template <typename T>
 void gather_rows(void* arg, int64_t item) {
   Job<T>& job = *static_cast<Job<T>*>(arg);

@@ -32,9 +32,6 @@ constexpr const char* kOpName = "SelectiveScan2D";
 constexpr const char* kLayerNormName = "LastAxisLayerNorm";
 constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
 constexpr size_t kNumInputs = 7;
-// The CPU op's optional 8th input (dt_weight, the fused dt projection) is declared here too: ONNX Runtime requires
-// every kernel of one op name to declare the same inputs. This kernel has no fused projection and refuses it.
-constexpr size_t kDeclaredInputs = kNumInputs + 1;
 
 using vmamba_ort::shape_str;
 
@@ -60,14 +57,8 @@ struct ScanCudaKernel {
 
   OrtStatus* compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const size_t count = ctx.GetInputCount();
-    if (count < kNumInputs || count > kDeclaredInputs || ctx.GetOutputCount() != 1) {
+    if (ctx.GetInputCount() != kNumInputs || ctx.GetOutputCount() != 1) {
       return make_status(ORT_INVALID_ARGUMENT, "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias), 1 output");
-    }
-    if (count == kDeclaredInputs && ctx.GetInput(kNumInputs)) {
-      return make_status(ORT_INVALID_ARGUMENT,
-                         "input 'dt_weight' (the fused dt projection of the CPU library) is not supported on CUDA: "
-                         "give delta itself, as the cuda-onnxruntime export does");
     }
     std::vector<Ort::ConstValue> inputs;
     std::vector<std::vector<int64_t>> shapes;
@@ -132,11 +123,8 @@ struct ScanCudaOp : Ort::CustomOpBase<ScanCudaOp, ScanCudaKernel, true> {
 
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kDeclaredInputs; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
   ONNXTensorElementDataType GetInputType(size_t) const { return type; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index < kNumInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return type; }
 

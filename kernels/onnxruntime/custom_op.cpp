@@ -37,6 +37,14 @@ constexpr const char* kDomain = "ai.vmamba";
 constexpr const char* kOpName = "SelectiveScan2D";
 constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias", "dt_weight"};
 constexpr size_t kNumInputs = 7;  // the op of docs/scan-op.md; an optional 8th, dt_weight, fuses the dt projection
+// The CUDA library registers this CPU kernel beside its CUDA one, and ONNX Runtime requires every kernel of one op
+// name to declare the same inputs: there it declares the 7 of the contract (cuda-onnxruntime graphs never fuse the
+// dt projection, and its CUDA kernel has no such input).
+#ifdef VMAMBA_WITH_CUDA
+constexpr size_t kDeclaredInputs = kNumInputs;
+#else
+constexpr size_t kDeclaredInputs = kNumInputs + 1;
+#endif
 
 using vmamba_ort::shape_str;
 
@@ -77,9 +85,9 @@ struct SelectiveScan2DCpuKernel {
   OrtStatus* compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const size_t count = ctx.GetInputCount();
-    if (count < kNumInputs || count > kNumInputs + 1 || ctx.GetOutputCount() != 1) {
+    if (count < kNumInputs || count > kDeclaredInputs || ctx.GetOutputCount() != 1) {
       return make_status(ORT_INVALID_ARGUMENT,
-                         "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias) and an optional dt_weight, 1 output");
+                         "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias), an optional dt_weight, 1 output");
     }
     std::vector<Ort::ConstValue> inputs;
     std::vector<std::vector<int64_t>> shapes;
@@ -170,7 +178,7 @@ struct SelectiveScan2DCpuOp : Ort::CustomOpBase<SelectiveScan2DCpuOp, SelectiveS
 
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs + 1; }
+  size_t GetInputTypeCount() const { return kDeclaredInputs; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index < kNumInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
