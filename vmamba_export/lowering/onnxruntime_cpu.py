@@ -1,7 +1,9 @@
 """Graph changes for ONNX Runtime's CPU provider (the cpu-onnxruntime target), applied to the artifact's graph: the
 exported one, or for int8 the quantized one. Each is the same function, computed with fewer or cheaper kernels; the
 manifest records what each changed (`lowering.rewrites`). The LayerNorm2d rewrite (channel_norm.py) is not here: it
-applies to float graphs only, before the LayerNorm count is taken (`lowering.layer_norms`).
+applies to float graphs only, before the LayerNorm count is taken (`lowering.layer_norms`). The others: the x_proj
+as one convolution (sibling_convs.py), the small-rank dt projections inside the scan op (dt_projection.py), SiLU as
+one node (silu_fusion.py) and the one below.
 
 The LayerNormalizations left over the last axis (all of them in int8 graphs, where ORT runs the quantized
 convolutions channels-last and the norms between them without Transposes; v0's; a classifier's final norm) become
