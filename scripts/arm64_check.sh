@@ -34,9 +34,9 @@ echo "-- qemu -cpu cortex-a53 (armv8.0: no dot-product, no fp16 arithmetic): the
 
 echo "== 2. NEON in the scan's inner loop (aarch64-linux-gnu-objdump -d, d_state-16 scan_direction, armv8-a)"
 aarch64-linux-gnu-objdump -d --no-show-raw-insn -C "$OBJ/scan_armv8_a.o" >"$OUT/scan_armv8_a.objdump"
-awk '/^[0-9a-f]+ <.*scan_direction<16, float>/ {on=1; next} /^[0-9a-f]+ </ {on=0} on' \
+awk '/^[0-9a-f]+ <.*scan_direction<16, false, float>/ {on=1; next} /^[0-9a-f]+ </ {on=0} on' \
   "$OUT/scan_armv8_a.objdump" >"$OUT/scan_direction16.s"
-echo "instructions in scan_direction<16, float>: $(grep -c ':' "$OUT/scan_direction16.s");" \
+echo "instructions in scan_direction<16, false, float>: $(grep -c ':' "$OUT/scan_direction16.s");" \
   "vector fmla: $(grep -cE 'fmla\s+v' "$OUT/scan_direction16.s"), vector fmul: $(grep -cE 'fmul\s+v' \
   "$OUT/scan_direction16.s"), vector fadd: $(grep -cE 'fadd\s+v' "$OUT/scan_direction16.s")"
 grep -m1 -B4 -A12 -E 'fmla\s+v' "$OUT/scan_direction16.s"
