@@ -245,13 +245,26 @@ FUSED_CASES = [
 ]
 
 
-def fused_projection_error(case: tuple, seed: int = 0) -> float:
-    """Relative L2 error of the fused op (delta from the projection's input and weights) against the float64
-    reference scan of the projected delta."""
+def _fused_session(d_state: int):
+    """An ONNX Runtime session of one SelectiveScan2D node with the 8th input dt_weight: delta (the projection's
+    input) and dt_weight of any shape, so the op's own shape checks are what a test meets."""
     import onnx
     import onnxruntime as ort
 
     from vmamba_export.lowering.onnx_export import one_node_scan_model
+
+    model = one_node_scan_model(d_state)
+    model.graph.node[0].input.append("dt_weight")
+    model.graph.input.append(onnx.helper.make_tensor_value_info("dt_weight", onnx.TensorProto.FLOAT, None))
+    next(i for i in model.graph.input if i.name == "delta").type.tensor_type.ClearField("shape")
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_library_path()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def fused_projection_error(case: tuple, seed: int = 0) -> float:
+    """Relative L2 error of the fused op (delta from the projection's input and weights) against the float64
+    reference scan of the projected delta."""
 
     batch, d_inner, d_state, height, width, rank = case
     args = list(make_inputs(batch, d_inner, d_state, height, width, seed=seed))
@@ -259,16 +272,7 @@ def fused_projection_error(case: tuple, seed: int = 0) -> float:
     low = torch.randn(batch, 4 * rank, height, width, generator=g)
     weight = torch.randn(4, d_inner, rank, generator=g) / rank**0.5
     args[1] = torch.einsum("kdj,bkjhw->bkdhw", weight.double(), low.double().view(batch, 4, rank, height, width))
-    model = one_node_scan_model(d_state)
-    model.graph.node[0].input.append("dt_weight")
-    model.graph.input.append(onnx.helper.make_tensor_value_info("dt_weight", onnx.TensorProto.FLOAT, [4, "d", "r"]))
-    delta = next(i for i in model.graph.input if i.name == "delta")
-    delta.type.tensor_type.shape.ClearField("dim")
-    for name in ("b", "kr", "h", "w"):
-        delta.type.tensor_type.shape.dim.add().dim_param = name
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(ort_library_path()))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _fused_session(d_state)
     feeds = _feeds(tuple(a.float() for a in args))
     feeds.update(delta=low.numpy(), dt_weight=weight.numpy())
     (y,) = session.run(["y"], feeds)
@@ -297,19 +301,8 @@ def test_fused_dt_projection_on_instruction_set_variants(isa: str) -> None:
 
 @needs_ort
 def test_ort_op_fused_dt_projection_bad_shapes_are_errors() -> None:
-    ort = pytest.importorskip("onnxruntime")
-    import onnx
-
-    from vmamba_export.lowering.onnx_export import one_node_scan_model
-
-    model = one_node_scan_model(1)
-    model.graph.node[0].input.append("dt_weight")
-    model.graph.input.append(onnx.helper.make_tensor_value_info("dt_weight", onnx.TensorProto.FLOAT, None))
-    delta = next(i for i in model.graph.input if i.name == "delta")
-    delta.type.tensor_type.ClearField("shape")
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(ort_library_path()))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    pytest.importorskip("onnxruntime")
+    session = _fused_session(1)
     feeds = _feeds(make_inputs(1, 8, 1, 4, 4))
     feeds["delta"] = np.zeros((1, 12, 4, 4), np.float32)  # 4 directions x rank 3
     feeds["dt_weight"] = np.zeros((4, 9, 3), np.float32)  # Di must be 8
