@@ -131,6 +131,8 @@ KERNEL_SHAPES = [  # (batch, d_inner, d_state, H, W): odd sizes, chunking (lines
     (2, 5, 16, 7, 9),
     (1, 3, 16, 40, 36),
     (1, 2, 16, 56, 56),
+    (1, 2, 1, 16, 20),  # line kernel: 8-step chunks, partial ones at the row ends
+    (3, 7, 1, 14, 14),  # line kernel: several channels a block, a partial tile
 ]
 
 
@@ -195,11 +197,16 @@ def check_kernel(quick: bool) -> dict:
             ref = selective_scan_reference(*[t.to(torch.float64) for t in ins]).numpy()
             gpu = tuple(t.cuda() for t in ins)
             for path in cuda_kernel.KERNEL_VARIANTS:
-                if path.startswith("block") and n != 1:
-                    continue  # the block kernel is the d_state-1 path
+                if path.startswith(("block", "lines")) and n != 1:
+                    continue  # the block and line kernels are d_state-1 paths
                 cuda_kernel.apply_variant(path)
                 y = torch.full_like(gpu[0], float("nan"))  # poison: every element must be written
-                cuda_kernel.selective_scan_2d_cuda(*gpu, out=y)
+                try:
+                    cuda_kernel.selective_scan_2d_cuda(*gpu, out=y)
+                except RuntimeError as exc:
+                    if path.startswith("lines") and "line kernel takes maps" in str(exc):
+                        continue  # map too large for the line kernel
+                    raise
                 torch.cuda.synchronize()
                 config = cuda_kernel.last_config()
                 out = y.float().cpu().numpy()
@@ -332,6 +339,53 @@ def check_floor(quick: bool) -> dict:
     return out
 
 
+def graph_time_ms(fn, calls: int = 20, runs: int = 10) -> float:
+    """GPU time of one fn() from a CUDA graph of `calls` back-to-back calls (median replay / calls): a batch-1 scan
+    takes microseconds, less than the host needs to launch it, so cuda_time_ms would time the launch."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_time_ms(graph.replay, runs=runs) / calls
+
+
+# vmamba_tiny_s1l8's scans after stage 1 at 224 (d_inner, side): 2, 8 and 2 of them per inference.
+LATER_STAGE_SHAPES = ((192, 28), (384, 14), (768, 7))
+
+
+def scan_stage_rows(quick: bool) -> list[dict]:
+    """The d_state-1 scan at the later stages' shapes, batch 128 and 1: the automatic path against the block and
+    line kernels forced (the model runs 12 of its 14 scans at these shapes)."""
+    from vmamba_export import cuda_kernel
+
+    rows = []
+    for di, side in LATER_STAGE_SHAPES:
+        for dtype in (torch.float32, torch.float16):
+            for bsz in (128, 1):
+                ins = scan_inputs(bsz, di, 1, side, side, dtype, "cuda", 0)
+                y = torch.empty_like(ins[0])
+                row = {"d_inner": di, "side": side, "batch": bsz, "dtype": str(dtype)[6:], "ms": {}}
+                for variant in ("auto", "block2", "lines-noprefetch"):
+                    cuda_kernel.apply_variant(variant)
+                    row["ms"][variant] = graph_time_ms(
+                        lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=5 if quick else 10
+                    )
+                    if variant == "auto":
+                        row["config"] = cuda_kernel.last_config()
+                cuda_kernel.apply_variant("auto")
+                rows.append(row)
+                log(
+                    f"scan {di}x{side}x{side} b{bsz} {row['dtype']}: "
+                    + ", ".join(f"{k} {v:.4f} ms" for k, v in row["ms"].items())
+                    + f" [{row['config']}]"
+                )
+                del ins, y
+    return rows
+
+
 @section("bandwidth")
 def check_bandwidth(quick: bool) -> dict:
     from vmamba_export import cuda_kernel
@@ -349,7 +403,11 @@ def check_bandwidth(quick: bool) -> dict:
                 ms = cuda_time_ms(
                     lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=10 if quick else 30
                 )
-                gbs = nbytes / ms / 1e6
+                # batch 1: the bandwidth from the GPU time in a CUDA graph (a lone call also times its launch)
+                gpu_ms = (
+                    graph_time_ms(lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o)) if bsz == 1 else ms
+                )
+                gbs = nbytes / gpu_ms / 1e6
                 row = {
                     "model": name,
                     "d_inner": di,
@@ -363,12 +421,25 @@ def check_bandwidth(quick: bool) -> dict:
                     "config": cuda_kernel.last_config(),
                     "tile_sweep_ms": {},
                 }
+                if bsz == 1:
+                    row["graph_ms"] = gpu_ms
                 rows.append(row)
                 # The other variants, for tuning: block-kernel steps, chunked-kernel tiles (batch 1: the state split)
-                variants = [("smem-nosplit", 0, 0)] if n_state > 1 else []
+                variants = [("smem-nosplit", 0, 0)] if n_state > 1 else [("block2", 0, 0), ("lines-noprefetch", 0, 0)]
                 if bsz == batch:
                     variants = (
-                        [("block1", 0, 0), ("block2s", 0, 0), ("block2odd", 0, 0), ("block2r", 0, 0), ("smem", 0, 0)]
+                        [
+                            ("lines", 1, 0),
+                            ("lines", 2, 0),
+                            ("lines", 4, 0),
+                            ("lines-noprefetch", 0, 0),
+                            ("block2", 0, 0),
+                            ("block1", 0, 0),
+                            ("block2s", 0, 0),
+                            ("block2odd", 0, 0),
+                            ("block2r", 0, 0),
+                            ("smem", 0, 0),
+                        ]
                         if n_state == 1
                         else []
                     )
@@ -387,21 +458,25 @@ def check_bandwidth(quick: bool) -> dict:
                         cuda_kernel.apply_variant(variant)
                         cuda_kernel.set_tuning(tile, chunks)
                         key = variant if not (tile or chunks) else f"{variant}-ct{tile or 'auto'}-nch{chunks or 'auto'}"
-                        row["tile_sweep_ms"][key] = cuda_time_ms(
+                        timer = graph_time_ms if bsz == 1 else cuda_time_ms  # batch 1: GPU time, not launches
+                        row["tile_sweep_ms"][key] = timer(
                             lambda a=ins, o=y: cuda_kernel.selective_scan_2d_cuda(*a, out=o), runs=5 if quick else 10
                         )
                     cuda_kernel.apply_variant("auto")
                     log(f"  variants (ms): {row['tile_sweep_ms']}")
+                in_graph = f" ({row['graph_ms']:.4f} ms a call in a CUDA graph)" if "graph_ms" in row else ""
                 log(
-                    f"scan {name} b{bsz} {row['dtype']}: {ms:.3f} ms, {gbs:.0f} GB/s = "
+                    f"scan {name} b{bsz} {row['dtype']}: {ms:.3f} ms{in_graph}, {gbs:.0f} GB/s = "
                     f"{100 * gbs / copy_gbs:.0f}% of copy [{row['config']}]"
                 )
                 del ins, y
     torch.cuda.empty_cache()
+    stage_rows = scan_stage_rows(quick)
     target_rows = [r for r in rows if r["batch"] == batch and r["dtype"] == "float32"]
     return {
         "copy_gbs": copy_gbs,
         "rows": rows,
+        "stage_rows": stage_rows,
         "pass": all(r["fraction_of_copy"] >= MIN_BANDWIDTH_FRACTION for r in target_rows),
     }
 

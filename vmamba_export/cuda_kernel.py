@@ -17,7 +17,7 @@ from .errors import TargetUnavailableError
 from .kernels_paths import ort_cuda_library_path
 
 F32, F16 = 0, 1
-PATHS = {"auto": 0, "smem": 1, "global": 2, "block": 3}
+PATHS = {"auto": 0, "smem": 1, "global": 2, "block": 3, "lines": 4}
 
 
 @functools.cache
@@ -45,13 +45,14 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
 
 
 def force_path(path: str = "auto") -> None:
-    """Pick the kernel path for later calls: "auto", "block" (block scan, d_state 1), "smem" (chunked
-    shared-memory kernel) or "global" (fallback)."""
+    """Pick the kernel path for later calls: "auto", "lines" (line kernel, d_state 1, maps up to about 56 x 56),
+    "block" (block scan, d_state 1), "smem" (chunked shared-memory kernel) or "global" (fallback)."""
     load_library().vmamba_selective_scan_2d_cuda_force_path(PATHS[path])
 
 
 def set_tuning(channels_per_block: int = 0, chunk_threads: int = 0) -> None:
-    """Channels per block and chunk threads per channel of the shared-memory kernel (0: automatic)."""
+    """Channels per block of the shared-memory and line kernels, chunk threads per channel of the shared-memory
+    kernel (0: automatic)."""
     load_library().vmamba_selective_scan_2d_cuda_set_tuning(channels_per_block, chunk_threads)
 
 
@@ -69,13 +70,16 @@ BLOCK_VARIANT_BITS = {
     "block2odd": 2 + 32,
     "smem-chmajor": 16,
     "smem-nosplit": 64,
+    "lines-noprefetch": 128,
 }
 
 
 def apply_variant(variant: str) -> None:
     """Select a kernel variant by name for tests and benchmarks (reset with "auto").
 
-    auto, block, global, smem: paths; block1 / block2: the block kernel with one / two channels a block
+    auto, lines, block, global, smem: paths; lines1 / lines4: the line kernel with one / four channels a block;
+    lines-noprefetch: the line kernel without its L2 prefetch;
+    block1 / block2: the block kernel with one / two channels a block
     (block2 falls back to one when d_inner is odd); block2r: two channels, registers uncapped; block2s: two
     channels, scalar staging loads; tile3: the chunked kernel
     with 3 channels a block (partial tiles when Di % 3 != 0); chunks3: the chunked kernel with 3 chunks of lines;
@@ -86,13 +90,18 @@ def apply_variant(variant: str) -> None:
     """
     path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
     path = "smem" if variant in ("smem-chmajor", "smem-nosplit") else path
+    path = "lines" if variant.startswith("lines") else path
     force_path(path)
-    set_tuning(3 if variant == "tile3" else 0, 3 if variant == "chunks3" else 0)
+    channels = {"tile3": 3, "lines1": 1, "lines4": 4}.get(variant, 0)
+    set_tuning(channels, 3 if variant == "chunks3" else 0)
     set_block_variant(BLOCK_VARIANT_BITS.get(variant, 0))
 
 
 KERNEL_VARIANTS = (
     "auto",
+    "lines",
+    "lines1",
+    "lines4",
     "block1",
     "block2",
     "block2s",

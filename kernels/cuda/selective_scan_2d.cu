@@ -1,14 +1,14 @@
 // CUDA kernel of the fused 2-D selective scan (contract: docs/scan-op.md; API: selective_scan_2d.cuh).
 //
-// d_state 1 (every v2 model), main path `scan_block_kernel`: one thread block per (batch b, two channels) runs the four
-// directions in turn. Per direction the block stages dt = softplus(delta + bias), B and C of its plane in shared
-// memory with coalesced loads (u and the float32 y accumulator stay there for all four), then scans the sequence
-// in parallel: each thread takes kItems consecutive steps of the direction's order (a short serial scan kept in
-// registers), the (decay, state) pairs of the threads are combined by a warp-shuffle scan and a pass over the warp
-// totals, and each thread finishes its steps from its true initial state. Every exponential is evaluated once and
-// every input byte is read from DRAM once (B and C, shared by the channels of a direction, come from L2), so the
-// kernel runs near the copy bandwidth instead of being bound by the latency of a long serial chain. Shared-memory
-// rows are padded to an odd stride, so the column directions (lanes kItems rows apart) are free of bank conflicts.
+// d_state 1 (every v2 model), maps of at most 416 chunks of 7 or 8 steps a line (up to about 56 x 56, every map of a
+// 224-pixel input): `scan_lines_kernel` (below, "Line kernel"). Larger maps: `scan_block_kernel`, one thread block
+// per (batch b, two channels) runs the four directions in turn. Per direction the block stages dt = softplus(delta +
+// bias), B and C of its plane in shared memory with coalesced loads (u and the float32 y accumulator stay there for
+// all four), then scans the sequence in parallel: each thread takes kItems consecutive steps of the direction's order
+// (a short serial scan kept in registers), the (decay, state) pairs of the threads are combined by a warp-shuffle
+// scan and a pass over the warp totals, and each thread finishes its steps from its true initial state. Every
+// exponential is evaluated once and every input byte is read from DRAM once (B and C, shared by the channels of a
+// direction, come from L2). Shared-memory rows are padded to the stride with the fewest bank conflicts.
 //
 // d_state 16 (v0 models) and the d_state-1 maps too large for the block path (`scan_smem_kernel`): one thread block
 // owns (batch b, a tile of `ct` channels) and runs all four directions one after the other, so y is accumulated on
@@ -107,6 +107,7 @@ struct Params {
   int nch;  // chunk threads per channel
   int channel_major;  // chunked kernel, for benchmarks: thread t = (channel t / nch, chunk t % nch), not interleaved
   int vec4;  // block kernel: rows of whole quads and aligned tensors, so staging loads four elements at once
+  int prefetch;  // line kernel: prefetch the planes of its later loads into L2 at the start
   const float* bc;  // d_state > 1: B and C position-major, (batch, 4, H*W, [B(N) | C(N)]) float32 (gather_bc_kernel)
 };
 
@@ -704,6 +705,248 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_block_kernel(Params
   }
 }
 
+// ---- Line kernel (d_state 1, maps of at most kLinesMaxThreads chunks a phase) ----
+//
+// One thread per chunk of I consecutive positions of one line, in two phases: rows (directions 0 and 2), then
+// columns (1 and 3). The two directions of an orientation cover the same positions in opposite orders, so one
+// thread loads a chunk's u, dt, B and C for both into registers once (no shared-memory staging) and runs both short
+// serial scans there. Each chunk's (decay, state) total goes to shared memory in its direction's sequence order, one
+// warp per (channel, direction) scans those totals, and each thread finishes its chunk from its true initial state.
+// The row phase leaves D u + the row directions' terms in a float32 plane in shared memory; the column phase adds
+// its own and writes y. Lanes take neighbouring chunks of a row (row phase: one vector load covers a lane's steps)
+// and neighbouring columns (column phase: each load is one coalesced row segment). Every input element is read from
+// device memory once (u twice, the second time from cache) and every exponential evaluated once. Little shared
+// memory (a float32 plane per channel and the chunk totals), and a batch-1 call still has one block per channel:
+// its 4 * d_inner independent recurrences are cut into H * W / I chunks each.
+
+constexpr int kLinesMaxThreads = 416;  // 13 warps: 72 registers a thread leave room for two blocks a multiprocessor
+
+// I values of one line's run: steps `start + e * step` (e < count; zeros past it) of `p`.
+template <int I, typename T>
+__device__ __forceinline__ void load_run(const T* p, int step, int count, float (&out)[I]) {
+  if constexpr (I % 8 == 0 && sizeof(T) == 2) {
+    // Eight halves: one 16-byte load.
+    if (step == 1 && count == I && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+#pragma unroll
+      for (int e = 0; e < I; e += 8) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p + e));
+        const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&words[q]));
+          out[e + 2 * q] = v.x;
+          out[e + 2 * q + 1] = v.y;
+        }
+      }
+      return;
+    }
+  }
+  if constexpr (I % 4 == 0) {
+    if (step == 1 && count == I && (reinterpret_cast<uintptr_t>(p) & (4 * sizeof(T) - 1)) == 0) {
+#pragma unroll
+      for (int e = 0; e < I; e += 4) {
+        float v[4];
+        load4(p + e, v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) out[e + q] = v[q];
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < I; ++e) out[e] = e < count ? to_f(__ldg(p + e * step)) : 0.0f;
+}
+
+// The carries of `n` chunk totals (a, h) of one (channel, direction), stored in sequence order at tot[2 * i]:
+// afterwards tot[2 * i] holds the state entering chunk i. One warp: each lane composes a contiguous range, the
+// lanes' totals are scanned by shuffles, then each lane walks its range again.
+__device__ __forceinline__ void scan_chunk_totals(float* tot, int n, int lane) {
+  const int per_lane = (n + 31) / 32;
+  const int i0 = min(n, lane * per_lane), i1 = min(n, i0 + per_lane);
+  float ta = 1.0f, th = 0.0f;
+#pragma unroll 4
+  for (int i = i0; i < i1; ++i) {
+    const float a = tot[2 * i];
+    th = a * th + tot[2 * i + 1];
+    ta *= a;
+  }
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float pa = __shfl_up_sync(kFullMask, ta, off);
+    const float ph = __shfl_up_sync(kFullMask, th, off);
+    if (lane >= off) {
+      th = ta * ph + th;
+      ta = ta * pa;
+    }
+  }
+  float h = __shfl_up_sync(kFullMask, th, 1);
+  if (lane == 0) h = 0.0f;
+#pragma unroll 4
+  for (int i = i0; i < i1; ++i) {
+    const float a = tot[2 * i], b = tot[2 * i + 1];
+    tot[2 * i] = h;
+    h = a * h + b;
+  }
+}
+
+// One phase: kRows, directions 0 (forward) and 2 (backward) over the rows; else 1 and 3 over the columns.
+template <typename T, int I, bool kRows>
+__device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, float* sy, float* tot, int tot_stride) {
+  const int height = P.height, width = P.width, len = height * width, di = P.di, cpb = P.ct;
+  const int line_len = kRows ? width : height;
+  const int lines = kRows ? height : width;
+  const int pieces = (line_len + I - 1) / I;
+  const int n = lines * pieces;  // chunks of one channel and direction
+  const int t = threadIdx.x;
+  const int ch = t / n;
+  const int j = t - ch * n;
+  // Row phase: neighbouring threads take neighbouring chunks of a row. Column phase: neighbouring columns.
+  const int line = kRows ? j / pieces : j % width;
+  const int piece = kRows ? j - line * pieces : j / width;
+  const int seq = line * pieces + piece;  // the chunk's place in the forward direction's order
+  const int start = piece * I;
+  const int count = min(I, line_len - start);
+  const int c = c0 + ch;
+  const bool active = ch < cpb && c < di;
+  const int kf = kRows ? 0 : 1, kb = kf + 2;
+  const int m0 = kRows ? line * width + start : start * width + line;  // position of the chunk's step 0
+  const int step = kRows ? 1 : width;
+
+  float keep[I], qf[I], qb[I];  // y = keep + qf * (state entering, forward) + qb * (state entering, backward)
+  if (active) {
+    const T* u = static_cast<const T*>(P.u);
+    const T* delta = static_cast<const T*>(P.delta);
+    const T* Bm = static_cast<const T*>(P.B);
+    const T* Cm = static_cast<const T*>(P.C);
+    const T* A_logs = static_cast<const T*>(P.A_logs);
+    const T* dbias = static_cast<const T*>(P.delta_bias);
+    const int64_t map = (static_cast<int64_t>(b) * di + c) * len + m0;
+    const int64_t plane_f = static_cast<int64_t>(b) * 4 + kf, plane_b = static_cast<int64_t>(b) * 4 + kb;
+    float uu[I], dt_in[I], b_in[I], c_in[I];
+    load_run<I>(u + map, step, count, uu);
+    load_run<I>(delta + (plane_f * di + c) * len + m0, step, count, dt_in);
+    load_run<I>(Bm + plane_f * len + m0, step, count, b_in);
+    load_run<I>(Cm + plane_f * len + m0, step, count, c_in);
+    const float bias_f = to_f(dbias[kf * di + c]), bias_b = to_f(dbias[kb * di + c]);
+    const float a2f = -expf(to_f(A_logs[kf * di + c])) * kLog2e;
+    const float a2b = -expf(to_f(A_logs[kb * di + c])) * kLog2e;
+    float a_run = 1.0f, h_run = 0.0f;
+#pragma unroll
+    for (int e = 0; e < I; ++e) {
+      if (e < count) {
+        const float dt = softplus_fast(dt_in[e] + bias_f);
+        const float a = ex2(dt * a2f);
+        h_run = a * h_run + dt * uu[e] * b_in[e];
+        a_run *= a;
+      }
+      keep[e] = c_in[e] * h_run;
+      qf[e] = c_in[e] * a_run;
+    }
+    float* tf = tot + (2 * ch) * tot_stride;
+    tf[2 * seq] = a_run;
+    tf[2 * seq + 1] = h_run;
+    a_run = 1.0f;
+    h_run = 0.0f;
+    // The backward inputs reuse the forward ones' registers: loaded only now (other warps hide the latency), so a
+    // thread holds one direction's inputs at a time and two blocks fit a multiprocessor without spilling.
+    asm volatile("" ::: "memory");
+    load_run<I>(delta + (plane_b * di + c) * len + m0, step, count, dt_in);
+    load_run<I>(Bm + plane_b * len + m0, step, count, b_in);
+    load_run<I>(Cm + plane_b * len + m0, step, count, c_in);
+#pragma unroll
+    for (int e = I - 1; e >= 0; --e) {
+      if (e < count) {
+        const float dt = softplus_fast(dt_in[e] + bias_b);
+        const float a = ex2(dt * a2b);
+        h_run = a * h_run + dt * uu[e] * b_in[e];
+        a_run *= a;
+      }
+      keep[e] += c_in[e] * h_run;
+      qb[e] = c_in[e] * a_run;
+    }
+    float* tb = tf + tot_stride;
+    tb[2 * (n - 1 - seq)] = a_run;
+    tb[2 * (n - 1 - seq) + 1] = h_run;
+    if constexpr (kRows) {
+      const float dsum = d_sum(static_cast<const T*>(P.D), di, c);
+#pragma unroll
+      for (int e = 0; e < I; ++e) keep[e] += dsum * uu[e];
+    }
+  }
+  __syncthreads();
+  const int lane = t & 31, warp = t >> 5, nwarps = (blockDim.x + 31) >> 5;
+  for (int s = warp; s < 2 * cpb; s += nwarps) {
+    if (c0 + s / 2 < di) scan_chunk_totals(tot + s * tot_stride, n, lane);
+  }
+  __syncthreads();
+  if (!active) return;
+  const float hf = tot[(2 * ch) * tot_stride + 2 * seq];
+  const float hb = tot[(2 * ch + 1) * tot_stride + 2 * (n - 1 - seq)];
+  float* sy_c = sy + ch * len + m0;
+  if constexpr (kRows) {
+#pragma unroll
+    for (int e = 0; e < I; ++e) {
+      if (e < count) sy_c[e] = keep[e] + qf[e] * hf + qb[e] * hb;
+    }
+  } else {
+    T* y = static_cast<T*>(P.y) + (static_cast<int64_t>(b) * di + c) * len + m0;
+#pragma unroll
+    for (int e = 0; e < I; ++e) {
+      if (e < count) y[e * width] = from_f<T>(sy_c[e * width] + keep[e] + qf[e] * hf + qb[e] * hb);
+    }
+  }
+}
+
+// Shared memory: the channels' float32 row-phase planes, then the chunk totals (per channel and direction, `stride`
+// floats: (a, h) of each chunk).
+__host__ __device__ inline int lines_chunks(int line_len, int lines, int items) {
+  return lines * ((line_len + items - 1) / items);
+}
+__host__ __device__ inline int lines_tot_stride(int height, int width, int items) {
+  const int rows = lines_chunks(width, height, items), cols = lines_chunks(height, width, items);
+  return 2 * (rows > cols ? rows : cols);
+}
+inline size_t lines_smem_bytes(int height, int width, int items, int cpb) {
+  return static_cast<size_t>(cpb) *
+         (static_cast<size_t>(height) * width + 2 * static_cast<size_t>(lines_tot_stride(height, width, items))) *
+         sizeof(float);
+}
+
+// Asks L2 for a plane the block reads later (one prefetch per 128-byte line, spread over the block's threads).
+template <typename T>
+__device__ __forceinline__ void prefetch_l2(const T* plane, int len) {
+  const char* bytes = reinterpret_cast<const char*>(plane);
+  const int n = len * static_cast<int>(sizeof(T));
+  for (int off = threadIdx.x * 128; off < n; off += blockDim.x * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(bytes + off));
+  }
+}
+
+template <typename T, int I>
+__global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params P) {
+  extern __shared__ float smem[];
+  const int tot_stride = lines_tot_stride(P.height, P.width, I);
+  float* sy = smem;
+  float* tot = sy + static_cast<size_t>(P.ct) * P.height * P.width;
+  const int c0 = blockIdx.x * P.ct;
+  if (P.prefetch) {
+    // The planes of the block's later loads (the row phase's backward direction, the column phase), requested from
+    // DRAM now so that those loads find them in L2 instead of waiting a DRAM round trip each.
+    const int len = P.height * P.width, di = P.di;
+    const int64_t plane0 = static_cast<int64_t>(blockIdx.y) * 4;
+    for (int k : {2, 1, 3}) {
+      prefetch_l2(static_cast<const T*>(P.B) + (plane0 + k) * len, len);
+      prefetch_l2(static_cast<const T*>(P.C) + (plane0 + k) * len, len);
+      for (int ch = 0; ch < P.ct && c0 + ch < di; ++ch) {
+        prefetch_l2(static_cast<const T*>(P.delta) + ((plane0 + k) * di + c0 + ch) * len, len);
+      }
+    }
+  }
+  lines_phase<T, I, true>(P, blockIdx.y, c0, sy, tot, tot_stride);
+  __syncthreads();
+  lines_phase<T, I, false>(P, blockIdx.y, c0, sy, tot, tot_stride);
+}
+
 // Fallback: one thread per (b, channel), serial over every direction, y accumulated in float32 device memory.
 template <int N, typename T>
 __global__ void __launch_bounds__(128) scan_global_kernel(Params P, float* acc) {
@@ -906,6 +1149,55 @@ const char* launch_block(Params P, cudaStream_t stream, size_t smem_optin, bool*
   return nullptr;
 }
 
+// Steps a chunk of the line kernel: 7 or 8, whichever leaves fewer idle steps in the partial chunks at the ends of
+// the lines (8 on a tie: its chunks are whole vector loads).
+int lines_items(int height, int width) {
+  auto slots = [&](int items) {
+    return items * std::max(lines_chunks(width, height, items), lines_chunks(height, width, items));
+  };
+  return slots(7) < slots(8) ? 7 : 8;
+}
+
+// The line kernel when the map has at most kLinesMaxThreads chunks a phase (null `*used` otherwise).
+// Channels a block: about kLinesAutoThreads threads, fewer while the grid would not give every multiprocessor two
+// blocks (batch 1: a block per channel of a stage-1 map).
+constexpr int kLinesAutoThreads = 256;
+constexpr int kLinesPrefetchMinLen = 2048;
+template <typename T>
+const char* launch_lines(Params P, cudaStream_t stream, size_t smem_optin, int sms, bool* used) {
+  const int items = lines_items(P.height, P.width);
+  const int chunks = std::max(lines_chunks(P.width, P.height, items), lines_chunks(P.height, P.width, items));
+  *used = false;
+  if (chunks > kLinesMaxThreads || lines_smem_bytes(P.height, P.width, items, 1) > smem_optin) return nullptr;
+  *used = true;
+  int cpb = g_tile > 0 ? g_tile : std::max(1, kLinesAutoThreads / chunks);
+  cpb = std::max(1, std::min({cpb, kLinesMaxThreads / chunks, P.di}));
+  while (cpb > 1 && (lines_smem_bytes(P.height, P.width, items, cpb) > smem_optin ||
+                     (g_tile <= 0 && static_cast<int64_t>(P.batch) * ((P.di + cpb - 1) / cpb) < 2 * sms))) {
+    --cpb;
+  }
+  P.ct = cpb;
+  // L2 prefetch of the later planes: float16 maps of stage-1 size only. H100, run 24, 56 x 56, batch 128: float16
+  // 0.776 -> 0.729 ms, float32 0.627 -> 0.636 ms; the smaller maps ran 2-46% slower with it in run 24 than without
+  // it in run 23. Variant bit 128: never.
+  P.prefetch = sizeof(T) == 2 && P.height * P.width >= kLinesPrefetchMinLen && (g_block_variant & 128) == 0;
+  const size_t bytes = lines_smem_bytes(P.height, P.width, items, cpb);
+  auto kernel = items == 7 ? scan_lines_kernel<T, 7> : scan_lines_kernel<T, 8>;
+  if (bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err != cudaSuccess) return cuda_error(err, "cudaFuncSetAttribute");
+  }
+  const dim3 grid((P.di + cpb - 1) / cpb, P.batch);
+  const dim3 block((cpb * chunks + 31) / 32 * 32);
+  std::snprintf(g_last_config, sizeof(g_last_config),
+                "lines N=1 %s items=%d channels=%d prefetch=%d grid=%ux%u block=%u smem=%zu",
+                sizeof(T) == 2 ? "f16" : "f32", items, cpb, P.prefetch, grid.x, grid.y, block.x, bytes);
+  kernel<<<grid, block, bytes, stream>>>(P);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (line kernel) launch");
+}
+
 template <int N, typename T>
 const char* launch_scan(const Params& base, cudaStream_t stream);
 
@@ -946,8 +1238,15 @@ const char* launch_scan(const Params& base, cudaStream_t stream) {
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (sms <= 0) sms = 1;
 
-  // d_state 1: the block-scan kernel whenever its planes fit in shared memory (maps up to about 100 x 100).
+  // d_state 1: the line kernel for maps of at most kLinesMaxThreads chunks a phase (up to about 56 x 56), else the
+  // block-scan kernel whenever its planes fit in shared memory (maps up to about 100 x 100).
   if constexpr (N == 1) {
+    if (g_force_path == 0 || g_force_path == 4) {
+      bool used = false;
+      const char* result = launch_lines<T>(P, stream, static_cast<size_t>(smem_optin), sms, &used);
+      if (used) return result;
+      if (g_force_path == 4) return "the line kernel takes maps of at most 416 chunks of 7 or 8 steps a line";
+    }
     if (g_force_path == 0 || g_force_path == 3) {
       bool used = false;
       const char* result = launch_block<T>(P, stream, static_cast<size_t>(smem_optin), &used);
