@@ -53,8 +53,8 @@ MODEL = "vmamba_tiny_s1l8"
 ARITHMETIC_OPS = {
     # ONNX Runtime
     "Conv", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
-    "SelectiveScan2D", "ChannelLayerNorm", "LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu",
-    "FastGelu", "QuickGelu", "Sigmoid", "Mul", "Add",
+    "SelectiveScan2D", "ChannelLayerNorm", "LastAxisLayerNorm", "LayerNormalization", "SkipLayerNormalization", "Gelu",
+    "BiasGelu", "FastGelu", "QuickGelu", "Sigmoid", "Mul", "Add",
     # OpenVINO CPU plugin ("Reference": an extension op, our scan; ReduceMean, RMS, NormalizeL2, Subtract: LayerNorm
     # pieces)
     "Convolution", "GroupConvolution", "FullyConnected", "FullyConnectedQuantizedLegacy", "MVN", "RMS", "ReduceMean",
