@@ -10,8 +10,11 @@ carried: the machine needs no compiler). Sections, each recorded and never fatal
              (vmamba_export.scan.selective_scan_reference, CPU) at small shapes: d_state 1 and 16, float32 and
              float16, both kernel paths, plus the ORT CUDA op in one-node models
   bandwidth  the scan kernel alone at the stage-1 shapes (56x56) of vmamba_tiny_s1l8 (Di 96, N 1) and
-             vanilla_vmamba_tiny (Di 192, N 16), batch 128: bytes it must move (inputs read once, y written once)
-             over CUDA-event median time, against the device's copy bandwidth (torch copy_, read + write)
+             vanilla_vmamba_tiny (Di 192, N 16), batch 128 and 1: bytes it must move (inputs read once, y written
+             once) over CUDA-event median time (batch 1: per call inside a CUDA graph, so GPU time and not the
+             launch), against the device's copy bandwidth (torch copy_, read + write), with the other kernel
+             variants swept; then vmamba_tiny_s1l8's later-stage shapes (LATER_STAGE_SHAPES), automatic path against
+             the block and line kernels forced
   floor      the d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu: the per-state work of one scan
              step on registers, exponentials split between the special-function units and an FMA-pipe polynomial
              at the best measured mix) at the vanilla_vmamba_tiny stage-1 shape, batch 128, against the time the
