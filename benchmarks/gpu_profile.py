@@ -1,11 +1,12 @@
-"""Where a batch-128 fp16 inference through ONNX Runtime CUDA spends its GPU time: vmamba_tiny_s1l8 and ConvNeXt-T.
+"""Where an fp16 inference through ONNX Runtime CUDA spends its GPU time: vmamba_tiny_s1l8 and ConvNeXt-T.
 
 On the GPU machine (onnxruntime-gpu first on PYTHONPATH, vmamba_export/_native carried), under Nsight Compute, which
 times only what runs between the profiler start and stop that this script calls around one inference:
 
     ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw \\
         --log-file $OUT/ncu_s1l8.csv python3 benchmarks/gpu_profile.py run vmamba_tiny_s1l8
-    (the same with convnext_tiny; `run scan`: the scan kernel alone at the stage-1 shapes, for `--set full`)
+    (the same with convnext_tiny; `--batch 1` for batch 1 (default 128); `--unfused`: our graph without the fused
+    ops of lowering/cuda_fusions.py; `run scan`: the scan kernel alone at the stage-1 shapes, for `--set full`)
 
 Here, afterwards: `python benchmarks/gpu_profile.py summarize ncu_s1l8.csv [ncu_convnext.csv]` groups the kernels by
 kind (convolution/GEMM, layout, normalization, elementwise, scan, casts) and prints each group's share.
@@ -36,7 +37,7 @@ GROUPS = [
 ]
 
 
-def run(name: str) -> None:
+def run(name: str, batch: int = 128, settings: dict | None = None) -> None:
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -62,9 +63,14 @@ def run(name: str) -> None:
 
             folder = Path(tmp) / "artifact"
             source = resolve_model(name, random_weights=True, seed=0)
-            export_artifact(source, get_target("cuda-onnxruntime"), folder, precision="fp16", max_size=512)
+            from vmamba_export.lowering import ExportOptions
+
+            options = ExportOptions(extra=dict(settings or {}))
+            export_artifact(
+                source, get_target("cuda-onnxruntime"), folder, precision="fp16", max_size=512, options=options
+            )
             session = load(folder).backend.session
-        x = np.random.default_rng(0).standard_normal((128, 3, 224, 224), dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
         binding = session.io_binding()
         binding.bind_ortvalue_input(session.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
         binding.bind_output(session.get_outputs()[0].name, "cuda")
@@ -75,7 +81,7 @@ def run(name: str) -> None:
         session.run_with_iobinding(binding)
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-    print(f"profiled one batch-128 inference of {name}")
+    print(f"profiled one batch-{batch} inference of {name} {settings or ''}")
 
 
 def run_scan() -> None:
@@ -99,33 +105,36 @@ def run_scan() -> None:
         print(f"profiled the scan at {name}'s stage-1 shape: {cuda_kernel.last_config()}")
 
 
-def read_kernels(path: Path) -> dict[str, float]:
-    """{kernel name: total ms} from ncu's raw CSV page (one row per launch; units in the second row)."""
+def read_kernels(path: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """({kernel name: total ms}, {kernel name: launches}) from ncu's raw CSV page (one row per launch; units in the
+    second row)."""
     lines = [line for line in path.read_text().splitlines() if line.startswith('"')]
     rows = list(csv.reader(lines))
     header, units, data = rows[0], rows[1], rows[2:]
     name_col, time_col = header.index("Kernel Name"), header.index("gpu__time_duration.sum")
     scale = {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0}[units[time_col]]
     totals: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
     for row in data:
         totals[row[name_col]] += float(row[time_col].replace(",", "")) * scale
-    return totals
+        launches[row[name_col]] += 1
+    return totals, launches
 
 
 def summarize(paths: list[Path]) -> None:
     for path in paths:
-        kernels = read_kernels(path)
+        kernels, launches = read_kernels(path)
         total = sum(kernels.values())
         groups: dict[str, float] = defaultdict(float)
         for kernel, ms in kernels.items():
             group = next((g for g, pattern in GROUPS if re.search(pattern, kernel)), "other")
             groups[group] += ms
-        print(f"\n{path.name}: {total:.2f} ms of kernel time in one batch-128 inference")
+        print(f"\n{path.name}: {total:.3f} ms of kernel time in one inference, {sum(launches.values())} launches")
         for group, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"  {group:14s} {ms:8.2f} ms {100 * ms / total:5.1f}%")
         print("  top kernels:")
         for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"    {ms:7.2f} ms  {kernel[:110]}")
+            print(f"    {ms:7.3f} ms {launches[kernel]:4d}x  {kernel[:100]}")
 
 
 def main() -> int:
@@ -133,13 +142,15 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="on the GPU machine, under ncu")
     p.add_argument("model", choices=["vmamba_tiny_s1l8", "convnext_tiny", "scan"], help="scan: the kernel alone")
+    p.add_argument("--batch", type=int, default=128, help="batch of the profiled inference (default 128)")
+    p.add_argument("--unfused", action="store_true", help="vmamba: export without the fused ops (cuda_fusions off)")
     p = sub.add_parser("summarize", help="here: group ncu's CSV by kernel kind")
     p.add_argument("csv", nargs="+", type=Path)
     args = parser.parse_args()
     if args.command == "run" and args.model == "scan":
         run_scan()
     elif args.command == "run":
-        run(args.model)
+        run(args.model, args.batch, {"cuda_fusions": "off"} if args.unfused else None)
     else:
         summarize(args.csv)
     return 0

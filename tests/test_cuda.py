@@ -311,6 +311,45 @@ def test_cuda_kernel_refuses_unsupported_d_state():
         cuda_kernel.selective_scan_2d_cuda(*[t.cuda() for t in _inputs(1, 2, 3, 4, 4, torch.float32)])
 
 
+def _one_node_cuda_run(op: str, inputs: dict, outputs: list[str], float16: bool, **attrs) -> list[np.ndarray]:
+    """Runs one ai.vmamba node on the CUDA provider; `inputs`: name -> float64 array (cast to the op's type).
+    Returns the outputs as float64."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, OPSET
+
+    elem, np_type = (TensorProto.FLOAT16, np.float16) if float16 else (TensorProto.FLOAT, np.float32)
+    node = helper.make_node(op, list(inputs), outputs, domain=ONNX_DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node],
+        op,
+        [helper.make_tensor_value_info(n, elem, a.shape) for n, a in inputs.items()],
+        [helper.make_tensor_value_info(n, elem, None) for n in outputs],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
+        ir_version=IR_VERSION,
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_cuda_library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    return [y.astype(np.float64) for y in session.run(None, {n: a.astype(np_type) for n, a in inputs.items()})]
+
+
+def _random_inputs(shapes: dict, float16: bool, seed: int) -> dict:
+    """name -> float64 array of that shape, already rounded to the op's type (so the reference sees what the kernel
+    reads)."""
+    rng = np.random.default_rng(seed)
+    np_type = np.float16 if float16 else np.float32
+    return {n: (rng.standard_normal(s) * 2 + 1).astype(np_type).astype(np.float64) for n, s in shapes.items()}
+
+
+def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("width", [2, 48, 96, 130, 192, 384, 768, 1000, 1536, 2048])
 @pytest.mark.parametrize("float16", [False, True])
@@ -318,32 +357,96 @@ def test_cuda_layer_norm_op_matches_torch(width, float16):
     """ai.vmamba::LastAxisLayerNorm on the CUDA provider against float64 layer_norm: every register budget of the
     kernel (widths up to 2048), rows that do not fill the last block (3 x 37)."""
     gpu_ready()
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     from vmamba_export.lowering.cuda_graph import LAYER_NORM_OP
-    from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, OPSET
 
-    elem, np_type = (TensorProto.FLOAT16, np.float16) if float16 else (TensorProto.FLOAT, np.float32)
-    names = ("x", "scale", "bias")
-    shapes = ([3, 37, width], [width], [width])
-    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in zip(names, shapes)]
-    node = helper.make_node(LAYER_NORM_OP, list(names), ["y"], domain=ONNX_DOMAIN, epsilon=1e-6)
-    model = helper.make_model(
-        helper.make_graph([node], "ln", inputs, [helper.make_tensor_value_info("y", elem, shapes[0])]),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
-        ir_version=IR_VERSION,
-    )
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(ort_cuda_library_path()))
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
-    rng = np.random.default_rng(width)
-    feeds = {n: (rng.standard_normal(s) * 2 + 1).astype(np_type) for n, s in zip(names, shapes)}
-    y = session.run(None, feeds)[0].astype(np.float64)
-    x, scale, bias = (torch.from_numpy(feeds[n].astype(np.float64)) for n in names)
+    feeds = _random_inputs({"x": [3, 37, width], "scale": [width], "bias": [width]}, float16, width)
+    (y,) = _one_node_cuda_run(LAYER_NORM_OP, feeds, ["y"], float16, epsilon=1e-6)
+    x, scale, bias = (torch.from_numpy(feeds[n]) for n in ("x", "scale", "bias"))
     ref = torch.nn.functional.layer_norm(x, (width,), scale, bias, 1e-6).numpy()
-    limit = 2e-3 if float16 else 1e-6
-    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < limit
+    assert _rel_l2(y, ref) < (2e-3 if float16 else 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [2, 96, 130, 384, 768, 2048])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_residual_layer_norm_op_matches_torch(width, with_bias, float16):
+    """ai.vmamba::ResidualLayerNorm: S = X (+ X_bias) + R and Y = LayerNorm(S), both outputs, against float64 (the
+    sums rounded to the op's type as the kernel rounds them, i.e. as the unfused graph's Adds would)."""
+    gpu_ready()
+    from vmamba_export.lowering.cuda_fusions import RESIDUAL_NORM_OP
+
+    shapes = {"x": [2, 29, width], "r": [2, 29, width], "scale": [width], "bias": [width]}
+    if with_bias:
+        shapes["x_bias"] = [width]
+    feeds = _random_inputs(shapes, float16, width + 7 * with_bias)
+    y, s = _one_node_cuda_run(RESIDUAL_NORM_OP, feeds, ["y", "s"], float16, epsilon=1e-5)
+    round_to = np.float16 if float16 else np.float32
+    x = (feeds["x"] + feeds["x_bias"]).astype(round_to).astype(np.float64) if with_bias else feeds["x"]
+    ref_s = (x + feeds["r"]).astype(round_to).astype(np.float64)
+    scale, bias = torch.from_numpy(feeds["scale"]), torch.from_numpy(feeds["bias"])
+    ref_y = torch.nn.functional.layer_norm(torch.from_numpy(ref_s), (width,), scale, bias, 1e-5).numpy()
+    np.testing.assert_array_equal(s, ref_s)
+    assert _rel_l2(y, ref_y) < (2e-3 if float16 else 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape",
+    [
+        *[(2, 96, 7, 9), (1, 6, 56, 56), (3, 384, 14, 14), (1, 768, 7, 7), (2, 2048, 3, 5)],  # rows kernel
+        *[(2, 48, 96, 97), (1, 384, 130, 128), (1, 768, 128, 130), (1, 2048, 128, 130)],  # staged, 32 to 4 a block
+    ],
+)
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_transpose_layer_norm_op_matches_torch(shape, float16):
+    """ai.vmamba::TransposeLayerNorm: (N, C, H, W) in, LayerNorm over C of each position out as (N, H, W, C); both
+    kernels (small maps: a row group per position; larger ones: staged tiles of 32, 16, 8 or 4 positions by C) and
+    position counts that leave the last tile partial."""
+    gpu_ready()
+    from vmamba_export.lowering.cuda_fusions import TRANSPOSE_NORM_OP
+
+    channels = shape[1]
+    feeds = _random_inputs({"x": list(shape), "scale": [channels], "bias": [channels]}, float16, channels)
+    (y,) = _one_node_cuda_run(TRANSPOSE_NORM_OP, feeds, ["y"], float16, epsilon=1e-6)
+    x = torch.from_numpy(feeds["x"]).permute(0, 2, 3, 1)
+    ref = torch.nn.functional.layer_norm(
+        x, (channels,), torch.from_numpy(feeds["scale"]), torch.from_numpy(feeds["bias"]), 1e-6
+    ).numpy()
+    assert y.shape == ref.shape
+    assert _rel_l2(y, ref) < (2e-3 if float16 else 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape",
+    [
+        *[(1, 56, 56, 96), (2, 7, 9, 34), (3, 5, 40, 8), (1, 1, 1, 64), (2, 14, 14, 384), (1, 6, 3, 2)],  # 1-row tiles
+        (16, 61, 64, 64),  # enough blocks for 4-row tiles, the last one partial
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_depthwise_conv_silu_op_matches_torch(shape, with_bias, float16):
+    """ai.vmamba::DepthwiseConvSiLU: channels-last (N, H, W, C) in, SiLU(depthwise 3 x 3 convolution, padding 1) out
+    channel-first, against float64 torch; tiles of one and of four rows, partial channel, column and row tiles, a 1 x 1
+    map (padding only)."""
+    gpu_ready()
+    from vmamba_export.lowering.cuda_fusions import DEPTHWISE_SILU_OP
+
+    channels = shape[3]
+    shapes = {"x": list(shape), "w": [channels, 1, 3, 3]}
+    if with_bias:
+        shapes["b"] = [channels]
+    feeds = _random_inputs(shapes, float16, channels + with_bias)
+    feeds["w"] = (feeds["w"] / 3).astype(np.float16 if float16 else np.float32).astype(np.float64)  # SiLU range
+    (y,) = _one_node_cuda_run(DEPTHWISE_SILU_OP, feeds, ["y"], float16)
+    x = torch.from_numpy(feeds["x"]).permute(0, 3, 1, 2)
+    bias = torch.from_numpy(feeds["b"]) if with_bias else None
+    conv = torch.nn.functional.conv2d(x, torch.from_numpy(feeds["w"]), bias, padding=1, groups=channels)
+    ref = torch.nn.functional.silu(conv).numpy()
+    assert y.shape == ref.shape
+    assert _rel_l2(y, ref) < (2e-3 if float16 else 1e-6)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-// ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of
-// `ai.vmamba::LastAxisLayerNorm` (kernels/cuda/layer_norm.cuh; the cuda-onnxruntime graph's LayerNorms), linked only into
+// ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of the ops the
+// cuda-onnxruntime graph is rewritten to: `LastAxisLayerNorm`, `ResidualLayerNorm`, `TransposeLayerNorm`
+// (kernels/cuda/layer_norm.cuh) and `DepthwiseConvSiLU` (kernels/cuda/depthwise_conv.cuh), linked only into
 // libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its
 // add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
 // through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
@@ -7,7 +8,8 @@
 // Classic Ort::CustomOpBase with GetExecutionProviderType() = "CUDAExecutionProvider" (Debian's CPU-only headers
 // lack the lite API's CUDA context): ORT hands the inputs and the output in GPU memory and the kernel queues on
 // `KernelContext::GetGPUComputeStream()`. Two registrations of each op, float and float16 (all inputs and the output
-// share the type, as the schema's T); ORT picks the one matching the node's types.
+// share the type, as the schema's T); ORT picks the one matching the node's types. Optional inputs are trailing
+// (ResidualLayerNorm's X_bias, DepthwiseConvSiLU's bias).
 
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -19,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "../cuda/depthwise_conv.cuh"
 #include "../cuda/layer_norm.cuh"
 #include "../cuda/selective_scan_2d.cuh"
 #include "cuda_op.h"
@@ -28,14 +31,12 @@
 namespace vmamba_cuda {
 namespace {
 
-constexpr const char* kOpName = "SelectiveScan2D";
-constexpr const char* kLayerNormName = "LastAxisLayerNorm";
 constexpr const char* kInputNames[] = {"u", "delta", "A_logs", "B", "C", "D", "delta_bias"};
 constexpr size_t kNumInputs = 7;
 
 using vmamba_ort::shape_str;
 
-OrtStatus* make_status(OrtErrorCode code, const std::string& message, const char* op = kOpName) {
+OrtStatus* make_status(OrtErrorCode code, const std::string& message, const char* op) {
   return vmamba_ort::op_status(code, message, std::string(op) + " (CUDA)");
 }
 
@@ -48,50 +49,74 @@ int kernel_dtype(ONNXTensorElementDataType type) {
   return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? VMAMBA_SCAN_F16 : VMAMBA_SCAN_F32;
 }
 
-struct ScanCudaKernel {
-  ONNXTensorElementDataType type;
+// A launcher's result: null, or its message as a failed status naming the op.
+OrtStatus* launched(const char* op, const char* err) {
+  return err == nullptr ? nullptr : make_status(ORT_FAIL, err, op);
+}
 
+// What every CUDA kernel of the library shares: the status-returning entry ORT calls, with the input and output
+// counts checked against the op's declaration and any exception turned into a status (Derived::compute does the rest).
+template <typename Derived>
+struct CudaKernel {
   OrtStatus* ComputeV2(OrtKernelContext* context) {
-    return guarded(kOpName, [&] { return compute(context); });
+    return guarded(Derived::kName, [&]() -> OrtStatus* {
+      Ort::KernelContext ctx(context);
+      const size_t inputs = ctx.GetInputCount();
+      if (inputs < Derived::kRequiredInputs || inputs > Derived::kInputs || ctx.GetOutputCount() != Derived::kOutputs) {
+        std::ostringstream want;
+        want << "expects " << Derived::kRequiredInputs;
+        if (Derived::kInputs > Derived::kRequiredInputs) want << " to " << Derived::kInputs;
+        want << " inputs and " << Derived::kOutputs << " output(s)";
+        return make_status(ORT_INVALID_ARGUMENT, want.str(), Derived::kName);
+      }
+      return static_cast<Derived*>(this)->compute(ctx);
+    });
   }
+};
 
-  OrtStatus* compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    if (ctx.GetInputCount() != kNumInputs || ctx.GetOutputCount() != 1) {
-      return make_status(ORT_INVALID_ARGUMENT, "expects 7 inputs (u, delta, A_logs, B, C, D, delta_bias), 1 output");
-    }
+// SelectiveScan2D(u, delta, A_logs, B, C, D, delta_bias) -> y (docs/scan-op.md).
+struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
+  static constexpr const char* kName = "SelectiveScan2D";
+  static constexpr size_t kInputs = kNumInputs, kRequiredInputs = kNumInputs, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
+  ONNXTensorElementDataType type;
+  ScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
     std::vector<Ort::ConstValue> inputs;
     std::vector<std::vector<int64_t>> shapes;
     for (size_t i = 0; i < kNumInputs; ++i) {
       inputs.push_back(ctx.GetInput(i));
       auto info = inputs.back().GetTensorTypeAndShapeInfo();
       if (info.GetElementType() != type) {
-        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] +
-                                                     "' has another element type than 'u' (all must be float32 or "
-                                                     "all float16)");
+        return make_status(ORT_INVALID_ARGUMENT,
+                           std::string("input '") + kInputNames[i] +
+                               "' has another element type than 'u' (all must be float32 or all float16)",
+                           kName);
       }
       shapes.push_back(info.GetShape());
     }
     const auto& us = shapes[0];
     const auto& ds = shapes[1];
     if (us.size() != 4) {
-      return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us));
+      return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us), kName);
     }
     if (ds.size() != 5) {
-      return make_status(ORT_INVALID_ARGUMENT, "input 'delta' must be (B, K, Di, H, W), got " + shape_str(ds));
+      return make_status(ORT_INVALID_ARGUMENT, "input 'delta' must be (B, K, Di, H, W), got " + shape_str(ds), kName);
     }
     if (shapes[2].size() != 2) {
-      return make_status(ORT_INVALID_ARGUMENT, "input 'A_logs' must be (K*Di, N), got " + shape_str(shapes[2]));
+      return make_status(ORT_INVALID_ARGUMENT, "input 'A_logs' must be (K*Di, N), got " + shape_str(shapes[2]), kName);
     }
     const int64_t b = us[0], di = us[1], h = us[2], w = us[3], k = ds[1], n = shapes[2][1];
-    if (k != 4) return make_status(ORT_INVALID_ARGUMENT, "k (directions) must be 4");
+    if (k != 4) return make_status(ORT_INVALID_ARGUMENT, "k (directions) must be 4", kName);
     const std::vector<std::vector<int64_t>> expected = {
         us, {b, k, di, h, w}, {k * di, n}, {b, k, n, h, w}, {b, k, n, h, w}, {k * di}, {k * di}};
     for (size_t i = 1; i < kNumInputs; ++i) {
       if (shapes[i] != expected[i]) {
         return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] + "' must have shape " +
                                                      shape_str(expected[i]) + " (from u " + shape_str(us) +
-                                                     " and delta " + shape_str(ds) + "), got " + shape_str(shapes[i]));
+                                                     " and delta " + shape_str(ds) + "), got " + shape_str(shapes[i]),
+                           kName);
       }
     }
     auto output = ctx.GetOutput(0, us);
@@ -99,113 +124,204 @@ struct ScanCudaKernel {
         kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
         inputs[3].GetTensorRawData(), inputs[4].GetTensorRawData(), inputs[5].GetTensorRawData(),
         inputs[6].GetTensorRawData(), output.GetTensorMutableRawData(), b, di, n, h, w, ctx.GetGPUComputeStream());
-    if (err != nullptr) return make_status(ORT_FAIL, err);
-    return nullptr;
+    return launched(kName, err);
   }
 };
 
-struct ScanCudaOp : Ort::CustomOpBase<ScanCudaOp, ScanCudaKernel, true> {
-  explicit ScanCudaOp(ONNXTensorElementDataType t) : type(t) {
+// The inputs that must have shape (width,) (a norm's scale and bias, a fused bias), named in the error.
+OrtStatus* check_params(const char* op, const std::vector<std::pair<const char*, Ort::ConstValue>>& params,
+                        int64_t width, const std::vector<int64_t>& x_shape) {
+  const std::vector<int64_t> want = {width};
+  for (const auto& [name, value] : params) {
+    const auto got = value.GetTensorTypeAndShapeInfo().GetShape();
+    if (got != want) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         std::string(name) + " must have shape " + shape_str(want) + " (X is " + shape_str(x_shape) +
+                             "), got " + shape_str(got),
+                         op);
+    }
+  }
+  return nullptr;
+}
+
+float epsilon_of(const Ort::ConstKernelInfo& info) { return info.GetAttribute<float>("epsilon"); }
+
+// LastAxisLayerNorm(X, scale, bias) -> Y, attribute epsilon: LayerNormalization over the last axis of X.
+struct LayerNormCudaKernel : CudaKernel<LayerNormCudaKernel> {
+  static constexpr const char* kName = "LastAxisLayerNorm";
+  static constexpr size_t kInputs = 3, kRequiredInputs = 3, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
+  ONNXTensorElementDataType type;
+  float epsilon;
+  LayerNormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
+      : type(t), epsilon(epsilon_of(info)) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto x = ctx.GetInput(0), scale = ctx.GetInput(1), bias = ctx.GetInput(2);
+    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty()) return make_status(ORT_INVALID_ARGUMENT, "X must have at least one axis", kName);
+    const int64_t width = shape.back();
+    if (OrtStatus* bad = check_params(kName, {{"scale", scale}, {"bias", bias}}, width, shape)) return bad;
+    const int64_t rows = width ? x.GetTensorTypeAndShapeInfo().GetElementCount() / width : 0;
+    auto y = ctx.GetOutput(0, shape);
+    return launched(kName, vmamba_layer_norm_cuda(kernel_dtype(type), x.GetTensorRawData(), scale.GetTensorRawData(),
+                                                  bias.GetTensorRawData(), y.GetTensorMutableRawData(), rows, width,
+                                                  epsilon, ctx.GetGPUComputeStream()));
+  }
+};
+
+// ResidualLayerNorm(X, R, scale, bias[, X_bias]) -> (Y, S), attribute epsilon: S = X (+ X_bias) + R, Y the
+// LayerNorm of S over the last axis (the residual Add(s) of a VMamba block fused into the norm after them).
+struct ResidualLayerNormCudaKernel : CudaKernel<ResidualLayerNormCudaKernel> {
+  static constexpr const char* kName = "ResidualLayerNorm";
+  static constexpr size_t kInputs = 5, kRequiredInputs = 4, kOutputs = 2;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::outputs_like_input0;
+  ONNXTensorElementDataType type;
+  float epsilon;
+  ResidualLayerNormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
+      : type(t), epsilon(epsilon_of(info)) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto x = ctx.GetInput(0), residual = ctx.GetInput(1), scale = ctx.GetInput(2), bias = ctx.GetInput(3);
+    Ort::ConstValue x_bias{nullptr};
+    if (ctx.GetInputCount() > 4) x_bias = ctx.GetInput(4);
+    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty()) return make_status(ORT_INVALID_ARGUMENT, "X must have at least one axis", kName);
+    if (residual.GetTensorTypeAndShapeInfo().GetShape() != shape) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "R must have X's shape " + shape_str(shape) + ", got " +
+                             shape_str(residual.GetTensorTypeAndShapeInfo().GetShape()),
+                         kName);
+    }
+    const int64_t width = shape.back();
+    std::vector<std::pair<const char*, Ort::ConstValue>> params = {{"scale", scale}, {"bias", bias}};
+    if (x_bias) params.emplace_back("X_bias", x_bias);
+    if (OrtStatus* bad = check_params(kName, params, width, shape)) return bad;
+    const int64_t rows = width ? x.GetTensorTypeAndShapeInfo().GetElementCount() / width : 0;
+    auto y = ctx.GetOutput(0, shape);
+    auto sum = ctx.GetOutput(1, shape);
+    return launched(kName, vmamba_residual_layer_norm_cuda(
+                               kernel_dtype(type), x.GetTensorRawData(), residual.GetTensorRawData(),
+                               x_bias ? x_bias.GetTensorRawData() : nullptr, scale.GetTensorRawData(),
+                               bias.GetTensorRawData(), y.GetTensorMutableRawData(), sum.GetTensorMutableRawData(),
+                               rows, width, epsilon, ctx.GetGPUComputeStream()));
+  }
+};
+
+// TransposeLayerNorm(X, scale, bias) -> Y, attribute epsilon: X (N, C, d1, ..., dk) channel-first, Y (N, d1, ..., dk,
+// C), LastAxisLayerNorm(Transpose(X, [0, 2, ..., k+1, 1])) in one kernel.
+struct TransposeLayerNormCudaKernel : CudaKernel<TransposeLayerNormCudaKernel> {
+  static constexpr const char* kName = "TransposeLayerNorm";
+  static constexpr size_t kInputs = 3, kRequiredInputs = 3, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_channels_last;
+  ONNXTensorElementDataType type;
+  float epsilon;
+  TransposeLayerNormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
+      : type(t), epsilon(epsilon_of(info)) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto x = ctx.GetInput(0), scale = ctx.GetInput(1), bias = ctx.GetInput(2);
+    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() < 2) {
+      return make_status(ORT_INVALID_ARGUMENT, "X must be (N, C, ...) with at least two axes, got " + shape_str(shape),
+                         kName);
+    }
+    if (OrtStatus* bad = check_params(kName, {{"scale", scale}, {"bias", bias}}, shape[1], shape)) return bad;
+    int64_t positions = 1;
+    for (size_t i = 2; i < shape.size(); ++i) positions *= shape[i];
+    auto y = ctx.GetOutput(0, vmamba_ort::channels_last(shape));
+    return launched(kName, vmamba_transpose_layer_norm_cuda(kernel_dtype(type), x.GetTensorRawData(),
+                                                            scale.GetTensorRawData(), bias.GetTensorRawData(),
+                                                            y.GetTensorMutableRawData(), shape[0], shape[1], positions,
+                                                            epsilon, ctx.GetGPUComputeStream()));
+  }
+};
+
+// DepthwiseConvSiLU(X, W[, bias]) -> Y: X (N, H, W, C) channels-last, W (C, 1, 3, 3), Y (N, C, H, W) =
+// SiLU(Conv(Transpose(X, [0, 3, 1, 2]), W, bias, group C, pads 1, strides 1)) in one kernel.
+struct DepthwiseConvSiLUCudaKernel : CudaKernel<DepthwiseConvSiLUCudaKernel> {
+  static constexpr const char* kName = "DepthwiseConvSiLU";
+  static constexpr size_t kInputs = 3, kRequiredInputs = 2, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_channels_first;
+  ONNXTensorElementDataType type;
+  DepthwiseConvSiLUCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto x = ctx.GetInput(0), weight = ctx.GetInput(1);
+    Ort::ConstValue bias{nullptr};
+    if (ctx.GetInputCount() > 2) bias = ctx.GetInput(2);
+    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "X must be (N, H, W, C), got " + shape_str(shape), kName);
+    }
+    const int64_t channels = shape[3];
+    const std::vector<int64_t> want = {channels, 1, 3, 3};
+    if (weight.GetTensorTypeAndShapeInfo().GetShape() != want) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "W must have shape " + shape_str(want) + " (X is " + shape_str(shape) + "), got " +
+                             shape_str(weight.GetTensorTypeAndShapeInfo().GetShape()),
+                         kName);
+    }
+    if (bias) {
+      if (OrtStatus* bad = check_params(kName, {{"bias", bias}}, channels, shape)) return bad;
+    }
+    auto y = ctx.GetOutput(0, vmamba_ort::channels_first(shape));
+    return launched(kName, vmamba_depthwise_conv_silu_cuda(kernel_dtype(type), x.GetTensorRawData(),
+                                                           weight.GetTensorRawData(),
+                                                           bias ? bias.GetTensorRawData() : nullptr,
+                                                           y.GetTensorMutableRawData(), shape[0], shape[1], shape[2],
+                                                           channels, ctx.GetGPUComputeStream()));
+  }
+};
+
+// The float / float16 registration of one CUDA kernel: every input and output of the op's type `T`, inputs from
+// Kernel::kRequiredInputs on optional, errors and exceptions turned into statuses that name the op.
+template <typename Kernel>
+struct CudaOp : Ort::CustomOpBase<CudaOp<Kernel>, Kernel, true> {
+  explicit CudaOp(ONNXTensorElementDataType t) : type(t) {
     // The V1 entry points stay unused (WithStatus = true); fill them so no field of OrtCustomOp is garbage.
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
-    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
-  }
-
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-    try {
-      *kernel = new ScanCudaKernel{type};
-      return nullptr;
-    } catch (...) {
-      return make_status(ORT_FAIL, "could not create kernel");
-    }
-  }
-
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return type; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return type; }
-
-  ONNXTensorElementDataType type;
-};
-
-// LastAxisLayerNorm(X, scale, bias) -> Y, attribute epsilon: LayerNormalization over the last axis of X.
-struct LayerNormCudaKernel {
-  ONNXTensorElementDataType type;
-  float epsilon;
-
-  OrtStatus* ComputeV2(OrtKernelContext* context) {
-    return guarded(kLayerNormName, [&] { return compute(context); });
-  }
-
-  OrtStatus* compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    if (ctx.GetInputCount() != 3 || ctx.GetOutputCount() != 1) {
-      return make_status(ORT_INVALID_ARGUMENT, "expects 3 inputs (X, scale, bias) and 1 output", kLayerNormName);
-    }
-    auto x = ctx.GetInput(0), scale = ctx.GetInput(1), bias = ctx.GetInput(2);
-    const auto shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    if (shape.empty()) return make_status(ORT_INVALID_ARGUMENT, "X must have at least one axis", kLayerNormName);
-    const int64_t width = shape.back();
-    const std::vector<int64_t> param_shape = {width};
-    for (auto* p : {&scale, &bias}) {
-      if (p->GetTensorTypeAndShapeInfo().GetShape() != param_shape) {
-        return make_status(ORT_INVALID_ARGUMENT,
-                           "scale and bias must have shape " + shape_str(param_shape) + " (X is " + shape_str(shape) +
-                               "), got " + shape_str(p->GetTensorTypeAndShapeInfo().GetShape()),
-                           kLayerNormName);
-      }
-    }
-    const int64_t rows = width ? x.GetTensorTypeAndShapeInfo().GetElementCount() / width : 0;
-    auto y = ctx.GetOutput(0, shape);
-    const char* err =
-        vmamba_layer_norm_cuda(kernel_dtype(type), x.GetTensorRawData(), scale.GetTensorRawData(),
-                               bias.GetTensorRawData(), y.GetTensorMutableRawData(), rows, width, epsilon,
-                               ctx.GetGPUComputeStream());
-    if (err != nullptr) return make_status(ORT_FAIL, err, kLayerNormName);
-    return nullptr;
-  }
-};
-
-struct LayerNormCudaOp : Ort::CustomOpBase<LayerNormCudaOp, LayerNormCudaKernel, true> {
-  explicit LayerNormCudaOp(ONNXTensorElementDataType t) : type(t) {
-    OrtCustomOp::CreateKernel = nullptr;
-    OrtCustomOp::KernelCompute = nullptr;
-    OrtCustomOp::InferOutputShapeFn = vmamba_ort::output_like_input0;
+    OrtCustomOp::InferOutputShapeFn = Kernel::kInferShape;
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return guarded(kLayerNormName, [&]() -> OrtStatus* {
-      const float epsilon = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon");
-      *kernel = new LayerNormCudaKernel{type, epsilon};
+    return guarded(Kernel::kName, [&]() -> OrtStatus* {
+      *kernel = new Kernel(type, Ort::ConstKernelInfo(info));
       return nullptr;
     });
   }
 
-  const char* GetName() const { return kLayerNormName; }
+  const char* GetName() const { return Kernel::kName; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return Kernel::kInputs; }
   ONNXTensorElementDataType GetInputType(size_t) const { return type; }
-  size_t GetOutputTypeCount() const { return 1; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index < Kernel::kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return Kernel::kOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return type; }
 
   ONNXTensorElementDataType type;
 };
 
+template <typename Kernel>
+void add_float_and_half(Ort::CustomOpDomain& domain) {
+  // Static: the op objects must outlive every session (see custom_op.cpp).
+  static CudaOp<Kernel> f32(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  static CudaOp<Kernel> f16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  domain.Add(&f32);
+  domain.Add(&f16);
+}
+
 }  // namespace
 
 void add_ops(Ort::CustomOpDomain& domain) {
-  // Static: the op objects must outlive every session (see custom_op.cpp).
-  static ScanCudaOp f32_op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  static ScanCudaOp f16_op(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-  static LayerNormCudaOp f32_norm(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  static LayerNormCudaOp f16_norm(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-  domain.Add(&f32_op);
-  domain.Add(&f16_op);
-  domain.Add(&f32_norm);
-  domain.Add(&f16_norm);
+  add_float_and_half<ScanCudaKernel>(domain);
+  add_float_and_half<LayerNormCudaKernel>(domain);
+  add_float_and_half<ResidualLayerNormCudaKernel>(domain);
+  add_float_and_half<TransposeLayerNormCudaKernel>(domain);
+  add_float_and_half<DepthwiseConvSiLUCudaKernel>(domain);
 }
 
 }  // namespace vmamba_cuda

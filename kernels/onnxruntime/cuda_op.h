@@ -1,4 +1,4 @@
-// Registration of the CUDA kernels of ai.vmamba::SelectiveScan2D and LastAxisLayerNorm (cuda_op.cpp), for
+// Registration of the CUDA kernels of the ai.vmamba ops (cuda_op.cpp), for
 // custom_op.cpp's add_cuda_ops hook when built with -DVMAMBA_WITH_CUDA (libvmamba_ort_cuda.so).
 #pragma once
 
@@ -8,7 +8,8 @@ struct CustomOpDomain;
 
 namespace vmamba_cuda {
 
-// Adds the CUDAExecutionProvider kernels (float32 and float16) of SelectiveScan2D and LastAxisLayerNorm to `domain`.
+// Adds the CUDAExecutionProvider kernels (float32 and float16) of SelectiveScan2D, LastAxisLayerNorm,
+// ResidualLayerNorm, TransposeLayerNorm and DepthwiseConvSiLU to `domain`.
 void add_ops(Ort::CustomOpDomain& domain);
 
 }  // namespace vmamba_cuda

@@ -147,6 +147,9 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
+    fusions = options.extra.get("cuda_fusions", "on")  # "off": the graph unfused (A/B timing, lowering/cuda_fusions.py)
+    if fusions not in ("on", "off"):
+        raise VMambaExportError(f"cuda_fusions {fusions!r}: expected on or off")
     task = getattr(model.config, "task", "classification")
     if task == "classification":
         graph_model, layout = layout_graph(model, options.extra.get("layout"))
@@ -169,6 +172,10 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
             from .cuda_graph import use_last_axis_layer_norms
 
             info["layer_norms"] = use_last_axis_layer_norms(proto)
+            if fusions == "on":  # the fused ops replace LastAxisLayerNorm patterns: only with the custom norms
+                from .cuda_fusions import fuse_cuda_graph
+
+                info["fusions"] = fuse_cuda_graph(proto)
         if options.precision == "fp16":
             from .fp16 import convert_model_to_fp16, fp16_info
 

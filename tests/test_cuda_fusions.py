@@ -1,0 +1,233 @@
+"""cuda-onnxruntime graph fusions (lowering/cuda_fusions.py) on the CPU: which patterns are fused, and that the fused
+graph computes what the exported graph computes. The fused ops have CUDA kernels only; here each is expanded back into
+the standard ops it stands for (the reference definition below) and both graphs run on ONNX Runtime's CPU provider
+with the project's CPU library (SelectiveScan2D, LastAxisLayerNorm). The CUDA kernels themselves are checked against
+float64 torch in tests/test_cuda.py (GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from vmamba_export.kernels_paths import ort_library_path
+from vmamba_export.lowering import layout_graph
+from vmamba_export.lowering.cuda_fusions import (
+    DEPTHWISE_SILU_OP,
+    RESIDUAL_NORM_OP,
+    TRANSPOSE_NORM_OP,
+    fuse_cuda_graph,
+    fuse_depthwise_conv_silu,
+    fuse_residual_layer_norms,
+    fuse_transpose_layer_norms,
+)
+from vmamba_export.lowering.cuda_graph import LAYER_NORM_OP, use_last_axis_layer_norms
+from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, OPSET, export_onnx
+from vmamba_export.model_source import resolve_model
+
+needs_cpu_library = pytest.mark.skipif(ort_library_path() is None, reason="libvmamba_ort.so not built")
+
+
+def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with every fused node replaced by the standard ops it is defined as (the reference semantics)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    nodes = []
+    for n in proto.graph.node:
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        tmp = f"{n.name}_ref"
+        if n.domain == ONNX_DOMAIN and n.op_type == RESIDUAL_NORM_OP:
+            x, residual, scale, bias = n.input[:4]
+            if len(n.input) > 4 and n.input[4]:
+                nodes.append(helper.make_node("Add", [x, n.input[4]], [tmp + "_xb"]))
+                x = tmp + "_xb"
+            nodes.append(helper.make_node("Add", [x, residual], [n.output[1]]))
+            norm_in = n.output[1]
+        elif n.domain == ONNX_DOMAIN and n.op_type == TRANSPOSE_NORM_OP:
+            nodes.append(helper.make_node("Transpose", [n.input[0]], [tmp], perm=[0, 2, 3, 1]))
+            scale, bias, norm_in = n.input[1], n.input[2], tmp
+        elif n.domain == ONNX_DOMAIN and n.op_type == DEPTHWISE_SILU_OP:
+            channels = next(i.dims[0] for i in proto.graph.initializer if i.name == n.input[1])
+            nodes.append(helper.make_node("Transpose", [n.input[0]], [tmp + "_t"], perm=[0, 3, 1, 2]))
+            conv = helper.make_node("Conv", [tmp + "_t", *n.input[1:]], [tmp + "_c"], group=channels, pads=[1] * 4)
+            nodes += [conv, helper.make_node("Sigmoid", [tmp + "_c"], [tmp + "_s"])]
+            nodes.append(helper.make_node("Mul", [tmp + "_c", tmp + "_s"], [n.output[0]]))
+            continue
+        else:
+            nodes.append(n)
+            continue
+        nodes.append(
+            helper.make_node(LAYER_NORM_OP, [norm_in, scale, bias], [n.output[0]], domain=ONNX_DOMAIN, epsilon=eps)
+        )
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _cpu_session(proto: onnx.ModelProto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(ort_library_path()))
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _lowered_graph(name: str, task: str, folder) -> onnx.ModelProto:
+    """The float32 cuda-onnxruntime graph as the lowering builds it before fusing: a classifier in the target's default
+    residual layout, a dense model as it is (channel-first), LayerNorms as LastAxisLayerNorm."""
+    source = resolve_model(name, random_weights=True, seed=0, **({} if task == "classification" else {"task": task}))
+    model = source.model.eval()
+    graph_model = layout_graph(model, None)[0] if task == "classification" else model
+    export_onnx(graph_model, folder / "model.onnx", scan="custom-op", max_size=256)
+    proto = onnx.load(str(folder / "model.onnx"))
+    use_last_axis_layer_norms(proto)
+    return proto
+
+
+@pytest.fixture(scope="module", params=["vmamba_test_v2", "vmamba_test_v0"])
+def cuda_graph(request, tmp_path_factory) -> tuple[str, onnx.ModelProto]:
+    return request.param, _lowered_graph(request.param, "classification", tmp_path_factory.mktemp("fusions"))
+
+
+@pytest.fixture(scope="module")
+def dense_cuda_graph(tmp_path_factory) -> onnx.ModelProto:
+    """A v2 backbone (four feature maps), channel-first: only its LayerNorm2d's first Transpose is fused."""
+    return _lowered_graph("vmamba_test_v2", "backbone", tmp_path_factory.mktemp("fusions-dense"))
+
+
+def _fused_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    fused = onnx.ModelProto()
+    fused.CopyFrom(proto)
+    return fused, fuse_cuda_graph(fused)
+
+
+def test_every_block_pattern_is_fused(cuda_graph):
+    """Per block: the norm after the scan takes its Transpose, the depthwise convolution its Transpose and SiLU, and
+    each residual Add (one per block, two with an MLP) is folded into the norm that follows it, the MLP's fc2 bias
+    Add with it, except where a stage ends and a downsampling layer follows instead of a norm."""
+    name, proto = cuda_graph
+    config = resolve_model(name, random_weights=True, seed=0).model.config
+    fused, record = _fused_copy(proto)
+    blocks, stage_ends = sum(config.depths), len(config.depths) - 1
+    residuals_per_block = 2 if config.mlp_ratio > 0 else 1
+    counts = record["fused"]
+    assert counts[DEPTHWISE_SILU_OP] == blocks
+    assert counts[TRANSPOSE_NORM_OP] >= blocks
+    assert counts[RESIDUAL_NORM_OP] == residuals_per_block * blocks - stage_ends
+    biased = sum(1 for n in fused.graph.node if n.op_type == RESIDUAL_NORM_OP and len(n.input) == 5)
+    assert biased == (blocks - stage_ends if config.mlp_ratio > 0 else 0)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("SelectiveScan2D") == blocks
+    assert ops.count("Sigmoid") == (blocks if config.version == "v0" else 0)  # v0 keeps its gate's SiLU(z)
+    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1
+    removed = counts[RESIDUAL_NORM_OP] + biased + counts[TRANSPOSE_NORM_OP] + 3 * counts[DEPTHWISE_SILU_OP]
+    assert record["nodes_before"] - record["nodes_after"] == removed == len(proto.graph.node) - len(fused.graph.node)
+    # fused nodes stay in topological order (ONNX requires it; ORT refuses the graph otherwise)
+    known = {i.name for i in fused.graph.input} | {i.name for i in fused.graph.initializer} | {""}
+    for node in fused.graph.node:
+        assert all(i in known for i in node.input), node.name
+        known.update(node.output)
+
+
+def _assert_same_outputs(proto: onnx.ModelProto, fused: onnx.ModelProto) -> None:
+    """Fused, then expanded back by the reference definitions, the graph gives every output of the exported graph at
+    two input sizes (one not a multiple of 32)."""
+    plain, expanded = _cpu_session(proto), _cpu_session(_unfused(fused))
+    rng = np.random.default_rng(0)
+    for shape in [(2, 3, 64, 64), (1, 3, 48, 80)]:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        for want, got in zip(plain.run(None, {"pixel_values": x}), expanded.run(None, {"pixel_values": x})):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@needs_cpu_library
+def test_fused_graph_computes_the_exported_graph(cuda_graph):
+    _, proto = cuda_graph
+    _assert_same_outputs(proto, _fused_copy(proto)[0])
+
+
+@needs_cpu_library
+def test_fused_dense_graph_computes_the_exported_graph(dense_cuda_graph):
+    fused, record = _fused_copy(dense_cuda_graph)
+    assert record["fused"][TRANSPOSE_NORM_OP] > 0
+    _assert_same_outputs(dense_cuda_graph, fused)
+
+
+def _model(nodes, inputs, outputs, initializers=(), value_info=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers), value_info=list(value_info))
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(ONNX_DOMAIN, 1)],
+        ir_version=IR_VERSION,
+    )
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _norm(x, y, c=8):
+    return helper.make_node(LAYER_NORM_OP, [x, f"s{c}", f"b{c}"], [y], domain=ONNX_DOMAIN, epsilon=1e-6)
+
+
+def _vec(name, n):
+    return helper.make_tensor(name, TensorProto.FLOAT, [n], np.linspace(0.5, 1.5, n).astype(np.float32))
+
+
+def test_broadcasting_and_shared_tensors_are_not_fused():
+    """A bias Add before a norm is no residual; an Add whose inputs differ in shape broadcasts; a Transpose read twice
+    must stay; a strided depthwise convolution is another function."""
+    shape = ["n", 4, 4, 8]
+    nodes = [
+        helper.make_node("Add", ["x", "b8"], ["biased"]),  # bias only: stays
+        _norm("biased", "y0"),
+        helper.make_node("Add", ["x", "row"], ["bcast"]),  # (n, 4, 4, 8) + (1, 1, 1, 8): stays
+        _norm("bcast", "y1"),
+        helper.make_node("Transpose", ["m"], ["t"], perm=[0, 2, 3, 1]),  # read by the norm and by y3: stays
+        _norm("t", "y2"),
+        helper.make_node("Identity", ["t"], ["y3"]),
+        helper.make_node("Transpose", ["x"], ["cf"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["cf", "w"], ["c"], group=8, pads=[1] * 4, strides=[2, 2]),  # stride 2: stays
+        helper.make_node("Sigmoid", ["c"], ["sg"]),
+        helper.make_node("Mul", ["c", "sg"], ["y4"]),
+    ]
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [8, 1, 3, 3], np.ones(72, np.float32))
+    model = _model(
+        nodes,
+        [_vi("x", shape), _vi("row", [1, 1, 1, 8]), _vi("m", ["n", 8, 4, 4])],
+        [_vi(f"y{i}", None) for i in range(5)],
+        [_vec("s8", 8), _vec("b8", 8), weight],
+        [_vi("biased", shape), _vi("bcast", shape), _vi("t", shape)],
+    )
+    assert fuse_residual_layer_norms(model) == 0
+    assert fuse_transpose_layer_norms(model) == 0
+    assert fuse_depthwise_conv_silu(model) == 0
+    assert len(model.graph.node) == len(nodes)
+
+
+def test_residual_with_bias_is_one_node_with_both_outputs():
+    """fc2 -> Add(bias) -> Add(residual) -> norm, the sum read again later: one ResidualLayerNorm with X_bias, whose
+    second output keeps the sum's name for its other reader."""
+    shape = ["n", 8]
+    nodes = [
+        helper.make_node("MatMul", ["h", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "fb"], ["biased"]),
+        helper.make_node("Add", ["res", "biased"], ["sum"]),
+        _norm("sum", "normed"),
+        helper.make_node("Add", ["sum", "normed"], ["out"]),
+    ]
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], np.eye(8, dtype=np.float32).ravel())
+    model = _model(
+        nodes,
+        [_vi("h", shape), _vi("res", shape)],
+        [_vi("out", shape)],
+        [w, _vec("fb", 8), _vec("s8", 8), _vec("b8", 8)],
+        [_vi("mm", shape), _vi("biased", shape), _vi("sum", shape), _vi("normed", shape)],
+    )
+    assert fuse_residual_layer_norms(model) == 1
+    fused = [n for n in model.graph.node if n.op_type == RESIDUAL_NORM_OP]
+    assert [list(n.input) for n in fused] == [["mm", "res", "s8", "b8", "fb"]]
+    assert list(fused[0].output) == ["normed", "sum"]
+    assert [n.op_type for n in model.graph.node] == ["MatMul", RESIDUAL_NORM_OP, "Add"]
+    assert "biased" not in {v.name for v in model.graph.value_info}

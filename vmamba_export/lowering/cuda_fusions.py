@@ -1,0 +1,240 @@
+"""cuda-onnxruntime graph fusions: fewer kernels around the scan (docs/cuda-onnxruntime.md, "Fused ops").
+
+At batch 1 a VMamba graph is a chain of ~370 small kernels, and each costs about as much to run as its bytes (launch,
+ramp-up, a pass over memory): what decides the time is how many there are. ONNX Runtime's CUDA provider fuses some
+chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the library's CUDA kernels
+(libvmamba_ort_cuda.so) compute in one pass each:
+
+- `ResidualLayerNorm(X, R, scale, bias[, X_bias]) -> (Y, S)`: the residual Add before a block's LastAxisLayerNorm,
+  with the Add of a bias before it when the bias Add has no other reader (the MLP's fc2 bias); S, the new residual
+  stream, is the second output. Two or three kernels -> one.
+- `TransposeLayerNorm(X, scale, bias) -> Y`: Transpose(0, 2, 3, 1) then LastAxisLayerNorm, where the scan's (or a
+  convolution's) channel-first map enters the channels-last residual stream. Two kernels -> one.
+- `DepthwiseConvSiLU(X, W[, bias]) -> Y`: Transpose(0, 3, 1, 2), the block's depthwise 3 x 3 convolution (pads 1,
+  stride 1) and SiLU (Mul(x, Sigmoid(x))), from the input projection's channels-last output to the scan's
+  channel-first input. Three or more kernels (cuDNN) -> one.
+
+Applied to the float32 graph after the LastAxisLayerNorm rewrite (cuda_graph.py) and before the fp16 conversion; a
+pattern is fused only where every tensor it removes has no other reader and is no graph output, weights and biases
+are initializers of the expected shapes, and (for the residual) both Add inputs have the same shape in the
+exporter's value_info, so no broadcasting Add is ever taken for a residual. Everything else stays as it was.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .cuda_graph import LAYER_NORM_OP
+from .onnx_export import ONNX_DOMAIN
+from .onnx_graph import node_attribute
+
+if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with the lowering registry
+    import onnx
+
+RESIDUAL_NORM_OP = "ResidualLayerNorm"
+TRANSPOSE_NORM_OP = "TransposeLayerNorm"
+DEPTHWISE_SILU_OP = "DepthwiseConvSiLU"
+FUSED_OPS = (RESIDUAL_NORM_OP, TRANSPOSE_NORM_OP, DEPTHWISE_SILU_OP)
+TO_CHANNELS_LAST = [0, 2, 3, 1]
+TO_CHANNELS_FIRST = [0, 3, 1, 2]
+
+
+class _Index:
+    """Who produces and who reads each tensor of a graph, its initializers, outputs and value_info shapes."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for name in n.input:
+                self.readers.setdefault(name, []).append(n)
+        self.initializers = {i.name: i for i in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+        self.shapes = {v.name: _dims(v) for v in (*graph.input, *graph.value_info, *graph.output)}
+
+    def only_reader(self, tensor: str, node: onnx.NodeProto) -> bool:
+        """Whether `node` is the one reader of `tensor` and `tensor` is no graph output (so it can disappear)."""
+        return tensor not in self.outputs and [id(r) for r in self.readers.get(tensor, [])] == [id(node)]
+
+    def vector(self, name: str) -> int | None:
+        """The length of 1-D initializer `name`, else None."""
+        tensor = self.initializers.get(name)
+        return int(tensor.dims[0]) if tensor is not None and len(tensor.dims) == 1 else None
+
+    def produced_by(self, tensor: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(tensor)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _dims(info) -> list[str] | None:
+    """A value_info's dimensions as comparable strings (a value or a symbol), None where any is unknown."""
+    dims = []
+    for d in info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(str(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            return None
+    return dims if info.type.tensor_type.HasField("shape") else None
+
+
+def _is_transpose(node: onnx.NodeProto | None, perm: list[int]) -> bool:
+    return node is not None and list(node_attribute(node, "perm", [])) == perm
+
+
+def _layer_norms(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if n.op_type == LAYER_NORM_OP and n.domain == ONNX_DOMAIN]
+
+
+def _fused_node(op: str, inputs: list[str], outputs: list[str], like: onnx.NodeProto, **attrs) -> onnx.NodeProto:
+    import onnx
+
+    node = onnx.helper.make_node(op, inputs, outputs, name=f"{like.name or op}_fused", domain=ONNX_DOMAIN, **attrs)
+    node.metadata_props.extend(like.metadata_props)  # the exporter's module scope, for tools that read it
+    return node
+
+
+def _rebuild(graph: onnx.GraphProto, placed: dict[int, onnx.NodeProto], removed: set[int], gone: set[str]) -> None:
+    """Replace the node at each id in `placed` by its fused node, drop the nodes in `removed` and the value_info of
+    the tensors in `gone`. Each fused node takes a position where all its inputs exist and before all its readers."""
+    nodes = [placed.get(id(n), n) for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def fuse_residual_layer_norms(proto: onnx.ModelProto) -> int:
+    """Add(X (+ bias), R) -> LastAxisLayerNorm becomes ResidualLayerNorm, in place. Returns how many."""
+    graph = proto.graph
+    index = _Index(graph)
+    placed: dict[int, onnx.NodeProto] = {}
+    removed: set[int] = set()
+    gone: set[str] = set()
+    for norm in _layer_norms(graph):
+        add = index.produced_by(norm.input[0], "Add")
+        if add is None or id(add) in placed or len(add.input) != 2:
+            continue
+        width = index.vector(norm.input[1])
+        shapes = [index.shapes.get(name) for name in add.input]
+        if any(name in index.initializers for name in add.input) or shapes[0] is None or shapes[0] != shapes[1]:
+            continue  # not a residual: a bias or broadcast Add, or shapes the exporter did not record
+        if width is None or shapes[0][-1] != str(width):
+            continue
+        x, residual = add.input
+        x_bias: list[str] = []
+        for first, second in ((x, residual), (residual, x)):
+            bias_add = index.produced_by(first, "Add")
+            if bias_add is None or not index.only_reader(first, add):
+                continue
+            named = [n for n in bias_add.input if index.vector(n) == width]
+            others = [n for n in bias_add.input if n not in named]
+            if len(named) == 1 and len(others) == 1 and others[0] not in index.initializers:
+                x, residual, x_bias = others[0], second, named
+                removed.add(id(bias_add))
+                gone.add(first)
+                break
+        epsilon = float(node_attribute(norm, "epsilon", 1e-5))
+        fused = _fused_node(
+            RESIDUAL_NORM_OP,
+            [x, residual, norm.input[1], norm.input[2], *x_bias],
+            [norm.output[0], add.output[0]],
+            norm,
+            epsilon=epsilon,
+        )
+        placed[id(add)] = fused  # at the Add: its inputs exist there, and every reader of S comes after it
+        removed.add(id(norm))
+    _rebuild(graph, placed, removed, gone)
+    return len(placed)
+
+
+def fuse_transpose_layer_norms(proto: onnx.ModelProto) -> int:
+    """Transpose(0, 2, 3, 1) -> LastAxisLayerNorm becomes TransposeLayerNorm, in place. Returns how many."""
+    graph = proto.graph
+    index = _Index(graph)
+    placed: dict[int, onnx.NodeProto] = {}
+    removed: set[int] = set()
+    gone: set[str] = set()
+    for norm in _layer_norms(graph):
+        transpose = index.produced_by(norm.input[0], "Transpose")
+        if not _is_transpose(transpose, TO_CHANNELS_LAST) or not index.only_reader(norm.input[0], norm):
+            continue
+        epsilon = float(node_attribute(norm, "epsilon", 1e-5))
+        placed[id(norm)] = _fused_node(
+            TRANSPOSE_NORM_OP, [transpose.input[0], *norm.input[1:3]], [norm.output[0]], norm, epsilon=epsilon
+        )
+        removed.add(id(transpose))
+        gone.add(norm.input[0])
+    _rebuild(graph, placed, removed, gone)
+    return len(placed)
+
+
+def _depthwise_3x3(conv: onnx.NodeProto, index: _Index) -> bool:
+    """A depthwise 3 x 3 convolution with zero padding 1, stride 1, an even number C of channels, its weight
+    (C, 1, 3, 3) and any bias (C,) initializers."""
+    weight = index.initializers.get(conv.input[1]) if len(conv.input) > 1 else None
+    if weight is None or len(weight.dims) != 4 or list(weight.dims[1:]) != [1, 3, 3]:
+        return False
+    channels = int(weight.dims[0])
+    if channels % 2:  # the kernel reads channel pairs
+        return False
+    if len(conv.input) > 2 and conv.input[2] and index.vector(conv.input[2]) != channels:
+        return False
+    return (
+        node_attribute(conv, "group", 1) == channels
+        and list(node_attribute(conv, "kernel_shape", [3, 3])) == [3, 3]
+        and list(node_attribute(conv, "pads", [0, 0, 0, 0])) == [1, 1, 1, 1]
+        and list(node_attribute(conv, "strides", [1, 1])) == [1, 1]
+        and list(node_attribute(conv, "dilations", [1, 1])) == [1, 1]
+        and node_attribute(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    )
+
+
+def fuse_depthwise_conv_silu(proto: onnx.ModelProto) -> int:
+    """Transpose(0, 3, 1, 2) -> depthwise 3 x 3 Conv -> Mul(x, Sigmoid(x)) becomes DepthwiseConvSiLU, in place.
+    Returns how many."""
+    graph = proto.graph
+    index = _Index(graph)
+    placed: dict[int, onnx.NodeProto] = {}
+    removed: set[int] = set()
+    gone: set[str] = set()
+    for mul in graph.node:
+        if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
+            continue
+        found = None
+        for a, s in (mul.input, reversed(mul.input)):
+            sigmoid = index.produced_by(s, "Sigmoid")
+            if sigmoid is not None and sigmoid.input[0] == a:
+                found = a, sigmoid
+                break
+        if found is None:
+            continue
+        activated, sigmoid = found
+        conv = index.produced_by(activated, "Conv")
+        if conv is None or not _depthwise_3x3(conv, index) or not index.only_reader(sigmoid.output[0], mul):
+            continue
+        if activated in index.outputs or {id(r) for r in index.readers.get(activated, [])} != {id(sigmoid), id(mul)}:
+            continue
+        transpose = index.produced_by(conv.input[0], "Transpose")
+        if not _is_transpose(transpose, TO_CHANNELS_FIRST) or not index.only_reader(conv.input[0], conv):
+            continue
+        weights = [name for name in conv.input[1:] if name]
+        placed[id(mul)] = _fused_node(DEPTHWISE_SILU_OP, [transpose.input[0], *weights], [mul.output[0]], conv)
+        removed.update((id(transpose), id(conv), id(sigmoid)))
+        gone.update((conv.input[0], activated, sigmoid.output[0]))
+    _rebuild(graph, placed, removed, gone)
+    return len(placed)
+
+
+def fuse_cuda_graph(proto: onnx.ModelProto) -> dict:
+    """All three fusions, in place, on a float32 cuda-onnxruntime graph whose LayerNorms are LastAxisLayerNorm.
+    Returns what the manifest records: the fused op and how many nodes of each, and the node count before and after."""
+    before = len(proto.graph.node)
+    counts = {
+        RESIDUAL_NORM_OP: fuse_residual_layer_norms(proto),
+        TRANSPOSE_NORM_OP: fuse_transpose_layer_norms(proto),
+        DEPTHWISE_SILU_OP: fuse_depthwise_conv_silu(proto),
+    }
+    return {"domain": ONNX_DOMAIN, "fused": counts, "nodes_before": before, "nodes_after": len(proto.graph.node)}
