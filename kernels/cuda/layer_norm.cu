@@ -29,7 +29,6 @@ __device__ __forceinline__ float group_sum(float s) {
   return s;
 }
 
-// `Group` threads per row; each holds up to `Elems` values of it in registers (pairs lane, lane + Group, ...).
 // Rounds a float32 value to the storage type and back: a fused sum is rounded where the unfused graph's Add rounds.
 template <typename T>
 __device__ __forceinline__ float rounded(float v) {

@@ -144,17 +144,21 @@ OrtStatus* check_params(const char* op, const std::vector<std::pair<const char*,
   return nullptr;
 }
 
-float epsilon_of(const Ort::ConstKernelInfo& info) { return info.GetAttribute<float>("epsilon"); }
+// The LayerNorm kernels' state: the op's type and its epsilon attribute.
+template <typename Derived>
+struct NormCudaKernel : CudaKernel<Derived> {
+  ONNXTensorElementDataType type;
+  float epsilon;
+  NormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
+      : type(t), epsilon(info.GetAttribute<float>("epsilon")) {}
+};
 
 // LastAxisLayerNorm(X, scale, bias) -> Y, attribute epsilon: LayerNormalization over the last axis of X.
-struct LayerNormCudaKernel : CudaKernel<LayerNormCudaKernel> {
+struct LayerNormCudaKernel : NormCudaKernel<LayerNormCudaKernel> {
   static constexpr const char* kName = "LastAxisLayerNorm";
   static constexpr size_t kInputs = 3, kRequiredInputs = 3, kOutputs = 1;
   static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
-  ONNXTensorElementDataType type;
-  float epsilon;
-  LayerNormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
-      : type(t), epsilon(epsilon_of(info)) {}
+  using NormCudaKernel::NormCudaKernel;
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
     auto x = ctx.GetInput(0), scale = ctx.GetInput(1), bias = ctx.GetInput(2);
@@ -172,14 +176,11 @@ struct LayerNormCudaKernel : CudaKernel<LayerNormCudaKernel> {
 
 // ResidualLayerNorm(X, R, scale, bias[, X_bias]) -> (Y, S), attribute epsilon: S = X (+ X_bias) + R, Y the
 // LayerNorm of S over the last axis (the residual Add(s) of a VMamba block fused into the norm after them).
-struct ResidualLayerNormCudaKernel : CudaKernel<ResidualLayerNormCudaKernel> {
+struct ResidualLayerNormCudaKernel : NormCudaKernel<ResidualLayerNormCudaKernel> {
   static constexpr const char* kName = "ResidualLayerNorm";
   static constexpr size_t kInputs = 5, kRequiredInputs = 4, kOutputs = 2;
   static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::outputs_like_input0;
-  ONNXTensorElementDataType type;
-  float epsilon;
-  ResidualLayerNormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
-      : type(t), epsilon(epsilon_of(info)) {}
+  using NormCudaKernel::NormCudaKernel;
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
     auto x = ctx.GetInput(0), residual = ctx.GetInput(1), scale = ctx.GetInput(2), bias = ctx.GetInput(3);
@@ -210,14 +211,11 @@ struct ResidualLayerNormCudaKernel : CudaKernel<ResidualLayerNormCudaKernel> {
 
 // TransposeLayerNorm(X, scale, bias) -> Y, attribute epsilon: X (N, C, d1, ..., dk) channel-first, Y (N, d1, ..., dk,
 // C), LastAxisLayerNorm(Transpose(X, [0, 2, ..., k+1, 1])) in one kernel.
-struct TransposeLayerNormCudaKernel : CudaKernel<TransposeLayerNormCudaKernel> {
+struct TransposeLayerNormCudaKernel : NormCudaKernel<TransposeLayerNormCudaKernel> {
   static constexpr const char* kName = "TransposeLayerNorm";
   static constexpr size_t kInputs = 3, kRequiredInputs = 3, kOutputs = 1;
   static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_channels_last;
-  ONNXTensorElementDataType type;
-  float epsilon;
-  TransposeLayerNormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
-      : type(t), epsilon(epsilon_of(info)) {}
+  using NormCudaKernel::NormCudaKernel;
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
     auto x = ctx.GetInput(0), scale = ctx.GetInput(1), bias = ctx.GetInput(2);

@@ -24,7 +24,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from .onnx_export import ONNX_DOMAIN
-from .onnx_graph import node_attribute
+from .onnx_graph import node_attribute, replace_nodes
 
 if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with the lowering registry
     import onnx
@@ -138,13 +138,8 @@ def use_channel_layer_norms(proto: onnx.ModelProto) -> dict:
         dropped_tensors.update((first.output[0], *[o for o in node.output if o]))
     if replacements:
         # Second Transposes become the new nodes in place: their readers come after them, and the first Transposes'
-        # inputs before them, so the node list stays topologically sorted.
-        nodes = [replacements.get(id(n), n) for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        kept_info = [v for v in graph.value_info if v.name not in dropped_tensors]
-        del graph.value_info[:]
-        graph.value_info.extend(kept_info)
+        # inputs before them.
+        replace_nodes(graph, replacements, removed, dropped_tensors)
         if not any(o.domain == ONNX_DOMAIN for o in proto.opset_import):
             proto.opset_import.append(onnx.helper.make_opsetid(ONNX_DOMAIN, 1))
     return {"op": f"{ONNX_DOMAIN}::{CHANNEL_NORM_OP}", "replaced": len(replacements), "kept": kept}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .cuda_graph import LAYER_NORM_OP
 from .onnx_export import ONNX_DOMAIN
-from .onnx_graph import node_attribute
+from .onnx_graph import node_attribute, replace_nodes
 
 if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with the lowering registry
     import onnx
@@ -95,25 +95,28 @@ def _fused_node(op: str, inputs: list[str], outputs: list[str], like: onnx.NodeP
     return node
 
 
-def _rebuild(graph: onnx.GraphProto, placed: dict[int, onnx.NodeProto], removed: set[int], gone: set[str]) -> None:
-    """Replace the node at each id in `placed` by its fused node, drop the nodes in `removed` and the value_info of
-    the tensors in `gone`. Each fused node takes a position where all its inputs exist and before all its readers."""
-    nodes = [placed.get(id(n), n) for n in graph.node if id(n) not in removed]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [v for v in graph.value_info if v.name not in gone]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
+class _Edit:
+    """One fusion pass over a graph: its index, and the fused nodes placed, nodes removed and tensors gone so far,
+    applied together by `commit` (the index stays valid while the pass looks for patterns)."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.index = _Index(graph)
+        self.placed: dict[int, onnx.NodeProto] = {}
+        self.removed: set[int] = set()
+        self.gone: set[str] = set()
+
+    def commit(self) -> int:
+        """Apply the pass; returns how many fused nodes it placed."""
+        replace_nodes(self.graph, self.placed, self.removed, self.gone)
+        return len(self.placed)
 
 
 def fuse_residual_layer_norms(proto: onnx.ModelProto) -> int:
     """Add(X (+ bias), R) -> LastAxisLayerNorm becomes ResidualLayerNorm, in place. Returns how many."""
-    graph = proto.graph
-    index = _Index(graph)
-    placed: dict[int, onnx.NodeProto] = {}
-    removed: set[int] = set()
-    gone: set[str] = set()
-    for norm in _layer_norms(graph):
+    edit = _Edit(proto.graph)
+    index, placed = edit.index, edit.placed
+    for norm in _layer_norms(proto.graph):
         add = index.produced_by(norm.input[0], "Add")
         if add is None or id(add) in placed or len(add.input) != 2:
             continue
@@ -133,8 +136,8 @@ def fuse_residual_layer_norms(proto: onnx.ModelProto) -> int:
             others = [n for n in bias_add.input if n not in named]
             if len(named) == 1 and len(others) == 1 and others[0] not in index.initializers:
                 x, residual, x_bias = others[0], second, named
-                removed.add(id(bias_add))
-                gone.add(first)
+                edit.removed.add(id(bias_add))
+                edit.gone.add(first)
                 break
         epsilon = float(node_attribute(norm, "epsilon", 1e-5))
         fused = _fused_node(
@@ -145,30 +148,25 @@ def fuse_residual_layer_norms(proto: onnx.ModelProto) -> int:
             epsilon=epsilon,
         )
         placed[id(add)] = fused  # at the Add: its inputs exist there, and every reader of S comes after it
-        removed.add(id(norm))
-    _rebuild(graph, placed, removed, gone)
-    return len(placed)
+        edit.removed.add(id(norm))
+    return edit.commit()
 
 
 def fuse_transpose_layer_norms(proto: onnx.ModelProto) -> int:
     """Transpose(0, 2, 3, 1) -> LastAxisLayerNorm becomes TransposeLayerNorm, in place. Returns how many."""
-    graph = proto.graph
-    index = _Index(graph)
-    placed: dict[int, onnx.NodeProto] = {}
-    removed: set[int] = set()
-    gone: set[str] = set()
-    for norm in _layer_norms(graph):
+    edit = _Edit(proto.graph)
+    index = edit.index
+    for norm in _layer_norms(proto.graph):
         transpose = index.produced_by(norm.input[0], "Transpose")
         if not _is_transpose(transpose, TO_CHANNELS_LAST) or not index.only_reader(norm.input[0], norm):
             continue
         epsilon = float(node_attribute(norm, "epsilon", 1e-5))
-        placed[id(norm)] = _fused_node(
+        edit.placed[id(norm)] = _fused_node(
             TRANSPOSE_NORM_OP, [transpose.input[0], *norm.input[1:3]], [norm.output[0]], norm, epsilon=epsilon
         )
-        removed.add(id(transpose))
-        gone.add(norm.input[0])
-    _rebuild(graph, placed, removed, gone)
-    return len(placed)
+        edit.removed.add(id(transpose))
+        edit.gone.add(norm.input[0])
+    return edit.commit()
 
 
 def _depthwise_3x3(conv: onnx.NodeProto, index: _Index) -> bool:
@@ -195,12 +193,9 @@ def _depthwise_3x3(conv: onnx.NodeProto, index: _Index) -> bool:
 def fuse_depthwise_conv_silu(proto: onnx.ModelProto) -> int:
     """Transpose(0, 3, 1, 2) -> depthwise 3 x 3 Conv -> Mul(x, Sigmoid(x)) becomes DepthwiseConvSiLU, in place.
     Returns how many."""
-    graph = proto.graph
-    index = _Index(graph)
-    placed: dict[int, onnx.NodeProto] = {}
-    removed: set[int] = set()
-    gone: set[str] = set()
-    for mul in graph.node:
+    edit = _Edit(proto.graph)
+    index = edit.index
+    for mul in proto.graph.node:
         if mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.input) != 2:
             continue
         found = None
@@ -221,11 +216,10 @@ def fuse_depthwise_conv_silu(proto: onnx.ModelProto) -> int:
         if not _is_transpose(transpose, TO_CHANNELS_FIRST) or not index.only_reader(conv.input[0], conv):
             continue
         weights = [name for name in conv.input[1:] if name]
-        placed[id(mul)] = _fused_node(DEPTHWISE_SILU_OP, [transpose.input[0], *weights], [mul.output[0]], conv)
-        removed.update((id(transpose), id(conv), id(sigmoid)))
-        gone.update((conv.input[0], activated, sigmoid.output[0]))
-    _rebuild(graph, placed, removed, gone)
-    return len(placed)
+        edit.placed[id(mul)] = _fused_node(DEPTHWISE_SILU_OP, [transpose.input[0], *weights], [mul.output[0]], conv)
+        edit.removed.update((id(transpose), id(conv), id(sigmoid)))
+        edit.gone.update((conv.input[0], activated, sigmoid.output[0]))
+    return edit.commit()
 
 
 def fuse_cuda_graph(proto: onnx.ModelProto) -> dict:

@@ -1,5 +1,5 @@
-"""Small pieces the graph rewrites share: a node's attribute, the node order of an edited graph, static tensor shapes,
-the pointwise convolutions they look for."""
+"""Small pieces the graph rewrites share: a node's attribute, the node order of an edited graph, replacing nodes in
+place, static tensor shapes, the pointwise convolutions they look for."""
 
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ def sort_topologically(graph: onnx.GraphProto) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def replace_nodes(graph: onnx.GraphProto, placed: dict[int, onnx.NodeProto], removed: set[int], gone: set[str]) -> None:
+    """Put each new node of `placed` where the node of that id is, drop the nodes whose ids are in `removed`, and the
+    value_info of the tensors in `gone`. The caller places each new node where all its inputs exist and before all
+    its readers, so the node list stays topologically sorted."""
+    nodes = [placed.get(id(n), n) for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def node_attribute(node: onnx.NodeProto, name: str, default):
