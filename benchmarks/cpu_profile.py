@@ -5,6 +5,10 @@ after graph optimisation, so fused and layout nodes such as ReorderInput/Reorder
     python benchmarks/cpu_profile.py [--sizes 224 512] [--threads 2] [--runs 20] [--int8] [--openvino]
                                      [--upernet SIZE] [--workdir D] [--out F.md]
 
+ONNX Runtime sessions have their input's symbolic dimensions fixed to the profiled shape, as the loader's per-shape
+sessions do (runtime/onnxruntime_backend.py); before session 17 ours ran with symbolic shapes here, which left a
+segmentation head's bilinear Resize outside ORT's blocked layout (about 54 ms more at 512 than the fixed-shape peer).
+
 Graphs: ours as the cpu-onnxruntime target exports it (channel-first residual stream, projections as 1x1
 convolutions that ORT runs in its blocked NCHWc layout, one custom scan node per block, each LayerNorm2d one
 ChannelLayerNorm node: lowering/channel_norm.py), and for comparison the same graph with ONNX Runtime's Transpose ->
@@ -76,8 +80,17 @@ def profile_worker(path: str, library: str | None, size: int, threads: int, runs
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"cpu_profile_{os.getpid()}")
     if library:
         options.register_custom_ops_library(library)
+    # The input's symbolic dimensions fixed to the profiled shape, as the loader's per-shape sessions fix them
+    # (runtime/onnxruntime_backend.py): ORT then folds the shape arithmetic, e.g. a segmentation head's Resize sizes.
+    import onnx
+
+    shape = (1, 3, size, size)
+    graph_input = onnx.load(path, load_external_data=False).graph.input[0]
+    for dim, value in zip(graph_input.type.tensor_type.shape.dim, shape, strict=True):
+        if dim.dim_param:
+            options.add_free_dimension_override_by_name(dim.dim_param, value)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size), np.float32)}
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape, np.float32)}
     warmup = 5
     for _ in range(warmup):
         session.run(None, feed)
