@@ -484,14 +484,16 @@ def check_bandwidth(quick: bool) -> dict:
     }
 
 
-# (row name, precision, export settings): the default graph in both precisions, then fp16 without each of its
-# GPU-specific choices, to show what each gains: the fused ops (lowering/cuda_fusions.py), the v2 models' own
-# channel-first layout instead of the channels-last graph (models/channels_last.py), and ONNX Runtime's
-# LayerNormalization instead of ours (lowering/cuda_graph.py).
+# (row name, precision, export settings): the default graph in both precisions, with the packed scan (opt-in until
+# measured: lowering/cuda_fusions.py), then fp16 without each of its GPU-specific choices, to show what each gains:
+# the fused ops (lowering/cuda_fusions.py), the v2 models' own channel-first layout instead of the channels-last graph
+# (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
 MODEL_VARIANTS = (
     ("fp32", "fp32", {}),
     ("fp16", "fp16", {}),
     ("fp16-unfused", "fp16", {"cuda_fusions": "off"}),
+    ("fp16-packed", "fp16", {"cuda_fusions": "packed"}),
+    ("fp32-packed", "fp32", {"cuda_fusions": "packed"}),
     ("fp32-unfused", "fp32", {"cuda_fusions": "off"}),
     ("fp16-ort-layernorm", "fp16", {"layer_norm": "onnxruntime"}),
     ("fp16-channels-first-ort-layernorm", "fp16", {"layout": "channels-first", "layer_norm": "onnxruntime"}),

@@ -144,13 +144,15 @@ def main() -> int:
     p.add_argument("model", choices=["vmamba_tiny_s1l8", "convnext_tiny", "scan"], help="scan: the kernel alone")
     p.add_argument("--batch", type=int, default=128, help="batch of the profiled inference (default 128)")
     p.add_argument("--unfused", action="store_true", help="vmamba: export without the fused ops (cuda_fusions off)")
+    p.add_argument("--packed", action="store_true", help="vmamba: with the packed scan (cuda_fusions packed)")
     p = sub.add_parser("summarize", help="here: group ncu's CSV by kernel kind")
     p.add_argument("csv", nargs="+", type=Path)
     args = parser.parse_args()
     if args.command == "run" and args.model == "scan":
         run_scan()
     elif args.command == "run":
-        run(args.model, args.batch, {"cuda_fusions": "off"} if args.unfused else None)
+        fusions = "off" if args.unfused else ("packed" if args.packed else None)
+        run(args.model, args.batch, {"cuda_fusions": fusions} if fusions else None)
     else:
         summarize(args.csv)
     return 0

@@ -351,6 +351,46 @@ def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.gpu
+# (batch, Di, N, H, W, R). Line kernel reading X in place: the stage-1 shape at batch 1 (8-step chunks, L2 prefetch in
+# float16), a rank-48 stage-4 shape, 7-step chunks with partial ones. Unpacked into scratch first: a map too large
+# for the line kernel (block kernel), and d_state 16 (chunked kernel).
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 96, 1, 56, 56, 6), (2, 24, 1, 7, 7, 48), (2, 5, 1, 7, 9, 3), (1, 8, 1, 80, 70, 6), (1, 4, 16, 9, 7, 2)],
+)
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_packed_scan_op_matches_reference(shape, float16):
+    """SelectiveScan2DPacked against the float64 scan of the unpacked inputs: delta = dt_weight . X's dt-rank
+    channels, B and C the next channels (docs/scan-op.md)."""
+    gpu_ready()
+    batch, di, n, h, w, rank = shape
+    ins = _random_inputs({"u": (batch, di, h, w), "D": (4 * di,)}, float16, seed=1)
+    rng = np.random.default_rng(2)
+    np_type = np.float16 if float16 else np.float32
+
+    def rounded(a):
+        return a.astype(np_type).astype(np.float64)
+
+    ins["X"] = rounded(rng.standard_normal((batch, 4 * rank + 8 * n, h, w)))
+    ins["dt_weight"] = rounded(rng.standard_normal((4, di, rank)) * 0.5 / np.sqrt(rank))
+    ins["A_logs"] = rounded(rng.standard_normal((4 * di, n)) * 0.5 + (np.log(np.arange(1.0, n + 1)) if n > 1 else 0))
+    ins["delta_bias"] = rounded(rng.standard_normal(4 * di) * 0.5 - 1.0)
+    order = ["u", "X", "dt_weight", "A_logs", "D", "delta_bias"]
+    (got,) = _one_node_cuda_run("SelectiveScan2DPacked", {k: ins[k] for k in order}, ["y"], float16)
+
+    x = ins["X"].reshape(batch, 4 * rank + 8 * n, h, w)
+    dt_in = x[:, : 4 * rank].reshape(batch, 4, rank, h, w)
+    delta = np.einsum("kcr,bkrhw->bkchw", ins["dt_weight"], dt_in)
+    b_mat = x[:, 4 * rank : 4 * rank + 4 * n].reshape(batch, 4, n, h, w)
+    c_mat = x[:, 4 * rank + 4 * n :].reshape(batch, 4, n, h, w)
+    args = [ins["u"], delta, ins["A_logs"], b_mat, c_mat, ins["D"], ins["delta_bias"]]
+    want = selective_scan_reference(*[torch.from_numpy(np.ascontiguousarray(a)) for a in args]).numpy()
+    assert np.isfinite(got).all()
+    # float16: the unpacked path rounds delta to float16 before the scan, as the unfused graph's MatMul did
+    assert _rel_l2(got, want) < (3e-3 if float16 else 2e-5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("width", [2, 48, 96, 130, 192, 384, 768, 1000, 1536, 2048])
 @pytest.mark.parametrize("float16", [False, True])
 def test_cuda_layer_norm_op_matches_torch(width, float16):
@@ -451,18 +491,24 @@ def test_cuda_depthwise_conv_silu_op_matches_torch(shape, with_bias, float16):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2"])
+@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2", "vmamba_test_v2-packed"])
 def test_cuda_artifact_parity(tmp_path, precision, name):
+    """The artifact against the PyTorch model; "-packed": exported with cuda_fusions packed (SelectiveScan2DPacked)."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
+    from vmamba_export.lowering import ExportOptions
     from vmamba_export.scan.op import torch_scan
     from vmamba_export.validate import parity_metrics, threshold_failures
 
+    name, _, fusions = name.partition("-")
     source = resolve_model(name, random_weights=True, seed=0)
     folder = tmp_path / precision
-    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256)
+    options = ExportOptions(extra={"cuda_fusions": fusions} if fusions else {})
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
     predictor = load(folder)
+    if fusions:
+        assert predictor.manifest["lowering"]["fusions"]["fused"]["SelectiveScan2DPacked"] > 0
     assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
     lowering = predictor.manifest["lowering"]
     assert lowering["residual_layout"] == "channels-last" and lowering["layer_norms"]["replaced"] > 0

@@ -15,12 +15,14 @@ from vmamba_export.kernels_paths import ort_library_path
 from vmamba_export.lowering import layout_graph
 from vmamba_export.lowering.cuda_fusions import (
     DEPTHWISE_SILU_OP,
+    PACKED_SCAN_OP,
     RESIDUAL_NORM_OP,
     TRANSPOSE_NORM_OP,
     fuse_cuda_graph,
     fuse_depthwise_conv_silu,
     fuse_residual_layer_norms,
     fuse_transpose_layer_norms,
+    pack_scan_projections,
 )
 from vmamba_export.lowering.cuda_graph import LAYER_NORM_OP, use_last_axis_layer_norms
 from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, OPSET, export_onnx
@@ -29,12 +31,49 @@ from vmamba_export.model_source import resolve_model
 needs_cpu_library = pytest.mark.skipif(ort_library_path() is None, reason="libvmamba_ort.so not built")
 
 
+def _unpacked_scan(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """SelectiveScan2DPacked(u, X, dt_weight, A_logs, D, delta_bias) as standard ops and the 7-input scan: X split
+    into its dt-rank, B and C channels, delta = MatMul(dt_weight, dt-rank channels), each made 5-D."""
+    u, packed, dt_weight, a_logs, d, delta_bias = n.input
+    inits = {i.name: i for i in proto.graph.initializer}
+    _, d_inner, rank = inits[dt_weight].dims
+    d_state = inits[a_logs].dims[1]
+    t = f"{n.name}_ref"
+    const = [
+        helper.make_node("Constant", [], [t + "_sizes"], value_ints=[4 * rank, 4 * d_state, 4 * d_state]),
+        helper.make_node("Constant", [], [t + "_dt_shape"], value_ints=[0, 4, rank, -1]),
+        helper.make_node("Constant", [], [t + "_delta_head"], value_ints=[0, 4, d_inner]),
+        helper.make_node("Constant", [], [t + "_bc_head"], value_ints=[0, 4, d_state]),
+    ]
+    return [
+        *const,
+        helper.make_node("Split", [packed, t + "_sizes"], [t + "_dt", t + "_b", t + "_c"], axis=1),
+        helper.make_node("Shape", [u], [t + "_hw"], start=2),
+        helper.make_node("Concat", [t + "_delta_head", t + "_hw"], [t + "_delta_shape"], axis=0),
+        helper.make_node("Concat", [t + "_bc_head", t + "_hw"], [t + "_bc_shape"], axis=0),
+        helper.make_node("Reshape", [t + "_dt", t + "_dt_shape"], [t + "_dt4"]),
+        helper.make_node("MatMul", [dt_weight, t + "_dt4"], [t + "_delta4"]),
+        helper.make_node("Reshape", [t + "_delta4", t + "_delta_shape"], [t + "_delta"]),
+        helper.make_node("Reshape", [t + "_b", t + "_bc_shape"], [t + "_b5"]),
+        helper.make_node("Reshape", [t + "_c", t + "_bc_shape"], [t + "_c5"]),
+        helper.make_node(
+            "SelectiveScan2D",
+            [u, t + "_delta", a_logs, t + "_b5", t + "_c5", d, delta_bias],
+            list(n.output),
+            domain=ONNX_DOMAIN,
+        ),
+    ]
+
+
 def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
     """`proto` with every fused node replaced by the standard ops it is defined as (the reference semantics)."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     nodes = []
     for n in proto.graph.node:
+        if n.domain == ONNX_DOMAIN and n.op_type == PACKED_SCAN_OP:
+            nodes += _unpacked_scan(n, proto)
+            continue
         eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
         tmp = f"{n.name}_ref"
         if n.domain == ONNX_DOMAIN and n.op_type == RESIDUAL_NORM_OP:
@@ -99,7 +138,7 @@ def dense_cuda_graph(tmp_path_factory) -> onnx.ModelProto:
 def _fused_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     fused = onnx.ModelProto()
     fused.CopyFrom(proto)
-    return fused, fuse_cuda_graph(fused)
+    return fused, fuse_cuda_graph(fused, packed_scan=True)
 
 
 def test_every_block_pattern_is_fused(cuda_graph):
@@ -118,10 +157,16 @@ def test_every_block_pattern_is_fused(cuda_graph):
     biased = sum(1 for n in fused.graph.node if n.op_type == RESIDUAL_NORM_OP and len(n.input) == 5)
     assert biased == (blocks - stage_ends if config.mlp_ratio > 0 else 0)
     ops = [n.op_type for n in fused.graph.node]
-    assert ops.count("SelectiveScan2D") == blocks
+    # d_state 1 (v2): every scan takes its projections packed; d_state 16 (v0) keeps the 7-input scan
+    packed = blocks if config.d_state == 1 else 0
+    assert counts[PACKED_SCAN_OP] == ops.count(PACKED_SCAN_OP) == packed
+    assert ops.count("SelectiveScan2D") == blocks - packed
     assert ops.count("Sigmoid") == (blocks if config.version == "v0" else 0)  # v0 keeps its gate's SiLU(z)
-    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1
+    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1; a packed scan replaces
+    # 9 nodes (3 Convs, 4 Reshapes, the MatMul, the scan) with 3 (Concat, Conv, scan) and leaves the Reshapes' shape
+    # arithmetic unread (dropped: counted apart)
     removed = counts[RESIDUAL_NORM_OP] + biased + counts[TRANSPOSE_NORM_OP] + 3 * counts[DEPTHWISE_SILU_OP]
+    removed += 6 * counts[PACKED_SCAN_OP] + record["dead_nodes_dropped"]
     assert record["nodes_before"] - record["nodes_after"] == removed == len(proto.graph.node) - len(fused.graph.node)
     # fused nodes stay in topological order (ONNX requires it; ORT refuses the graph otherwise)
     known = {i.name for i in fused.graph.input} | {i.name for i in fused.graph.initializer} | {""}
@@ -152,6 +197,22 @@ def test_fused_dense_graph_computes_the_exported_graph(dense_cuda_graph):
     fused, record = _fused_copy(dense_cuda_graph)
     assert record["fused"][TRANSPOSE_NORM_OP] > 0
     _assert_same_outputs(dense_cuda_graph, fused)
+
+
+def test_scan_projections_read_elsewhere_are_not_packed(cuda_graph):
+    """A projection another node also reads must stay: the scan whose B convolution is also a graph output keeps its
+    unpacked inputs, every other d_state-1 scan is packed."""
+    name, proto = cuda_graph
+    if resolve_model(name, random_weights=True, seed=0).model.config.d_state != 1:
+        pytest.skip("d_state 16 scans are never packed")
+    graph = onnx.ModelProto()
+    graph.CopyFrom(proto)
+    scans = [n for n in graph.graph.node if n.op_type == "SelectiveScan2D"]
+    b_conv_out = next(n.input[0] for n in graph.graph.node if n.output[0] == scans[0].input[3])
+    graph.graph.output.append(helper.make_tensor_value_info(b_conv_out, TensorProto.FLOAT, None))
+    assert pack_scan_projections(graph) == len(scans) - 1
+    kept = [n for n in graph.graph.node if n.op_type == "SelectiveScan2D"]
+    assert [list(n.input) for n in kept] == [list(scans[0].input)]
 
 
 def _model(nodes, inputs, outputs, initializers=(), value_info=()):

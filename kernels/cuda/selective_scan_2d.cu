@@ -109,6 +109,14 @@ struct Params {
   int vec4;  // block kernel: rows of whole quads and aligned tensors, so staging loads four elements at once
   int prefetch;  // line kernel: prefetch the planes of its later loads into L2 at the start
   const float* bc;  // d_state > 1: B and C position-major, (batch, 4, H*W, [B(N) | C(N)]) float32 (gather_bc_kernel)
+  // Line kernel: elements from one batch's B (and C) planes to the next: 4 H W, or the packed tensor's batch stride.
+  int64_t bc_bstride;
+  // Packed projections (vmamba_selective_scan_2d_packed_cuda), line kernel only: with rank > 0, `delta` points at the
+  // first dt-rank plane of the packed tensor x (batch stride x_bstride) and each step's delta is computed from that
+  // position's `rank` values and dt_weight (4, Di, rank), so the (batch, 4, Di, H, W) delta tensor never exists.
+  const void* dt_weight;
+  int rank;
+  int64_t x_bstride;
 };
 
 // d_state > 1: B and C of every (b, k) copied position-major, [p][B(0..N-1) | C(0..N-1)] in float32, so a scan step
@@ -790,7 +798,39 @@ __device__ __forceinline__ void scan_chunk_totals(float* tot, int n, int lane) {
 }
 
 // One phase: kRows, directions 0 (forward) and 2 (backward) over the rows; else 1 and 3 over the columns.
-template <typename T, int I, bool kRows>
+// One run of delta for channel c of direction k at the chunk's steps: loaded, or (kProjected) computed from the
+// packed tensor's dt-rank planes (the same positions for every channel of the block: they come from L1).
+template <typename T, int I, bool kProjected>
+__device__ __forceinline__ void load_delta_run(const Params& P, int b, int k, int c, int m0, int step, int count,
+                                               float (&out)[I]) {
+  const T* delta = static_cast<const T*>(P.delta);
+  const int len = P.height * P.width;
+  if constexpr (!kProjected) {
+    load_run<I>(delta + ((static_cast<int64_t>(b) * 4 + k) * P.di + c) * len + m0, step, count, out);
+  } else {
+    const T* x = delta + b * P.x_bstride + static_cast<int64_t>(k) * P.rank * len + m0;
+    const T* w = static_cast<const T*>(P.dt_weight) + (static_cast<int64_t>(k) * P.di + c) * P.rank;
+#pragma unroll
+    for (int e = 0; e < I; ++e) out[e] = 0.0f;
+#pragma unroll 2
+    for (int r = 0; r < P.rank; ++r) {
+      float v[I];
+      load_run<I>(x + static_cast<int64_t>(r) * len, step, count, v);
+      const float wr = to_f(__ldg(w + r));
+#pragma unroll
+      for (int e = 0; e < I; ++e) out[e] = fmaf(wr, v[e], out[e]);
+    }
+  }
+}
+
+// Where direction k's B (and C) plane of batch b starts: planes of (batch, 4, len), or the packed tensor's.
+template <bool kPacked>
+__device__ __forceinline__ int64_t bc_offset(const Params& P, int b, int k, int len) {
+  if constexpr (kPacked) return b * P.bc_bstride + static_cast<int64_t>(k) * len;
+  return (static_cast<int64_t>(b) * 4 + k) * len;
+}
+
+template <typename T, int I, bool kRows, bool kProjected>
 __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, float* sy, float* tot, int tot_stride) {
   const int height = P.height, width = P.width, len = height * width, di = P.di, cpb = P.ct;
   const int line_len = kRows ? width : height;
@@ -815,18 +855,14 @@ __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, floa
   float keep[I], qf[I], qb[I];  // y = keep + qf * (state entering, forward) + qb * (state entering, backward)
   if (active) {
     const T* u = static_cast<const T*>(P.u);
-    const T* delta = static_cast<const T*>(P.delta);
-    const T* Bm = static_cast<const T*>(P.B);
-    const T* Cm = static_cast<const T*>(P.C);
     const T* A_logs = static_cast<const T*>(P.A_logs);
     const T* dbias = static_cast<const T*>(P.delta_bias);
     const int64_t map = (static_cast<int64_t>(b) * di + c) * len + m0;
-    const int64_t plane_f = static_cast<int64_t>(b) * 4 + kf, plane_b = static_cast<int64_t>(b) * 4 + kb;
     float uu[I], dt_in[I], b_in[I], c_in[I];
     load_run<I>(u + map, step, count, uu);
-    load_run<I>(delta + (plane_f * di + c) * len + m0, step, count, dt_in);
-    load_run<I>(Bm + plane_f * len + m0, step, count, b_in);
-    load_run<I>(Cm + plane_f * len + m0, step, count, c_in);
+    load_delta_run<T, I, kProjected>(P, b, kf, c, m0, step, count, dt_in);
+    load_run<I>(static_cast<const T*>(P.B) + bc_offset<kProjected>(P, b, kf, len) + m0, step, count, b_in);
+    load_run<I>(static_cast<const T*>(P.C) + bc_offset<kProjected>(P, b, kf, len) + m0, step, count, c_in);
     const float bias_f = to_f(dbias[kf * di + c]), bias_b = to_f(dbias[kb * di + c]);
     const float a2f = -expf(to_f(A_logs[kf * di + c])) * kLog2e;
     const float a2b = -expf(to_f(A_logs[kb * di + c])) * kLog2e;
@@ -850,9 +886,9 @@ __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, floa
     // The backward inputs reuse the forward ones' registers: loaded only now (other warps hide the latency), so a
     // thread holds one direction's inputs at a time and two blocks fit a multiprocessor without spilling.
     asm volatile("" ::: "memory");
-    load_run<I>(delta + (plane_b * di + c) * len + m0, step, count, dt_in);
-    load_run<I>(Bm + plane_b * len + m0, step, count, b_in);
-    load_run<I>(Cm + plane_b * len + m0, step, count, c_in);
+    load_delta_run<T, I, kProjected>(P, b, kb, c, m0, step, count, dt_in);
+    load_run<I>(static_cast<const T*>(P.B) + bc_offset<kProjected>(P, b, kb, len) + m0, step, count, b_in);
+    load_run<I>(static_cast<const T*>(P.C) + bc_offset<kProjected>(P, b, kb, len) + m0, step, count, c_in);
 #pragma unroll
     for (int e = I - 1; e >= 0; --e) {
       if (e < count) {
@@ -922,7 +958,7 @@ __device__ __forceinline__ void prefetch_l2(const T* plane, int len) {
   }
 }
 
-template <typename T, int I>
+template <typename T, int I, bool kProjected>
 __global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params P) {
   extern __shared__ float smem[];
   const int tot_stride = lines_tot_stride(P.height, P.width, I);
@@ -933,18 +969,25 @@ __global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params 
     // The planes of the block's later loads (the row phase's backward direction, the column phase), requested from
     // DRAM now so that those loads find them in L2 instead of waiting a DRAM round trip each.
     const int len = P.height * P.width, di = P.di;
-    const int64_t plane0 = static_cast<int64_t>(blockIdx.y) * 4;
+    const int b = blockIdx.y;
     for (int k : {2, 1, 3}) {
-      prefetch_l2(static_cast<const T*>(P.B) + (plane0 + k) * len, len);
-      prefetch_l2(static_cast<const T*>(P.C) + (plane0 + k) * len, len);
-      for (int ch = 0; ch < P.ct && c0 + ch < di; ++ch) {
-        prefetch_l2(static_cast<const T*>(P.delta) + ((plane0 + k) * di + c0 + ch) * len, len);
+      prefetch_l2(static_cast<const T*>(P.B) + bc_offset<kProjected>(P, b, k, len), len);
+      prefetch_l2(static_cast<const T*>(P.C) + bc_offset<kProjected>(P, b, k, len), len);
+      if constexpr (kProjected) {
+        for (int r = 0; r < P.rank; ++r) {
+          prefetch_l2(static_cast<const T*>(P.delta) + b * P.x_bstride + (static_cast<int64_t>(k) * P.rank + r) * len,
+                      len);
+        }
+      } else {
+        for (int ch = 0; ch < P.ct && c0 + ch < di; ++ch) {
+          prefetch_l2(static_cast<const T*>(P.delta) + ((static_cast<int64_t>(b) * 4 + k) * di + c0 + ch) * len, len);
+        }
       }
     }
   }
-  lines_phase<T, I, true>(P, blockIdx.y, c0, sy, tot, tot_stride);
+  lines_phase<T, I, true, kProjected>(P, blockIdx.y, c0, sy, tot, tot_stride);
   __syncthreads();
-  lines_phase<T, I, false>(P, blockIdx.y, c0, sy, tot, tot_stride);
+  lines_phase<T, I, false, kProjected>(P, blockIdx.y, c0, sy, tot, tot_stride);
 }
 
 // Fallback: one thread per (b, channel), serial over every direction, y accumulated in float32 device memory.
@@ -1182,7 +1225,8 @@ const char* launch_lines(Params P, cudaStream_t stream, size_t smem_optin, int s
   // it in run 23. Variant bit 128: never.
   P.prefetch = sizeof(T) == 2 && P.height * P.width >= kLinesPrefetchMinLen && (g_block_variant & 128) == 0;
   const size_t bytes = lines_smem_bytes(P.height, P.width, items, cpb);
-  auto kernel = items == 7 ? scan_lines_kernel<T, 7> : scan_lines_kernel<T, 8>;
+  auto kernel = P.rank > 0 ? (items == 7 ? scan_lines_kernel<T, 7, true> : scan_lines_kernel<T, 8, true>)
+                           : (items == 7 ? scan_lines_kernel<T, 7, false> : scan_lines_kernel<T, 8, false>);
   if (bytes > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
@@ -1191,8 +1235,8 @@ const char* launch_lines(Params P, cudaStream_t stream, size_t smem_optin, int s
   const dim3 grid((P.di + cpb - 1) / cpb, P.batch);
   const dim3 block((cpb * chunks + 31) / 32 * 32);
   std::snprintf(g_last_config, sizeof(g_last_config),
-                "lines N=1 %s items=%d channels=%d prefetch=%d grid=%ux%u block=%u smem=%zu",
-                sizeof(T) == 2 ? "f16" : "f32", items, cpb, P.prefetch, grid.x, grid.y, block.x, bytes);
+                "lines N=1 %s items=%d channels=%d prefetch=%d rank=%d grid=%ux%u block=%u smem=%zu",
+                sizeof(T) == 2 ? "f16" : "f32", items, cpb, P.prefetch, P.rank, grid.x, grid.y, block.x, bytes);
   kernel<<<grid, block, bytes, stream>>>(P);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (line kernel) launch");
@@ -1337,27 +1381,98 @@ const char* dispatch_state(const Params& P, int64_t d_state, cudaStream_t stream
   }
 }
 
-}  // namespace
+// The packed tensor x (batch, 4R + 8N, len) unpacked into the separate inputs of the other kernels: delta (batch, 4,
+// Di, len) = the dt projection of x's dt-rank planes (float32 sums, rounded to T as the unfused graph's MatMul
+// rounds them), B and C (batch, 4N, len) copied. One thread an output element, grid-stride.
+template <typename T>
+__global__ void unpack_projections_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ delta,
+                                          T* __restrict__ b_out, T* __restrict__ c_out, int batch, int di, int n,
+                                          int rank, int len) {
+  const int64_t n_delta = static_cast<int64_t>(batch) * 4 * di * len;
+  const int64_t n_bc = static_cast<int64_t>(batch) * 4 * n * len;
+  const int64_t ctot = 4 * static_cast<int64_t>(rank) + 8 * static_cast<int64_t>(n);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_delta + 2 * n_bc;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < n_delta) {
+      const int p = static_cast<int>(i % len);
+      int64_t q = i / len;
+      const int c = static_cast<int>(q % di);
+      q /= di;
+      const int k = static_cast<int>(q % 4);
+      const int64_t b = q / 4;
+      const T* xr = x + (b * ctot + static_cast<int64_t>(k) * rank) * len + p;
+      const T* wr = w + (static_cast<int64_t>(k) * di + c) * rank;
+      float acc = 0.0f;
+      for (int r = 0; r < rank; ++r) acc = fmaf(to_f(wr[r]), to_f(xr[static_cast<int64_t>(r) * len]), acc);
+      delta[i] = from_f<T>(acc);
+    } else {
+      int64_t j = i - n_delta;
+      const bool is_c = j >= n_bc;
+      if (is_c) j -= n_bc;
+      const int64_t plane = (j / len) % (4 * n), b = j / (static_cast<int64_t>(len) * 4 * n);
+      const int64_t from = (b * ctot + 4 * static_cast<int64_t>(rank) + (is_c ? 4 * n : 0) + plane) * len + j % len;
+      (is_c ? c_out : b_out)[j] = x[from];
+    }
+  }
+}
 
-extern "C" const char* vmamba_selective_scan_2d_cuda(int dtype, const void* u, const void* delta, const void* A_logs,
-                                                     const void* B, const void* C, const void* D,
-                                                     const void* delta_bias, void* y, int64_t batch, int64_t d_inner,
-                                                     int64_t d_state, int64_t height, int64_t width, void* stream) {
+// Packed projections: the line kernel reads x in place when it takes the map (d_state 1, maps up to about 56 x 56);
+// otherwise x is unpacked into a stream-ordered scratch buffer (capturable in a CUDA graph) and the unpacked inputs
+// go through the usual dispatch.
+template <typename T>
+const char* launch_packed(const Params& P, int64_t d_state, cudaStream_t stream) {
+  if (d_state == 1 && (g_force_path == 0 || g_force_path == 4)) {
+    int device = 0, sms = 0, smem_optin = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return cuda_error(err, "cudaGetDevice");
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    bool used = false;
+    const char* result = launch_lines<T>(P, stream, static_cast<size_t>(smem_optin), std::max(sms, 1), &used);
+    if (used) return result;
+    if (g_force_path == 4) return "the line kernel takes maps of at most 416 chunks of 7 or 8 steps a line";
+  }
+  const int len = P.height * P.width;
+  const int64_t n_delta = static_cast<int64_t>(P.batch) * 4 * P.di * len;
+  const int64_t n_bc = static_cast<int64_t>(P.batch) * 4 * d_state * len;
+  T* scratch = nullptr;
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&scratch), (n_delta + 2 * n_bc) * sizeof(T), stream);
+  if (err != cudaSuccess) return cuda_error(err, "cudaMallocAsync (unpacked projections)");
+  Params U = P;
+  U.delta = scratch;
+  U.B = scratch + n_delta;
+  U.C = scratch + n_delta + n_bc;
+  U.bc_bstride = 4 * d_state * len;
+  U.dt_weight = nullptr;
+  U.rank = 0;
+  U.x_bstride = 0;
+  const int64_t total = n_delta + 2 * n_bc;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, 8192));
+  unpack_projections_kernel<T><<<blocks, 256, 0, stream>>>(
+      static_cast<const T*>(P.delta), static_cast<const T*>(P.dt_weight), scratch, scratch + n_delta,
+      scratch + n_delta + n_bc, P.batch, P.di, static_cast<int>(d_state), P.rank, len);
+  err = cudaGetLastError();
+  const char* result = err == cudaSuccess ? dispatch_state<T>(U, d_state, stream)
+                                          : cuda_error(err, "selective_scan_2d (unpack projections) launch");
+  const cudaError_t free_err = cudaFreeAsync(scratch, stream);
+  if (result == nullptr && free_err != cudaSuccess) result = cuda_error(free_err, "cudaFreeAsync");
+  return result;
+}
+
+// The size checks and Params both entry points share (pointers are checked by the callers once sizes are known to be
+// non-empty: an empty tensor may come with a null pointer).
+const char* common_params(Params& P, const void* u, const void* A_logs, const void* D, const void* delta_bias, void* y,
+                          int64_t batch, int64_t d_inner, int64_t d_state, int64_t height, int64_t width) {
   if (batch < 0 || d_inner < 0 || height < 0 || width < 0) return "batch, d_inner, height and width must be >= 0";
   if (d_state < 1) return "d_state must be >= 1";
-  if (batch == 0 || d_inner == 0 || height == 0 || width == 0) return nullptr;  // empty y
-  if (!u || !delta || !A_logs || !B || !C || !D || !delta_bias || !y) return "null tensor pointer";
   if (batch > 65535) return "batch must be <= 65535 for the CUDA kernel";
   // Flat indices inside one plane are 32-bit; planes are offset in 64-bit.
   if (height * width > (int64_t{1} << 30) || d_inner > (int64_t{1} << 24) || d_state * height * width > (int64_t{1} << 30)) {
     return "tensor too large for the CUDA kernel";
   }
-  Params P{};
+  P = Params{};
   P.u = u;
-  P.delta = delta;
   P.A_logs = A_logs;
-  P.B = B;
-  P.C = C;
   P.D = D;
   P.delta_bias = delta_bias;
   P.y = y;
@@ -1365,10 +1480,59 @@ extern "C" const char* vmamba_selective_scan_2d_cuda(int dtype, const void* u, c
   P.di = static_cast<int>(d_inner);
   P.height = static_cast<int>(height);
   P.width = static_cast<int>(width);
+  return nullptr;
+}
+
+}  // namespace
+
+extern "C" const char* vmamba_selective_scan_2d_cuda(int dtype, const void* u, const void* delta, const void* A_logs,
+                                                     const void* B, const void* C, const void* D,
+                                                     const void* delta_bias, void* y, int64_t batch, int64_t d_inner,
+                                                     int64_t d_state, int64_t height, int64_t width, void* stream) {
+  Params P;
+  if (const char* bad = common_params(P, u, A_logs, D, delta_bias, y, batch, d_inner, d_state, height, width)) {
+    return bad;
+  }
+  if (batch == 0 || d_inner == 0 || height == 0 || width == 0) return nullptr;  // empty y
+  if (!u || !delta || !A_logs || !B || !C || !D || !delta_bias || !y) return "null tensor pointer";
+  P.delta = delta;
+  P.B = B;
+  P.C = C;
+  P.bc_bstride = 4 * d_state * height * width;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case VMAMBA_SCAN_F32: return dispatch_state<float>(P, d_state, s);
     case VMAMBA_SCAN_F16: return dispatch_state<__half>(P, d_state, s);
+    default: return "dtype must be 0 (float32) or 1 (float16)";
+  }
+}
+
+extern "C" const char* vmamba_selective_scan_2d_packed_cuda(int dtype, const void* u, const void* x,
+                                                            const void* dt_weight, const void* A_logs, const void* D,
+                                                            const void* delta_bias, void* y, int64_t batch,
+                                                            int64_t d_inner, int64_t d_state, int64_t rank,
+                                                            int64_t height, int64_t width, void* stream) {
+  Params P;
+  if (const char* bad = common_params(P, u, A_logs, D, delta_bias, y, batch, d_inner, d_state, height, width)) {
+    return bad;
+  }
+  if (rank < 1 || rank > 4096) return "rank (dt_rank) must be in 1..4096";
+  if (batch == 0 || d_inner == 0 || height == 0 || width == 0) return nullptr;  // empty y
+  if (!u || !x || !dt_weight || !A_logs || !D || !delta_bias || !y) return "null tensor pointer";
+  const int64_t len = height * width;
+  const size_t elem = dtype == VMAMBA_SCAN_F16 ? 2 : 4;
+  const char* base = static_cast<const char*>(x);
+  P.delta = x;
+  P.B = base + 4 * rank * len * elem;
+  P.C = base + (4 * rank + 4 * d_state) * len * elem;
+  P.dt_weight = dt_weight;
+  P.rank = static_cast<int>(rank);
+  P.x_bstride = (4 * rank + 8 * d_state) * len;
+  P.bc_bstride = P.x_bstride;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case VMAMBA_SCAN_F32: return launch_packed<float>(P, d_state, s);
+    case VMAMBA_SCAN_F16: return launch_packed<__half>(P, d_state, s);
     default: return "dtype must be 0 (float32) or 1 (float16)";
   }
 }

@@ -26,6 +26,17 @@ __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_cuda
     const void* delta_bias, void* y, int64_t batch, int64_t d_inner, int64_t d_state, int64_t height, int64_t width,
     void* stream);
 
+// The same scan with the input projections packed in one tensor, as one GEMM writes them (the cuda-onnxruntime
+// graph's SelectiveScan2DPacked, docs/scan-op.md): x (batch, 4 * rank + 8 * d_state, height, width) holds per
+// position the dt-rank inputs (4 x rank, direction-major), then B (4 x d_state), then C (4 x d_state); dt_weight
+// (4, d_inner, rank) projects the first part to delta: delta[b, k, c, p] = sum_r dt_weight[k, c, r] x[b, k*rank + r,
+// p]. The other pointers as above. The d_state-1 line kernel reads x in place; other shapes are unpacked into a
+// stream-ordered scratch buffer first.
+__attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_packed_cuda(
+    int dtype, const void* u, const void* x, const void* dt_weight, const void* A_logs, const void* D,
+    const void* delta_bias, void* y, int64_t batch, int64_t d_inner, int64_t d_state, int64_t rank, int64_t height,
+    int64_t width, void* stream);
+
 // Forces a path for tests and benchmarks: 0 automatic (default), 1 the chunked shared-memory kernel, 2 the
 // global-memory fallback (used automatically when a channel's map does not fit in shared memory), 3 the block-scan
 // kernel (d_state 1; automatic whenever its planes fit in shared memory and the line kernel does not take the map),

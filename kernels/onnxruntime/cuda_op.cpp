@@ -1,5 +1,5 @@
 // ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of the ops the
-// cuda-onnxruntime graph is rewritten to: `LastAxisLayerNorm`, `ResidualLayerNorm`, `TransposeLayerNorm`
+// cuda-onnxruntime graph is rewritten to: `SelectiveScan2DPacked`, `LastAxisLayerNorm`, `ResidualLayerNorm`, `TransposeLayerNorm`
 // (kernels/cuda/layer_norm.cuh) and `DepthwiseConvSiLU` (kernels/cuda/depthwise_conv.cuh), linked only into
 // libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its
 // add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
@@ -124,6 +124,55 @@ struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
         kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
         inputs[3].GetTensorRawData(), inputs[4].GetTensorRawData(), inputs[5].GetTensorRawData(),
         inputs[6].GetTensorRawData(), output.GetTensorMutableRawData(), b, di, n, h, w, ctx.GetGPUComputeStream());
+    return launched(kName, err);
+  }
+};
+
+// SelectiveScan2DPacked(u, X, dt_weight, A_logs, D, delta_bias) -> y (docs/scan-op.md): the scan with its input
+// projections in one tensor, X (B, 4 R + 8 N, H, W) = [dt-rank inputs | B | C] channels, as one 1 x 1 convolution
+// writes them, and dt_weight (4, Di, R) the dt projection the kernel applies itself.
+struct PackedScanCudaKernel : CudaKernel<PackedScanCudaKernel> {
+  static constexpr const char* kName = "SelectiveScan2DPacked";
+  static constexpr size_t kInputs = 6, kRequiredInputs = 6, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
+  static constexpr const char* kNames[] = {"u", "X", "dt_weight", "A_logs", "D", "delta_bias"};
+  ONNXTensorElementDataType type;
+  PackedScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    std::vector<Ort::ConstValue> inputs;
+    std::vector<std::vector<int64_t>> shapes;
+    for (size_t i = 0; i < kInputs; ++i) {
+      inputs.push_back(ctx.GetInput(i));
+      shapes.push_back(inputs.back().GetTensorTypeAndShapeInfo().GetShape());
+    }
+    const auto& us = shapes[0];
+    if (us.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us), kName);
+    }
+    if (shapes[2].size() != 3 || shapes[3].size() != 2) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "inputs 'dt_weight' and 'A_logs' must be (4, Di, R) and (4*Di, N), got " +
+                             shape_str(shapes[2]) + " and " + shape_str(shapes[3]),
+                         kName);
+    }
+    const int64_t b = us[0], di = us[1], h = us[2], w = us[3], rank = shapes[2][2], n = shapes[3][1];
+    const std::vector<std::vector<int64_t>> expected = {
+        us, {b, 4 * rank + 8 * n, h, w}, {4, di, rank}, {4 * di, n}, {4 * di}, {4 * di}};
+    for (size_t i = 1; i < kInputs; ++i) {
+      if (shapes[i] != expected[i]) {
+        return make_status(ORT_INVALID_ARGUMENT,
+                           std::string("input '") + kNames[i] + "' must have shape " + shape_str(expected[i]) +
+                               " (from u " + shape_str(us) + ", rank R = " + std::to_string(rank) +
+                               " and d_state N = " + std::to_string(n) + "), got " + shape_str(shapes[i]),
+                           kName);
+      }
+    }
+    auto output = ctx.GetOutput(0, us);
+    const char* err = vmamba_selective_scan_2d_packed_cuda(
+        kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
+        inputs[3].GetTensorRawData(), inputs[4].GetTensorRawData(), inputs[5].GetTensorRawData(),
+        output.GetTensorMutableRawData(), b, di, n, rank, h, w, ctx.GetGPUComputeStream());
     return launched(kName, err);
   }
 };
@@ -316,6 +365,7 @@ void add_float_and_half(Ort::CustomOpDomain& domain) {
 
 void add_ops(Ort::CustomOpDomain& domain) {
   add_float_and_half<ScanCudaKernel>(domain);
+  add_float_and_half<PackedScanCudaKernel>(domain);
   add_float_and_half<LayerNormCudaKernel>(domain);
   add_float_and_half<ResidualLayerNormCudaKernel>(domain);
   add_float_and_half<TransposeLayerNormCudaKernel>(domain);

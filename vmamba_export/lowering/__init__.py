@@ -147,9 +147,11 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
-    fusions = options.extra.get("cuda_fusions", "on")  # "off": the graph unfused (A/B timing, lowering/cuda_fusions.py)
-    if fusions not in ("on", "off"):
-        raise VMambaExportError(f"cuda_fusions {fusions!r}: expected on or off")
+    # "off": the graph unfused (A/B timing); "packed": also the packed scan, not the default until its kernel has run
+    # on a GPU (lowering/cuda_fusions.py, docs/cuda-onnxruntime.md)
+    fusions = options.extra.get("cuda_fusions", "on")
+    if fusions not in ("on", "off", "packed"):
+        raise VMambaExportError(f"cuda_fusions {fusions!r}: expected on, off or packed")
     task = getattr(model.config, "task", "classification")
     if task == "classification":
         graph_model, layout = layout_graph(model, options.extra.get("layout"))
@@ -172,10 +174,10 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
             from .cuda_graph import use_last_axis_layer_norms
 
             info["layer_norms"] = use_last_axis_layer_norms(proto)
-            if fusions == "on":  # the fused ops replace LastAxisLayerNorm patterns: only with the custom norms
+            if fusions != "off":  # the fused ops replace LastAxisLayerNorm patterns: only with the custom norms
                 from .cuda_fusions import fuse_cuda_graph
 
-                info["fusions"] = fuse_cuda_graph(proto)
+                info["fusions"] = fuse_cuda_graph(proto, packed_scan=fusions == "packed")
         if options.precision == "fp16":
             from .fp16 import convert_model_to_fp16, fp16_info
 

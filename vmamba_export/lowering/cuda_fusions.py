@@ -13,6 +13,9 @@ chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the li
 - `DepthwiseConvSiLU(X, W[, bias]) -> Y`: Transpose(0, 3, 1, 2), the block's depthwise 3 x 3 convolution (pads 1,
   stride 1) and SiLU (Mul(x, Sigmoid(x))), from the input projection's channels-last output to the scan's
   channel-first input. Three or more kernels (cuDNN) -> one.
+- `SelectiveScan2DPacked(u, X, dt_weight, A_logs, D, delta_bias) -> y`: the scan of a d_state-1 block with its three
+  input projections (dt rank, B, C: 1 x 1 convolutions of u) merged into one convolution X, and the dt projection
+  (a batched MatMul of dt_weight) computed by the scan kernel from X's dt-rank channels. Four kernels -> one.
 
 Applied to the float32 graph after the LastAxisLayerNorm rewrite (cuda_graph.py) and before the fp16 conversion; a
 pattern is fused only where every tensor it removes has no other reader and is no graph output, weights and biases
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from .cuda_graph import LAYER_NORM_OP
 from .onnx_export import ONNX_DOMAIN
-from .onnx_graph import node_attribute, replace_nodes
+from .onnx_graph import drop_dead_nodes, node_attribute, pointwise_conv, replace_nodes, static_shapes
 
 if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with the lowering registry
     import onnx
@@ -34,7 +37,9 @@ if TYPE_CHECKING:  # onnx is imported where it is used: this module loads with t
 RESIDUAL_NORM_OP = "ResidualLayerNorm"
 TRANSPOSE_NORM_OP = "TransposeLayerNorm"
 DEPTHWISE_SILU_OP = "DepthwiseConvSiLU"
-FUSED_OPS = (RESIDUAL_NORM_OP, TRANSPOSE_NORM_OP, DEPTHWISE_SILU_OP)
+PACKED_SCAN_OP = "SelectiveScan2DPacked"
+SCAN_OP = "SelectiveScan2D"
+FUSED_OPS = (RESIDUAL_NORM_OP, TRANSPOSE_NORM_OP, DEPTHWISE_SILU_OP, PACKED_SCAN_OP)
 TO_CHANNELS_LAST = [0, 2, 3, 1]
 TO_CHANNELS_FIRST = [0, 3, 1, 2]
 
@@ -222,13 +227,89 @@ def fuse_depthwise_conv_silu(proto: onnx.ModelProto) -> int:
     return edit.commit()
 
 
-def fuse_cuda_graph(proto: onnx.ModelProto) -> dict:
-    """All three fusions, in place, on a float32 cuda-onnxruntime graph whose LayerNorms are LastAxisLayerNorm.
-    Returns what the manifest records: the fused op and how many nodes of each, and the node count before and after."""
+def _projection_conv(tensor: str, u: str, edit: _Edit, reader: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The bias-free 1 x 1 convolution of `u` whose output, through one Reshape read only by `reader`, is `tensor`;
+    the Reshape and the convolution go into `edit.removed`."""
+    index = edit.index
+    reshape = index.produced_by(tensor, "Reshape")
+    if reshape is None or not index.only_reader(tensor, reader):
+        return None
+    conv = index.produced_by(reshape.input[0], "Conv")
+    if conv is None or not pointwise_conv(conv) or conv.input[0] != u or not index.only_reader(conv.output[0], reshape):
+        return None
+    edit.removed.update((id(reshape), id(conv)))
+    edit.gone.update((tensor, conv.output[0]))
+    return conv
+
+
+def pack_scan_projections(proto: onnx.ModelProto) -> int:
+    """SelectiveScan2D of d_state 1 whose delta is Reshape(MatMul(dt_weight, Reshape(Conv(u, W_dt)))) and whose B and
+    C are Reshape(Conv(u, W_B)) and Reshape(Conv(u, W_C)) (the exporter's form of x_proj and dt_projs) becomes
+    SelectiveScan2DPacked(u, Conv(u, Concat(W_dt, W_B, W_C)), dt_weight, A_logs, D, delta_bias), in place. The
+    weight Concat is constant (ONNX Runtime folds it). Returns how many scans. The shape arithmetic of the removed
+    Reshapes is left unread (drop_dead_nodes removes it)."""
+    edit = _Edit(proto.graph)
+    index = edit.index
+    shapes: dict[str, list[int | None]] | None = None
+    for scan in proto.graph.node:
+        if scan.op_type != SCAN_OP or scan.domain != ONNX_DOMAIN or len(scan.input) != 7:
+            continue
+        u, delta, a_logs, b, c, d, delta_bias = scan.input
+        a_init = index.initializers.get(a_logs)
+        if a_init is None or len(a_init.dims) != 2 or a_init.dims[1] != 1:
+            continue  # d_state 1 only: the line kernel reads X in place; other shapes would be unpacked again
+        attempt = _Edit(proto.graph)
+        attempt.index = index
+        reshape = index.produced_by(delta, "Reshape")
+        matmul = index.produced_by(reshape.input[0], "MatMul") if reshape is not None else None
+        if matmul is None or not index.only_reader(delta, scan) or not index.only_reader(matmul.output[0], reshape):
+            continue
+        dt_init = index.initializers.get(matmul.input[0])
+        if dt_init is None or len(dt_init.dims) != 3 or dt_init.dims[0] != 4 or 4 * dt_init.dims[1] != a_init.dims[0]:
+            continue
+        d_inner, rank = int(dt_init.dims[1]), int(dt_init.dims[2])
+        convs = [
+            _projection_conv(matmul.input[1], u, attempt, matmul),
+            _projection_conv(b, u, attempt, scan),
+            _projection_conv(c, u, attempt, scan),
+        ]
+        if any(conv is None for conv in convs):
+            continue
+        if shapes is None:
+            shapes = static_shapes(proto)
+        want = [[4 * rank, d_inner, 1, 1], [4, d_inner, 1, 1], [4, d_inner, 1, 1]]
+        if [shapes.get(conv.input[1]) for conv in convs] != want:
+            continue
+        import onnx
+
+        stem = scan.output[0]
+        weight, packed = f"{stem}_packed_weight", f"{stem}_packed_projections"
+        edit.placed[id(scan)] = [
+            onnx.helper.make_node("Concat", [conv.input[1] for conv in convs], [weight], axis=0, name=weight),
+            onnx.helper.make_node("Conv", [u, weight], [packed], kernel_shape=[1, 1], name=packed),
+            _fused_node(PACKED_SCAN_OP, [u, packed, matmul.input[0], a_logs, d, delta_bias], [stem], scan),
+        ]
+        edit.removed.update(attempt.removed | {id(reshape), id(matmul)})
+        edit.gone.update(attempt.gone | {delta, matmul.output[0]})
+    return edit.commit()
+
+
+def fuse_cuda_graph(proto: onnx.ModelProto, packed_scan: bool = False) -> dict:
+    """All four fusions (three without `packed_scan`), in place, on a float32 cuda-onnxruntime graph whose LayerNorms
+    are LastAxisLayerNorm. Returns what the manifest records: the fused op and how many nodes of each, and the node
+    count before and after."""
     before = len(proto.graph.node)
     counts = {
         RESIDUAL_NORM_OP: fuse_residual_layer_norms(proto),
         TRANSPOSE_NORM_OP: fuse_transpose_layer_norms(proto),
         DEPTHWISE_SILU_OP: fuse_depthwise_conv_silu(proto),
+        PACKED_SCAN_OP: pack_scan_projections(proto) if packed_scan else 0,
     }
-    return {"domain": ONNX_DOMAIN, "fused": counts, "nodes_before": before, "nodes_after": len(proto.graph.node)}
+    dead = drop_dead_nodes(proto.graph)
+    return {
+        "domain": ONNX_DOMAIN,
+        "fused": counts,
+        "dead_nodes_dropped": dead,
+        "nodes_before": before,
+        "nodes_after": len(proto.graph.node),
+    }

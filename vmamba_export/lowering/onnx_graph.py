@@ -29,11 +29,21 @@ def sort_topologically(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
-def replace_nodes(graph: onnx.GraphProto, placed: dict[int, onnx.NodeProto], removed: set[int], gone: set[str]) -> None:
-    """Put each new node of `placed` where the node of that id is, drop the nodes whose ids are in `removed`, and the
-    value_info of the tensors in `gone`. The caller places each new node where all its inputs exist and before all
-    its readers, so the node list stays topologically sorted."""
-    nodes = [placed.get(id(n), n) for n in graph.node if id(n) not in removed]
+def replace_nodes(
+    graph: onnx.GraphProto,
+    placed: dict[int, onnx.NodeProto | list[onnx.NodeProto]],
+    removed: set[int],
+    gone: set[str],
+) -> None:
+    """Put each new node (or list of nodes, in order) of `placed` where the node of that id is, drop the nodes whose
+    ids are in `removed`, and the value_info of the tensors in `gone`. The caller places each new node where all its
+    inputs exist and before all its readers, so the node list stays topologically sorted."""
+    nodes = []
+    for n in graph.node:
+        if id(n) in removed:
+            continue
+        new = placed.get(id(n), n)
+        nodes.extend(new if isinstance(new, list) else [new])
     del graph.node[:]
     graph.node.extend(nodes)
     kept = [v for v in graph.value_info if v.name not in gone]
@@ -72,3 +82,20 @@ def pointwise_conv(node: onnx.NodeProto, group: int = 1) -> bool:
     if any(v != 0 for v in attrs.get("pads", [])):
         return False
     return all(v == 1 for v in attrs.get("strides", [1, 1])) and all(v == 1 for v in attrs.get("dilations", [1, 1]))
+
+
+def drop_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Remove standard-domain nodes none of whose outputs is read or is a graph output (left behind by a rewrite,
+    such as the shape arithmetic of Reshapes it removed), repeatedly. Returns how many went."""
+    outputs = {o.name for o in graph.output}
+    dropped = 0
+    while True:
+        read = {name for n in graph.node for name in n.input} | outputs
+        dead = [n for n in graph.node if n.domain in ("", "ai.onnx") and not any(o in read for o in n.output if o)]
+        if not dead:
+            return dropped
+        ids = {id(n) for n in dead}
+        kept = [n for n in graph.node if id(n) not in ids]
+        del graph.node[:]
+        graph.node.extend(kept)
+        dropped += len(dead)
