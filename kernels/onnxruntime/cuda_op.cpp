@@ -74,6 +74,43 @@ struct CudaKernel {
   }
 };
 
+// A scan kernel's inputs, and their shapes; every element type must be the registration's `type` (ORT matches the
+// node's types against it; checked again so a mismatch names the input).
+struct ScanInputs {
+  std::vector<Ort::ConstValue> values;
+  std::vector<std::vector<int64_t>> shapes;
+};
+
+OrtStatus* gather_inputs(Ort::KernelContext& ctx, const char* const* names, size_t count,
+                         ONNXTensorElementDataType type, const char* op, ScanInputs& out) {
+  for (size_t i = 0; i < count; ++i) {
+    out.values.push_back(ctx.GetInput(i));
+    auto info = out.values.back().GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != type) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         std::string("input '") + names[i] +
+                             "' has another element type than 'u' (all must be float32 or all float16)",
+                         op);
+    }
+    out.shapes.push_back(info.GetShape());
+  }
+  return nullptr;
+}
+
+// Inputs 1.. against the shapes `expected` (derived from u and the inputs named in `from`).
+OrtStatus* check_shapes(const char* const* names, const ScanInputs& in,
+                        const std::vector<std::vector<int64_t>>& expected, const std::string& from, const char* op) {
+  for (size_t i = 1; i < expected.size(); ++i) {
+    if (in.shapes[i] != expected[i]) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         std::string("input '") + names[i] + "' must have shape " + shape_str(expected[i]) +
+                             " (from u " + shape_str(in.shapes[0]) + from + "), got " + shape_str(in.shapes[i]),
+                         op);
+    }
+  }
+  return nullptr;
+}
+
 // SelectiveScan2D(u, delta, A_logs, B, C, D, delta_bias) -> y (docs/scan-op.md).
 struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
   static constexpr const char* kName = "SelectiveScan2D";
@@ -83,19 +120,10 @@ struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
   ScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
-    std::vector<Ort::ConstValue> inputs;
-    std::vector<std::vector<int64_t>> shapes;
-    for (size_t i = 0; i < kNumInputs; ++i) {
-      inputs.push_back(ctx.GetInput(i));
-      auto info = inputs.back().GetTensorTypeAndShapeInfo();
-      if (info.GetElementType() != type) {
-        return make_status(ORT_INVALID_ARGUMENT,
-                           std::string("input '") + kInputNames[i] +
-                               "' has another element type than 'u' (all must be float32 or all float16)",
-                           kName);
-      }
-      shapes.push_back(info.GetShape());
-    }
+    ScanInputs in;
+    if (OrtStatus* bad = gather_inputs(ctx, kInputNames, kNumInputs, type, kName, in)) return bad;
+    const auto& shapes = in.shapes;
+    const auto& inputs = in.values;
     const auto& us = shapes[0];
     const auto& ds = shapes[1];
     if (us.size() != 4) {
@@ -111,14 +139,7 @@ struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
     if (k != 4) return make_status(ORT_INVALID_ARGUMENT, "k (directions) must be 4", kName);
     const std::vector<std::vector<int64_t>> expected = {
         us, {b, k, di, h, w}, {k * di, n}, {b, k, n, h, w}, {b, k, n, h, w}, {k * di}, {k * di}};
-    for (size_t i = 1; i < kNumInputs; ++i) {
-      if (shapes[i] != expected[i]) {
-        return make_status(ORT_INVALID_ARGUMENT, std::string("input '") + kInputNames[i] + "' must have shape " +
-                                                     shape_str(expected[i]) + " (from u " + shape_str(us) +
-                                                     " and delta " + shape_str(ds) + "), got " + shape_str(shapes[i]),
-                           kName);
-      }
-    }
+    if (OrtStatus* bad = check_shapes(kInputNames, in, expected, " and delta " + shape_str(ds), kName)) return bad;
     auto output = ctx.GetOutput(0, us);
     const char* err = vmamba_selective_scan_2d_cuda(
         kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
@@ -140,12 +161,10 @@ struct PackedScanCudaKernel : CudaKernel<PackedScanCudaKernel> {
   PackedScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
-    std::vector<Ort::ConstValue> inputs;
-    std::vector<std::vector<int64_t>> shapes;
-    for (size_t i = 0; i < kInputs; ++i) {
-      inputs.push_back(ctx.GetInput(i));
-      shapes.push_back(inputs.back().GetTensorTypeAndShapeInfo().GetShape());
-    }
+    ScanInputs in;
+    if (OrtStatus* bad = gather_inputs(ctx, kNames, kInputs, type, kName, in)) return bad;
+    const auto& shapes = in.shapes;
+    const auto& inputs = in.values;
     const auto& us = shapes[0];
     if (us.size() != 4) {
       return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us), kName);
@@ -159,15 +178,8 @@ struct PackedScanCudaKernel : CudaKernel<PackedScanCudaKernel> {
     const int64_t b = us[0], di = us[1], h = us[2], w = us[3], rank = shapes[2][2], n = shapes[3][1];
     const std::vector<std::vector<int64_t>> expected = {
         us, {b, 4 * rank + 8 * n, h, w}, {4, di, rank}, {4 * di, n}, {4 * di}, {4 * di}};
-    for (size_t i = 1; i < kInputs; ++i) {
-      if (shapes[i] != expected[i]) {
-        return make_status(ORT_INVALID_ARGUMENT,
-                           std::string("input '") + kNames[i] + "' must have shape " + shape_str(expected[i]) +
-                               " (from u " + shape_str(us) + ", rank R = " + std::to_string(rank) +
-                               " and d_state N = " + std::to_string(n) + "), got " + shape_str(shapes[i]),
-                           kName);
-      }
-    }
+    const std::string from = ", rank R = " + std::to_string(rank) + " and d_state N = " + std::to_string(n);
+    if (OrtStatus* bad = check_shapes(kNames, in, expected, from, kName)) return bad;
     auto output = ctx.GetOutput(0, us);
     const char* err = vmamba_selective_scan_2d_packed_cuda(
         kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
