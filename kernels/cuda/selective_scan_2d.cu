@@ -812,7 +812,9 @@ __device__ __forceinline__ void load_delta_run(const Params& P, int b, int k, in
     const T* w = static_cast<const T*>(P.dt_weight) + (static_cast<int64_t>(k) * P.di + c) * P.rank;
 #pragma unroll
     for (int e = 0; e < I; ++e) out[e] = 0.0f;
-#pragma unroll 2
+    // Not unrolled: each unrolled rank keeps another I values live, and the kernel is at its 72-register bound (two
+    // blocks of 416 threads a multiprocessor); ptxas spills 56-100 bytes so, 104-160 unrolled by 2.
+#pragma unroll 1
     for (int r = 0; r < P.rank; ++r) {
       float v[I];
       load_run<I>(x + static_cast<int64_t>(r) * len, step, count, v);
