@@ -390,6 +390,44 @@ def scan_stage_rows(quick: bool) -> list[dict]:
 
 
 @section("bandwidth")
+def packed_scan_row(ins: tuple, batch1: bool, quick: bool) -> dict:
+    """The packed scan (SelectiveScan2DPacked) at the same shape, rank 6 (stage 1): its time, the bytes it must move
+    (u, the packed projections, y) and their rate against copy, and the unpacked path it replaces: the dt projection
+    (a batched matmul writing delta) plus the scan."""
+    from vmamba_export import cuda_kernel
+
+    u, _, a_logs, _, _, d, delta_bias = ins
+    bsz, di, height, width = u.shape
+    rank, n_state = 6, a_logs.shape[1]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(bsz, 4 * rank + 8 * n_state, height, width, device="cuda", generator=g).to(u.dtype)
+    w = (torch.randn(4, di, rank, device="cuda", generator=g) * 0.3).to(u.dtype)
+    y = torch.empty_like(u)
+    b_mat = x[:, 4 * rank : 4 * rank + 4 * n_state].reshape(bsz, 4, n_state, height, width).contiguous()
+    c_mat = x[:, 4 * rank + 4 * n_state :].reshape(bsz, 4, n_state, height, width).contiguous()
+    dt_in = x[:, : 4 * rank].reshape(bsz, 4, rank, height * width)
+
+    def packed():
+        cuda_kernel.selective_scan_2d_packed_cuda(u, x, w, a_logs, d, delta_bias, out=y)
+
+    def unpacked():
+        delta = torch.matmul(w, dt_in).reshape(bsz, 4, di, height, width)
+        cuda_kernel.selective_scan_2d_cuda(u, delta, a_logs, b_mat, c_mat, d, delta_bias, out=y)
+
+    timer = graph_time_ms if batch1 else cuda_time_ms
+    runs = 10 if quick else 30
+    packed_ms = timer(packed, runs=runs)
+    config = cuda_kernel.last_config()
+    nbytes = (2 * u.numel() + x.numel()) * u.element_size()
+    return {
+        "packed_ms": packed_ms,
+        "packed_config": config,
+        "packed_mbytes": nbytes / 1e6,
+        "packed_fraction_of_copy": nbytes / packed_ms / 1e6 / copy_bandwidth_gbs(),
+        "projection_plus_scan_ms": timer(unpacked, runs=runs),
+    }
+
+
 def check_bandwidth(quick: bool) -> dict:
     from vmamba_export import cuda_kernel
 
@@ -426,6 +464,8 @@ def check_bandwidth(quick: bool) -> dict:
                 }
                 if bsz == 1:
                     row["graph_ms"] = gpu_ms
+                if n_state == 1:
+                    row.update(packed_scan_row(ins, bsz == 1, quick))
                 rows.append(row)
                 # The other variants, for tuning: block-kernel steps, chunked-kernel tiles (batch 1: the state split)
                 variants = [("smem-nosplit", 0, 0)] if n_state > 1 else [("block2", 0, 0), ("lines-noprefetch", 0, 0)]
@@ -472,6 +512,13 @@ def check_bandwidth(quick: bool) -> dict:
                     f"scan {name} b{bsz} {row['dtype']}: {ms:.3f} ms{in_graph}, {gbs:.0f} GB/s = "
                     f"{100 * gbs / copy_gbs:.0f}% of copy [{row['config']}]"
                 )
+                if "packed_ms" in row:
+                    log(
+                        f"  packed scan (rank 6): {row['packed_ms']:.4f} ms, "
+                        f"{100 * row['packed_fraction_of_copy']:.0f}% of copy for its {row['packed_mbytes']:.0f} MB, "
+                        f"against {row['projection_plus_scan_ms']:.4f} ms for the dt projection + scan "
+                        f"[{row['packed_config']}]"
+                    )
                 del ins, y
     torch.cuda.empty_cache()
     stage_rows = scan_stage_rows(quick)

@@ -391,6 +391,38 @@ def test_cuda_packed_scan_op_matches_reference(shape, float16):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["auto", "block1", "smem"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_packed_scan_paths_agree_with_the_unpacked_scan(variant, dtype):
+    """One map small enough for the line kernel, scanned packed by each path (auto: the line kernel reading x in
+    place; forced block or shared-memory kernel: x unpacked into scratch first) and unpacked with torch's projection:
+    all match the float64 reference."""
+    gpu_ready()
+    from vmamba_export import cuda_kernel
+
+    batch, di, rank, h, w = 2, 8, 12, 14, 14
+    u, _, a_logs, _, _, d, bias = _inputs(batch, di, 1, h, w, dtype)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, 4 * rank + 8, h, w, generator=g).to(dtype)
+    wt = (torch.randn(4, di, rank, generator=g) * 0.3).to(dtype)
+    delta = torch.einsum("kcr,bkrhw->bkchw", wt.double(), x[:, : 4 * rank].double().reshape(batch, 4, rank, h, w))
+    b_mat = x[:, 4 * rank : 4 * rank + 4].reshape(batch, 4, 1, h, w)
+    c_mat = x[:, 4 * rank + 4 :].reshape(batch, 4, 1, h, w)
+    ref = selective_scan_reference(u.double(), delta, a_logs.double(), b_mat.double(), c_mat.double(), d.double(),
+                                   bias.double()).numpy()  # fmt: skip
+    cuda_kernel.apply_variant(variant)
+    try:
+        y = cuda_kernel.selective_scan_2d_packed_cuda(*[t.cuda() for t in (u, x, wt, a_logs, d, bias)])
+        config = cuda_kernel.last_config()
+    finally:
+        cuda_kernel.apply_variant("auto")
+    assert config.startswith({"auto": "lines", "block1": "block", "smem": "smem"}[variant]), config
+    out = y.double().cpu().numpy()
+    assert np.isfinite(out).all()
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (2e-5 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("width", [2, 48, 96, 130, 192, 384, 768, 1000, 1536, 2048])
 @pytest.mark.parametrize("float16", [False, True])
 def test_cuda_layer_norm_op_matches_torch(width, float16):

@@ -29,6 +29,9 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     fn = lib.vmamba_selective_scan_2d_cuda
     fn.restype = ctypes.c_char_p
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    packed = lib.vmamba_selective_scan_2d_packed_cuda
+    packed.restype = ctypes.c_char_p
+    packed.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     lib.vmamba_selective_scan_2d_cuda_force_path.argtypes = [ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_force_path.restype = None
     lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
@@ -119,15 +122,20 @@ def last_config() -> str:
     return load_library().vmamba_selective_scan_2d_cuda_last_config().decode()
 
 
-def selective_scan_2d_cuda(u, delta, A_logs, B, C, D, delta_bias, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y for CUDA tensors, all float32 or all float16 (contiguous), on torch's current stream."""
-    tensors = (u, delta, A_logs, B, C, D, delta_bias)
-    dtype = u.dtype
+def _check_tensors(tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
+    dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float16):
         raise TypeError(f"float32 or float16 tensors expected, got {dtype}")
     for t in tensors:
         if not t.is_cuda or t.dtype != dtype or not t.is_contiguous():
             raise ValueError("every input must be a contiguous CUDA tensor of u's dtype")
+    return dtype
+
+
+def selective_scan_2d_cuda(u, delta, A_logs, B, C, D, delta_bias, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y for CUDA tensors, all float32 or all float16 (contiguous), on torch's current stream."""
+    tensors = (u, delta, A_logs, B, C, D, delta_bias)
+    dtype = _check_tensors(tensors)
     batch, d_inner, height, width = u.shape
     d_state = A_logs.shape[1]
     y = out if out is not None else torch.empty_like(u)
@@ -145,6 +153,33 @@ def selective_scan_2d_cuda(u, delta, A_logs, B, C, D, delta_bias, out: torch.Ten
     )
     if err is not None:
         raise RuntimeError(f"vmamba_selective_scan_2d_cuda: {err.decode()}")
+    return y
+
+
+def selective_scan_2d_packed_cuda(u, x, dt_weight, A_logs, D, delta_bias, out: torch.Tensor | None = None):
+    """y of the packed scan (SelectiveScan2DPacked, docs/scan-op.md): x (B, 4 R + 8 N, H, W) holds the dt-rank inputs,
+    B and C; dt_weight (4, Di, R). CUDA tensors, all float32 or all float16, on torch's current stream."""
+    tensors = (u, x, dt_weight, A_logs, D, delta_bias)
+    dtype = _check_tensors(tensors)
+    batch, d_inner, height, width = u.shape
+    rank, d_state = dt_weight.shape[2], A_logs.shape[1]
+    if tuple(x.shape) != (batch, 4 * rank + 8 * d_state, height, width):
+        raise ValueError(f"x must be {(batch, 4 * rank + 8 * d_state, height, width)}, got {tuple(x.shape)}")
+    y = out if out is not None else torch.empty_like(u)
+    err = load_library().vmamba_selective_scan_2d_packed_cuda(
+        F16 if dtype == torch.float16 else F32,
+        *[t.data_ptr() for t in tensors],
+        y.data_ptr(),
+        batch,
+        d_inner,
+        d_state,
+        rank,
+        height,
+        width,
+        torch.cuda.current_stream(u.device).cuda_stream,
+    )
+    if err is not None:
+        raise RuntimeError(f"vmamba_selective_scan_2d_packed_cuda: {err.decode()}")
     return y
 
 
