@@ -121,6 +121,8 @@ def _check_channel_norms(model, folder):
 def test_fp32_segmentation_onnxruntime(seg_model, seg_ort):
     _check_fp32_parity(seg_model, seg_ort)
     _check_channel_norms(seg_model, seg_ort)
+    # the UperNet's two bottlenecks (pyramid pooling, FPN) run as sums of convolutions (lowering/concat_convs.py)
+    assert read_manifest(seg_ort)["lowering"]["rewrites"]["split_concat_convs"] == 2
 
 
 def test_repeated_shape_runs_on_a_session_made_for_it(seg_model, seg_ort):
@@ -187,6 +189,8 @@ def test_fp32_other_targets(task, target, seg_model, backbone_model, tmp_path):
     model = seg_model if task == "segmentation" else backbone_model
     _export(model, target, tmp_path / "a")
     _check_fp32_parity(model, tmp_path / "a")
+    if (task, target) == ("segmentation", "cpu-openvino"):
+        assert read_manifest(tmp_path / "a")["lowering"]["split_concat_convs"] == 2
 
 
 def test_segmentation_manifest_and_references(seg_ort):

@@ -60,13 +60,20 @@ def node_attribute(node: onnx.NodeProto, name: str, default):
 
 
 def static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Tensor name -> dimensions (None where symbolic), from shape inference and the initializers: the weights are
-    often computed tensors, not initializers."""
+    """Tensor name -> dimensions (None where symbolic), of the graph's inputs, outputs and intermediate tensors (shape
+    inference) and initializers: the weights are often computed tensors, not initializers."""
     shapes: dict[str, list[int | None]] = {i.name: list(i.dims) for i in model.graph.initializer}
-    for info in onnx.shape_inference.infer_shapes(model).graph.value_info:
-        dims = info.type.tensor_type.shape.dim
-        shapes[info.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in dims]
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    for info in inferred.value_info:
+        shapes[info.name] = _dims(info)
+    for info in (*inferred.input, *inferred.output):
+        if info.type.tensor_type.HasField("shape"):
+            shapes.setdefault(info.name, _dims(info))  # an initializer listed as an input keeps its own dims
     return shapes
+
+
+def _dims(info: onnx.ValueInfoProto) -> list[int | None]:
+    return [int(d.dim_value) if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
 
 
 def pointwise_conv(node: onnx.NodeProto, group: int = 1) -> bool:

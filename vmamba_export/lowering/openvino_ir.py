@@ -26,6 +26,10 @@ Measured on vmamba_tiny_s1l8 in bf16 by benchmarks/cpu_openvino.py's per-node co
 before and after): all Reorders 3.9 -> 0.7 ms per image, grouped convolutions 1.4 -> 0.4 ms, the scan ops 3.4 ->
 4.5 ms (they now do the projection), node total 27.8 -> 21.6 ms; latency 1.38x -> 1.21x ConvNeXt-T bf16.
 
+A convolution of a channel Concat (UperNet's bottleneck) is split into convolutions of the parts before conversion
+(concat_convs.py); the plugin folds the sums into the convolutions (its "sum" post-op) and drops the Concat and the
+reorder of the concatenated map (docs/dense-artifacts.md).
+
 int8: NNCF quantizes the converted model (quantize/openvino_int8.py); the IR then holds FakeQuantize ops and int8
 weights, the scan ops stay float, and everything NNCF left float runs with the f32 hint.
 
@@ -92,6 +96,9 @@ def lower_openvino(model: VMamba, target: Target, folder: Path, options: ExportO
         # OpenVINO runs channel-first LayerNorm fastest in the in-place form (no Transposes): see LayerNorm2d.
         with channel_axis_layer_norms(model):
             info = export_onnx(model, onnx_path, scan="custom-op", max_size=options.max_size)
+        split = split_concat_convs_in_file(onnx_path)
+        if split:
+            info["split_concat_convs"] = split
         if calib is None:
             ov_model = ov.convert_model(str(onnx_path), extension=str(library))
         else:
@@ -147,6 +154,22 @@ UNSUPPORTED_PRECISIONS = {
         "parameters to f16 (\"input 'A_logs' must be f32, got f16\" at compile time); use fp32 or int8",
     },
 }
+
+
+def split_concat_convs_in_file(onnx_path: Path) -> int:
+    """concat_convs.split_concat_convs on the ONNX file at `onnx_path`, rewritten in place when anything changed."""
+    import onnx
+
+    from .concat_convs import split_concat_convs
+    from .onnx_graph import static_shapes
+
+    proto = onnx.load(str(onnx_path))
+    if not any(n.op_type == "Concat" for n in proto.graph.node):
+        return 0
+    split = split_concat_convs(proto, static_shapes(proto))
+    if split:
+        onnx.save_model(proto, str(onnx_path))
+    return split
 
 
 def platform_extension(
