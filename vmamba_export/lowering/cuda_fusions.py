@@ -227,18 +227,19 @@ def fuse_depthwise_conv_silu(proto: onnx.ModelProto) -> int:
     return edit.commit()
 
 
-def _projection_conv(tensor: str, u: str, edit: _Edit, reader: onnx.NodeProto) -> onnx.NodeProto | None:
+def _projection_conv(
+    tensor: str, u: str, index: _Index, reader: onnx.NodeProto, removed: set[int], gone: set[str]
+) -> onnx.NodeProto | None:
     """The bias-free 1 x 1 convolution of `u` whose output, through one Reshape read only by `reader`, is `tensor`;
-    the Reshape and the convolution go into `edit.removed`."""
-    index = edit.index
+    the ids of the Reshape and the convolution go into `removed`, their outputs into `gone`."""
     reshape = index.produced_by(tensor, "Reshape")
     if reshape is None or not index.only_reader(tensor, reader):
         return None
     conv = index.produced_by(reshape.input[0], "Conv")
     if conv is None or not pointwise_conv(conv) or conv.input[0] != u or not index.only_reader(conv.output[0], reshape):
         return None
-    edit.removed.update((id(reshape), id(conv)))
-    edit.gone.update((tensor, conv.output[0]))
+    removed.update((id(reshape), id(conv)))
+    gone.update((tensor, conv.output[0]))
     return conv
 
 
@@ -258,8 +259,8 @@ def pack_scan_projections(proto: onnx.ModelProto) -> int:
         a_init = index.initializers.get(a_logs)
         if a_init is None or len(a_init.dims) != 2 or a_init.dims[1] != 1:
             continue  # d_state 1 only: the line kernel reads X in place; other shapes would be unpacked again
-        attempt = _Edit(proto.graph)
-        attempt.index = index
+        removed: set[int] = set()  # this scan's nodes and tensors, committed only if the whole pattern matches
+        gone: set[str] = set()
         reshape = index.produced_by(delta, "Reshape")
         matmul = index.produced_by(reshape.input[0], "MatMul") if reshape is not None else None
         if matmul is None or not index.only_reader(delta, scan) or not index.only_reader(matmul.output[0], reshape):
@@ -269,9 +270,9 @@ def pack_scan_projections(proto: onnx.ModelProto) -> int:
             continue
         d_inner, rank = int(dt_init.dims[1]), int(dt_init.dims[2])
         convs = [
-            _projection_conv(matmul.input[1], u, attempt, matmul),
-            _projection_conv(b, u, attempt, scan),
-            _projection_conv(c, u, attempt, scan),
+            _projection_conv(matmul.input[1], u, index, matmul, removed, gone),
+            _projection_conv(b, u, index, scan, removed, gone),
+            _projection_conv(c, u, index, scan, removed, gone),
         ]
         if any(conv is None for conv in convs):
             continue
@@ -289,8 +290,8 @@ def pack_scan_projections(proto: onnx.ModelProto) -> int:
             onnx.helper.make_node("Conv", [u, weight], [packed], kernel_shape=[1, 1], name=packed),
             _fused_node(PACKED_SCAN_OP, [u, packed, matmul.input[0], a_logs, d, delta_bias], [stem], scan),
         ]
-        edit.removed.update(attempt.removed | {id(reshape), id(matmul)})
-        edit.gone.update(attempt.gone | {delta, matmul.output[0]})
+        edit.removed.update(removed | {id(reshape), id(matmul)})
+        edit.gone.update(gone | {delta, matmul.output[0]})
     return edit.commit()
 
 
