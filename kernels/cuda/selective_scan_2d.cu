@@ -798,38 +798,29 @@ __device__ __forceinline__ void scan_chunk_totals(float* tot, int n, int lane) {
 }
 
 // One phase: kRows, directions 0 (forward) and 2 (backward) over the rows; else 1 and 3 over the columns.
-// One run of delta for channel c of direction k at the chunk's steps: loaded, or (kProjected) computed from the
-// packed tensor's dt-rank planes (the same positions for every channel of the block: they come from L1).
-template <typename T, int I, bool kProjected>
-__device__ __forceinline__ void load_delta_run(const Params& P, int b, int k, int c, int m0, int step, int count,
-                                               float (&out)[I]) {
-  const T* delta = static_cast<const T*>(P.delta);
+// Packed inputs: the chunk's runs of delta, B and C for channel c of direction k, B and C from planes of x, delta
+// computed from x's dt-rank planes (the same positions for every channel of the block: they come from L1).
+template <typename T, int I>
+__device__ __forceinline__ void load_packed_inputs(const Params& P, int b, int k, int c, int m0, int step, int count,
+                                                   float (&dt_in)[I], float (&b_in)[I], float (&c_in)[I]) {
   const int len = P.height * P.width;
-  if constexpr (!kProjected) {
-    load_run<I>(delta + ((static_cast<int64_t>(b) * 4 + k) * P.di + c) * len + m0, step, count, out);
-  } else {
-    const T* x = delta + b * P.x_bstride + static_cast<int64_t>(k) * P.rank * len + m0;
-    const T* w = static_cast<const T*>(P.dt_weight) + (static_cast<int64_t>(k) * P.di + c) * P.rank;
+  const T* x = static_cast<const T*>(P.delta) + b * P.x_bstride + static_cast<int64_t>(k) * P.rank * len + m0;
+  const T* w = static_cast<const T*>(P.dt_weight) + (static_cast<int64_t>(k) * P.di + c) * P.rank;
 #pragma unroll
-    for (int e = 0; e < I; ++e) out[e] = 0.0f;
-    // Not unrolled: each unrolled rank keeps another I values live, and the kernel is at its 72-register bound (two
-    // blocks of 416 threads a multiprocessor); ptxas spills 56-100 bytes so, 104-160 unrolled by 2.
+  for (int e = 0; e < I; ++e) dt_in[e] = 0.0f;
+  // Not unrolled: each unrolled rank keeps another I values live, and the kernel is at its 72-register bound (two
+  // blocks of 416 threads a multiprocessor); ptxas spills 4-100 bytes so, 104-160 unrolled by 2.
 #pragma unroll 1
-    for (int r = 0; r < P.rank; ++r) {
-      float v[I];
-      load_run<I>(x + static_cast<int64_t>(r) * len, step, count, v);
-      const float wr = to_f(__ldg(w + r));
+  for (int r = 0; r < P.rank; ++r) {
+    float v[I];
+    load_run<I>(x + static_cast<int64_t>(r) * len, step, count, v);
+    const float wr = to_f(__ldg(w + r));
 #pragma unroll
-      for (int e = 0; e < I; ++e) out[e] = fmaf(wr, v[e], out[e]);
-    }
+    for (int e = 0; e < I; ++e) dt_in[e] = fmaf(wr, v[e], dt_in[e]);
   }
-}
-
-// Where direction k's B (and C) plane of batch b starts: planes of (batch, 4, len), or the packed tensor's.
-template <bool kPacked>
-__device__ __forceinline__ int64_t bc_offset(const Params& P, int b, int k, int len) {
-  if constexpr (kPacked) return b * P.bc_bstride + static_cast<int64_t>(k) * len;
-  return (static_cast<int64_t>(b) * 4 + k) * len;
+  const int64_t bc = b * P.bc_bstride + static_cast<int64_t>(k) * len + m0;
+  load_run<I>(static_cast<const T*>(P.B) + bc, step, count, b_in);
+  load_run<I>(static_cast<const T*>(P.C) + bc, step, count, c_in);
 }
 
 template <typename T, int I, bool kRows, bool kProjected>
@@ -857,14 +848,23 @@ __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, floa
   float keep[I], qf[I], qb[I];  // y = keep + qf * (state entering, forward) + qb * (state entering, backward)
   if (active) {
     const T* u = static_cast<const T*>(P.u);
+    const T* delta = static_cast<const T*>(P.delta);
+    const T* Bm = static_cast<const T*>(P.B);
+    const T* Cm = static_cast<const T*>(P.C);
     const T* A_logs = static_cast<const T*>(P.A_logs);
     const T* dbias = static_cast<const T*>(P.delta_bias);
     const int64_t map = (static_cast<int64_t>(b) * di + c) * len + m0;
+    const int64_t plane_f = static_cast<int64_t>(b) * 4 + kf, plane_b = static_cast<int64_t>(b) * 4 + kb;
     float uu[I], dt_in[I], b_in[I], c_in[I];
     load_run<I>(u + map, step, count, uu);
-    load_delta_run<T, I, kProjected>(P, b, kf, c, m0, step, count, dt_in);
-    load_run<I>(static_cast<const T*>(P.B) + bc_offset<kProjected>(P, b, kf, len) + m0, step, count, b_in);
-    load_run<I>(static_cast<const T*>(P.C) + bc_offset<kProjected>(P, b, kf, len) + m0, step, count, c_in);
+    // Unpacked inputs stay loaded as written before the packed form existed: the same code, the same registers.
+    if constexpr (kProjected) {
+      load_packed_inputs<T, I>(P, b, kf, c, m0, step, count, dt_in, b_in, c_in);
+    } else {
+      load_run<I>(delta + (plane_f * di + c) * len + m0, step, count, dt_in);
+      load_run<I>(Bm + plane_f * len + m0, step, count, b_in);
+      load_run<I>(Cm + plane_f * len + m0, step, count, c_in);
+    }
     const float bias_f = to_f(dbias[kf * di + c]), bias_b = to_f(dbias[kb * di + c]);
     const float a2f = -expf(to_f(A_logs[kf * di + c])) * kLog2e;
     const float a2b = -expf(to_f(A_logs[kb * di + c])) * kLog2e;
@@ -888,9 +888,13 @@ __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, floa
     // The backward inputs reuse the forward ones' registers: loaded only now (other warps hide the latency), so a
     // thread holds one direction's inputs at a time and two blocks fit a multiprocessor without spilling.
     asm volatile("" ::: "memory");
-    load_delta_run<T, I, kProjected>(P, b, kb, c, m0, step, count, dt_in);
-    load_run<I>(static_cast<const T*>(P.B) + bc_offset<kProjected>(P, b, kb, len) + m0, step, count, b_in);
-    load_run<I>(static_cast<const T*>(P.C) + bc_offset<kProjected>(P, b, kb, len) + m0, step, count, c_in);
+    if constexpr (kProjected) {
+      load_packed_inputs<T, I>(P, b, kb, c, m0, step, count, dt_in, b_in, c_in);
+    } else {
+      load_run<I>(delta + (plane_b * di + c) * len + m0, step, count, dt_in);
+      load_run<I>(Bm + plane_b * len + m0, step, count, b_in);
+      load_run<I>(Cm + plane_b * len + m0, step, count, c_in);
+    }
 #pragma unroll
     for (int e = I - 1; e >= 0; --e) {
       if (e < count) {
@@ -971,18 +975,23 @@ __global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params 
     // The planes of the block's later loads (the row phase's backward direction, the column phase), requested from
     // DRAM now so that those loads find them in L2 instead of waiting a DRAM round trip each.
     const int len = P.height * P.width, di = P.di;
-    const int b = blockIdx.y;
-    for (int k : {2, 1, 3}) {
-      prefetch_l2(static_cast<const T*>(P.B) + bc_offset<kProjected>(P, b, k, len), len);
-      prefetch_l2(static_cast<const T*>(P.C) + bc_offset<kProjected>(P, b, k, len), len);
-      if constexpr (kProjected) {
+    if constexpr (kProjected) {
+      const int b = blockIdx.y;
+      for (int k : {2, 1, 3}) {
+        prefetch_l2(static_cast<const T*>(P.B) + b * P.bc_bstride + static_cast<int64_t>(k) * len, len);
+        prefetch_l2(static_cast<const T*>(P.C) + b * P.bc_bstride + static_cast<int64_t>(k) * len, len);
         for (int r = 0; r < P.rank; ++r) {
           prefetch_l2(static_cast<const T*>(P.delta) + b * P.x_bstride + (static_cast<int64_t>(k) * P.rank + r) * len,
                       len);
         }
-      } else {
+      }
+    } else {
+      const int64_t plane0 = static_cast<int64_t>(blockIdx.y) * 4;
+      for (int k : {2, 1, 3}) {
+        prefetch_l2(static_cast<const T*>(P.B) + (plane0 + k) * len, len);
+        prefetch_l2(static_cast<const T*>(P.C) + (plane0 + k) * len, len);
         for (int ch = 0; ch < P.ct && c0 + ch < di; ++ch) {
-          prefetch_l2(static_cast<const T*>(P.delta) + ((static_cast<int64_t>(b) * 4 + k) * di + c0 + ch) * len, len);
+          prefetch_l2(static_cast<const T*>(P.delta) + ((plane0 + k) * di + c0 + ch) * len, len);
         }
       }
     }
