@@ -797,7 +797,6 @@ __device__ __forceinline__ void scan_chunk_totals(float* tot, int n, int lane) {
   }
 }
 
-// One phase: kRows, directions 0 (forward) and 2 (backward) over the rows; else 1 and 3 over the columns.
 // Packed inputs: the chunk's runs of delta, B and C for channel c of direction k, B and C from planes of x, delta
 // computed from x's dt-rank planes (the same positions for every channel of the block: they come from L1).
 template <typename T, int I>
@@ -823,6 +822,8 @@ __device__ __forceinline__ void load_packed_inputs(const Params& P, int b, int k
   load_run<I>(static_cast<const T*>(P.C) + bc, step, count, c_in);
 }
 
+// One phase: kRows, directions 0 (forward) and 2 (backward) over the rows; else 1 and 3 over the columns.
+// kProjected: the inputs come packed (load_packed_inputs).
 template <typename T, int I, bool kRows, bool kProjected>
 __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, float* sy, float* tot, int tot_stride) {
   const int height = P.height, width = P.width, len = height * width, di = P.di, cpb = P.ct;
