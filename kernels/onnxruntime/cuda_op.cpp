@@ -54,10 +54,14 @@ OrtStatus* launched(const char* op, const char* err) {
   return err == nullptr ? nullptr : make_status(ORT_FAIL, err, op);
 }
 
-// What every CUDA kernel of the library shares: the status-returning entry ORT calls, with the input and output
-// counts checked against the op's declaration and any exception turned into a status (Derived::compute does the rest).
+// What every CUDA kernel of the library shares: the registration's element type, and the status-returning entry ORT
+// calls, with the input and output counts checked against the op's declaration and any exception turned into a status
+// (Derived::compute does the rest).
 template <typename Derived>
 struct CudaKernel {
+  ONNXTensorElementDataType type;
+  explicit CudaKernel(ONNXTensorElementDataType t) : type(t) {}
+
   OrtStatus* ComputeV2(OrtKernelContext* context) {
     return guarded(Derived::kName, [&]() -> OrtStatus* {
       Ort::KernelContext ctx(context);
@@ -75,7 +79,7 @@ struct CudaKernel {
 };
 
 // A scan kernel's inputs, and their shapes; every element type must be the registration's `type` (ORT matches the
-// node's types against it; checked again so a mismatch names the input).
+// node's types against it; checked again so a mismatch names the input), and u (input 0) must be 4-D.
 struct ScanInputs {
   std::vector<Ort::ConstValue> values;
   std::vector<std::vector<int64_t>> shapes;
@@ -93,6 +97,9 @@ OrtStatus* gather_inputs(Ort::KernelContext& ctx, const char* const* names, size
                          op);
     }
     out.shapes.push_back(info.GetShape());
+  }
+  if (out.shapes[0].size() != 4) {
+    return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(out.shapes[0]), op);
   }
   return nullptr;
 }
@@ -116,8 +123,7 @@ struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
   static constexpr const char* kName = "SelectiveScan2D";
   static constexpr size_t kInputs = kNumInputs, kRequiredInputs = kNumInputs, kOutputs = 1;
   static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
-  ONNXTensorElementDataType type;
-  ScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
+  ScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
     ScanInputs in;
@@ -126,9 +132,6 @@ struct ScanCudaKernel : CudaKernel<ScanCudaKernel> {
     const auto& inputs = in.values;
     const auto& us = shapes[0];
     const auto& ds = shapes[1];
-    if (us.size() != 4) {
-      return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us), kName);
-    }
     if (ds.size() != 5) {
       return make_status(ORT_INVALID_ARGUMENT, "input 'delta' must be (B, K, Di, H, W), got " + shape_str(ds), kName);
     }
@@ -157,8 +160,7 @@ struct PackedScanCudaKernel : CudaKernel<PackedScanCudaKernel> {
   static constexpr size_t kInputs = 6, kRequiredInputs = 6, kOutputs = 1;
   static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
   static constexpr const char* kNames[] = {"u", "X", "dt_weight", "A_logs", "D", "delta_bias"};
-  ONNXTensorElementDataType type;
-  PackedScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
+  PackedScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
     ScanInputs in;
@@ -166,9 +168,6 @@ struct PackedScanCudaKernel : CudaKernel<PackedScanCudaKernel> {
     const auto& shapes = in.shapes;
     const auto& inputs = in.values;
     const auto& us = shapes[0];
-    if (us.size() != 4) {
-      return make_status(ORT_INVALID_ARGUMENT, "input 'u' must be (B, Di, H, W), got " + shape_str(us), kName);
-    }
     if (shapes[2].size() != 3 || shapes[3].size() != 2) {
       return make_status(ORT_INVALID_ARGUMENT,
                          "inputs 'dt_weight' and 'A_logs' must be (4, Di, R) and (4*Di, N), got " +
@@ -205,13 +204,12 @@ OrtStatus* check_params(const char* op, const std::vector<std::pair<const char*,
   return nullptr;
 }
 
-// The LayerNorm kernels' state: the op's type and its epsilon attribute.
+// The LayerNorm kernels' state: the op's epsilon attribute (and the type, as every kernel).
 template <typename Derived>
 struct NormCudaKernel : CudaKernel<Derived> {
-  ONNXTensorElementDataType type;
   float epsilon;
   NormCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo& info)
-      : type(t), epsilon(info.GetAttribute<float>("epsilon")) {}
+      : CudaKernel<Derived>(t), epsilon(info.GetAttribute<float>("epsilon")) {}
 };
 
 // LastAxisLayerNorm(X, scale, bias) -> Y, attribute epsilon: LayerNormalization over the last axis of X.
@@ -302,8 +300,7 @@ struct DepthwiseConvSiLUCudaKernel : CudaKernel<DepthwiseConvSiLUCudaKernel> {
   static constexpr const char* kName = "DepthwiseConvSiLU";
   static constexpr size_t kInputs = 3, kRequiredInputs = 2, kOutputs = 1;
   static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_channels_first;
-  ONNXTensorElementDataType type;
-  DepthwiseConvSiLUCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : type(t) {}
+  DepthwiseConvSiLUCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
 
   OrtStatus* compute(Ort::KernelContext& ctx) {
     auto x = ctx.GetInput(0), weight = ctx.GetInput(1);

@@ -36,6 +36,7 @@ def split_concat_convs(model: onnx.ModelProto, shapes: dict[str, list[int | None
     placed: dict[int, list[onnx.NodeProto]] = {}
     removed: set[int] = set()
     gone: set[str] = set()
+    replaced_weights: set[str] = set()
     for conv in graph.node:
         if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or node_attribute(conv, "group", 1) != 1:
             continue
@@ -72,11 +73,13 @@ def split_concat_convs(model: onnx.ModelProto, shapes: dict[str, list[int | None
             total = term
         new_nodes[-1].output[0] = stem  # the last node (an Add, or the one Conv) keeps the convolution's name
         placed[id(conv)] = new_nodes
+        replaced_weights.add(conv.input[1])
         removed.add(id(concat))
         gone.add(concat.output[0])
     replace_nodes(graph, placed, removed, gone)
-    still_read = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in still_read or init.name in outputs]
+    # the whole weights, unless something else still reads them (their parts are new initializers)
+    still_read = {name for node in graph.node for name in node.input} | outputs
+    kept = [init for init in graph.initializer if init.name not in replaced_weights or init.name in still_read]
     if len(kept) != len(graph.initializer):
         del graph.initializer[:]
         graph.initializer.extend(kept)
