@@ -22,9 +22,10 @@ to the input size; exported by the same dynamo exporter at the same opset with t
 at the fixed shape (1, 3, S, S); run by the runtime directly with its documented latency settings (ONNX Runtime
 `intra_op_num_threads`; OpenVINO `PERFORMANCE_HINT: LATENCY`, `INFERENCE_PRECISION_HINT: f32`,
 `INFERENCE_NUM_THREADS`), the OpenVINO peer at the fixed shape as cpu_user.py does for classifiers. A third peer
-row is the fixed-shape peer with the one head rewrite our artifacts apply (lowering/concat_convs.py: the bottleneck
-convolutions of a Concat as sums of convolutions), which a user exporting ConvNeXt-T would not have: against it the
-ratio compares the backbones alone.
+row is the fixed-shape peer with the head rewrites our artifacts of that runtime apply (both: the bottleneck
+convolutions of a Concat as sums of convolutions, lowering/concat_convs.py; ONNX Runtime also: the final bilinear
+upsampling as the library's planar kernel, lowering/output_resize.py), which a user exporting ConvNeXt-T would not
+have: against it the ratio compares the backbones alone.
 
 Each (row, model) is timed in its own process once per round, in turn with the peers; the ratio is the median over
 rounds of ours / the peer's median in the same round. At 512 x 512 on 2 cores one run takes seconds: the defaults
@@ -52,7 +53,7 @@ OURS = "vmamba_tiny_s1l8 UperNet"
 PEERS = (
     "convnext_tiny UperNet (same export)",
     "convnext_tiny UperNet (fixed shape)",
-    "convnext_tiny UperNet (fixed shape, head split as ours)",
+    "convnext_tiny UperNet (fixed shape, head rewritten as ours)",
 )
 HEAD_CHANNELS = 512
 NUM_CLASSES = 150
@@ -133,20 +134,28 @@ def export_peer_onnx(path: Path, size: int, fixed: bool) -> Path:
     return path
 
 
-def head_split_copy(onnx_path: Path) -> Path:
-    """The peer with the head rewrite our artifacts get (lowering/concat_convs.py: each bottleneck convolution of a
-    Concat as a sum of convolutions of its parts), so the backbones compare on the same head."""
-    out = onnx_path.with_name(onnx_path.stem + "_head_split.onnx")
+def head_as_ours_copy(onnx_path: Path, runtime: str) -> Path:
+    """The peer with the head rewrites our artifacts of `runtime` get, so the backbones compare on the same head:
+    both runtimes, each bottleneck convolution of a Concat as a sum of convolutions of its parts
+    (lowering/concat_convs.py); ONNX Runtime also, the final bilinear upsampling as the library's planar kernel
+    (lowering/output_resize.py), so that copy needs the custom-op library."""
+    out = onnx_path.with_name(f"{onnx_path.stem}_head_as_ours_{runtime}.onnx")
     if not out.exists():
         import onnx
 
         from vmamba_export.lowering.concat_convs import split_concat_convs
         from vmamba_export.lowering.onnx_graph import static_shapes
+        from vmamba_export.lowering.output_resize import use_bilinear_resize_for_outputs
 
         proto = onnx.load(str(onnx_path))
-        split = split_concat_convs(proto, static_shapes(proto))
-        if split != 2:
-            raise RuntimeError(f"expected the peer's two bottlenecks to be split, split {split}")
+        shapes = static_shapes(proto)
+        split = split_concat_convs(proto, shapes)
+        resized = use_bilinear_resize_for_outputs(proto, shapes) if runtime == "onnxruntime" else 1
+        if (split, resized) != (2, 1):
+            raise RuntimeError(
+                f"expected the peer's two bottlenecks split and its output resize replaced, got "
+                f"{split} split, {resized} replaced"
+            )
         onnx.save_model(proto, str(out))
     return out
 
@@ -311,9 +320,12 @@ def build(args, workdir: Path) -> tuple[dict, dict]:
             name = f"convnext_upernet_fixed{args.size}.onnx" if fixed else "convnext_upernet_dynamic.onnx"
             onnx_path = export_peer_onnx(workdir / name, args.size, fixed)
             if split:
-                onnx_path = head_split_copy(onnx_path)
+                onnx_path = head_as_ours_copy(onnx_path, ROWS[row])
             if ROWS[row] == "onnxruntime":
-                specs[(row, label)] = {"kind": "peer-ort", "path": str(onnx_path)}
+                from vmamba_export.kernels_paths import ort_library_path
+
+                library = str(ort_library_path()) if split else None
+                specs[(row, label)] = {"kind": "peer-ort", "path": str(onnx_path), "library": library}
             else:
                 specs[(row, label)] = {"kind": "peer-ov", "path": str(peer_ir(onnx_path))}
     return specs, paths

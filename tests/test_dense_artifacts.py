@@ -121,8 +121,15 @@ def _check_channel_norms(model, folder):
 def test_fp32_segmentation_onnxruntime(seg_model, seg_ort):
     _check_fp32_parity(seg_model, seg_ort)
     _check_channel_norms(seg_model, seg_ort)
-    # the UperNet's two bottlenecks (pyramid pooling, FPN) run as sums of convolutions (lowering/concat_convs.py)
-    assert read_manifest(seg_ort)["lowering"]["rewrites"]["split_concat_convs"] == 2
+    # the UperNet's two bottlenecks (pyramid pooling, FPN) run as sums of convolutions (lowering/concat_convs.py),
+    # the logits' upsampling to the input size as the library's planar kernel (lowering/output_resize.py): the parity
+    # above covers it at sizes whose logits are not a quarter of the input
+    import onnx
+
+    rewrites = read_manifest(seg_ort)["lowering"]["rewrites"]
+    assert rewrites["split_concat_convs"] == 2 and rewrites["bilinear_resize_outputs"] == 1
+    (last,) = [n for n in onnx.load(str(seg_ort / "model.onnx")).graph.node if "logits" in n.output]
+    assert (last.domain, last.op_type) == ("ai.vmamba", "BilinearResize")
 
 
 def test_repeated_shape_runs_on_a_session_made_for_it(seg_model, seg_ort):

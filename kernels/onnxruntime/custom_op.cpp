@@ -1,6 +1,6 @@
 // ONNX Runtime custom-op library, domain `ai.vmamba`, opset 1: `SelectiveScan2D` (contract: docs/scan-op.md),
-// `ChannelLayerNorm` and `LastAxisLayerNorm` (kernels/cpu/channel_layer_norm.h; docs/scan-op.md, "Other ops"), all
-// for the CPU provider.
+// `ChannelLayerNorm` and `LastAxisLayerNorm` (kernels/cpu/channel_layer_norm.h) and `BilinearResize`
+// (kernels/cpu/bilinear_resize.h) (docs/scan-op.md, "Other ops"), all for the CPU provider.
 //
 // Built against the ORT 1.21 C/C++ headers (Debian's libonnxruntime-dev) and never linked against libonnxruntime:
 // the C API is versioned and backward compatible, so the library loads in any ORT >= 1.21 (tested with 1.32).
@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "../cpu/bilinear_resize.h"
 #include "../cpu/channel_layer_norm.h"
 #include "../cpu/selective_scan_2d.h"
 #include "op_status.h"
@@ -285,6 +286,83 @@ struct LayerNormCpuOp : Ort::CustomOpBase<LayerNormCpuOp<kLastAxis>, LayerNormCp
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// ai.vmamba::BilinearResize: X (N, C, h, w) float32 and sizes (4) int64 = (N, C, H, W), as ONNX Resize's `sizes`
+// input, to Y (N, C, H, W): Resize with mode "linear", coordinate_transformation_mode "half_pixel", no antialias,
+// in NCHW (kernels/cpu/bilinear_resize.h says why).
+struct BilinearResizeCpuKernel {
+  static constexpr const char* kName = "BilinearResize";
+
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return guarded(kName, [&] { return compute(context); });
+  }
+
+  OrtStatus* compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    if (ctx.GetInputCount() != 2 || ctx.GetOutputCount() != 1) {
+      return make_status(ORT_INVALID_ARGUMENT, "expects 2 inputs (X, sizes), 1 output", kName);
+    }
+    auto x = ctx.GetInput(0);
+    auto sizes = ctx.GetInput(1);
+    const auto x_info = x.GetTensorTypeAndShapeInfo();
+    const auto shape = x_info.GetShape();
+    if (x_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "input 'X' must be float32 (N, C, H, W), got " + shape_str(shape),
+                         kName);
+    }
+    const auto sizes_info = sizes.GetTensorTypeAndShapeInfo();
+    if (sizes_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || sizes_info.GetElementCount() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "input 'sizes' must be 4 int64 values (N, C, H, W), got shape " +
+                             shape_str(sizes_info.GetShape()),
+                         kName);
+    }
+    const int64_t* out = sizes.GetTensorData<int64_t>();
+    const std::vector<int64_t> out_shape(out, out + 4);
+    if (out_shape[0] != shape[0] || out_shape[1] != shape[1]) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "'sizes' " + shape_str(out_shape) + " must keep N and C of X " + shape_str(shape) +
+                             ": only height and width are resized",
+                         kName);
+    }
+    const vmamba::ResizeShape resize{shape[0] * shape[1], shape[2], shape[3], out_shape[2], out_shape[3]};
+    if (const char* err = vmamba::check_resize_shape(resize)) {
+      return make_status(ORT_INVALID_ARGUMENT, std::string(err) + ", got X " + shape_str(shape) + " and sizes " +
+                                                   shape_str(out_shape),
+                         kName);
+    }
+    auto y = ctx.GetOutput(0, out_shape);
+    if (const char* err = vmamba::bilinear_resize_f32(x.GetTensorData<float>(), y.GetTensorMutableData<float>(),
+                                                      resize, ort_parallel_for, context)) {
+      return make_status(ORT_FAIL, err, kName);
+    }
+    return nullptr;
+  }
+};
+
+struct BilinearResizeCpuOp : Ort::CustomOpBase<BilinearResizeCpuOp, BilinearResizeCpuKernel, true> {
+  BilinearResizeCpuOp() {
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+    OrtCustomOp::InferOutputShapeFn = nullptr;  // H and W come from a tensor's values; nothing reads the output after
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
+    return guarded(BilinearResizeCpuKernel::kName, [&]() -> OrtStatus* {
+      *kernel = new BilinearResizeCpuKernel();
+      return nullptr;
+    });
+  }
+
+  const char* GetName() const { return BilinearResizeCpuKernel::kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 // Registration hook for the CUDA kernel: only libvmamba_ort_cuda.so (compiled with -DVMAMBA_WITH_CUDA, linked with
 // cuda_op.cpp and kernels/cuda) has it; libvmamba_ort.so stays free of any CUDA dependency.
 void add_cuda_ops(Ort::CustomOpDomain& domain) {
@@ -309,6 +387,11 @@ LayerNormCpuOp<false>& channel_norm_op() {
 
 LayerNormCpuOp<true>& last_axis_norm_op() {
   static LayerNormCpuOp<true> op;
+  return op;
+}
+
+BilinearResizeCpuOp& resize_op() {
+  static BilinearResizeCpuOp op;
   return op;
 }
 
@@ -340,6 +423,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     domain.Add(&cpu_op());
     domain.Add(&channel_norm_op());
     domain.Add(&last_axis_norm_op());
+    domain.Add(&resize_op());
     add_cuda_ops(domain);
     Ort::UnownedSessionOptions(options).Add(domain);
     keep_domain(std::move(domain));

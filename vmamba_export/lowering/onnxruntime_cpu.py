@@ -4,7 +4,8 @@ manifest records what each changed (`lowering.rewrites`). The LayerNorm2d rewrit
 applies to float graphs only, before the LayerNorm count is taken (`lowering.layer_norms`). The others: the x_proj
 as one convolution (sibling_convs.py), the small-rank dt projections inside the scan op (dt_projection.py), SiLU as
 one node (silu_fusion.py), a convolution of a Concat as convolutions of its parts (concat_convs.py: UperNet's
-bottleneck) and the one below.
+bottleneck), a segmenter's final bilinear upsampling as the library's planar kernel (output_resize.py) and the one
+below.
 
 The LayerNormalizations left over the last axis (all of them in int8 graphs, where ORT runs the quantized
 convolutions channels-last and the norms between them without Transposes; v0's; a classifier's final norm) become
@@ -21,6 +22,7 @@ from .concat_convs import split_concat_convs
 from .cuda_graph import use_last_axis_layer_norms
 from .dt_projection import fuse_dt_projections
 from .onnx_graph import static_shapes
+from .output_resize import use_bilinear_resize_for_outputs
 from .sibling_convs import merge_sibling_pointwise_convs
 from .silu_fusion import fuse_silu
 
@@ -33,11 +35,13 @@ def onnxruntime_cpu_rewrites(model: onnx.ModelProto, layer_norms: bool = True) -
     dt_projections = fuse_dt_projections(model, shapes)
     fused = fuse_silu(model)
     split = split_concat_convs(model, shapes)
+    resized = use_bilinear_resize_for_outputs(model, shapes)
     norms = use_last_axis_layer_norms(model)["replaced"] if layer_norms else 0
     return {
         "merged_pointwise_convs": merged,
         "fused_dt_projections": dt_projections,
         "fused_silu": fused,
         "split_concat_convs": split,
+        "bilinear_resize_outputs": resized,
         "last_axis_layer_norms": norms,
     }
