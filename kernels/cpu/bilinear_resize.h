@@ -36,7 +36,7 @@ inline const char* check_resize_shape(const ResizeShape& s) {
   if (s.planes < 0 || s.in_h < 1 || s.in_w < 1 || s.out_h < 0 || s.out_w < 0) {
     return "input height and width must be >= 1 and the output sizes >= 0";
   }
-  constexpr int64_t kMaxSide = int64_t{1} << 24;  // keeps the float coordinates exact to well under a pixel
+  constexpr int64_t kMaxSide = int64_t{1} << 24;  // a sanity bound: positions and indices stay exact in double
   if (s.in_h > kMaxSide || s.in_w > kMaxSide || s.out_h > kMaxSide || s.out_w > kMaxSide) {
     return "height and width must be <= 2^24";
   }
@@ -147,7 +147,8 @@ inline const char* bilinear_resize_f32(const float* x, float* y, const ResizeSha
   const resize_detail::Taps cols = resize_detail::half_pixel_taps(shape.in_w, shape.out_w);
   // Enough items to keep a pool busy when there are few planes (a batch-1 map of few classes).
   constexpr int64_t kMinItems = 64;
-  const int64_t row_blocks = std::min(shape.out_h, std::max<int64_t>(1, kMinItems / std::max<int64_t>(1, shape.planes)));
+  const int64_t per_plane = std::max<int64_t>(1, kMinItems / std::max<int64_t>(1, shape.planes));
+  const int64_t row_blocks = std::min(shape.out_h, per_plane);
   resize_detail::Job job{x, y, shape, row_blocks, &rows, &cols};
   const int64_t items = shape.planes * row_blocks;
   if (parallel_for == nullptr) {
