@@ -117,7 +117,7 @@ def _host_env() -> dict:
 def build_artifacts(models: list[str], cases: list[tuple[str, str]], out: Path, show: bool) -> list[dict]:
     """x86 and aarch64 artifacts of every (model, target, precision), the x86 one's self-check and its outputs on the
     reference inputs; returns one job per pair."""
-    from vmamba_export.build import default_sources
+    from vmamba_export.bundled import default_sources
     from vmamba_export.errors import TargetUnavailableError
     from vmamba_export.exporter import export_artifact
     from vmamba_export.lowering import ExportOptions

@@ -156,7 +156,8 @@ def one_node_session(dtype, library: Path, shapes):
 
 
 def scan_node_providers(folder: Path) -> dict:
-    """{execution provider: number of SelectiveScan2D node runs} from one profiled batch-1 run of the artifact."""
+    """{execution provider: number of scan node runs} from one profiled batch-1 run of the artifact (SelectiveScan2D,
+    and SelectiveScan2DPacked where the packed fusion replaced it)."""
     import onnxruntime as ort
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -176,7 +177,7 @@ def scan_node_providers(folder: Path) -> dict:
         args = event.get("args", {})
         if (
             event.get("cat") == "Node"
-            and args.get("op_name") == "SelectiveScan2D"
+            and args.get("op_name") in ("SelectiveScan2D", "SelectiveScan2DPacked")
             and event["name"].endswith("_kernel_time")
         ):
             counts[args.get("provider", "?")] = counts.get(args.get("provider", "?"), 0) + 1

@@ -8,7 +8,10 @@
 #      vmamba_digits_v0, d_state 16) for cpu-onnxruntime and onnx-portable, fp32 and int8: each artifact's self-check
 #      (`vmamba-export validate DIR` against the references it carries) runs in the emulated arm64 Python that has
 #      the runtime only (numpy, onnxruntime, pillow, rich; no torch), and --fail-on-parity makes a miss fail this;
-#   4. `vmamba-export predict` of one artifact there, and proof that torch is absent there.
+#   4. `vmamba-export predict` of one artifact there, and proof that torch is absent there;
+#   5. the bundled segmenter (vmamba_shapes_seg) exported for linux-aarch64 cpu-onnxruntime: fp32 (its last node the
+#      BilinearResize op) self-checked, int8 judged by its held-out mIoU drop there (PyTorch's mIoU as the export
+#      recorded it: no torch in the emulated Python), and a predicted mask.
 # Usage: bash scripts/arm64_check.sh [OUT]  (default out/arm64; the test bench from scripts/arm64_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,4 +66,24 @@ print("emulated:", platform.machine(), "| torch importable:", importlib.util.fin
       "| onnx importable:", importlib.util.find_spec("onnx") is not None)
 EOF
 PYTHONPATH=$PWD "$ENV_DIR/python" -m vmamba_export predict "$ART" "$OUT/digit.png" --top-k 3
+
+echo "== 5. the bundled segmenter on aarch64 (emulated): dense outputs, the BilinearResize op, int8 mIoU without torch"
+SEG="$OUT/vmamba_shapes_seg-cpu-onnxruntime"
+"$PY" -m vmamba_export export --task segmentation --target cpu-onnxruntime --platform linux-aarch64 --out "$SEG-fp32" \
+  --overwrite --validate
+# int8 is judged by its mIoU drop: the held-out mIoU under emulation, PyTorch's as the export recorded it.
+"$PY" -m vmamba_export export --task segmentation --target cpu-onnxruntime --platform linux-aarch64 --precision int8 \
+  --out "$SEG-int8" --overwrite --validate --accuracy shapes:holdout
+"$PY" - "$SEG-fp32/model.onnx" "$SEG-int8/manifest.json" <<'EOF'
+import json
+import sys
+import onnx
+last = onnx.load(sys.argv[1]).graph.node[-1]
+assert (last.domain, last.op_type) == ("ai.vmamba", "BilinearResize"), (last.domain, last.op_type)
+print("last node:", last.domain, last.op_type)
+acc = json.load(open(sys.argv[2]))["validation"]["accuracy"]
+print(f"int8 held-out mIoU on aarch64 {acc['artifact_miou']:.4f}, PyTorch {acc['torch_miou']:.4f}"
+      f" ({acc['torch_from']}), drop {acc['drop_points']:.2f} points")
+EOF
+PYTHONPATH=$PWD "$ENV_DIR/python" -m vmamba_export predict "$SEG-fp32" "$OUT/digit.png" --out "$OUT/masks" --overwrite
 echo "arm64_check: PASS (kernel variants and dispatch, and every artifact's self-check, under emulation)"

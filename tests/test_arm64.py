@@ -262,7 +262,8 @@ def test_channel_norm_kernel_cross_compiled_runs_under_qemu_and_dispatches(tmp_p
 def test_arm64_check_under_emulation(tmp_path):
     """scripts/arm64_check.sh end to end: kernel variants and dispatch under qemu, both bundled models built for
     linux-aarch64 (cpu-onnxruntime and onnx-portable, fp32 and int8), each self-checked in the emulated torch-free
-    runtime. Minutes: the arm64 bench is set up on first use."""
+    runtime; the bundled segmenter's fp32 self-check, its int8 held-out mIoU drop and a mask there. Minutes: the
+    arm64 bench is set up on first use."""
     env = {"VMAMBA_PYTHON": sys.executable, "PATH": "/usr/sbin:/usr/bin:/bin"}
     import os
 
@@ -282,6 +283,17 @@ def test_arm64_check_under_emulation(tmp_path):
         assert set(rows) == {(t, p) for t in ("cpu-onnxruntime", "onnx-portable") for p in ("fp32", "int8")}
         for row in rows.values():
             assert row["status"] == "validated" and "qemu-aarch64" in row["note"], row
+    # The bundled segmenter: its output upsampling runs as our BilinearResize op, on aarch64 code; int8 is judged by
+    # its held-out mIoU drop there, against PyTorch's mIoU as the export recorded it (the emulated Python has no torch).
+    assert "last node: ai.vmamba BilinearResize" in proc.stdout
+    assert (tmp_path / "out" / "masks").is_dir() and any((tmp_path / "out" / "masks").glob("*.png"))
+    for precision in ("fp32", "int8"):
+        folder = tmp_path / "out" / f"vmamba_shapes_seg-cpu-onnxruntime-{precision}"
+        validation = json.loads((folder / "manifest.json").read_text())["validation"]
+        assert validation["status"] == "pass" and "qemu-aarch64" in validation["ran_on"], validation
+    acc = validation["accuracy"]
+    assert acc["source"] == "shapes:holdout" and acc["num_images"] == 500
+    assert acc["torch_from"] == "recorded at export (references.accuracy)" and 0 <= acc["drop_points"] <= 1.0
 
 
 def test_workflow_runs_the_aarch64_artifacts_on_an_arm_runner_without_torch():

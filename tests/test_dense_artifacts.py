@@ -392,14 +392,51 @@ def _check_reduced(model, folder, max_rel_l2: float, min_agreement: float) -> di
     return {"rel_l2": errors, "agreement": agreement}
 
 
-def test_int8_segmentation_onnxruntime(seg_model, tmp_path):
+def test_int8_segmentation_onnxruntime(seg_model, tmp_path, monkeypatch):
     import onnx
 
-    manifest = _export(seg_model, "cpu-onnxruntime", tmp_path / "seg-ort-int8", "int8")
+    from vmamba_export import validate as validate_mod
+    from vmamba_export.data.segmentation_sources import write_segmentation_folder
+
+    # Judged by its mIoU drop: the export records PyTorch's mIoU on a labelled set for a device without torch.
+    labelled = write_segmentation_folder("shapes:holdout", tmp_path / "labelled", limit=6)
+    folder = tmp_path / "seg-ort-int8"
+    options = ExportOptions(calib_samples=8, reference_accuracy_source=str(labelled), extra={"show_progress": False})
+    manifest = export_artifact(
+        _source(seg_model), get_target("cpu-onnxruntime"), folder, "int8", max_size=MAX_SIZE, options=options
+    )
     assert manifest["lowering"]["quantization"]["quantized_layers"]
-    _check_reduced(seg_model, tmp_path / "seg-ort-int8", 0.1, 0.95)
-    proto = onnx.load(str(tmp_path / "seg-ort-int8" / "model.onnx"))  # int8 keeps its last-axis norms
+    _check_reduced(seg_model, folder, 0.1, 0.95)
+    proto = onnx.load(str(folder / "model.onnx"))  # int8 keeps its last-axis norms
     assert "ChannelLayerNorm" not in {n.op_type for n in proto.graph.node}
+
+    record = manifest["references"]["accuracy"]
+    assert record["source"] == str(labelled) and record["num_images"] == 6 and record["metric"] == "miou"
+    conf = np.zeros((5, 5), dtype=np.int64)  # PyTorch's mIoU on those images, counted here
+    for image in sorted((labelled / "images").iterdir()):
+        x = preprocess(Image.open(image), seg_model.config.input)[None]
+        truth = np.asarray(Image.open(labelled / "masks" / image.name), dtype=np.int64)
+        pred = _torch_outputs(seg_model, x)[0][0].argmax(0)
+        np.add.at(conf, (truth.ravel(), pred.ravel()), 1)
+    inter, union = np.diag(conf), conf.sum(0) + conf.sum(1) - np.diag(conf)
+    assert record["torch_miou"] == pytest.approx(float(np.mean(inter[union > 0] / union[union > 0])), abs=1e-12)
+
+    # Where torch is missing, validate takes that number for the same data, so the drop is still measured...
+    monkeypatch.setattr(validate_mod, "torch_available", lambda: False)
+    result = validate_mod.validate_artifact(folder, accuracy_source=str(labelled), show_progress=False)
+    acc = result["accuracy"]
+    assert acc["torch_from"] == "recorded at export (references.accuracy)" and acc["torch_note"] is None
+    assert acc["torch_miou"] == record["torch_miou"] and acc["data_sha256"] == record["data_sha256"]
+    assert acc["drop_points"] == pytest.approx(100 * (record["torch_miou"] - acc["artifact_miou"]))
+    # ...and only for the same data: one mask changed, the drop is unmeasured and the note says why.
+    mask_path = next((labelled / "masks").iterdir())
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[0, 0] = (int(mask[0, 0]) + 1) % 5
+    Image.fromarray(mask, "L").save(mask_path)
+    result = validate_mod.validate_artifact(folder, accuracy_source=str(labelled), show_progress=False)
+    acc = result["accuracy"]
+    assert acc["torch_miou"] is None and acc["drop_points"] is None and result["status"] == "fail"
+    assert f"records PyTorch's score on {labelled}, not on these images" in acc["torch_note"]
 
 
 @pytest.mark.slow
@@ -480,3 +517,33 @@ def test_cli_export_backbone_of_random_weights(tmp_path, capsys):
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 96)).astype(np.float32)
     for got, want in zip(_artifact_outputs(load(out), x), _torch_outputs(model, x), strict=True):
         assert _rel_l2(got, want) <= 1e-5
+
+
+def test_build_of_a_segmenter_reports_pixel_agreement_and_miou(tmp_path):
+    """`build` runs dense models as it runs classifiers: each target with a dense lowering exported and validated
+    (its mIoU on a labelled set, PyTorch's beside it), the others listed as not built for the task, none an error.
+    The bundled segmenter: build rebuilds the PyTorch model from the manifest, as for any bundled model."""
+    from vmamba_export.build import BuildPlan, build, exit_status
+    from vmamba_export.data.segmentation_sources import write_segmentation_folder
+    from vmamba_export.model_source import resolve_model
+
+    labelled = write_segmentation_folder("shapes:holdout", tmp_path / "labelled", limit=4)
+    plan = BuildPlan(
+        targets=[get_target("cpu-onnxruntime"), get_target("cpu-tvm")],
+        precisions=["fp32"],
+        accuracy_source=str(labelled),
+        bench=False,
+    )
+    summary = build(resolve_model("vmamba_shapes_seg"), plan, tmp_path / "out", show_progress=False)
+    rows = {r["target"]: r for r in summary["artifacts"]}
+    assert summary["task"] == "segmentation" and exit_status(summary, fail_on_parity=True) == 0, summary
+    assert rows["cpu-tvm"]["status"] == "not built for segmentation"
+    assert "no segmentation lowering" in rows["cpu-tvm"]["note"]
+    ort = rows["cpu-onnxruntime"]
+    assert ort["status"] == "validated" and ort["runs"][0]["pixel_agreement"] >= 0.999
+    acc = ort["accuracy"]
+    assert acc["metric"] == "miou" and acc["num_images"] == 4 and acc["torch_from"] == "computed here"
+    assert acc["artifact_miou"] == pytest.approx(acc["torch_miou"], abs=0.02)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| pixel agree | mIoU |" in report and f"PyTorch fp32 mIoU on {labelled}: {acc['torch_miou']:.4f}" in report
+    assert (tmp_path / "out" / "report.png").is_file()

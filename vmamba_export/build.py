@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifact import write_json_atomic, write_text_atomic
+from .bundled import default_sources
 from .errors import ArtifactError, VMambaExportError
 from .lowering import ExportOptions
 from .model_source import ModelSource
@@ -53,29 +54,20 @@ def default_targets() -> list[Target]:
     return [t for t in list_targets() if t.can_build()[0]]
 
 
-def default_sources(model_name: str) -> tuple[str | None, str | None]:
-    """(accuracy source, calibration source) a model's own data suggests: the bundled digits models and the bundled
-    segmenter (generated shapes scenes with their masks) have labels."""
-    if model_name.startswith("vmamba_digits"):
-        return "digits:holdout", "digits:calib"
-    if model_name == "vmamba_shapes_seg":
-        return "shapes:holdout", "shapes:calib"
-    return None, "builtin"
-
-
 BUILD_FORMAT = "vmamba-export-build"  # report.json["format"]: marks a build folder `build` may write into again
 
 
 def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
     from .bench import bench_artifact, machine_description
     from .emulation import emulated_python, emulator_description, validate_emulated
-    from .exporter import export_artifact
+    from .exporter import DENSE_LOWERINGS, export_artifact
     from .platforms import cannot_build_reason, host_platform
     from .validate import validate_artifact
 
     out = Path(out)
     prepare_build_folder(out)
     name = source.model.config.name
+    model_task = source.model.config.task  # "classification", "backbone" or "segmentation"
     accuracy_default, calib_default = default_sources(name)
     accuracy_source = plan.accuracy_source or accuracy_default
     jobs = [(t, p) for t in plan.targets for p in plan.precisions_for(t)]
@@ -89,8 +81,11 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
             row = {"target": target.name, "precision": precision, "artifact": str(folder), "status": "built"}
             progress.update(task, description=f"{target.name} {precision}")
             why_not = cannot_build_reason(target.name, platform) if cross else None
-            if why_not:
+            if model_task != "classification" and target.scan_lowering not in DENSE_LOWERINGS:
+                row.update(status=f"not built for {model_task}", note=f"{target.name} has no {model_task} lowering yet")
+            elif why_not:
                 row.update(status=f"not built for {platform}", note=why_not)
+            if row["status"] != "built":
                 rows.append(row)
                 progress.advance(task)
                 continue
@@ -98,14 +93,18 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
                 options = ExportOptions(
                     calib=plan.calib or calib_default or "builtin",
                     calib_samples=plan.calib_samples,
-                    accuracy_source=accuracy_source,
+                    # Accuracy-aware int8 (layers kept float until the top-1 drop fits) is for classifiers only.
+                    accuracy_source=accuracy_source if model_task == "classification" else None,
+                    reference_accuracy_source=accuracy_source,
                 )
                 manifest = export_artifact(
                     source, target, folder, precision, overwrite=overwrite, options=options, platform=plan.platform
                 )
                 can_run, why = target.can_run()
                 if cross and emulated_python(platform) is not None:
-                    validation = validate_emulated(folder, platform)
+                    # Emulation is slow: score the labelled set only where the precision is judged by it.
+                    judged = "max_accuracy_drop_points" in manifest["thresholds"]
+                    validation = validate_emulated(folder, platform, accuracy_source if judged else None)
                     row["parity"] = validation["status"]
                     row["runs"] = validation["runs"]
                     row["accuracy"] = validation["accuracy"]
@@ -156,6 +155,7 @@ def build(source: ModelSource, plan: BuildPlan, out: Path, overwrite: bool = Fal
     summary = {
         "format": BUILD_FORMAT,
         "model": name,
+        "task": model_task,
         "weights": source.weights,
         "machine": machine_description(),
         "platform": platform,

@@ -17,4 +17,21 @@ def bundled_weights_path(name: str) -> Path:
     return bundled_path(name)
 
 
-__all__ = ["available_bundled", "bundled_info", "bundled_weights_path", "list_bundled", "load_bundled"]
+def default_sources(model_name: str) -> tuple[str | None, str | None]:
+    """(accuracy source, calibration source) a model's own data suggests: the bundled digits models and the bundled
+    segmenter (generated shapes scenes with their masks) have labels."""
+    if model_name.startswith("vmamba_digits"):
+        return "digits:holdout", "digits:calib"
+    if model_name == "vmamba_shapes_seg":
+        return "shapes:holdout", "shapes:calib"
+    return None, "builtin"
+
+
+__all__ = [
+    "available_bundled",
+    "bundled_info",
+    "bundled_weights_path",
+    "default_sources",
+    "list_bundled",
+    "load_bundled",
+]

@@ -35,15 +35,18 @@ def emulator_description(platform: str) -> str:
     return f"{platform} under {EMULATORS.get(platform, '?')} (emulated on {host_platform()}; no speed measured)"
 
 
-def validate_emulated(folder: Path, platform: str, timeout: float = 3600) -> dict:
-    """`vmamba-export validate DIR --json` in the emulated Python: the artifact's self-check on `platform`'s code.
-    Returns the validation dict (recorded in the manifest by the emulated run, with `ran_on` added here)."""
+def validate_emulated(folder: Path, platform: str, accuracy_source: str | None = None, timeout: float = 3600) -> dict:
+    """`vmamba-export validate DIR --json` in the emulated Python: the artifact's self-check on `platform`'s code,
+    and with `accuracy_source` its score there (the PyTorch side as the artifact recorded it at export, accuracy.py).
+    Returns the validation dict (recorded in the manifest here, with `ran_on` added)."""
     python = emulated_python(platform)
     if python is None:
         raise VMambaExportError(f"no emulator for {platform} here: run bash scripts/arm64_env.sh")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)  # the package from its source tree: the emulated site has the runtime, not torch
     cmd = [str(python), "-m", "vmamba_export", "validate", str(Path(folder).resolve()), "--json"]
+    if accuracy_source:
+        cmd += ["--accuracy", accuracy_source]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

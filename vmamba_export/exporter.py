@@ -84,6 +84,26 @@ def check_dense_export(task: str, target: Target, options: ExportOptions) -> Non
         )
 
 
+def _reference_score(model, task: str, manifest: dict, options: ExportOptions) -> dict | None:
+    """PyTorch's score on a labelled source for a precision judged by its accuracy drop (accuracy.py), computed as
+    validate will compute the artifact's (the manifest's preprocessing); None for other precisions, or when there is
+    no labelled source (then a device without torch cannot measure the drop)."""
+    from .accuracy import torch_score_record
+    from .bundled import default_sources
+    from .input_spec import InputSpec
+    from .references import torch_reference
+
+    source = options.reference_accuracy_source or default_sources(model.config.name)[0]
+    if source is None or "max_accuracy_drop_points" not in manifest["thresholds"]:
+        return None
+
+    def runner(images):
+        return torch_reference(model, images, 8)[0]
+
+    spec = InputSpec.from_dict(manifest["input"]["preprocessing"])
+    return torch_score_record(task, source, runner, spec, int(manifest["output"]["num_classes"]))
+
+
 def _import_export_packages(target: Target) -> None:
     """Import the target's export packages now, before atomic_artifact turns SIGTERM into an exception. A native
     extension's module initialisation runs Python code (onnx's nanobind enums, for one) where a Python exception
@@ -184,6 +204,9 @@ def export_artifact(
         }
         # Fixed-size lowerings (TVM, Core ML) may fix a side other than the config's crop: preprocess to that side.
         manifest["input"]["preprocessing"] = fit_preprocessing(manifest["input"])
+        score = _reference_score(model, task, manifest, options)
+        if score is not None:
+            manifest["references"]["accuracy"] = score
         # Never write an artifact the loader would refuse (checked as it will be read: tuples become lists).
         problem = manifest_problem(json.loads(json.dumps(manifest, default=str)))
         if problem:

@@ -177,8 +177,9 @@ def _latency_of(row: dict) -> dict | None:
 
 
 def render_build_report(summary: dict) -> str:
-    """The combined report of a build: one row per artifact."""
+    """The combined report of a build: one row per artifact (a segmenter's rows give pixel agreement and mIoU)."""
     weights = summary["weights"]
+    agree_name, agree_key, score_name, score_key = _build_columns(summary)
     lines = [
         f"# Build report: {summary['model']}",
         "",
@@ -187,7 +188,8 @@ def render_build_report(summary: dict) -> str:
         f"- Built for: {summary.get('platform') or '-'}",
         f"- Parity images: {summary['images']}; labelled accuracy source: {summary.get('accuracy_source') or '-'}",
         "",
-        "| target | precision | status | rel L2 | cosine min | top-1 agree | top-1 acc | median ms | p90 ms | img/s |",
+        f"| target | precision | status | rel L2 | cosine min | {agree_name} | {score_name} | median ms | p90 ms "
+        "| img/s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary["artifacts"]:
@@ -197,15 +199,23 @@ def render_build_report(summary: dict) -> str:
         status = row["status"] + (f" ({row['note']})" if row.get("note") else "")
         lines.append(
             f"| {row['target']} | {row['precision']} | {status} | {_fmt(run.get('rel_l2'))} | "
-            f"{_fmt(run.get('cosine_min'), '.6f')} | {_fmt(run.get('top1_agreement'), '.3f')} | "
-            f"{_fmt(acc.get('artifact_top1'), '.4f')} | {_fmt(lat.get('median_ms'), '.2f')} | "
+            f"{_fmt(run.get('cosine_min'), '.6f')} | {_fmt(run.get(agree_key), '.3f')} | "
+            f"{_fmt(acc.get(f'artifact_{score_key}'), '.4f')} | {_fmt(lat.get('median_ms'), '.2f')} | "
             f"{_fmt(lat.get('p90_ms'), '.2f')} | {_fmt(lat.get('throughput'), '.1f')} |"
         )
-    torch_acc = next((r["accuracy"]["torch_top1"] for r in summary["artifacts"] if r.get("accuracy")), None)
+    accuracies = [r["accuracy"] for r in summary["artifacts"] if r.get("accuracy")]
+    torch_acc = next((a.get(f"torch_{score_key}") for a in accuracies if a.get(f"torch_{score_key}") is not None), None)
     if torch_acc is not None:
-        lines += ["", f"PyTorch fp32 top-1 on {summary['accuracy_source']}: {torch_acc:.4f}"]
+        lines += ["", f"PyTorch fp32 {score_name} on {summary['accuracy_source']}: {torch_acc:.4f}"]
     lines += ["", "![latency and accuracy](report.png)", ""]
     return "\n".join(lines)
+
+
+def _build_columns(summary: dict) -> tuple[str, str, str, str]:
+    """(agreement column, its run key, accuracy column, its accuracy key suffix) for the build's task."""
+    if summary.get("task", "classification") == "segmentation":
+        return "pixel agree", "pixel_agreement", "mIoU", "miou"
+    return "top-1 agree", "top1_agreement", "top-1 acc", "top1"
 
 
 def render_build_chart(summary: dict, path) -> None:
@@ -214,6 +224,7 @@ def render_build_chart(summary: dict, path) -> None:
     from PIL import Image, ImageDraw
 
     rows = summary["artifacts"]
+    _, _, score_name, score_key = _build_columns(summary)
     bar_h, gap, left, right, top = 26, 10, 330, 260, 50
     width = 1100
     height = top + len(rows) * (bar_h + gap) + 30
@@ -230,8 +241,8 @@ def render_build_chart(summary: dict, path) -> None:
         colour = colours.get(row["status"], (230, 140, 30))
         if latency:
             draw.rectangle([left, y, left + max(2, int(span * latency / longest)), y + bar_h], fill=colour)
-        acc = (row.get("accuracy") or {}).get("artifact_top1")
+        acc = (row.get("accuracy") or {}).get(f"artifact_{score_key}")
         label = f"{latency:.2f} ms" if latency else "-"
-        label += f"  {row['status']}" + (f"  top-1 {acc:.3f}" if acc is not None else "")
+        label += f"  {row['status']}" + (f"  {score_name} {acc:.3f}" if acc is not None else "")
         draw.text((left + (int(span * latency / longest) if latency else 0) + 8, y + 7), label, fill="black")
     image.save(path)

@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .accuracy import classification_scores, recorded_source, recorded_torch_score, segmentation_scores
 from .artifact import read_manifest, update_manifest
 from .errors import InputError, ParityError, VMambaExportError
 from .input_spec import InputSpec
 from .outputs import manifest_output_names, manifest_task
 from .progress import progress_bar
 from .references import read_references
-from .segmentation_metrics import confusion_matrix, miou, pixel_accuracy
+from .segmentation_metrics import confusion_matrix, miou
 
 EXPORT_EXTRA_HINT = "pip install 'vmamba-export[export]'"
 
@@ -333,9 +334,11 @@ def validate_artifact(
     if "max_accuracy_drop_points" in thresholds:
         limit_points = thresholds["max_accuracy_drop_points"]
         if accuracy is None:
+            recorded = recorded_source(manifest)
             accuracy_failures.append(
                 f"{score} drop limit {limit_points:g} points needs a labelled --accuracy source"
                 + (" (images with masks)" if task == "segmentation" else "")
+                + (f"; the artifact records PyTorch's {score} on {recorded}: --accuracy {recorded}" if recorded else "")
             )
         elif accuracy["drop_points"] is None:
             accuracy_failures.append(
@@ -482,86 +485,85 @@ def _torch_model(manifest: dict, checkpoint: str | None):
     return rebuild_from_manifest(manifest, checkpoint=checkpoint).set_scan(torch_scan)  # checks the file's sha256
 
 
-def _accuracy(predictor, manifest, model, checkpoint, source: str, spec: InputSpec, progress, task) -> dict:
-    """Top-1 of the artifact on a labelled source; the PyTorch model's too where torch and its weights are here."""
-    from .data.sources import load_batch
-
-    batch, labels, _ = load_batch(source, spec, None)
-    if labels is None or any(lab is None for lab in labels):
-        raise ParityError(f"accuracy source {source!r} has no labels")
-    labels = np.asarray(labels)
-    torch_top1, torch_note = None, None
-    if model is None and not torch_available():
-        torch_note = f"torch is not installed ({EXPORT_EXTRA_HINT})"
-    elif model is None:
-        try:
-            model = _torch_model(manifest, checkpoint)
-        except VMambaExportError as exc:  # e.g. the checkpoint is not on this machine: the artifact's top-1 stands
-            torch_note = str(exc)
+def _torch_for_accuracy(manifest: dict, model, checkpoint: str | None):
+    """(the PyTorch model or None, why not): it is needed for the PyTorch side of an accuracy comparison."""
     if model is not None:
-        torch_top1 = float((run_torch(model, batch).argmax(1) == labels).mean())
-    progress.advance(task)
-    art_top1 = float((run_predictor(predictor, batch).argmax(1) == labels).mean())
-    progress.advance(task)
+        return model, None
+    if not torch_available():
+        return None, f"torch is not installed ({EXPORT_EXTRA_HINT})"
+    try:
+        return _torch_model(manifest, checkpoint), None
+    except VMambaExportError as exc:  # e.g. the checkpoint is not on this machine: the artifact's score stands
+        return None, str(exc)
+
+
+def _torch_side(manifest: dict, data_sha256: str, keys: tuple[str, ...], computed: dict | None, note: str | None):
+    """PyTorch's scores (`keys`): computed here, else those the artifact recorded at export for the same data bytes,
+    else None with why (naming the source it recorded, when the data differ)."""
+    if computed is not None:
+        return {**computed, "torch_from": "computed here", "torch_note": None}
+    record = recorded_torch_score(manifest, data_sha256)
+    if record is not None and all(record.get(k) is not None for k in keys):
+        return {
+            **{k: record[k] for k in keys},
+            "torch_from": "recorded at export (references.accuracy)",
+            "torch_note": None,
+        }
+    recorded = recorded_source(manifest)
+    if recorded is not None:
+        note += f"; the artifact records PyTorch's score on {recorded}, not on these images"
+    return {**dict.fromkeys(keys), "torch_from": None, "torch_note": note}
+
+
+def _accuracy(predictor, manifest, model, checkpoint, source: str, spec: InputSpec, progress, task) -> dict:
+    """Top-1 of the artifact on a labelled source; the PyTorch model's too where torch and its weights are here, or
+    as the artifact recorded it at export for the same data (accuracy.py)."""
+    model, torch_note = _torch_for_accuracy(manifest, model, checkpoint)
+    runners = {"artifact": lambda batch: run_predictor(predictor, batch)}
+    if model is not None:
+        runners["torch"] = lambda batch: run_torch(model, batch)
+    scores = classification_scores(runners, source, spec)
+    progress.advance(task, 2)
+    computed = {"torch_top1": scores["top1"]["torch"]} if model is not None else None
+    torch_side = _torch_side(manifest, scores["data_sha256"], ("torch_top1",), computed, torch_note)
+    art_top1, torch_top1 = scores["top1"]["artifact"], torch_side["torch_top1"]
     return {
         "source": source,
-        "num_images": len(labels),
-        "torch_top1": torch_top1,
+        "num_images": scores["num_images"],
         "artifact_top1": art_top1,
+        **torch_side,
         "drop_points": None if torch_top1 is None else 100 * (torch_top1 - art_top1),
-        "torch_note": torch_note,
+        "data_sha256": scores["data_sha256"],
     }
 
 
 def _segmentation_accuracy(predictor, manifest, model, checkpoint, source: str, spec: InputSpec, progress, bar):
-    """mIoU and pixel accuracy of the artifact's class maps against the masks of a labelled segmentation source
-    (one image at a time: a folder's images keep their own shapes), the PyTorch model's too where torch and its
-    weights are here, and the drop in mIoU points."""
-    from .data.segmentation_sources import iter_segmentation_samples  # the segmentation source reader (contract)
-
-    num_classes = int(manifest["output"]["num_classes"])
-    torch_note = None
-    if model is None and not torch_available():
-        torch_note = f"torch is not installed ({EXPORT_EXTRA_HINT})"
-    elif model is None:
-        try:
-            model = _torch_model(manifest, checkpoint)
-        except VMambaExportError as exc:  # e.g. the checkpoint is not on this machine: the artifact's mIoU stands
-            torch_note = str(exc)
+    """mIoU and pixel accuracy of the artifact's class maps against the masks of a labelled segmentation source,
+    the PyTorch model's too where torch and its weights are here (or as the artifact recorded them at export for the
+    same data, accuracy.py), and the drop in mIoU points."""
+    model, torch_note = _torch_for_accuracy(manifest, model, checkpoint)
     names = manifest_output_names(manifest)
-    art_conf = np.zeros((num_classes, num_classes), dtype=np.int64)
-    torch_conf = np.zeros_like(art_conf)
-    count = 0
-    for name, image, mask in iter_segmentation_samples(source, spec):
-        mask = np.asarray(mask)
-        logits = run_dense_predictor(predictor, image, names)[names[0]]
-        if logits.shape[-2:] != mask.shape:
-            raise ParityError(
-                f"{source}: mask of {name} is {mask.shape[0]}x{mask.shape[1]}, the class map "
-                f"{logits.shape[-2]}x{logits.shape[-1]}"
-            )
-        try:
-            art_conf += confusion_matrix(logits[0].argmax(0), mask, num_classes)
-            if model is not None:
-                torch_logits = run_dense_torch(model, image, names)[names[0]]
-                torch_conf += confusion_matrix(torch_logits[0].argmax(0), mask, num_classes)
-        except ValueError as exc:  # a mask value beyond the model's classes (another dataset's masks)
-            raise ParityError(f"{source}: mask of {name}: {exc}") from None
-        count += 1
+    runners = {"artifact": lambda image: run_dense_predictor(predictor, image, names)[names[0]]}
+    if model is not None:
+        runners["torch"] = lambda image: run_dense_torch(model, image, names)[names[0]]
+    scores = segmentation_scores(runners, source, spec, int(manifest["output"]["num_classes"]))
     progress.advance(bar, 2)
-    art_miou, art_iou = miou(art_conf)
-    torch_miou = miou(torch_conf)[0] if model is not None else None
+    keys = ("torch_miou", "torch_pixel_accuracy")
+    computed = None
+    if model is not None:
+        computed = {"torch_miou": scores["miou"]["torch"], "torch_pixel_accuracy": scores["pixel_accuracy"]["torch"]}
+    torch_side = _torch_side(manifest, scores["data_sha256"], keys, computed, torch_note)
+    art_miou, torch_miou = scores["miou"]["artifact"], torch_side["torch_miou"]
     return {
         "source": source,
         "metric": "miou",
-        "num_images": count,
+        "num_images": scores["num_images"],
         "artifact_miou": art_miou,
-        "artifact_pixel_accuracy": pixel_accuracy(art_conf),
-        "artifact_class_iou": [None if np.isnan(v) else float(v) for v in art_iou],
-        "torch_miou": torch_miou,
-        "torch_pixel_accuracy": pixel_accuracy(torch_conf) if model is not None else None,
+        "artifact_pixel_accuracy": scores["pixel_accuracy"]["artifact"],
+        "artifact_class_iou": scores["class_iou"]["artifact"],
+        **torch_side,
         "drop_points": None if torch_miou is None else 100 * (torch_miou - art_miou),
-        "torch_note": torch_note,
+        "data_sha256": scores["data_sha256"],
     }
 
 

@@ -161,7 +161,7 @@ def validation_accuracy_source(args: argparse.Namespace, target, config, task: s
     """The labelled source `--validate` measures accuracy on (top-1, or mIoU for a segmenter): --accuracy, else (for
     a precision judged by accuracy, such as int8 segmentation or apple-coreml w8/w8a8) the model's own held-out set.
     Refused before the export when there is none."""
-    from ..build import default_sources
+    from ..bundled import default_sources
     from ..errors import VMambaExportError
 
     if args.accuracy or "max_accuracy_drop_points" not in target.thresholds_for(args.precision, task):
@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
     accuracy = validation_accuracy_source(args, target, source.model.config, task) if args.validate else None
     options = int8_options(args)
     if args.calib is None and task == "segmentation":  # a segmenter's own scenes where it has them
-        from ..build import default_sources
+        from ..bundled import default_sources
 
         options.calib = default_sources(source.model.config.name)[1]
+    options.reference_accuracy_source = args.accuracy  # PyTorch's score recorded there for a device without torch
     if task != "classification":
         options.accuracy_source = None  # for a dense task --accuracy is --validate's labelled set, not int8's top-1
     # int8 shows its own progress bars (calibration), and rich allows one live display at a time: no spinner then.
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         if _foreign(manifest):  # built for another platform: its self-check under an emulator, or a clear no
             from ..emulation import validate_emulated
 
-            manifest["validation"] = validate_emulated(args.out, manifest["platform"]["name"])
+            manifest["validation"] = validate_emulated(args.out, manifest["platform"]["name"], accuracy)
         else:
             manifest["validation"] = validate_artifact(
                 args.out, checkpoint=args.checkpoint, accuracy_source=accuracy, show_progress=not args.json, record=True

@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         if result["accuracy"]:
             a = result["accuracy"]
             torch_top1 = f"{a['torch_top1']:.4f}" if a["torch_top1"] is not None else f"not measured: {a['torch_note']}"
+            if (a.get("torch_from") or "").startswith("recorded"):
+                torch_top1 += " (recorded at export)"
             console.print(
                 f"top-1 on {a['source']}: artifact {a['artifact_top1']:.4f}, PyTorch {torch_top1} "
                 f"({a['num_images']} images)"
@@ -154,6 +156,8 @@ def print_dense_result(console: Console, artifact: Path, result: dict) -> None:
         if a["torch_miou"] is not None:
             torch = f"PyTorch {a['torch_miou']:.4f} (pixel acc {a['torch_pixel_accuracy']:.4f}), "
             torch += f"drop {a['drop_points']:.2f} points"
+            if (a.get("torch_from") or "").startswith("recorded"):
+                torch += " (PyTorch's mIoU recorded at export for these images)"
         else:
             torch = f"PyTorch not measured: {a['torch_note']}"
         console.print(

@@ -31,6 +31,9 @@ class ExportOptions:
     accuracy_source: str | None = None  # labelled source for accuracy-aware int8
     max_drop: float | None = None  # accuracy-aware int8: largest top-1 drop allowed, in points
     platform: str | None = None  # platform the artifact is built for (platforms.py); None: this machine's
+    # A precision judged by its accuracy drop: the labelled source on which PyTorch's score is recorded in the
+    # manifest for a device without torch (accuracy.py); None: the model's own held-out set, if it has one.
+    reference_accuracy_source: str | None = None
     extra: dict = field(default_factory=dict)  # target-specific settings
 
 
