@@ -107,15 +107,22 @@ def torch_score_record(task: str, source: str, torch_runner: Runner, spec: Input
     return {"source": source, "num_images": scores["num_images"], "data_sha256": scores["data_sha256"], **score}
 
 
+# validate's `torch_from` when PyTorch's score came from the artifact's record, not from torch here.
+RECORDED_AT_EXPORT = "recorded at export (references.accuracy)"
+
+
+def _record(manifest: dict) -> dict | None:
+    record = (manifest.get("references") or {}).get("accuracy")
+    return record if isinstance(record, dict) else None
+
+
 def recorded_torch_score(manifest: dict, data_sha256: str) -> dict | None:
     """The PyTorch score the artifact recorded at export for exactly this data (same sha256), or None."""
-    record = (manifest.get("references") or {}).get("accuracy")
-    if isinstance(record, dict) and record.get("data_sha256") == data_sha256:
-        return record
-    return None
+    record = _record(manifest)
+    return record if record is not None and record.get("data_sha256") == data_sha256 else None
 
 
 def recorded_source(manifest: dict) -> str | None:
     """The labelled source whose PyTorch score the artifact recorded, if any (for error messages)."""
-    record = (manifest.get("references") or {}).get("accuracy")
-    return record.get("source") if isinstance(record, dict) else None
+    record = _record(manifest)
+    return record.get("source") if record is not None else None

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .accuracy import classification_scores, recorded_source, recorded_torch_score, segmentation_scores
+from .accuracy import (
+    RECORDED_AT_EXPORT,
+    classification_scores,
+    recorded_source,
+    recorded_torch_score,
+    segmentation_scores,
+)
 from .artifact import read_manifest, update_manifest
 from .errors import InputError, ParityError, VMambaExportError
 from .input_spec import InputSpec
@@ -506,7 +512,7 @@ def _torch_side(manifest: dict, data_sha256: str, keys: tuple[str, ...], compute
     if record is not None and all(record.get(k) is not None for k in keys):
         return {
             **{k: record[k] for k in keys},
-            "torch_from": "recorded at export (references.accuracy)",
+            "torch_from": RECORDED_AT_EXPORT,
             "torch_note": None,
         }
     recorded = recorded_source(manifest)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..accuracy import RECORDED_AT_EXPORT
 from ..cli import add_json_flag, print_json
 from ._common import int_list, positive_int, print_fitting_table, thread_count
 from ._pin import add_expect_sha256, check_pin
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if result["accuracy"]:
             a = result["accuracy"]
             torch_top1 = f"{a['torch_top1']:.4f}" if a["torch_top1"] is not None else f"not measured: {a['torch_note']}"
-            if (a.get("torch_from") or "").startswith("recorded"):
+            if a.get("torch_from") == RECORDED_AT_EXPORT:
                 torch_top1 += " (recorded at export)"
             console.print(
                 f"top-1 on {a['source']}: artifact {a['artifact_top1']:.4f}, PyTorch {torch_top1} "
@@ -156,7 +157,7 @@ def print_dense_result(console: Console, artifact: Path, result: dict) -> None:
         if a["torch_miou"] is not None:
             torch = f"PyTorch {a['torch_miou']:.4f} (pixel acc {a['torch_pixel_accuracy']:.4f}), "
             torch += f"drop {a['drop_points']:.2f} points"
-            if (a.get("torch_from") or "").startswith("recorded"):
+            if a.get("torch_from") == RECORDED_AT_EXPORT:
                 torch += " (PyTorch's mIoU recorded at export for these images)"
         else:
             torch = f"PyTorch not measured: {a['torch_note']}"
