@@ -157,7 +157,7 @@ def one_node_session(dtype, library: Path, shapes):
 
 def scan_node_providers(folder: Path) -> dict:
     """{execution provider: number of scan node runs} from one profiled batch-1 run of the artifact (SelectiveScan2D,
-    and SelectiveScan2DPacked where the packed fusion replaced it)."""
+    and SelectiveScan2DPacked or SelectiveScan2DMerged where a projection rewrite replaced it)."""
     import onnxruntime as ort
 
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -177,7 +177,7 @@ def scan_node_providers(folder: Path) -> dict:
         args = event.get("args", {})
         if (
             event.get("cat") == "Node"
-            and args.get("op_name") in ("SelectiveScan2D", "SelectiveScan2DPacked")
+            and args.get("op_name") in ("SelectiveScan2D", "SelectiveScan2DPacked", "SelectiveScan2DMerged")
             and event["name"].endswith("_kernel_time")
         ):
             counts[args.get("provider", "?")] = counts.get(args.get("provider", "?"), 0) + 1
@@ -532,16 +532,20 @@ def check_bandwidth(quick: bool) -> dict:
     }
 
 
-# (row name, precision, export settings): the default graph in both precisions, with the packed scan (opt-in until
-# measured: lowering/cuda_fusions.py), then fp16 without each of its GPU-specific choices, to show what each gains:
-# the fused ops (lowering/cuda_fusions.py), the v2 models' own channel-first layout instead of the channels-last graph
-# (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
+# (row name, precision, export settings): the default graph in both precisions, with the scan projections packed,
+# merged or folded (lowering/cuda_fusions.py), then fp16 without each of its GPU-specific choices, to show what each
+# gains: the fused ops (lowering/cuda_fusions.py), the v2 models' own channel-first layout instead of the channels-last
+# graph (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
 MODEL_VARIANTS = (
     ("fp32", "fp32", {}),
     ("fp16", "fp16", {}),
     ("fp16-unfused", "fp16", {"cuda_fusions": "off"}),
     ("fp16-packed", "fp16", {"cuda_fusions": "packed"}),
     ("fp32-packed", "fp32", {"cuda_fusions": "packed"}),
+    ("fp16-merged", "fp16", {"cuda_fusions": "merged"}),
+    ("fp32-merged", "fp32", {"cuda_fusions": "merged"}),
+    ("fp16-folded", "fp16", {"cuda_fusions": "folded"}),
+    ("fp32-folded", "fp32", {"cuda_fusions": "folded"}),
     ("fp32-unfused", "fp32", {"cuda_fusions": "off"}),
     ("fp16-ort-layernorm", "fp16", {"layer_norm": "onnxruntime"}),
     ("fp16-channels-first-ort-layernorm", "fp16", {"layout": "channels-first", "layer_norm": "onnxruntime"}),

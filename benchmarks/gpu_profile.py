@@ -5,7 +5,7 @@ times only what runs between the profiler start and stop that this script calls 
 
     ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw \\
         --log-file $OUT/ncu_s1l8.csv python3 benchmarks/gpu_profile.py run vmamba_tiny_s1l8
-    (the same with convnext_tiny; `--batch 1` for batch 1 (default 128); `--unfused`: our graph without the fused
+    (the same with convnext_tiny; `--batch 1` for batch 1 (default 128); `--fusions off`: our graph without the fused
     ops of lowering/cuda_fusions.py; `run scan`: the scan kernel alone at the stage-1 shapes, for `--set full`)
 
 Here, afterwards: `python benchmarks/gpu_profile.py summarize ncu_s1l8.csv [ncu_convnext.csv]` groups the kernels by
@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from vmamba_export.targets import CUDA_FUSIONS  # noqa: E402
 
 # Kernel-name patterns, first match wins (cuDNN/cuBLAS/ORT kernel names as ncu prints them).
 GROUPS = [
@@ -143,16 +145,19 @@ def main() -> int:
     p = sub.add_parser("run", help="on the GPU machine, under ncu")
     p.add_argument("model", choices=["vmamba_tiny_s1l8", "convnext_tiny", "scan"], help="scan: the kernel alone")
     p.add_argument("--batch", type=int, default=128, help="batch of the profiled inference (default 128)")
-    p.add_argument("--unfused", action="store_true", help="vmamba: export without the fused ops (cuda_fusions off)")
-    p.add_argument("--packed", action="store_true", help="vmamba: with the packed scan (cuda_fusions packed)")
+    p.add_argument(
+        "--fusions",
+        choices=CUDA_FUSIONS,
+        default="on",
+        help="vmamba: ExportOptions cuda_fusions (off: unfused; merged, folded, packed: scan projections rewritten)",
+    )
     p = sub.add_parser("summarize", help="here: group ncu's CSV by kernel kind")
     p.add_argument("csv", nargs="+", type=Path)
     args = parser.parse_args()
     if args.command == "run" and args.model == "scan":
         run_scan()
     elif args.command == "run":
-        fusions = "off" if args.unfused else ("packed" if args.packed else None)
-        run(args.model, args.batch, {"cuda_fusions": fusions} if fusions else None)
+        run(args.model, args.batch, {"cuda_fusions": args.fusions})
     else:
         summarize(args.csv)
     return 0

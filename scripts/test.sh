@@ -6,4 +6,6 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-python -m pytest "$@"
+# Two workers (pytest-xdist), each taking whole test files so that a module's fixtures export their artifacts once;
+# most of the suite is single-threaded Python (exports, graph rewrites). `bash scripts/test.sh -n 0`: one process.
+python -m pytest -n 2 --dist loadfile "$@"

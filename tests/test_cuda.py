@@ -3,6 +3,8 @@ the artifacts on a GPU (`pytest -m gpu tests/test_cuda.py`; skipped without a GP
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -169,6 +171,32 @@ def test_cuda_artifact_export_and_clear_load_error(tmp_path):
     if _cuda_ready():
         with pytest.raises(TargetUnavailableError):
             load(folder)
+
+
+def test_cuda_fusions_flag_is_refused_for_other_targets(capsys, tmp_path):
+    from vmamba_export.cli import main
+
+    out_dir = tmp_path / "a"
+    argv = ["export", "--model", "vmamba_test_v2", "--random-weights", "--target", "cpu-onnxruntime"]
+    rc = main([*argv, "--cuda-fusions", "folded", "--out", str(out_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--cuda-fusions is for cuda-onnxruntime, not target cpu-onnxruntime" in err, err
+    assert not out_dir.exists()
+
+
+@needs_cuda_library
+def test_cuda_fusions_flag_reaches_the_graph(capsys, tmp_path):
+    """`export --cuda-fusions folded`: every d_state-1 scan reads its projections from one GEMM, and the manifest says
+    so (the GPU tests check such artifacts' parity)."""
+    from vmamba_export.cli import main
+
+    out_dir = tmp_path / "folded"
+    argv = ["export", "--model", "vmamba_test_v2", "--random-weights", "--target", "cuda-onnxruntime"]
+    assert main([*argv, "--cuda-fusions", "folded", "--out", str(out_dir), "--json"]) == 0, capsys.readouterr().err
+    fusions = json.loads((out_dir / "manifest.json").read_text())["lowering"]["fusions"]
+    assert fusions["scan_projections"] == "folded" and fusions["fused"]["SelectiveScan2DMerged"] == 5
+    ops = [n.op_type for n in onnx.load(str(out_dir / "model.onnx")).graph.node]
+    assert ops.count("SelectiveScan2DMerged") == 5 and "SelectiveScan2D" not in ops
 
 
 @needs_cuda_library
@@ -423,6 +451,87 @@ def test_cuda_packed_scan_paths_agree_with_the_unpacked_scan(variant, dtype):
 
 
 @pytest.mark.gpu
+# (batch, Di, N, H, W, extra delta channels, extra X channels). Line kernel reading delta and X in place: the stage-1
+# shape at batch 1 and 2, delta and X one tensor (folded: X = delta's 4 Di channels then B, C), 7-step chunks with
+# partial ones. Copied out first (batch 2): a map too large for the line kernel (block kernel), d_state 16 (chunked
+# kernel); batch 1 of that map reads in place on the block kernel too.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 96, 1, 56, 56, 0, 24),
+        (2, 96, 1, 56, 56, 0, 24),
+        (2, 24, 1, 7, 7, "same", 0),
+        (2, 5, 1, 7, 9, 3, 12),
+        (2, 8, 1, 80, 70, 0, 24),
+        (1, 8, 1, 80, 70, 0, 24),
+        (2, 4, 16, 9, 7, 4, 8),
+    ],
+)
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_merged_scan_op_matches_reference(shape, float16):
+    """SelectiveScan2DMerged against the float64 scan of the same values: delta the first 4 Di channels of its delta
+    input, B and C the last 8 N channels of X (docs/scan-op.md)."""
+    gpu_ready()
+    batch, di, n, h, w, extra_delta, extra_x = shape
+    ins = _random_inputs({"u": (batch, di, h, w), "D": (4 * di,)}, float16, seed=1)
+    rng = np.random.default_rng(2)
+    np_type = np.float16 if float16 else np.float32
+
+    def rounded(a):
+        return a.astype(np_type).astype(np.float64)
+
+    same = extra_delta == "same"
+    delta_channels = 4 * di + (8 * n + extra_x if same else extra_delta)
+    ins["delta"] = rounded(rng.standard_normal((batch, delta_channels, h * w)) * 0.5)
+    ins["X"] = ins["delta"] if same else rounded(rng.standard_normal((batch, extra_x + 8 * n, h * w)))
+    ins["A_logs"] = rounded(rng.standard_normal((4 * di, n)) * 0.5 + (np.log(np.arange(1.0, n + 1)) if n > 1 else 0))
+    ins["delta_bias"] = rounded(rng.standard_normal(4 * di) * 0.5 - 1.0)
+    order = ["u", "delta", "X", "A_logs", "D", "delta_bias"]
+    (got,) = _one_node_cuda_run("SelectiveScan2DMerged", {k: ins[k] for k in order}, ["y"], float16)
+
+    x = ins["X"]
+    delta = ins["delta"][:, : 4 * di].reshape(batch, 4, di, h, w)
+    b_mat = x[:, x.shape[1] - 8 * n : x.shape[1] - 4 * n].reshape(batch, 4, n, h, w)
+    c_mat = x[:, x.shape[1] - 4 * n :].reshape(batch, 4, n, h, w)
+    args = [ins["u"], delta, ins["A_logs"], b_mat, c_mat, ins["D"], ins["delta_bias"]]
+    want = selective_scan_reference(*[torch.from_numpy(np.ascontiguousarray(a)) for a in args]).numpy()
+    assert np.isfinite(got).all()
+    assert _rel_l2(got, want) < (2e-3 if float16 else 2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["auto", "block1", "smem", "global"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_merged_scan_paths_agree(variant, dtype):
+    """One map small enough for the line kernel, delta and B, C inside wider tensors, at batch 3: read in place by the
+    line kernel (auto), copied out first for the block, shared-memory and global kernels; all match the float64
+    reference of the same values."""
+    gpu_ready()
+    from vmamba_export import cuda_kernel
+
+    batch, di, h, w = 3, 8, 14, 14
+    u, delta, a_logs, b_mat, c_mat, d, bias = _inputs(batch, di, 1, h, w, dtype)
+    g = torch.Generator().manual_seed(4)
+    wide_delta = torch.cat(
+        [delta.reshape(batch, 4 * di, h * w), torch.randn(batch, 5, h * w, generator=g).to(dtype)], 1
+    )
+    x = torch.cat([torch.randn(batch, 24, h * w, generator=g).to(dtype), b_mat.reshape(batch, 4, h * w)], 1)
+    x = torch.cat([x, c_mat.reshape(batch, 4, h * w)], 1)
+    ref = selective_scan_reference(*[t.double() for t in (u, delta, a_logs, b_mat, c_mat, d, bias)]).numpy()
+    cuda_kernel.apply_variant(variant)
+    try:
+        tensors = [t.contiguous().cuda() for t in (u, wide_delta, x, a_logs, d, bias)]
+        y = cuda_kernel.selective_scan_2d_merged_cuda(*tensors)
+        config = cuda_kernel.last_config()
+    finally:
+        cuda_kernel.apply_variant("auto")
+    assert config.startswith({"auto": "lines", "block1": "block", "smem": "smem", "global": "global"}[variant]), config
+    out = y.double().cpu().numpy()
+    assert np.isfinite(out).all()
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (2e-5 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("width", [2, 48, 96, 130, 192, 384, 768, 1000, 1536, 2048])
 @pytest.mark.parametrize("float16", [False, True])
 def test_cuda_layer_norm_op_matches_torch(width, float16):
@@ -523,9 +632,13 @@ def test_cuda_depthwise_conv_silu_op_matches_torch(shape, with_bias, float16):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("name", ["vmamba_test_v0", "vmamba_test_v2", "vmamba_test_v2-packed"])
+@pytest.mark.parametrize(
+    "name",
+    ["vmamba_test_v0", "vmamba_test_v2", "vmamba_test_v2-packed", "vmamba_test_v2-merged", "vmamba_test_v2-folded"],
+)
 def test_cuda_artifact_parity(tmp_path, precision, name):
-    """The artifact against the PyTorch model; "-packed": exported with cuda_fusions packed (SelectiveScan2DPacked)."""
+    """The artifact against the PyTorch model; "-packed", "-merged", "-folded": exported with that cuda_fusions setting
+    (SelectiveScan2DPacked, SelectiveScan2DMerged)."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
@@ -540,7 +653,8 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
     export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
     predictor = load(folder)
     if fusions:
-        assert predictor.manifest["lowering"]["fusions"]["fused"]["SelectiveScan2DPacked"] > 0
+        op = "SelectiveScan2DPacked" if fusions == "packed" else "SelectiveScan2DMerged"
+        assert predictor.manifest["lowering"]["fusions"]["fused"][op] > 0
     assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
     lowering = predictor.manifest["lowering"]
     assert lowering["residual_layout"] == "channels-last" and lowering["layer_norms"]["replaced"] > 0

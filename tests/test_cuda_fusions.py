@@ -15,6 +15,7 @@ from vmamba_export.kernels_paths import ort_library_path
 from vmamba_export.lowering import layout_graph
 from vmamba_export.lowering.cuda_fusions import (
     DEPTHWISE_SILU_OP,
+    MERGED_SCAN_OP,
     PACKED_SCAN_OP,
     RESIDUAL_NORM_OP,
     TRANSPOSE_NORM_OP,
@@ -22,6 +23,7 @@ from vmamba_export.lowering.cuda_fusions import (
     fuse_depthwise_conv_silu,
     fuse_residual_layer_norms,
     fuse_transpose_layer_norms,
+    merge_scan_projections,
     pack_scan_projections,
 )
 from vmamba_export.lowering.cuda_graph import LAYER_NORM_OP, use_last_axis_layer_norms
@@ -65,6 +67,32 @@ def _unpacked_scan(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeP
     ]
 
 
+def _unmerged_scan(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) as standard ops and the 7-input scan: delta's first
+    4 Di channels, and X's last 8 N channels as B then C, each made 5-D."""
+    u, delta, x, a_logs, d, delta_bias = n.input
+    inits = {i.name: i for i in proto.graph.initializer}
+    four_di, d_state = inits[a_logs].dims
+    t = f"{n.name}_ref"
+    nodes = [
+        helper.make_node("Constant", [], [t + "_axis"], value_ints=[1]),
+        helper.make_node("Shape", [u], [t + "_hw"], start=2),
+    ]
+    parts = (("_delta", delta, 0, four_di, four_di // 4), ("_b", x, -8 * d_state, -4 * d_state, d_state))
+    for part, source, start, end, rows in (*parts, ("_c", x, -4 * d_state, 2**62, d_state)):
+        p = t + part
+        nodes += [
+            helper.make_node("Constant", [], [p + "_start"], value_ints=[start]),
+            helper.make_node("Constant", [], [p + "_end"], value_ints=[end]),
+            helper.make_node("Slice", [source, p + "_start", p + "_end", t + "_axis"], [p + "_flat"]),
+            helper.make_node("Constant", [], [p + "_head"], value_ints=[0, 4, rows]),
+            helper.make_node("Concat", [p + "_head", t + "_hw"], [p + "_shape"], axis=0),
+            helper.make_node("Reshape", [p + "_flat", p + "_shape"], [p]),
+        ]
+    scan_inputs = [u, t + "_delta", a_logs, t + "_b", t + "_c", d, delta_bias]
+    return [*nodes, helper.make_node("SelectiveScan2D", scan_inputs, list(n.output), domain=ONNX_DOMAIN)]
+
+
 def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
     """`proto` with every fused node replaced by the standard ops it is defined as (the reference semantics)."""
     out = onnx.ModelProto()
@@ -73,6 +101,9 @@ def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
     for n in proto.graph.node:
         if n.domain == ONNX_DOMAIN and n.op_type == PACKED_SCAN_OP:
             nodes += _unpacked_scan(n, proto)
+            continue
+        if n.domain == ONNX_DOMAIN and n.op_type == MERGED_SCAN_OP:
+            nodes += _unmerged_scan(n, proto)
             continue
         eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
         tmp = f"{n.name}_ref"
@@ -135,19 +166,27 @@ def dense_cuda_graph(tmp_path_factory) -> onnx.ModelProto:
     return _lowered_graph("vmamba_test_v2", "backbone", tmp_path_factory.mktemp("fusions-dense"))
 
 
-def _fused_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+def _fused_copy(proto: onnx.ModelProto, projections: str = "packed") -> tuple[onnx.ModelProto, dict]:
     fused = onnx.ModelProto()
     fused.CopyFrom(proto)
-    return fused, fuse_cuda_graph(fused, packed_scan=True)
+    return fused, fuse_cuda_graph(fused, scan_projections=projections)
 
 
-def test_every_block_pattern_is_fused(cuda_graph):
+# Per rewritten scan: the op it becomes, and how many nodes the rewrite removes from the 9 of the exporter's pattern
+# (3 Convs, 4 Reshapes, the MatMul, the scan): packed keeps Concat, Conv and the scan; merged Reshape, two MatMuls
+# and the scan; folded Reshape, one MatMul and the scan
+PROJECTIONS = {"packed": (PACKED_SCAN_OP, 6), "merged": (MERGED_SCAN_OP, 5), "folded": (MERGED_SCAN_OP, 6)}
+
+
+@pytest.mark.parametrize("projections", list(PROJECTIONS))
+def test_every_block_pattern_is_fused(cuda_graph, projections):
     """Per block: the norm after the scan takes its Transpose, the depthwise convolution its Transpose and SiLU, and
     each residual Add (one per block, two with an MLP) is folded into the norm that follows it, the MLP's fc2 bias
     Add with it, except where a stage ends and a downsampling layer follows instead of a norm."""
     name, proto = cuda_graph
     config = resolve_model(name, random_weights=True, seed=0).model.config
-    fused, record = _fused_copy(proto)
+    fused, record = _fused_copy(proto, projections)
+    scan_op, nodes_removed = PROJECTIONS[projections]
     blocks, stage_ends = sum(config.depths), len(config.depths) - 1
     residuals_per_block = 2 if config.mlp_ratio > 0 else 1
     counts = record["fused"]
@@ -157,16 +196,19 @@ def test_every_block_pattern_is_fused(cuda_graph):
     biased = sum(1 for n in fused.graph.node if n.op_type == RESIDUAL_NORM_OP and len(n.input) == 5)
     assert biased == (blocks - stage_ends if config.mlp_ratio > 0 else 0)
     ops = [n.op_type for n in fused.graph.node]
-    # d_state 1 (v2): every scan takes its projections packed; d_state 16 (v0) keeps the 7-input scan
-    packed = blocks if config.d_state == 1 else 0
-    assert counts[PACKED_SCAN_OP] == ops.count(PACKED_SCAN_OP) == packed
-    assert ops.count("SelectiveScan2D") == blocks - packed
+    # d_state 1 (v2): every scan takes its projections rewritten; d_state 16 (v0) keeps the 7-input scan
+    rewritten = blocks if config.d_state == 1 else 0
+    assert counts[scan_op] == ops.count(scan_op) == rewritten
+    assert sum(counts[op] for op in (PACKED_SCAN_OP, MERGED_SCAN_OP)) == rewritten
+    assert ops.count("SelectiveScan2D") == blocks - rewritten
+    convs_removed = counts[DEPTHWISE_SILU_OP] + (2 if projections == "packed" else 3) * rewritten
+    assert ops.count("Conv") == len([n for n in proto.graph.node if n.op_type == "Conv"]) - convs_removed
     assert ops.count("Sigmoid") == (blocks if config.version == "v0" else 0)  # v0 keeps its gate's SiLU(z)
-    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1; a packed scan replaces
-    # 9 nodes (3 Convs, 4 Reshapes, the MatMul, the scan) with 3 (Concat, Conv, scan) and leaves the Reshapes' shape
-    # arithmetic unread (dropped: counted apart)
+    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1, and the scans' as
+    # PROJECTIONS says; the removed Reshapes' shape arithmetic (and, merged, the convolutions' weight Splits) are left
+    # unread (dropped: counted apart)
     removed = counts[RESIDUAL_NORM_OP] + biased + counts[TRANSPOSE_NORM_OP] + 3 * counts[DEPTHWISE_SILU_OP]
-    removed += 6 * counts[PACKED_SCAN_OP] + record["dead_nodes_dropped"]
+    removed += nodes_removed * counts[scan_op] + record["dead_nodes_dropped"]
     assert record["nodes_before"] - record["nodes_after"] == removed == len(proto.graph.node) - len(fused.graph.node)
     # fused nodes stay in topological order (ONNX requires it; ORT refuses the graph otherwise)
     known = {i.name for i in fused.graph.input} | {i.name for i in fused.graph.initializer} | {""}
@@ -187,9 +229,10 @@ def _assert_same_outputs(proto: onnx.ModelProto, fused: onnx.ModelProto) -> None
 
 
 @needs_cpu_library
-def test_fused_graph_computes_the_exported_graph(cuda_graph):
+@pytest.mark.parametrize("projections", list(PROJECTIONS))
+def test_fused_graph_computes_the_exported_graph(cuda_graph, projections):
     _, proto = cuda_graph
-    _assert_same_outputs(proto, _fused_copy(proto)[0])
+    _assert_same_outputs(proto, _fused_copy(proto, projections)[0])
 
 
 @needs_cpu_library
@@ -199,9 +242,9 @@ def test_fused_dense_graph_computes_the_exported_graph(dense_cuda_graph):
     _assert_same_outputs(dense_cuda_graph, fused)
 
 
-def test_scan_projections_read_elsewhere_are_not_packed(cuda_graph):
+def test_scan_projections_read_elsewhere_are_not_rewritten(cuda_graph):
     """A projection another node also reads must stay: the scan whose B convolution is also a graph output keeps its
-    unpacked inputs, every other d_state-1 scan is packed."""
+    unpacked inputs, every other d_state-1 scan is packed or merged."""
     name, proto = cuda_graph
     if resolve_model(name, random_weights=True, seed=0).model.config.d_state != 1:
         pytest.skip("d_state 16 scans are never packed")
@@ -210,9 +253,12 @@ def test_scan_projections_read_elsewhere_are_not_packed(cuda_graph):
     scans = [n for n in graph.graph.node if n.op_type == "SelectiveScan2D"]
     b_conv_out = next(n.input[0] for n in graph.graph.node if n.output[0] == scans[0].input[3])
     graph.graph.output.append(helper.make_tensor_value_info(b_conv_out, TensorProto.FLOAT, None))
-    assert pack_scan_projections(graph) == len(scans) - 1
-    kept = [n for n in graph.graph.node if n.op_type == "SelectiveScan2D"]
-    assert [list(n.input) for n in kept] == [list(scans[0].input)]
+    for rewrite in (pack_scan_projections, merge_scan_projections):
+        edited = onnx.ModelProto()
+        edited.CopyFrom(graph)
+        assert rewrite(edited) == len(scans) - 1
+        kept = [n for n in edited.graph.node if n.op_type == "SelectiveScan2D"]
+        assert [list(n.input) for n in kept] == [list(scans[0].input)]
 
 
 def _model(nodes, inputs, outputs, initializers=(), value_info=()):

@@ -32,6 +32,10 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     packed = lib.vmamba_selective_scan_2d_packed_cuda
     packed.restype = ctypes.c_char_p
     packed.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    merged = lib.vmamba_selective_scan_2d_merged_cuda
+    merged.restype = ctypes.c_char_p
+    merged.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    merged.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     lib.vmamba_selective_scan_2d_cuda_force_path.argtypes = [ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_force_path.restype = None
     lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
@@ -180,6 +184,38 @@ def selective_scan_2d_packed_cuda(u, x, dt_weight, A_logs, D, delta_bias, out: t
     )
     if err is not None:
         raise RuntimeError(f"vmamba_selective_scan_2d_packed_cuda: {err.decode()}")
+    return y
+
+
+def selective_scan_2d_merged_cuda(u, delta, x, A_logs, D, delta_bias, out: torch.Tensor | None = None):
+    """y of the merged scan (SelectiveScan2DMerged, docs/scan-op.md): delta (B, Cd, H*W) whose first 4 Di channels
+    are the scan's delta, x (B, Cx, H*W) whose last 8 N channels are B then C (delta and x may be one tensor). CUDA
+    tensors, all float32 or all float16, on torch's current stream."""
+    tensors = (u, delta, x, A_logs, D, delta_bias)
+    dtype = _check_tensors(tensors)
+    batch, d_inner, height, width = u.shape
+    d_state = A_logs.shape[1]
+    for name, t, least in (("delta", delta, 4 * d_inner), ("x", x, 8 * d_state)):
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != height * width or t.shape[1] < least:
+            raise ValueError(f"{name} must be ({batch}, >= {least}, {height * width}), got {tuple(t.shape)}")
+    y = out if out is not None else torch.empty_like(u)
+    err = load_library().vmamba_selective_scan_2d_merged_cuda(
+        F16 if dtype == torch.float16 else F32,
+        u.data_ptr(),
+        delta.data_ptr(),
+        delta.shape[1],
+        x.data_ptr(),
+        x.shape[1],
+        *[t.data_ptr() for t in (A_logs, D, delta_bias, y)],
+        batch,
+        d_inner,
+        d_state,
+        height,
+        width,
+        torch.cuda.current_stream(u.device).cuda_stream,
+    )
+    if err is not None:
+        raise RuntimeError(f"vmamba_selective_scan_2d_merged_cuda: {err.decode()}")
     return y
 
 

@@ -109,8 +109,11 @@ struct Params {
   int vec4;  // block kernel: rows of whole quads and aligned tensors, so staging loads four elements at once
   int prefetch;  // line kernel: prefetch the planes of its later loads into L2 at the start
   const float* bc;  // d_state > 1: B and C position-major, (batch, 4, H*W, [B(N) | C(N)]) float32 (gather_bc_kernel)
-  // Line kernel: elements from one batch's B (and C) planes to the next: 4 H W, or the packed tensor's batch stride.
-  int64_t bc_bstride;
+  // Line kernel: planes of H W elements from one batch element's B (and C) to the next: 4 N, or the channels of the
+  // packed or merged tensor holding them; and from one batch element's delta to the next: 4 Di, or the channels of
+  // the merged op's delta tensor.
+  int bc_channels;
+  int delta_channels;
   // Packed projections (vmamba_selective_scan_2d_packed_cuda), line kernel only: with rank > 0, `delta` points at the
   // first dt-rank plane of the packed tensor x (batch stride x_bstride) and each step's delta is computed from that
   // position's `rank` values and dt_weight (4, Di, rank), so the (batch, 4, Di, H, W) delta tensor never exists.
@@ -817,14 +820,19 @@ __device__ __forceinline__ void load_packed_inputs(const Params& P, int b, int k
 #pragma unroll
     for (int e = 0; e < I; ++e) dt_in[e] = fmaf(wr, v[e], dt_in[e]);
   }
-  const int64_t bc = b * P.bc_bstride + static_cast<int64_t>(k) * len + m0;
+  const int64_t bc = (static_cast<int64_t>(b) * P.bc_channels + k) * len + m0;
   load_run<I>(static_cast<const T*>(P.B) + bc, step, count, b_in);
   load_run<I>(static_cast<const T*>(P.C) + bc, step, count, c_in);
 }
 
+// Where the line kernel reads delta, B and C: dense (batch, 4, ...) tensors; planes of wider tensors at
+// P.delta_channels and P.bc_channels planes a batch element (the merged op); or the packed tensor, delta computed from
+// its dt-rank planes (load_packed_inputs). Separate instantiations, so the dense kernel keeps its own register
+// allocation (the strided addressing in it cost 3-4% at stage 1, run 29).
+enum LinesInputs { kDenseInputs = 0, kStridedInputs = 1, kPackedInputs = 2 };
+
 // One phase: kRows, directions 0 (forward) and 2 (backward) over the rows; else 1 and 3 over the columns.
-// kProjected: the inputs come packed (load_packed_inputs).
-template <typename T, int I, bool kRows, bool kProjected>
+template <typename T, int I, bool kRows, int kInputs>
 __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, float* sy, float* tot, int tot_stride) {
   const int height = P.height, width = P.width, len = height * width, di = P.di, cpb = P.ct;
   const int line_len = kRows ? width : height;
@@ -859,8 +867,13 @@ __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, floa
     float uu[I], dt_in[I], b_in[I], c_in[I];
     load_run<I>(u + map, step, count, uu);
     // Unpacked inputs stay loaded as written before the packed form existed: the same code, the same registers.
-    if constexpr (kProjected) {
+    if constexpr (kInputs == kPackedInputs) {
       load_packed_inputs<T, I>(P, b, kf, c, m0, step, count, dt_in, b_in, c_in);
+    } else if constexpr (kInputs == kStridedInputs) {
+      const int64_t plane = static_cast<int64_t>(b) * P.bc_channels + kf;
+      load_run<I>(delta + ((static_cast<int64_t>(b) * P.delta_channels + kf * di + c) * len + m0), step, count, dt_in);
+      load_run<I>(Bm + plane * len + m0, step, count, b_in);
+      load_run<I>(Cm + plane * len + m0, step, count, c_in);
     } else {
       load_run<I>(delta + (plane_f * di + c) * len + m0, step, count, dt_in);
       load_run<I>(Bm + plane_f * len + m0, step, count, b_in);
@@ -889,8 +902,13 @@ __device__ __forceinline__ void lines_phase(const Params& P, int b, int c0, floa
     // The backward inputs reuse the forward ones' registers: loaded only now (other warps hide the latency), so a
     // thread holds one direction's inputs at a time and two blocks fit a multiprocessor without spilling.
     asm volatile("" ::: "memory");
-    if constexpr (kProjected) {
+    if constexpr (kInputs == kPackedInputs) {
       load_packed_inputs<T, I>(P, b, kb, c, m0, step, count, dt_in, b_in, c_in);
+    } else if constexpr (kInputs == kStridedInputs) {
+      const int64_t plane = static_cast<int64_t>(b) * P.bc_channels + kb;
+      load_run<I>(delta + ((static_cast<int64_t>(b) * P.delta_channels + kb * di + c) * len + m0), step, count, dt_in);
+      load_run<I>(Bm + plane * len + m0, step, count, b_in);
+      load_run<I>(Cm + plane * len + m0, step, count, c_in);
     } else {
       load_run<I>(delta + (plane_b * di + c) * len + m0, step, count, dt_in);
       load_run<I>(Bm + plane_b * len + m0, step, count, b_in);
@@ -965,7 +983,7 @@ __device__ __forceinline__ void prefetch_l2(const T* plane, int len) {
   }
 }
 
-template <typename T, int I, bool kProjected>
+template <typename T, int I, int kInputs>
 __global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params P) {
   extern __shared__ float smem[];
   const int tot_stride = lines_tot_stride(P.height, P.width, I);
@@ -976,14 +994,25 @@ __global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params 
     // The planes of the block's later loads (the row phase's backward direction, the column phase), requested from
     // DRAM now so that those loads find them in L2 instead of waiting a DRAM round trip each.
     const int len = P.height * P.width, di = P.di;
-    if constexpr (kProjected) {
-      const int b = blockIdx.y;
+    if constexpr (kInputs == kPackedInputs) {
+      const int64_t b = blockIdx.y;
       for (int k : {2, 1, 3}) {
-        prefetch_l2(static_cast<const T*>(P.B) + b * P.bc_bstride + static_cast<int64_t>(k) * len, len);
-        prefetch_l2(static_cast<const T*>(P.C) + b * P.bc_bstride + static_cast<int64_t>(k) * len, len);
+        prefetch_l2(static_cast<const T*>(P.B) + (b * P.bc_channels + k) * len, len);
+        prefetch_l2(static_cast<const T*>(P.C) + (b * P.bc_channels + k) * len, len);
         for (int r = 0; r < P.rank; ++r) {
           prefetch_l2(static_cast<const T*>(P.delta) + b * P.x_bstride + (static_cast<int64_t>(k) * P.rank + r) * len,
                       len);
+        }
+      }
+    } else if constexpr (kInputs == kStridedInputs) {
+      const int64_t b = blockIdx.y;
+      for (int k : {2, 1, 3}) {
+        prefetch_l2(static_cast<const T*>(P.B) + (b * P.bc_channels + k) * len, len);
+        prefetch_l2(static_cast<const T*>(P.C) + (b * P.bc_channels + k) * len, len);
+        for (int ch = 0; ch < P.ct && c0 + ch < di; ++ch) {
+          prefetch_l2(
+              static_cast<const T*>(P.delta) + (b * P.delta_channels + static_cast<int64_t>(k) * di + c0 + ch) * len,
+              len);
         }
       }
     } else {
@@ -997,9 +1026,9 @@ __global__ void __launch_bounds__(kLinesMaxThreads, 2) scan_lines_kernel(Params 
       }
     }
   }
-  lines_phase<T, I, true, kProjected>(P, blockIdx.y, c0, sy, tot, tot_stride);
+  lines_phase<T, I, true, kInputs>(P, blockIdx.y, c0, sy, tot, tot_stride);
   __syncthreads();
-  lines_phase<T, I, false, kProjected>(P, blockIdx.y, c0, sy, tot, tot_stride);
+  lines_phase<T, I, false, kInputs>(P, blockIdx.y, c0, sy, tot, tot_stride);
 }
 
 // Fallback: one thread per (b, channel), serial over every direction, y accumulated in float32 device memory.
@@ -1237,8 +1266,13 @@ const char* launch_lines(Params P, cudaStream_t stream, size_t smem_optin, int s
   // it in run 23. Variant bit 128: never.
   P.prefetch = sizeof(T) == 2 && P.height * P.width >= kLinesPrefetchMinLen && (g_block_variant & 128) == 0;
   const size_t bytes = lines_smem_bytes(P.height, P.width, items, cpb);
-  auto kernel = P.rank > 0 ? (items == 7 ? scan_lines_kernel<T, 7, true> : scan_lines_kernel<T, 8, true>)
-                           : (items == 7 ? scan_lines_kernel<T, 7, false> : scan_lines_kernel<T, 8, false>);
+  // One batch element: strides between batch elements are never used, so the merged op's inputs read as dense ones.
+  const bool strided = P.batch > 1 && (P.delta_channels != 4 * P.di || P.bc_channels != 4);
+  auto kernel = P.rank > 0
+                    ? (items == 7 ? scan_lines_kernel<T, 7, kPackedInputs> : scan_lines_kernel<T, 8, kPackedInputs>)
+                : strided
+                    ? (items == 7 ? scan_lines_kernel<T, 7, kStridedInputs> : scan_lines_kernel<T, 8, kStridedInputs>)
+                    : (items == 7 ? scan_lines_kernel<T, 7, kDenseInputs> : scan_lines_kernel<T, 8, kDenseInputs>);
   if (bytes > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
@@ -1393,6 +1427,27 @@ const char* dispatch_state(const Params& P, int64_t d_state, cudaStream_t stream
   }
 }
 
+// The packed and merged entry points: the line kernel reading their wide tensors in place, where it takes the map
+// (d_state 1, maps up to about 56 x 56, no other path forced). `used` false: the caller copies the inputs out for
+// another path.
+template <typename T>
+const char* launch_lines_in_place(const Params& P, int64_t d_state, cudaStream_t stream, bool* used) {
+  *used = false;
+  if (d_state != 1 || (g_force_path != 0 && g_force_path != 4)) return nullptr;
+  *used = true;
+  int device = 0, sms = 0, smem_optin = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cuda_error(err, "cudaGetDevice");
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const char* result = launch_lines<T>(P, stream, static_cast<size_t>(smem_optin), std::max(sms, 1), used);
+  if (!*used && g_force_path == 4) {
+    *used = true;
+    return "the line kernel takes maps of at most 416 chunks of 7 or 8 steps a line";
+  }
+  return result;
+}
+
 // The packed tensor x (batch, 4R + 8N, len) unpacked into the separate inputs of the other kernels: delta (batch, 4,
 // Di, len) = the dt projection of x's dt-rank planes (float32 sums, rounded to T as the unfused graph's MatMul
 // rounds them), B and C (batch, 4N, len) copied. One thread an output element, grid-stride.
@@ -1433,17 +1488,8 @@ __global__ void unpack_projections_kernel(const T* __restrict__ x, const T* __re
 // go through the usual dispatch.
 template <typename T>
 const char* launch_packed(const Params& P, int64_t d_state, cudaStream_t stream) {
-  if (d_state == 1 && (g_force_path == 0 || g_force_path == 4)) {
-    int device = 0, sms = 0, smem_optin = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return cuda_error(err, "cudaGetDevice");
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    bool used = false;
-    const char* result = launch_lines<T>(P, stream, static_cast<size_t>(smem_optin), std::max(sms, 1), &used);
-    if (used) return result;
-    if (g_force_path == 4) return "the line kernel takes maps of at most 416 chunks of 7 or 8 steps a line";
-  }
+  bool used = false;
+  if (const char* result = launch_lines_in_place<T>(P, d_state, stream, &used); used) return result;
   const int len = P.height * P.width;
   const int64_t n_delta = static_cast<int64_t>(P.batch) * 4 * P.di * len;
   const int64_t n_bc = static_cast<int64_t>(P.batch) * 4 * d_state * len;
@@ -1454,7 +1500,8 @@ const char* launch_packed(const Params& P, int64_t d_state, cudaStream_t stream)
   U.delta = scratch;
   U.B = scratch + n_delta;
   U.C = scratch + n_delta + n_bc;
-  U.bc_bstride = 4 * d_state * len;
+  U.bc_channels = 4 * static_cast<int>(d_state);
+  U.delta_channels = 4 * P.di;
   U.dt_weight = nullptr;
   U.rank = 0;
   U.x_bstride = 0;
@@ -1466,6 +1513,47 @@ const char* launch_packed(const Params& P, int64_t d_state, cudaStream_t stream)
   err = cudaGetLastError();
   const char* result = err == cudaSuccess ? dispatch_state<T>(U, d_state, stream)
                                           : cuda_error(err, "selective_scan_2d (unpack projections) launch");
+  const cudaError_t free_err = cudaFreeAsync(scratch, stream);
+  if (result == nullptr && free_err != cudaSuccess) result = cuda_error(free_err, "cudaFreeAsync");
+  return result;
+}
+
+// Merged projections (vmamba_selective_scan_2d_merged_cuda): delta and B, C are channel blocks of wider tensors, at
+// P.delta_channels and P.bc_channels planes a batch element. The line kernel reads them in place; the other kernels
+// assume dense (batch, 4, ...) tensors, so with more than one batch element the blocks are first copied into a
+// stream-ordered scratch buffer (2-D copies, which a CUDA graph captures as memcpy nodes).
+template <typename T>
+const char* launch_merged(const Params& P, int64_t d_state, cudaStream_t stream) {
+  bool used = false;
+  if (const char* result = launch_lines_in_place<T>(P, d_state, stream, &used); used) return result;
+  if (P.batch == 1) return dispatch_state<T>(P, d_state, stream);  // one batch element: the strides are never used
+  const int64_t len = static_cast<int64_t>(P.height) * P.width;
+  const int64_t delta_plane = 4 * static_cast<int64_t>(P.di) * len, bc_plane = 4 * d_state * len;
+  T* scratch = nullptr;
+  const size_t bytes = static_cast<size_t>(P.batch) * (delta_plane + 2 * bc_plane) * sizeof(T);
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&scratch), bytes, stream);
+  if (err != cudaSuccess) return cuda_error(err, "cudaMallocAsync (merged projections)");
+  Params U = P;
+  U.delta = scratch;
+  U.B = scratch + P.batch * delta_plane;
+  U.C = scratch + P.batch * (delta_plane + bc_plane);
+  U.delta_channels = 4 * P.di;
+  U.bc_channels = 4 * static_cast<int>(d_state);
+  const struct {
+    void* to;
+    const void* from;
+    int64_t width, pitch;
+  } copies[] = {{scratch, P.delta, delta_plane, P.delta_channels * len},
+                {const_cast<void*>(U.B), P.B, bc_plane, P.bc_channels * len},
+                {const_cast<void*>(U.C), P.C, bc_plane, P.bc_channels * len}};
+  for (const auto& c : copies) {
+    if (err == cudaSuccess) {
+      err = cudaMemcpy2DAsync(c.to, c.width * sizeof(T), c.from, c.pitch * sizeof(T), c.width * sizeof(T), P.batch,
+                              cudaMemcpyDeviceToDevice, stream);
+    }
+  }
+  const char* result = err == cudaSuccess ? dispatch_state<T>(U, d_state, stream)
+                                          : cuda_error(err, "cudaMemcpy2DAsync (merged projections)");
   const cudaError_t free_err = cudaFreeAsync(scratch, stream);
   if (result == nullptr && free_err != cudaSuccess) result = cuda_error(free_err, "cudaFreeAsync");
   return result;
@@ -1510,7 +1598,8 @@ extern "C" const char* vmamba_selective_scan_2d_cuda(int dtype, const void* u, c
   P.delta = delta;
   P.B = B;
   P.C = C;
-  P.bc_bstride = 4 * d_state * height * width;
+  P.bc_channels = static_cast<int>(4 * d_state);
+  P.delta_channels = static_cast<int>(4 * d_inner);
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case VMAMBA_SCAN_F32: return dispatch_state<float>(P, d_state, s);
@@ -1540,11 +1629,40 @@ extern "C" const char* vmamba_selective_scan_2d_packed_cuda(int dtype, const voi
   P.dt_weight = dt_weight;
   P.rank = static_cast<int>(rank);
   P.x_bstride = (4 * rank + 8 * d_state) * len;
-  P.bc_bstride = P.x_bstride;
+  P.bc_channels = static_cast<int>(4 * rank + 8 * d_state);
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case VMAMBA_SCAN_F32: return launch_packed<float>(P, d_state, s);
     case VMAMBA_SCAN_F16: return launch_packed<__half>(P, d_state, s);
+    default: return "dtype must be 0 (float32) or 1 (float16)";
+  }
+}
+
+extern "C" const char* vmamba_selective_scan_2d_merged_cuda(int dtype, const void* u, const void* delta,
+                                                            int64_t delta_channels, const void* x, int64_t x_channels,
+                                                            const void* A_logs, const void* D, const void* delta_bias,
+                                                            void* y, int64_t batch, int64_t d_inner, int64_t d_state,
+                                                            int64_t height, int64_t width, void* stream) {
+  Params P;
+  if (const char* bad = common_params(P, u, A_logs, D, delta_bias, y, batch, d_inner, d_state, height, width)) {
+    return bad;
+  }
+  if (delta_channels < 4 * d_inner) return "delta must have at least 4 * d_inner channels";
+  if (x_channels < 8 * d_state) return "x must have at least 8 * d_state channels (B and C last)";
+  if (batch == 0 || d_inner == 0 || height == 0 || width == 0) return nullptr;  // empty y
+  if (!u || !delta || !x || !A_logs || !D || !delta_bias || !y) return "null tensor pointer";
+  const int64_t len = height * width;
+  const size_t elem = dtype == VMAMBA_SCAN_F16 ? 2 : 4;
+  const char* base = static_cast<const char*>(x);
+  P.delta = delta;
+  P.delta_channels = static_cast<int>(delta_channels);
+  P.B = base + (x_channels - 8 * d_state) * len * elem;
+  P.C = base + (x_channels - 4 * d_state) * len * elem;
+  P.bc_channels = static_cast<int>(x_channels);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case VMAMBA_SCAN_F32: return launch_merged<float>(P, d_state, s);
+    case VMAMBA_SCAN_F16: return launch_merged<__half>(P, d_state, s);
     default: return "dtype must be 0 (float32) or 1 (float16)";
   }
 }

@@ -37,6 +37,15 @@ __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_pack
     const void* delta_bias, void* y, int64_t batch, int64_t d_inner, int64_t d_state, int64_t rank, int64_t height,
     int64_t width, void* stream);
 
+// The same scan with delta and B, C read from wider tensors, as two GEMMs of the cuda-onnxruntime graph write them
+// (SelectiveScan2DMerged, docs/scan-op.md): delta is the first 4 * d_inner channels of `delta` (batch, delta_channels,
+// height, width), B and C the last 8 * d_state channels of `x` (batch, x_channels, height, width), B first. `delta` and
+// `x` may be the same tensor. The d_state-1 line kernel reads them in place; other shapes copy them out first.
+__attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_merged_cuda(
+    int dtype, const void* u, const void* delta, int64_t delta_channels, const void* x, int64_t x_channels,
+    const void* A_logs, const void* D, const void* delta_bias, void* y, int64_t batch, int64_t d_inner,
+    int64_t d_state, int64_t height, int64_t width, void* stream);
+
 // Forces a path for tests and benchmarks: 0 automatic (default), 1 the chunked shared-memory kernel, 2 the
 // global-memory fallback (used automatically when a channel's map does not fit in shared memory), 3 the block-scan
 // kernel (d_state 1; automatic whenever its planes fit in shared memory and the line kernel does not take the map),

@@ -1,9 +1,10 @@
 // ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of the ops the
-// cuda-onnxruntime graph is rewritten to: `SelectiveScan2DPacked`, `LastAxisLayerNorm`, `ResidualLayerNorm`, `TransposeLayerNorm`
-// (kernels/cuda/layer_norm.cuh) and `DepthwiseConvSiLU` (kernels/cuda/depthwise_conv.cuh), linked only into
-// libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its
-// add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
-// through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
+// cuda-onnxruntime graph is rewritten to: `SelectiveScan2DMerged`, `SelectiveScan2DPacked`, `LastAxisLayerNorm`,
+// `ResidualLayerNorm`, `TransposeLayerNorm` (kernels/cuda/layer_norm.cuh) and `DepthwiseConvSiLU`
+// (kernels/cuda/depthwise_conv.cuh), linked only into libvmamba_ort_cuda.so (custom_op.cpp compiled with
+// -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its add_cuda_ops hook). Compiled by g++ against the same ORT
+// 1.21 headers; needs no CUDA header: the kernel is reached through its C launcher (kernels/cuda/*.cuh), the stream
+// is ORT's, as a void*.
 //
 // Classic Ort::CustomOpBase with GetExecutionProviderType() = "CUDAExecutionProvider" (Debian's CPU-only headers
 // lack the lite API's CUDA context): ORT hands the inputs and the output in GPU memory and the kernel queues on
@@ -184,6 +185,50 @@ struct PackedScanCudaKernel : CudaKernel<PackedScanCudaKernel> {
         kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), inputs[2].GetTensorRawData(),
         inputs[3].GetTensorRawData(), inputs[4].GetTensorRawData(), inputs[5].GetTensorRawData(),
         output.GetTensorMutableRawData(), b, di, n, rank, h, w, ctx.GetGPUComputeStream());
+    return launched(kName, err);
+  }
+};
+
+// SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) -> y (docs/scan-op.md): the scan reading its projections
+// where two GEMMs of the graph wrote them: delta is the first 4 Di channels of `delta` (B, Cd, H*W) and B, C the last
+// 8 N channels of X (B, Cx, H*W), B first; `delta` and X may be one tensor.
+struct MergedScanCudaKernel : CudaKernel<MergedScanCudaKernel> {
+  static constexpr const char* kName = "SelectiveScan2DMerged";
+  static constexpr size_t kInputs = 6, kRequiredInputs = 6, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::output_like_input0;
+  static constexpr const char* kNames[] = {"u", "delta", "X", "A_logs", "D", "delta_bias"};
+  MergedScanCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    ScanInputs in;
+    if (OrtStatus* bad = gather_inputs(ctx, kNames, kInputs, type, kName, in)) return bad;
+    const auto& shapes = in.shapes;
+    const auto& inputs = in.values;
+    const auto& us = shapes[0];
+    if (shapes[1].size() != 3 || shapes[2].size() != 3 || shapes[3].size() != 2) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "inputs 'delta', 'X' and 'A_logs' must be (B, Cd, H*W), (B, Cx, H*W) and (4*Di, N), got " +
+                             shape_str(shapes[1]) + ", " + shape_str(shapes[2]) + " and " + shape_str(shapes[3]),
+                         kName);
+    }
+    const int64_t b = us[0], di = us[1], h = us[2], w = us[3], n = shapes[3][1];
+    const int64_t delta_channels = shapes[1][1], x_channels = shapes[2][1];
+    if (delta_channels < 4 * di || x_channels < 8 * n) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "'delta' needs at least 4*Di = " + std::to_string(4 * di) +
+                             " channels and 'X' at least 8*N = " + std::to_string(8 * n) + ", got " +
+                             shape_str(shapes[1]) + " and " + shape_str(shapes[2]),
+                         kName);
+    }
+    const std::vector<std::vector<int64_t>> expected = {
+        us, {b, delta_channels, h * w}, {b, x_channels, h * w}, {4 * di, n}, {4 * di}, {4 * di}};
+    const std::string from = " and d_state N = " + std::to_string(n);
+    if (OrtStatus* bad = check_shapes(kNames, in, expected, from, kName)) return bad;
+    auto output = ctx.GetOutput(0, us);
+    const char* err = vmamba_selective_scan_2d_merged_cuda(
+        kernel_dtype(type), inputs[0].GetTensorRawData(), inputs[1].GetTensorRawData(), delta_channels,
+        inputs[2].GetTensorRawData(), x_channels, inputs[3].GetTensorRawData(), inputs[4].GetTensorRawData(),
+        inputs[5].GetTensorRawData(), output.GetTensorMutableRawData(), b, di, n, h, w, ctx.GetGPUComputeStream());
     return launched(kName, err);
   }
 };
@@ -375,6 +420,7 @@ void add_float_and_half(Ort::CustomOpDomain& domain) {
 void add_ops(Ort::CustomOpDomain& domain) {
   add_float_and_half<ScanCudaKernel>(domain);
   add_float_and_half<PackedScanCudaKernel>(domain);
+  add_float_and_half<MergedScanCudaKernel>(domain);
   add_float_and_half<LayerNormCudaKernel>(domain);
   add_float_and_half<ResidualLayerNormCudaKernel>(domain);
   add_float_and_half<TransposeLayerNormCudaKernel>(domain);

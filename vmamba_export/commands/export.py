@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..cli import add_json_flag, print_json
+from ..targets import CUDA_FUSIONS
 from ._common import add_model_args, add_platform_arg, float_range, out_folder, positive_int, source_args
 
 
@@ -44,6 +45,13 @@ def add_parser(sub) -> None:
         "--layout",
         choices=("channels-last", "channels-first"),
         help="cuda-onnxruntime, cpu-tvm: layout of a v2 model's residual stream in the graph (default channels-last)",
+    )
+    p.add_argument(
+        "--cuda-fusions",
+        choices=CUDA_FUSIONS,
+        help="cuda-onnxruntime: the fused ops around the scan (default on; off: none; merged, folded, packed: also the "
+        "scan's input projections rewritten that way, docs/cuda-onnxruntime.md; folded: the fastest fp32 batch-1 "
+        "graph, slower at large batches)",
     )
     add_int8_args(p)
     add_tvm_args(p)
@@ -153,6 +161,7 @@ def int8_options(args: argparse.Namespace):
         | ({"smooth_quant": args.smooth_quant} if args.smooth_quant is not None else {})
         | ({"bias_correction": args.bias_correction} if args.bias_correction else {})
         | ({"layout": args.layout} if args.layout else {})
+        | ({"cuda_fusions": args.cuda_fusions} if getattr(args, "cuda_fusions", None) else {})
         | tvm_extra(args),
     )
 
@@ -210,6 +219,10 @@ def run(args: argparse.Namespace) -> int:
         raise VMambaExportError(
             f"--layout is for cuda-onnxruntime and cpu-tvm; target {target.name} chooses its own layout"
         )
+    if args.cuda_fusions and target.name != "cuda-onnxruntime":
+        from ..errors import VMambaExportError
+
+        raise VMambaExportError(f"--cuda-fusions is for cuda-onnxruntime, not target {target.name}")
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_source(args)
     task = source.model.config.task

@@ -17,7 +17,7 @@ import torch
 from ..errors import TargetUnavailableError, VMambaExportError
 from ..models import VMamba
 from ..models.channels_last import ChannelsLastVMamba
-from ..targets import Target
+from ..targets import CUDA_FUSIONS, Target
 
 
 @dataclass
@@ -150,11 +150,11 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
-    # "off": the graph unfused (A/B timing); "packed": also the packed scan, not the default until its kernel has run
-    # on a GPU (lowering/cuda_fusions.py, docs/cuda-onnxruntime.md)
+    # "off": the graph unfused (A/B timing); "on": the fused ops; "merged", "folded", "packed": also the scan's input
+    # projections rewritten that way (lowering/cuda_fusions.py, docs/cuda-onnxruntime.md)
     fusions = options.extra.get("cuda_fusions", "on")
-    if fusions not in ("on", "off", "packed"):
-        raise VMambaExportError(f"cuda_fusions {fusions!r}: expected on, off or packed")
+    if fusions not in CUDA_FUSIONS:
+        raise VMambaExportError(f"cuda_fusions {fusions!r}: expected one of {', '.join(CUDA_FUSIONS)}")
     task = getattr(model.config, "task", "classification")
     if task == "classification":
         graph_model, layout = layout_graph(model, options.extra.get("layout"))
@@ -180,7 +180,7 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
             if fusions != "off":  # the fused ops replace LastAxisLayerNorm patterns: only with the custom norms
                 from .cuda_fusions import fuse_cuda_graph
 
-                info["fusions"] = fuse_cuda_graph(proto, packed_scan=fusions == "packed")
+                info["fusions"] = fuse_cuda_graph(proto, scan_projections="none" if fusions == "on" else fusions)
         if options.precision == "fp16":
             from .fp16 import convert_model_to_fp16, fp16_info
 

@@ -15,7 +15,12 @@ chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the li
   channel-first input. Three or more kernels (cuDNN) -> one.
 - `SelectiveScan2DPacked(u, X, dt_weight, A_logs, D, delta_bias) -> y`: the scan of a d_state-1 block with its three
   input projections (dt rank, B, C: 1 x 1 convolutions of u) merged into one convolution X, and the dt projection
-  (a batched MatMul of dt_weight) computed by the scan kernel from X's dt-rank channels. Four kernels -> one.
+  (a batched MatMul of dt_weight) computed by the scan kernel from X's dt-rank channels. Four kernels -> one
+  (opt-in, "packed": measured slower, the dt projection sits on the recurrence's critical path).
+- `SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) -> y`: the same three projections as one aligned GEMM
+  X, the dt projection as a second GEMM of X (or folded into the first), and the scan reading B and C from X in
+  place. Four kernels (three of them cuDNN 1 x 1 convolutions of 4 to 24 output channels) -> two or one cuBLAS GEMMs
+  ("merged", "folded").
 
 Applied to the float32 graph after the LastAxisLayerNorm rewrite (cuda_graph.py) and before the fp16 conversion; a
 pattern is fused only where every tensor it removes has no other reader and is no graph output, weights and biases
@@ -38,8 +43,13 @@ RESIDUAL_NORM_OP = "ResidualLayerNorm"
 TRANSPOSE_NORM_OP = "TransposeLayerNorm"
 DEPTHWISE_SILU_OP = "DepthwiseConvSiLU"
 PACKED_SCAN_OP = "SelectiveScan2DPacked"
+MERGED_SCAN_OP = "SelectiveScan2DMerged"
 SCAN_OP = "SelectiveScan2D"
-FUSED_OPS = (RESIDUAL_NORM_OP, TRANSPOSE_NORM_OP, DEPTHWISE_SILU_OP, PACKED_SCAN_OP)
+# How the scan's input projections are rewritten (ExportOptions.extra["cuda_fusions"]): not at all, merged into
+# GEMMs ("merged": two, "folded": one) or packed into the scan kernel ("packed")
+SCAN_PROJECTIONS = ("none", "merged", "folded", "packed")
+# Standard ops whose outputs _constant evaluates when their inputs are constant
+_FOLDABLE = ("Reshape", "Split", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Identity", "Constant")
 TO_CHANNELS_LAST = [0, 2, 3, 1]
 TO_CHANNELS_FIRST = [0, 3, 1, 2]
 
@@ -243,22 +253,28 @@ def _projection_conv(
     return conv
 
 
-def pack_scan_projections(proto: onnx.ModelProto) -> int:
-    """SelectiveScan2D of d_state 1 whose delta is Reshape(MatMul(dt_weight, Reshape(Conv(u, W_dt)))) and whose B and
-    C are Reshape(Conv(u, W_B)) and Reshape(Conv(u, W_C)) (the exporter's form of x_proj and dt_projs) becomes
-    SelectiveScan2DPacked(u, Conv(u, Concat(W_dt, W_B, W_C)), dt_weight, A_logs, D, delta_bias), in place. The
-    weight Concat is constant (ONNX Runtime folds it). Returns how many scans. The shape arithmetic of the removed
-    Reshapes is left unread (drop_dead_nodes removes it)."""
-    edit = _Edit(proto.graph)
-    index = edit.index
+class _ScanProjections:
+    """A d_state-1 SelectiveScan2D whose delta is Reshape(MatMul(dt_weight, Reshape(Conv(u, W_dt)))) and whose B and C
+    are Reshape(Conv(u, W_B)) and Reshape(Conv(u, W_C)) (the exporter's form of x_proj and dt_projs), every
+    intermediate read only on that path: the three convolutions, the MatMul and the nodes and tensors the rewrites
+    remove."""
+
+    def __init__(self, scan, convs, matmul, d_inner: int, rank: int, removed: set[int], gone: set[str]):
+        self.scan, self.convs, self.matmul = scan, convs, matmul
+        self.d_inner, self.rank = d_inner, rank
+        self.removed, self.gone = removed, gone
+
+
+def _scan_projections(proto: onnx.ModelProto, index: _Index) -> list[_ScanProjections]:
+    found = []
     shapes: dict[str, list[int | None]] | None = None
     for scan in proto.graph.node:
         if scan.op_type != SCAN_OP or scan.domain != ONNX_DOMAIN or len(scan.input) != 7:
             continue
-        u, delta, a_logs, b, c, d, delta_bias = scan.input
+        u, delta, a_logs, b, c, _, _ = scan.input
         a_init = index.initializers.get(a_logs)
         if a_init is None or len(a_init.dims) != 2 or a_init.dims[1] != 1:
-            continue  # d_state 1 only: the line kernel reads X in place; other shapes would be unpacked again
+            continue  # d_state 1 only: the line kernel reads the projections in place; other shapes copy them first
         removed: set[int] = set()  # this scan's nodes and tensors, committed only if the whole pattern matches
         gone: set[str] = set()
         reshape = index.produced_by(delta, "Reshape")
@@ -281,36 +297,134 @@ def pack_scan_projections(proto: onnx.ModelProto) -> int:
         want = [[4 * rank, d_inner, 1, 1], [4, d_inner, 1, 1], [4, d_inner, 1, 1]]
         if [shapes.get(conv.input[1]) for conv in convs] != want:
             continue
-        import onnx
+        removed.update((id(reshape), id(matmul)))  # the scan itself is replaced in place (placed), not removed
+        gone.update((delta, matmul.output[0]))
+        found.append(_ScanProjections(scan, convs, matmul, d_inner, rank, removed, gone))
+    return found
 
-        stem = scan.output[0]
+
+def pack_scan_projections(proto: onnx.ModelProto) -> int:
+    """Each d_state-1 scan of the exporter's projection pattern (_ScanProjections) becomes
+    SelectiveScan2DPacked(u, Conv(u, Concat(W_dt, W_B, W_C)), dt_weight, A_logs, D, delta_bias), in place. The
+    weight Concat is constant (ONNX Runtime folds it). Returns how many scans. The shape arithmetic of the removed
+    Reshapes is left unread (drop_dead_nodes removes it)."""
+    import onnx
+
+    edit = _Edit(proto.graph)
+    for match in _scan_projections(proto, edit.index):
+        u, _, a_logs, _, _, d, delta_bias = match.scan.input
+        stem = match.scan.output[0]
         weight, packed = f"{stem}_packed_weight", f"{stem}_packed_projections"
-        edit.placed[id(scan)] = [
-            onnx.helper.make_node("Concat", [conv.input[1] for conv in convs], [weight], axis=0, name=weight),
+        edit.placed[id(match.scan)] = [
+            onnx.helper.make_node("Concat", [conv.input[1] for conv in match.convs], [weight], axis=0, name=weight),
             onnx.helper.make_node("Conv", [u, weight], [packed], kernel_shape=[1, 1], name=packed),
-            _fused_node(PACKED_SCAN_OP, [u, packed, matmul.input[0], a_logs, d, delta_bias], [stem], scan),
+            _fused_node(PACKED_SCAN_OP, [u, packed, match.matmul.input[0], a_logs, d, delta_bias], [stem], match.scan),
         ]
-        edit.removed.update(removed | {id(reshape), id(matmul)})
-        edit.gone.update(gone | {delta, matmul.output[0]})
+        edit.removed.update(match.removed)
+        edit.gone.update(match.gone)
     return edit.commit()
 
 
-def fuse_cuda_graph(proto: onnx.ModelProto, packed_scan: bool = False) -> dict:
-    """All four fusions (three without `packed_scan`), in place, on a float32 cuda-onnxruntime graph whose LayerNorms
-    are LastAxisLayerNorm. Returns what the manifest records: the fused op and how many nodes of each, and the node
-    count before and after."""
+def _constant(name: str, index: _Index, depth: int = 0):
+    """The value of a tensor computed from initializers alone (an initializer, or standard ops of constants, such as
+    the exporter's Split and Reshape of x_proj_weight), as a numpy array; None where anything is not constant."""
+    from onnx import numpy_helper
+
+    if name in index.initializers:
+        return numpy_helper.to_array(index.initializers[name])
+    node = index.producer.get(name)
+    if node is None or depth > 8 or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE:
+        return None
+    values = [_constant(i, index, depth + 1) if i else None for i in node.input]
+    if any(v is None for i, v in zip(node.input, values) if i):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    outputs = ReferenceEvaluator(node).run(None, {i: v for i, v in zip(node.input, values) if i})
+    return outputs[list(node.output).index(name)]
+
+
+def merge_scan_projections(proto: onnx.ModelProto, fold_dt: bool = False) -> int:
+    """Each d_state-1 scan of the exporter's projection pattern (_ScanProjections) reads its inputs from GEMMs:
+
+        U = Reshape(u, (0, Di, -1))
+        X = MatMul(W_x, U)          W_x = [W_dt; W_B; W_C]  (4 R + 8 N, Di)
+        delta = MatMul(W_bd, X)     W_bd (4 Di, 4 R + 8 N): dt_weight block-diagonal, zero on the B and C channels
+        y = SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias)
+
+    two cuBLAS GEMMs, aligned (K = 4 R + 8 N), where the exporter's graph runs three cuDNN 1 x 1 convolutions (B and
+    C have 4 output channels each) and a batched MatMul of inner dimension R. With `fold_dt` the dt projection is
+    folded into the first GEMM, Z = MatMul([W_bd W_dt; W_B; W_C], U), (4 Di + 8 N, Di), and the scan reads delta and
+    B, C from Z: one GEMM, at the price of Di / R times the dt FLOPs (trivial at batch 1; at batch 128 the model ran
+    6% (fp16) and 14% (fp32) slower on an H100, docs/cuda-onnxruntime.md). The weights are computed in float64 from
+    the graph's constants and stored float32. Returns how many scans."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    edit = _Edit(proto.graph)
+    index = edit.index
+    for match in _scan_projections(proto, index):
+        u, _, a_logs, _, _, d, delta_bias = match.scan.input
+        parts = [_constant(conv.input[1], index) for conv in match.convs]
+        dt_weight = _constant(match.matmul.input[0], index)
+        if any(p is None for p in parts) or dt_weight is None:
+            continue
+        di, rank = match.d_inner, match.rank
+        w_dt, w_b, w_c = (p.reshape(p.shape[0], di).astype(np.float64) for p in parts)
+        w_bd = np.zeros((4 * di, len(w_dt) + len(w_b) + len(w_c)), dtype=np.float64)
+        for k in range(4):
+            w_bd[k * di : (k + 1) * di, k * rank : (k + 1) * rank] = dt_weight[k]
+        stem = match.scan.output[0]
+        names = {key: f"{stem}_merged_{key}" for key in ("shape", "rows", "w1", "x", "w2", "delta")}
+        if fold_dt:
+            weights = [np.concatenate([w_bd[:, : 4 * rank] @ w_dt, w_b, w_c])]
+        else:
+            weights = [np.concatenate([w_dt, w_b, w_c]), w_bd]
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([0, di, -1], dtype=np.int64), names["shape"]))
+        for key, weight in zip(("w1", "w2"), weights):
+            proto.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), names[key]))
+        nodes = [
+            onnx.helper.make_node("Reshape", [u, names["shape"]], [names["rows"]], name=names["rows"]),
+            onnx.helper.make_node("MatMul", [names["w1"], names["rows"]], [names["x"]], name=names["x"]),
+        ]
+        delta = names["x"]
+        if not fold_dt:
+            nodes.append(onnx.helper.make_node("MatMul", [names["w2"], delta], [names["delta"]], name=names["delta"]))
+            delta = names["delta"]
+        scan_inputs = [u, delta, names["x"], a_logs, d, delta_bias]
+        edit.placed[id(match.scan)] = [*nodes, _fused_node(MERGED_SCAN_OP, scan_inputs, [stem], match.scan)]
+        edit.removed.update(match.removed)
+        edit.gone.update(match.gone)
+    return edit.commit()
+
+
+def fuse_cuda_graph(proto: onnx.ModelProto, scan_projections: str = "none") -> dict:
+    """The three fused ops, and the scan projections rewritten as `scan_projections` says (SCAN_PROJECTIONS), in
+    place, on a float32 cuda-onnxruntime graph whose LayerNorms are LastAxisLayerNorm. Returns what the manifest
+    records: the fused op and how many nodes of each, and the node count before and after."""
+    if scan_projections not in SCAN_PROJECTIONS:
+        raise ValueError(f"scan_projections {scan_projections!r}: expected one of {SCAN_PROJECTIONS}")
     before = len(proto.graph.node)
     counts = {
         RESIDUAL_NORM_OP: fuse_residual_layer_norms(proto),
         TRANSPOSE_NORM_OP: fuse_transpose_layer_norms(proto),
         DEPTHWISE_SILU_OP: fuse_depthwise_conv_silu(proto),
-        PACKED_SCAN_OP: pack_scan_projections(proto) if packed_scan else 0,
+        PACKED_SCAN_OP: pack_scan_projections(proto) if scan_projections == "packed" else 0,
+        MERGED_SCAN_OP: (
+            merge_scan_projections(proto, fold_dt=scan_projections == "folded")
+            if scan_projections in ("merged", "folded")
+            else 0
+        ),
     }
     dead = drop_dead_nodes(proto.graph)
-    return {
+    record = {
         "domain": ONNX_DOMAIN,
         "fused": counts,
         "dead_nodes_dropped": dead,
         "nodes_before": before,
         "nodes_after": len(proto.graph.node),
     }
+    if scan_projections != "none":
+        record["scan_projections"] = scan_projections
+    return record
