@@ -161,7 +161,7 @@ def int8_options(args: argparse.Namespace):
         | ({"smooth_quant": args.smooth_quant} if args.smooth_quant is not None else {})
         | ({"bias_correction": args.bias_correction} if args.bias_correction else {})
         | ({"layout": args.layout} if args.layout else {})
-        | ({"cuda_fusions": args.cuda_fusions} if getattr(args, "cuda_fusions", None) else {})
+        | ({"cuda_fusions": args.cuda_fusions} if args.cuda_fusions else {})
         | tvm_extra(args),
     )
 
