@@ -540,6 +540,8 @@ MODEL_VARIANTS = (
     ("fp32", "fp32", {}),
     ("fp16", "fp16", {}),
     ("fp16-unfused", "fp16", {"cuda_fusions": "off"}),
+    ("fp16-projected", "fp16", {"cuda_fusions": "projected"}),
+    ("fp32-projected", "fp32", {"cuda_fusions": "projected"}),
     ("fp16-packed", "fp16", {"cuda_fusions": "packed"}),
     ("fp32-packed", "fp32", {"cuda_fusions": "packed"}),
     ("fp16-merged", "fp16", {"cuda_fusions": "merged"}),
@@ -814,13 +816,17 @@ def fmt(value, spec: str) -> str:
 def summary_table() -> str:
     s = RESULTS["sections"]
     lines = ["", "=== gpu_check summary ==="]
-    k = s.get("kernel", {})
-    lines.append(
-        f"kernel parity        : {'PASS' if k.get('pass') else 'FAIL'} "
-        f"({len(k.get('rows', []))} checks, {k.get('failures', '?')} failed){'' if k.get('ok') else ' ERROR'}"
-    )
+    k = s.get("kernel")
+    if k is None:
+        lines.append("kernel parity        : skipped")
+    else:
+        lines.append(
+            f"kernel parity        : {'PASS' if k.get('pass') else 'FAIL'} "
+            f"({len(k.get('rows', []))} checks, {k.get('failures', '?')} failed){'' if k.get('ok') else ' ERROR'}"
+        )
     b = s.get("bandwidth", {})
-    lines.append(f"copy bandwidth       : {fmt(b.get('copy_gbs'), '.0f')} GB/s")
+    if "bandwidth" in s:
+        lines.append(f"copy bandwidth       : {fmt(b.get('copy_gbs'), '.0f')} GB/s")
     for r in b.get("rows", []):
         if r["batch"] == 128:
             lines.append(

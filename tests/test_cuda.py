@@ -631,14 +631,63 @@ def test_cuda_depthwise_conv_silu_op_matches_torch(shape, with_bias, float16):
 
 
 @pytest.mark.gpu
+# (batch, Di, R, N, H, W): vmamba_tiny_s1l8's four stages at 224, batch 1 (the tile narrows as the map shrinks: 32
+# down to 4 positions, partial last tiles) and stage 1 at batch 2; d_state 16 rows; a map smaller than one tile; Di
+# not a multiple of 8.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 96, 6, 1, 56, 56),
+        (1, 192, 12, 1, 28, 28),
+        (1, 384, 24, 1, 14, 14),
+        (1, 768, 48, 1, 7, 7),
+        (2, 96, 6, 1, 56, 56),
+        (2, 64, 4, 16, 9, 11),
+        (3, 40, 3, 1, 1, 2),
+        (2, 36, 5, 1, 6, 10),  # Di not a multiple of 8: one weight load at a time
+    ],
+)
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_scan_projections_op_matches_reference(shape, float16):
+    """ai.vmamba::ScanProjections: delta, B and C of the scan from u, W_x and dt_weight, against float64 numpy (x =
+    W_x u, delta = dt_weight x_dt per direction), through ONNX Runtime (shape inference and the op's checks too)."""
+    gpu_ready()
+    from vmamba_export.lowering.cuda_fusions import PROJECTIONS_OP
+
+    batch, di, rank, n, h, w = shape
+    feeds = _random_inputs({"u": [batch, di, h, w], "w_x": [4 * rank + 8 * n, di], "dt": [4, di, rank]}, float16, 7)
+    np_type = np.float16 if float16 else np.float32
+    feeds["w_x"] = (feeds["w_x"] / di**0.5).astype(np_type).astype(np.float64)
+    feeds["dt"] = (feeds["dt"] / rank**0.5).astype(np_type).astype(np.float64)
+    delta, b, c = _one_node_cuda_run(PROJECTIONS_OP, feeds, ["delta", "B", "C"], float16)
+    x = np.einsum("jc,bcp->bjp", feeds["w_x"], feeds["u"].reshape(batch, di, h * w))
+    x_dt = x[:, : 4 * rank].reshape(batch, 4, rank, h * w)
+    want = {
+        "delta": np.einsum("kcr,bkrp->bkcp", feeds["dt"], x_dt).reshape(batch, 4, di, h, w),
+        "B": x[:, 4 * rank : 4 * rank + 4 * n].reshape(batch, 4, n, h, w),
+        "C": x[:, 4 * rank + 4 * n :].reshape(batch, 4, n, h, w),
+    }
+    for name, got in zip(want, (delta, b, c), strict=True):
+        assert got.shape == want[name].shape, name
+        assert _rel_l2(got, want[name]) < (1e-3 if float16 else 1e-6), name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize(
     "name",
-    ["vmamba_test_v0", "vmamba_test_v2", "vmamba_test_v2-packed", "vmamba_test_v2-merged", "vmamba_test_v2-folded"],
+    [
+        "vmamba_test_v0",
+        "vmamba_test_v2",
+        "vmamba_test_v2-projected",
+        "vmamba_test_v2-packed",
+        "vmamba_test_v2-merged",
+        "vmamba_test_v2-folded",
+    ],
 )
 def test_cuda_artifact_parity(tmp_path, precision, name):
-    """The artifact against the PyTorch model; "-packed", "-merged", "-folded": exported with that cuda_fusions setting
-    (SelectiveScan2DPacked, SelectiveScan2DMerged)."""
+    """The artifact against the PyTorch model; "-projected", "-packed", "-merged", "-folded": exported with that
+    cuda_fusions setting (ScanProjections, SelectiveScan2DPacked, SelectiveScan2DMerged)."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
@@ -653,7 +702,8 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
     export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
     predictor = load(folder)
     if fusions:
-        op = "SelectiveScan2DPacked" if fusions == "packed" else "SelectiveScan2DMerged"
+        ops = {"projected": "ScanProjections", "packed": "SelectiveScan2DPacked"}
+        op = ops.get(fusions, "SelectiveScan2DMerged")
         assert predictor.manifest["lowering"]["fusions"]["fused"][op] > 0
     assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
     lowering = predictor.manifest["lowering"]

@@ -14,9 +14,11 @@ from onnx import TensorProto, helper
 from vmamba_export.kernels_paths import ort_library_path
 from vmamba_export.lowering import layout_graph
 from vmamba_export.lowering.cuda_fusions import (
+    BIAS_GELU_OP,
     DEPTHWISE_SILU_OP,
     MERGED_SCAN_OP,
     PACKED_SCAN_OP,
+    PROJECTIONS_OP,
     RESIDUAL_NORM_OP,
     TRANSPOSE_NORM_OP,
     fuse_cuda_graph,
@@ -25,12 +27,34 @@ from vmamba_export.lowering.cuda_fusions import (
     fuse_transpose_layer_norms,
     merge_scan_projections,
     pack_scan_projections,
+    project_scan_inputs,
 )
 from vmamba_export.lowering.cuda_graph import LAYER_NORM_OP, use_last_axis_layer_norms
 from vmamba_export.lowering.onnx_export import IR_VERSION, ONNX_DOMAIN, OPSET, export_onnx
 from vmamba_export.model_source import resolve_model
 
 needs_cpu_library = pytest.mark.skipif(ort_library_path() is None, reason="libvmamba_ort.so not built")
+
+
+def _split_projections(t: str, u: str, x: str, dt_weight: str, d_inner: int, rank: int, d_state: int, outputs):
+    """Standard ops that cut X (B, 4 R + 8 N, H, W) into its dt-rank, B and C channels and make `outputs` (delta, B,
+    C) of them, 5-D: delta = MatMul(dt_weight, dt-rank channels)."""
+    delta, b, c = outputs
+    return [
+        helper.make_node("Constant", [], [t + "_sizes"], value_ints=[4 * rank, 4 * d_state, 4 * d_state]),
+        helper.make_node("Constant", [], [t + "_dt_shape"], value_ints=[0, 4, rank, -1]),
+        helper.make_node("Constant", [], [t + "_delta_head"], value_ints=[0, 4, d_inner]),
+        helper.make_node("Constant", [], [t + "_bc_head"], value_ints=[0, 4, d_state]),
+        helper.make_node("Split", [x, t + "_sizes"], [t + "_dt", t + "_b", t + "_c"], axis=1),
+        helper.make_node("Shape", [u], [t + "_hw"], start=2),
+        helper.make_node("Concat", [t + "_delta_head", t + "_hw"], [t + "_delta_shape"], axis=0),
+        helper.make_node("Concat", [t + "_bc_head", t + "_hw"], [t + "_bc_shape"], axis=0),
+        helper.make_node("Reshape", [t + "_dt", t + "_dt_shape"], [t + "_dt4"]),
+        helper.make_node("MatMul", [dt_weight, t + "_dt4"], [t + "_delta4"]),
+        helper.make_node("Reshape", [t + "_delta4", t + "_delta_shape"], [delta]),
+        helper.make_node("Reshape", [t + "_b", t + "_bc_shape"], [b]),
+        helper.make_node("Reshape", [t + "_c", t + "_bc_shape"], [c]),
+    ]
 
 
 def _unpacked_scan(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -41,29 +65,30 @@ def _unpacked_scan(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeP
     _, d_inner, rank = inits[dt_weight].dims
     d_state = inits[a_logs].dims[1]
     t = f"{n.name}_ref"
-    const = [
-        helper.make_node("Constant", [], [t + "_sizes"], value_ints=[4 * rank, 4 * d_state, 4 * d_state]),
-        helper.make_node("Constant", [], [t + "_dt_shape"], value_ints=[0, 4, rank, -1]),
-        helper.make_node("Constant", [], [t + "_delta_head"], value_ints=[0, 4, d_inner]),
-        helper.make_node("Constant", [], [t + "_bc_head"], value_ints=[0, 4, d_state]),
-    ]
+    outputs = (t + "_delta", t + "_b5", t + "_c5")
     return [
-        *const,
-        helper.make_node("Split", [packed, t + "_sizes"], [t + "_dt", t + "_b", t + "_c"], axis=1),
-        helper.make_node("Shape", [u], [t + "_hw"], start=2),
-        helper.make_node("Concat", [t + "_delta_head", t + "_hw"], [t + "_delta_shape"], axis=0),
-        helper.make_node("Concat", [t + "_bc_head", t + "_hw"], [t + "_bc_shape"], axis=0),
-        helper.make_node("Reshape", [t + "_dt", t + "_dt_shape"], [t + "_dt4"]),
-        helper.make_node("MatMul", [dt_weight, t + "_dt4"], [t + "_delta4"]),
-        helper.make_node("Reshape", [t + "_delta4", t + "_delta_shape"], [t + "_delta"]),
-        helper.make_node("Reshape", [t + "_b", t + "_bc_shape"], [t + "_b5"]),
-        helper.make_node("Reshape", [t + "_c", t + "_bc_shape"], [t + "_c5"]),
+        *_split_projections(t, u, packed, dt_weight, d_inner, rank, d_state, outputs),
         helper.make_node(
             "SelectiveScan2D",
-            [u, t + "_delta", a_logs, t + "_b5", t + "_c5", d, delta_bias],
+            [u, outputs[0], a_logs, outputs[1], outputs[2], d, delta_bias],
             list(n.output),
             domain=ONNX_DOMAIN,
         ),
+    ]
+
+
+def _scan_projections_reference(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """ScanProjections(u, W_x, dt_weight) -> (delta, B, C) as standard ops: X = 1 x 1 Conv(u, W_x), then split."""
+    u, w_x, dt_weight = n.input
+    inits = {i.name: i for i in proto.graph.initializer}
+    rows, d_inner = inits[w_x].dims
+    rank = inits[dt_weight].dims[2]
+    t = f"{n.name}_ref"
+    return [
+        helper.make_node("Constant", [], [t + "_w_shape"], value_ints=[rows, d_inner, 1, 1]),
+        helper.make_node("Reshape", [w_x, t + "_w_shape"], [t + "_w"]),
+        helper.make_node("Conv", [u, t + "_w"], [t + "_x"], kernel_shape=[1, 1]),
+        *_split_projections(t, u, t + "_x", dt_weight, d_inner, rank, (rows - 4 * rank) // 8, n.output),
     ]
 
 
@@ -104,6 +129,9 @@ def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
             continue
         if n.domain == ONNX_DOMAIN and n.op_type == MERGED_SCAN_OP:
             nodes += _unmerged_scan(n, proto)
+            continue
+        if n.domain == ONNX_DOMAIN and n.op_type == PROJECTIONS_OP:
+            nodes += _scan_projections_reference(n, proto)
             continue
         eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
         tmp = f"{n.name}_ref"
@@ -172,10 +200,15 @@ def _fused_copy(proto: onnx.ModelProto, projections: str = "packed") -> tuple[on
     return fused, fuse_cuda_graph(fused, scan_projections=projections)
 
 
-# Per rewritten scan: the op it becomes, and how many nodes the rewrite removes from the 9 of the exporter's pattern
-# (3 Convs, 4 Reshapes, the MatMul, the scan): packed keeps Concat, Conv and the scan; merged Reshape, two MatMuls
-# and the scan; folded Reshape, one MatMul and the scan
-PROJECTIONS = {"packed": (PACKED_SCAN_OP, 6), "merged": (MERGED_SCAN_OP, 5), "folded": (MERGED_SCAN_OP, 6)}
+# Per rewritten scan: the op that stands for it, and how many nodes the rewrite removes from the 9 of the exporter's
+# pattern (3 Convs, 4 Reshapes, the MatMul, the scan): projected keeps ScanProjections and the scan; packed Concat,
+# Conv and the scan; merged Reshape, two MatMuls and the scan; folded Reshape, one MatMul and the scan
+PROJECTIONS = {
+    "projected": (PROJECTIONS_OP, 7),
+    "packed": (PACKED_SCAN_OP, 6),
+    "merged": (MERGED_SCAN_OP, 5),
+    "folded": (MERGED_SCAN_OP, 6),
+}
 
 
 @pytest.mark.parametrize("projections", list(PROJECTIONS))
@@ -199,15 +232,18 @@ def test_every_block_pattern_is_fused(cuda_graph, projections):
     # d_state 1 (v2): every scan takes its projections rewritten; d_state 16 (v0) keeps the 7-input scan
     rewritten = blocks if config.d_state == 1 else 0
     assert counts[scan_op] == ops.count(scan_op) == rewritten
-    assert sum(counts[op] for op in (PACKED_SCAN_OP, MERGED_SCAN_OP)) == rewritten
-    assert ops.count("SelectiveScan2D") == blocks - rewritten
+    assert sum(counts[op] for op in (PROJECTIONS_OP, PACKED_SCAN_OP, MERGED_SCAN_OP)) == rewritten
+    assert ops.count("SelectiveScan2D") == blocks - (0 if projections == "projected" else rewritten)
     convs_removed = counts[DEPTHWISE_SILU_OP] + (2 if projections == "packed" else 3) * rewritten
     assert ops.count("Conv") == len([n for n in proto.graph.node if n.op_type == "Conv"]) - convs_removed
     assert ops.count("Sigmoid") == (blocks if config.version == "v0" else 0)  # v0 keeps its gate's SiLU(z)
-    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1, and the scans' as
+    # each MLP's fc1 bias Add and GELU are one BiasGelu (the stem's GELU follows a norm: kept)
+    assert counts[BIAS_GELU_OP] == ops.count(BIAS_GELU_OP) == (blocks if config.mlp_ratio > 0 else 0)
+    # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1, 2 -> 1, and the scans' as
     # PROJECTIONS says; the removed Reshapes' shape arithmetic (and, merged, the convolutions' weight Splits) are left
     # unread (dropped: counted apart)
     removed = counts[RESIDUAL_NORM_OP] + biased + counts[TRANSPOSE_NORM_OP] + 3 * counts[DEPTHWISE_SILU_OP]
+    removed += counts[BIAS_GELU_OP]
     removed += nodes_removed * counts[scan_op] + record["dead_nodes_dropped"]
     assert record["nodes_before"] - record["nodes_after"] == removed == len(proto.graph.node) - len(fused.graph.node)
     # fused nodes stay in topological order (ONNX requires it; ORT refuses the graph otherwise)
@@ -253,11 +289,11 @@ def test_scan_projections_read_elsewhere_are_not_rewritten(cuda_graph):
     scans = [n for n in graph.graph.node if n.op_type == "SelectiveScan2D"]
     b_conv_out = next(n.input[0] for n in graph.graph.node if n.output[0] == scans[0].input[3])
     graph.graph.output.append(helper.make_tensor_value_info(b_conv_out, TensorProto.FLOAT, None))
-    for rewrite in (pack_scan_projections, merge_scan_projections):
+    for rewrite in (pack_scan_projections, merge_scan_projections, project_scan_inputs):
         edited = onnx.ModelProto()
         edited.CopyFrom(graph)
         assert rewrite(edited) == len(scans) - 1
-        kept = [n for n in edited.graph.node if n.op_type == "SelectiveScan2D"]
+        kept = [n for n in edited.graph.node if n.op_type == "SelectiveScan2D" and n.input[1] == scans[0].input[1]]
         assert [list(n.input) for n in kept] == [list(scans[0].input)]
 
 

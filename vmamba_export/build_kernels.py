@@ -286,7 +286,7 @@ def build_cuda(
     cuda_op = Unit(ort_dir / "cuda_op.cpp", obj / "cuda_op.o")
     cu_units = [
         Unit(cuda_dir / f"{name}.cu", obj / f"{name}_cu.o")
-        for name in ("selective_scan_2d", "layer_norm", "depthwise_conv", "scan_floor")
+        for name in ("selective_scan_2d", "layer_norm", "depthwise_conv", "scan_projections", "scan_floor")
     ]
     link = ["-shared", "-cudart", "static", "-Xcompiler", "-pthread", "-Xlinker", "-z,defs", "-Xlinker", "-z,nodelete"]
     lib = NATIVE_DIR / ORT_CUDA_LIBRARY_NAME

@@ -36,6 +36,9 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     merged.restype = ctypes.c_char_p
     merged.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     merged.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    projections = lib.vmamba_scan_projections_cuda
+    projections.restype = ctypes.c_char_p
+    projections.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     lib.vmamba_selective_scan_2d_cuda_force_path.argtypes = [ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_force_path.restype = None
     lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
@@ -217,6 +220,32 @@ def selective_scan_2d_merged_cuda(u, delta, x, A_logs, D, delta_bias, out: torch
     if err is not None:
         raise RuntimeError(f"vmamba_selective_scan_2d_merged_cuda: {err.decode()}")
     return y
+
+
+def scan_projections_cuda(u, w_x, dt_weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(delta, B, C) of the ScanProjections op (kernels/cuda/scan_projections.cuh): u (N, Di, H, W), w_x (4 R + 8 S,
+    Di), dt_weight (4, Di, R). CUDA tensors, all float32 or all float16, on torch's current stream."""
+    dtype = _check_tensors((u, w_x, dt_weight))
+    batch, d_inner, height, width = u.shape
+    rank = dt_weight.shape[2]
+    d_state = (w_x.shape[0] - 4 * rank) // 8
+    if tuple(dt_weight.shape) != (4, d_inner, rank) or tuple(w_x.shape) != (4 * rank + 8 * d_state, d_inner):
+        raise ValueError(f"w_x {tuple(w_x.shape)} and dt_weight {tuple(dt_weight.shape)} do not fit u {tuple(u.shape)}")
+    delta = u.new_empty((batch, 4, d_inner, height, width))
+    b, c = (u.new_empty((batch, 4, d_state, height, width)) for _ in range(2))
+    err = load_library().vmamba_scan_projections_cuda(
+        F16 if dtype == torch.float16 else F32,
+        *[t.data_ptr() for t in (u, w_x, dt_weight, delta, b, c)],
+        batch,
+        d_inner,
+        rank,
+        d_state,
+        height * width,
+        torch.cuda.current_stream(u.device).cuda_stream,
+    )
+    if err is not None:
+        raise RuntimeError(f"vmamba_scan_projections_cuda: {err.decode()}")
+    return delta, b, c
 
 
 # The d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu): exponentials on the FMA-pipe polynomial for

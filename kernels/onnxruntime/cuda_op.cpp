@@ -1,7 +1,7 @@
 // ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of the ops the
 // cuda-onnxruntime graph is rewritten to: `SelectiveScan2DMerged`, `SelectiveScan2DPacked`, `LastAxisLayerNorm`,
-// `ResidualLayerNorm`, `TransposeLayerNorm` (kernels/cuda/layer_norm.cuh) and `DepthwiseConvSiLU`
-// (kernels/cuda/depthwise_conv.cuh), linked only into libvmamba_ort_cuda.so (custom_op.cpp compiled with
+// `ResidualLayerNorm`, `TransposeLayerNorm` (kernels/cuda/layer_norm.cuh), `DepthwiseConvSiLU`
+// (kernels/cuda/depthwise_conv.cuh) and `ScanProjections` (kernels/cuda/scan_projections.cuh), linked only into libvmamba_ort_cuda.so (custom_op.cpp compiled with
 // -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its add_cuda_ops hook). Compiled by g++ against the same ORT
 // 1.21 headers; needs no CUDA header: the kernel is reached through its C launcher (kernels/cuda/*.cuh), the stream
 // is ORT's, as a void*.
@@ -24,6 +24,7 @@
 
 #include "../cuda/depthwise_conv.cuh"
 #include "../cuda/layer_norm.cuh"
+#include "../cuda/scan_projections.cuh"
 #include "../cuda/selective_scan_2d.cuh"
 #include "cuda_op.h"
 #include "op_status.h"
@@ -375,6 +376,48 @@ struct DepthwiseConvSiLUCudaKernel : CudaKernel<DepthwiseConvSiLUCudaKernel> {
   }
 };
 
+// ScanProjections(u, W_x, dt_weight) -> (delta, B, C): u (N, Di, H, W), W_x (4 R + 8 S, Di) (rows: the dt ranks of
+// the four directions, then B, then C), dt_weight (4, Di, R); delta (N, 4, Di, H, W), B and C (N, 4, S, H, W), the
+// inputs SelectiveScan2D takes (kernels/cuda/scan_projections.cuh).
+struct ScanProjectionsCudaKernel : CudaKernel<ScanProjectionsCudaKernel> {
+  static constexpr const char* kName = "ScanProjections";
+  static constexpr size_t kInputs = 3, kRequiredInputs = 3, kOutputs = 3;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::scan_projection_outputs;
+  ScanProjectionsCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto u = ctx.GetInput(0), w_x = ctx.GetInput(1), dt_weight = ctx.GetInput(2);
+    const auto us = u.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ws = w_x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ds = dt_weight.GetTensorTypeAndShapeInfo().GetShape();
+    if (us.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "u must be (N, Di, H, W), got " + shape_str(us), kName);
+    }
+    if (ds.size() != 3 || ds[0] != 4 || ds[1] != us[1] || ds[2] < 1) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "dt_weight must be (4, Di, R) with Di = " + std::to_string(us[1]) + " (u is " +
+                             shape_str(us) + "), got " + shape_str(ds),
+                         kName);
+    }
+    const int64_t rank = ds[2];
+    if (ws.size() != 2 || ws[1] != us[1] || ws[0] <= 4 * rank || (ws[0] - 4 * rank) % 8 != 0) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "W_x must be (4 R + 8 S, Di) with R = " + std::to_string(rank) + ", Di = " +
+                             std::to_string(us[1]) + " and S >= 1, got " + shape_str(ws),
+                         kName);
+    }
+    const int64_t d_state = (ws[0] - 4 * rank) / 8;
+    auto delta = ctx.GetOutput(0, {us[0], 4, us[1], us[2], us[3]});
+    auto b = ctx.GetOutput(1, {us[0], 4, d_state, us[2], us[3]});
+    auto c = ctx.GetOutput(2, {us[0], 4, d_state, us[2], us[3]});
+    return launched(kName, vmamba_scan_projections_cuda(
+                               kernel_dtype(type), u.GetTensorRawData(), w_x.GetTensorRawData(),
+                               dt_weight.GetTensorRawData(), delta.GetTensorMutableRawData(),
+                               b.GetTensorMutableRawData(), c.GetTensorMutableRawData(), us[0], us[1], rank, d_state,
+                               us[2] * us[3], ctx.GetGPUComputeStream()));
+  }
+};
+
 // The float / float16 registration of one CUDA kernel: every input and output of the op's type `T`, inputs from
 // Kernel::kRequiredInputs on optional, errors and exceptions turned into statuses that name the op.
 template <typename Kernel>
@@ -425,6 +468,7 @@ void add_ops(Ort::CustomOpDomain& domain) {
   add_float_and_half<ResidualLayerNormCudaKernel>(domain);
   add_float_and_half<TransposeLayerNormCudaKernel>(domain);
   add_float_and_half<DepthwiseConvSiLUCudaKernel>(domain);
+  add_float_and_half<ScanProjectionsCudaKernel>(domain);
 }
 
 }  // namespace vmamba_cuda

@@ -6,7 +6,8 @@
 //
 // Most outputs have the type and shape of input 0 (the scan's u, the LayerNorms' X; both outputs of
 // ResidualLayerNorm). TransposeLayerNorm moves axis 1 last (channel-first in, channels-last out) and
-// DepthwiseConvSiLU moves the last axis to 1 (the reverse); their inferred shapes keep symbolic dimensions.
+// DepthwiseConvSiLU moves the last axis to 1 (the reverse); ScanProjections makes the scan's delta, B and C from u and
+// its weights. Inferred shapes keep symbolic dimensions.
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
@@ -60,30 +61,45 @@ inline OrtStatusPtr ORT_API_CALL outputs_like_input0(const OrtCustomOp* op, OrtS
   return nullptr;
 }
 
-// Output 0: input 0's type, its dimensions (values and symbols) reordered by `reorder`.
-template <typename Reorder>
-OrtStatusPtr output_reordered(OrtShapeInferContext* ctx, Reorder reorder) {
+// Input `index`'s element type, dimensions and symbols ("" where a dimension has a value).
+inline OrtStatusPtr input_dims(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType& type,
+                               std::vector<int64_t>& dims, std::vector<const char*>& symbols) {
   const OrtApi& api = Ort::GetApi();
   OrtTensorTypeAndShapeInfo* in = nullptr;
-  if (OrtStatus* status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &in)) return status;
-  ONNXTensorElementDataType type;
   size_t rank = 0;
+  if (OrtStatus* status = api.ShapeInferContext_GetInputTypeShape(ctx, index, &in)) return status;
   if (OrtStatus* status = api.GetTensorElementType(in, &type)) return status;
   if (OrtStatus* status = api.GetDimensionsCount(in, &rank)) return status;
-  std::vector<int64_t> dims(rank);
-  std::vector<const char*> symbols(rank);
+  dims.assign(rank, 0);
+  symbols.assign(rank, nullptr);
   if (OrtStatus* status = api.GetDimensions(in, dims.data(), rank)) return status;
-  if (OrtStatus* status = api.GetSymbolicDimensions(in, symbols.data(), rank)) return status;
-  const std::vector<int64_t> out_dims = reorder(dims);
-  const std::vector<const char*> out_symbols = reorder(symbols);
+  return api.GetSymbolicDimensions(in, symbols.data(), rank);
+}
+
+// Output `index`: `type`, `dims` with `symbols` (same length).
+inline OrtStatusPtr set_output(OrtShapeInferContext* ctx, size_t index, ONNXTensorElementDataType type,
+                               const std::vector<int64_t>& dims, const std::vector<const char*>& symbols) {
+  const OrtApi& api = Ort::GetApi();
   OrtTensorTypeAndShapeInfo* out = nullptr;
   if (OrtStatus* status = api.CreateTensorTypeAndShapeInfo(&out)) return status;
   OrtStatus* status = api.SetTensorElementType(out, type);
-  if (status == nullptr) status = api.SetDimensions(out, out_dims.data(), out_dims.size());
-  if (status == nullptr) status = api.SetSymbolicDimensions(out, const_cast<const char**>(out_symbols.data()), rank);
-  if (status == nullptr) status = api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+  if (status == nullptr) status = api.SetDimensions(out, dims.data(), dims.size());
+  if (status == nullptr) {
+    status = api.SetSymbolicDimensions(out, const_cast<const char**>(symbols.data()), symbols.size());
+  }
+  if (status == nullptr) status = api.ShapeInferContext_SetOutputTypeShape(ctx, index, out);
   api.ReleaseTensorTypeAndShapeInfo(out);
   return status;
+}
+
+// Output 0: input 0's type, its dimensions (values and symbols) reordered by `reorder`.
+template <typename Reorder>
+OrtStatusPtr output_reordered(OrtShapeInferContext* ctx, Reorder reorder) {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;
+  std::vector<const char*> symbols;
+  if (OrtStatus* status = input_dims(ctx, 0, type, dims, symbols)) return status;
+  return set_output(ctx, 0, type, reorder(dims), reorder(symbols));
 }
 
 inline OrtStatusPtr ORT_API_CALL output_channels_last(const OrtCustomOp*, OrtShapeInferContext* ctx) {
@@ -92,6 +108,29 @@ inline OrtStatusPtr ORT_API_CALL output_channels_last(const OrtCustomOp*, OrtSha
 
 inline OrtStatusPtr ORT_API_CALL output_channels_first(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   return output_reordered(ctx, [](const auto& shape) { return channels_first(shape); });
+}
+
+// ScanProjections(u (B, Di, H, W), W_x (4 R + 8 N, Di), dt_weight (4, Di, R)) -> delta (B, 4, Di, H, W), B and C
+// (B, 4, N, H, W): u's batch and spatial dimensions (values or symbols), N from the weights' rows.
+inline OrtStatusPtr ORT_API_CALL scan_projection_outputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  ONNXTensorElementDataType type, weight_type;
+  std::vector<int64_t> u, w_x, dt;
+  std::vector<const char*> u_symbols, unused;
+  if (OrtStatus* status = input_dims(ctx, 0, type, u, u_symbols)) return status;
+  if (OrtStatus* status = input_dims(ctx, 1, weight_type, w_x, unused)) return status;
+  if (OrtStatus* status = input_dims(ctx, 2, weight_type, dt, unused)) return status;
+  if (u.size() != 4 || w_x.size() != 2 || dt.size() != 3) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT,
+                                      "ScanProjections: u must be 4-D, W_x 2-D and dt_weight 3-D");
+  }
+  const int64_t n_state = w_x[0] > 0 && dt[2] > 0 ? (w_x[0] - 4 * dt[2]) / 8 : -1;
+  const std::vector<const char*> symbols = {u_symbols[0], "", u_symbols[1], u_symbols[2], u_symbols[3]};
+  const std::vector<const char*> bc_symbols = {u_symbols[0], "", "", u_symbols[2], u_symbols[3]};
+  if (OrtStatus* status = set_output(ctx, 0, type, {u[0], 4, u[1], u[2], u[3]}, symbols)) return status;
+  for (size_t i = 1; i < 3; ++i) {
+    if (OrtStatus* status = set_output(ctx, i, type, {u[0], 4, n_state, u[2], u[3]}, bc_symbols)) return status;
+  }
+  return nullptr;
 }
 
 }  // namespace vmamba_ort

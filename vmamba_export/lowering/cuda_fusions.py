@@ -17,6 +17,14 @@ chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the li
   input projections (dt rank, B, C: 1 x 1 convolutions of u) merged into one convolution X, and the dt projection
   (a batched MatMul of dt_weight) computed by the scan kernel from X's dt-rank channels. Four kernels -> one
   (opt-in, "packed": measured slower, the dt projection sits on the recurrence's critical path).
+- `com.microsoft BiasGelu(X, bias)`: the MLP's bias Add and exact GELU, ONNX Runtime's own contrib op (its CUDA
+  kernel is the one ONNX Runtime fuses the pair into by itself). Written into the graph because a session with fixed
+  input dimensions (every CUDA-graph session) first fuses the MatMul and the Add into a Gemm, whose CUDA kernel
+  writes the broadcast bias with a kernel of its own before the GEMM, and then leaves the GELU alone: three kernels
+  per MLP where two do.
+- `ScanProjections(u, W_x, dt_weight) -> (delta, B, C)`: the same three projections and the dt projection computed by
+  one kernel (float32 sums on the CUDA cores, the dt-rank values kept in shared memory), feeding the unchanged
+  SelectiveScan2D. Four kernels -> one ("projected").
 - `SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) -> y`: the same three projections as one aligned GEMM
   X, the dt projection as a second GEMM of X (or folded into the first), and the scan reading B and C from X in
   place. Four kernels (three of them cuDNN 1 x 1 convolutions of 4 to 24 output channels) -> two or one cuBLAS GEMMs
@@ -44,10 +52,14 @@ TRANSPOSE_NORM_OP = "TransposeLayerNorm"
 DEPTHWISE_SILU_OP = "DepthwiseConvSiLU"
 PACKED_SCAN_OP = "SelectiveScan2DPacked"
 MERGED_SCAN_OP = "SelectiveScan2DMerged"
+PROJECTIONS_OP = "ScanProjections"
+BIAS_GELU_OP = "BiasGelu"
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 SCAN_OP = "SelectiveScan2D"
-# How the scan's input projections are rewritten (ExportOptions.extra["cuda_fusions"]): not at all, merged into
-# GEMMs ("merged": two, "folded": one) or packed into the scan kernel ("packed")
-SCAN_PROJECTIONS = ("none", "merged", "folded", "packed")
+# How the scan's input projections are rewritten (ExportOptions.extra["cuda_fusions"]): not at all, computed by one
+# kernel of ours ("projected"), merged into GEMMs ("merged": two, "folded": one) or packed into the scan kernel
+# ("packed")
+SCAN_PROJECTIONS = ("none", "projected", "merged", "folded", "packed")
 # Standard ops whose outputs _constant evaluates when their inputs are constant
 _FOLDABLE = ("Reshape", "Split", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Identity", "Constant")
 TO_CHANNELS_LAST = [0, 2, 3, 1]
@@ -181,6 +193,37 @@ def fuse_transpose_layer_norms(proto: onnx.ModelProto) -> int:
         )
         edit.removed.add(id(transpose))
         edit.gone.add(norm.input[0])
+    return edit.commit()
+
+
+def fuse_bias_gelu(proto: onnx.ModelProto) -> int:
+    """Add(X, bias) -> Gelu (exact) becomes com.microsoft BiasGelu(X, bias), in place, where bias is a 1-D
+    initializer as long as X's last dimension and the Add is read by the Gelu alone. Returns how many."""
+    import onnx
+
+    edit = _Edit(proto.graph)
+    index = edit.index
+    for gelu in proto.graph.node:
+        if gelu.op_type != "Gelu" or gelu.domain not in ("", "ai.onnx"):
+            continue
+        if node_attribute(gelu, "approximate", b"none") not in (b"none", "none"):
+            continue  # BiasGelu is the erf form
+        add = index.produced_by(gelu.input[0], "Add")
+        if add is None or not index.only_reader(gelu.input[0], gelu) or len(add.input) != 2:
+            continue
+        x, bias = add.input if index.vector(add.input[1]) is not None else reversed(add.input)
+        shape = index.shapes.get(x)
+        if x in index.initializers or shape is None or shape[-1] != str(index.vector(bias)):
+            continue
+        node = onnx.helper.make_node(
+            BIAS_GELU_OP, [x, bias], [gelu.output[0]], name=f"{gelu.name}_bias", domain=MS_DOMAIN
+        )
+        node.metadata_props.extend(gelu.metadata_props)
+        edit.placed[id(gelu)] = node
+        edit.removed.add(id(add))
+        edit.gone.add(gelu.input[0])
+    if edit.placed and not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     return edit.commit()
 
 
@@ -344,6 +387,50 @@ def _constant(name: str, index: _Index, depth: int = 0):
     return outputs[list(node.output).index(name)]
 
 
+def _projection_weights(match: _ScanProjections, index: _Index):
+    """(W_x, dt_weight) of a matched scan as float64 arrays: W_x = [W_dt; W_B; W_C] (4 R + 8 N, Di) from the three
+    convolutions' weights, dt_weight (4, Di, R); None where any is not constant."""
+    import numpy as np
+
+    parts = [_constant(conv.input[1], index) for conv in match.convs]
+    dt_weight = _constant(match.matmul.input[0], index)
+    if any(p is None for p in parts) or dt_weight is None:
+        return None
+    w_x = np.concatenate([p.reshape(p.shape[0], match.d_inner) for p in parts]).astype(np.float64)
+    return w_x, np.asarray(dt_weight, dtype=np.float64)
+
+
+def project_scan_inputs(proto: onnx.ModelProto) -> int:
+    """Each d_state-1 scan of the exporter's projection pattern (_ScanProjections) gets its delta, B and C from one
+    ScanProjections(u, W_x, dt_weight) node (W_x = [W_dt; W_B; W_C], (4 R + 8 N, Di)) in place of three 1 x 1
+    convolutions and a batched MatMul; the scan itself is unchanged. Returns how many scans."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    edit = _Edit(proto.graph)
+    for match in _scan_projections(proto, edit.index):
+        weights = _projection_weights(match, edit.index)
+        if weights is None:
+            continue
+        stem = match.scan.output[0]
+        names = {key: f"{stem}_projections_{key}" for key in ("w_x", "dt_weight", "delta", "B", "C")}
+        for key, weight in zip(("w_x", "dt_weight"), weights, strict=True):
+            proto.graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32), names[key]))
+        u = match.scan.input[0]
+        outputs = [names["delta"], names["B"], names["C"]]
+        scan = onnx.NodeProto()
+        scan.CopyFrom(match.scan)
+        scan.input[1], scan.input[3], scan.input[4] = outputs
+        edit.placed[id(match.scan)] = [
+            _fused_node(PROJECTIONS_OP, [u, names["w_x"], names["dt_weight"]], outputs, match.matmul),
+            scan,
+        ]
+        edit.removed.update(match.removed)
+        edit.gone.update(match.gone)
+    return edit.commit()
+
+
 def merge_scan_projections(proto: onnx.ModelProto, fold_dt: bool = False) -> int:
     """Each d_state-1 scan of the exporter's projection pattern (_ScanProjections) reads its inputs from GEMMs:
 
@@ -366,13 +453,13 @@ def merge_scan_projections(proto: onnx.ModelProto, fold_dt: bool = False) -> int
     index = edit.index
     for match in _scan_projections(proto, index):
         u, _, a_logs, _, _, d, delta_bias = match.scan.input
-        parts = [_constant(conv.input[1], index) for conv in match.convs]
-        dt_weight = _constant(match.matmul.input[0], index)
-        if any(p is None for p in parts) or dt_weight is None:
+        weights = _projection_weights(match, index)
+        if weights is None:
             continue
         di, rank = match.d_inner, match.rank
-        w_dt, w_b, w_c = (p.reshape(p.shape[0], di).astype(np.float64) for p in parts)
-        w_bd = np.zeros((4 * di, len(w_dt) + len(w_b) + len(w_c)), dtype=np.float64)
+        w_x, dt_weight = weights
+        w_dt, w_b, w_c = w_x[: 4 * rank], w_x[4 * rank : 4 * rank + 4], w_x[4 * rank + 4 :]
+        w_bd = np.zeros((4 * di, len(w_x)), dtype=np.float64)
         for k in range(4):
             w_bd[k * di : (k + 1) * di, k * rank : (k + 1) * rank] = dt_weight[k]
         stem = match.scan.output[0]
@@ -410,6 +497,8 @@ def fuse_cuda_graph(proto: onnx.ModelProto, scan_projections: str = "none") -> d
         RESIDUAL_NORM_OP: fuse_residual_layer_norms(proto),
         TRANSPOSE_NORM_OP: fuse_transpose_layer_norms(proto),
         DEPTHWISE_SILU_OP: fuse_depthwise_conv_silu(proto),
+        BIAS_GELU_OP: fuse_bias_gelu(proto),
+        PROJECTIONS_OP: project_scan_inputs(proto) if scan_projections == "projected" else 0,
         PACKED_SCAN_OP: pack_scan_projections(proto) if scan_projections == "packed" else 0,
         MERGED_SCAN_OP: (
             merge_scan_projections(proto, fold_dt=scan_projections == "folded")
@@ -420,6 +509,7 @@ def fuse_cuda_graph(proto: onnx.ModelProto, scan_projections: str = "none") -> d
     dead = drop_dead_nodes(proto.graph)
     record = {
         "domain": ONNX_DOMAIN,
+        "onnxruntime_contrib_ops": [BIAS_GELU_OP],  # in MS_DOMAIN, ONNX Runtime's own
         "fused": counts,
         "dead_nodes_dropped": dead,
         "nodes_before": before,
