@@ -21,6 +21,7 @@ from vmamba_export.lowering.cuda_fusions import (
     PROJECTIONS_OP,
     RESIDUAL_NORM_OP,
     TRANSPOSE_NORM_OP,
+    fuse_bias_gelu,
     fuse_cuda_graph,
     fuse_depthwise_conv_silu,
     fuse_residual_layer_norms,
@@ -374,3 +375,44 @@ def test_residual_with_bias_is_one_node_with_both_outputs():
     assert list(fused[0].output) == ["normed", "sum"]
     assert [n.op_type for n in model.graph.node] == ["MatMul", RESIDUAL_NORM_OP, "Add"]
     assert "biased" not in {v.name for v in model.graph.value_info}
+
+
+def test_bias_gelu_takes_only_a_bias_add_read_by_an_exact_gelu():
+    """Add(X, bias) -> Gelu becomes BiasGelu when the bias is a vector as long as X's last axis, the Add has no other
+    reader and the Gelu is the exact one; the fused graph computes the same on ONNX Runtime's CPU provider (its own
+    BiasGelu kernel)."""
+    shape = ["n", 3, 8]
+    nodes = [
+        helper.make_node("Add", ["b8", "x"], ["a0"]),  # bias first: fused
+        helper.make_node("Gelu", ["a0"], ["y0"]),
+        helper.make_node("Add", ["x", "b8"], ["a1"]),  # tanh GELU: stays
+        helper.make_node("Gelu", ["a1"], ["y1"], approximate="tanh"),
+        helper.make_node("Add", ["x", "b8"], ["a2"]),  # read again by y3: stays
+        helper.make_node("Gelu", ["a2"], ["y2"]),
+        helper.make_node("Identity", ["a2"], ["y3"]),
+        helper.make_node("Add", ["x", "row"], ["a4"]),  # a (1, 1, 8) tensor input, no initializer: stays
+        helper.make_node("Gelu", ["a4"], ["y4"]),
+    ]
+    model = _model(
+        nodes,
+        [_vi("x", shape), _vi("row", [1, 1, 8])],
+        [_vi(f"y{i}", None) for i in range(5)],
+        [_vec("b8", 8)],
+        [_vi(name, shape) for name in ("a0", "a1", "a2", "a4")],
+    )
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    assert fuse_bias_gelu(model) == 1
+    fused = [n for n in model.graph.node if n.op_type == BIAS_GELU_OP]
+    assert [(list(n.input), list(n.output), n.domain) for n in fused] == [(["x", "b8"], ["y0"], "com.microsoft")]
+    assert len(model.graph.node) == len(nodes) - 1
+    import onnxruntime as ort
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 8), dtype=np.float32) * 3, "row": np.ones((1, 1, 8))}
+    feeds["row"] = feeds["row"].astype(np.float32)
+    want, got = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for m in (plain, model)
+    )
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
