@@ -50,8 +50,8 @@ def add_parser(sub) -> None:
         "--cuda-fusions",
         choices=CUDA_FUSIONS,
         help="cuda-onnxruntime: the fused ops around the scan (default on; off: none; projected, merged, folded, "
-        "packed: also the scan's input projections rewritten that way, docs/cuda-onnxruntime.md; projected: one "
-        "kernel of ours in place of three convolutions and a MatMul per block)",
+        "packed: also the scan's input projections rewritten that way, docs/cuda-onnxruntime.md; folded: the "
+        "fastest fp32 batch-1 graph, slower at large batches)",
     )
     add_int8_args(p)
     add_tvm_args(p)
