@@ -139,6 +139,15 @@ def _check_tensors(tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
     return dtype
 
 
+def _launch(name: str, dtype: torch.dtype, device: torch.device, *args) -> None:
+    """Queue the library's C launcher `name` on torch's current stream of `device`: its dtype code, `args`, the
+    stream; a launcher's message becomes a RuntimeError naming it."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    err = getattr(load_library(), name)(F16 if dtype == torch.float16 else F32, *args, stream)
+    if err is not None:
+        raise RuntimeError(f"{name}: {err.decode()}")
+
+
 def selective_scan_2d_cuda(u, delta, A_logs, B, C, D, delta_bias, out: torch.Tensor | None = None) -> torch.Tensor:
     """y for CUDA tensors, all float32 or all float16 (contiguous), on torch's current stream."""
     tensors = (u, delta, A_logs, B, C, D, delta_bias)
@@ -146,20 +155,8 @@ def selective_scan_2d_cuda(u, delta, A_logs, B, C, D, delta_bias, out: torch.Ten
     batch, d_inner, height, width = u.shape
     d_state = A_logs.shape[1]
     y = out if out is not None else torch.empty_like(u)
-    stream = torch.cuda.current_stream(u.device).cuda_stream
-    err = load_library().vmamba_selective_scan_2d_cuda(
-        F16 if dtype == torch.float16 else F32,
-        *[t.data_ptr() for t in tensors],
-        y.data_ptr(),
-        batch,
-        d_inner,
-        d_state,
-        height,
-        width,
-        stream,
-    )
-    if err is not None:
-        raise RuntimeError(f"vmamba_selective_scan_2d_cuda: {err.decode()}")
+    pointers = [t.data_ptr() for t in (*tensors, y)]
+    _launch("vmamba_selective_scan_2d_cuda", dtype, u.device, *pointers, batch, d_inner, d_state, height, width)
     return y
 
 
@@ -173,20 +170,10 @@ def selective_scan_2d_packed_cuda(u, x, dt_weight, A_logs, D, delta_bias, out: t
     if tuple(x.shape) != (batch, 4 * rank + 8 * d_state, height, width):
         raise ValueError(f"x must be {(batch, 4 * rank + 8 * d_state, height, width)}, got {tuple(x.shape)}")
     y = out if out is not None else torch.empty_like(u)
-    err = load_library().vmamba_selective_scan_2d_packed_cuda(
-        F16 if dtype == torch.float16 else F32,
-        *[t.data_ptr() for t in tensors],
-        y.data_ptr(),
-        batch,
-        d_inner,
-        d_state,
-        rank,
-        height,
-        width,
-        torch.cuda.current_stream(u.device).cuda_stream,
+    pointers = [t.data_ptr() for t in (*tensors, y)]
+    _launch(
+        "vmamba_selective_scan_2d_packed_cuda", dtype, u.device, *pointers, batch, d_inner, d_state, rank, height, width
     )
-    if err is not None:
-        raise RuntimeError(f"vmamba_selective_scan_2d_packed_cuda: {err.decode()}")
     return y
 
 
@@ -202,8 +189,10 @@ def selective_scan_2d_merged_cuda(u, delta, x, A_logs, D, delta_bias, out: torch
         if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != height * width or t.shape[1] < least:
             raise ValueError(f"{name} must be ({batch}, >= {least}, {height * width}), got {tuple(t.shape)}")
     y = out if out is not None else torch.empty_like(u)
-    err = load_library().vmamba_selective_scan_2d_merged_cuda(
-        F16 if dtype == torch.float16 else F32,
+    _launch(
+        "vmamba_selective_scan_2d_merged_cuda",
+        dtype,
+        u.device,
         u.data_ptr(),
         delta.data_ptr(),
         delta.shape[1],
@@ -215,10 +204,7 @@ def selective_scan_2d_merged_cuda(u, delta, x, A_logs, D, delta_bias, out: torch
         d_state,
         height,
         width,
-        torch.cuda.current_stream(u.device).cuda_stream,
     )
-    if err is not None:
-        raise RuntimeError(f"vmamba_selective_scan_2d_merged_cuda: {err.decode()}")
     return y
 
 
@@ -233,18 +219,8 @@ def scan_projections_cuda(u, w_x, dt_weight) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"w_x {tuple(w_x.shape)} and dt_weight {tuple(dt_weight.shape)} do not fit u {tuple(u.shape)}")
     delta = u.new_empty((batch, 4, d_inner, height, width))
     b, c = (u.new_empty((batch, 4, d_state, height, width)) for _ in range(2))
-    err = load_library().vmamba_scan_projections_cuda(
-        F16 if dtype == torch.float16 else F32,
-        *[t.data_ptr() for t in (u, w_x, dt_weight, delta, b, c)],
-        batch,
-        d_inner,
-        rank,
-        d_state,
-        height * width,
-        torch.cuda.current_stream(u.device).cuda_stream,
-    )
-    if err is not None:
-        raise RuntimeError(f"vmamba_scan_projections_cuda: {err.decode()}")
+    pointers = [t.data_ptr() for t in (u, w_x, dt_weight, delta, b, c)]
+    _launch("vmamba_scan_projections_cuda", dtype, u.device, *pointers, batch, d_inner, rank, d_state, height * width)
     return delta, b, c
 
 
