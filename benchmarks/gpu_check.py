@@ -201,15 +201,15 @@ def check_kernel(quick: bool) -> dict:
             ref = selective_scan_reference(*[t.to(torch.float64) for t in ins]).numpy()
             gpu = tuple(t.cuda() for t in ins)
             for path in cuda_kernel.KERNEL_VARIANTS:
-                if path.startswith(("block", "lines")) and n != 1:
-                    continue  # the block and line kernels are d_state-1 paths
+                if path.startswith(("block", "lines", "warps")) and n != 1:
+                    continue  # the block, line and warp kernels are d_state-1 paths
                 cuda_kernel.apply_variant(path)
                 y = torch.full_like(gpu[0], float("nan"))  # poison: every element must be written
                 try:
                     cuda_kernel.selective_scan_2d_cuda(*gpu, out=y)
                 except RuntimeError as exc:
-                    if path.startswith("lines") and "line kernel takes maps" in str(exc):
-                        continue  # map too large for the line kernel
+                    if path.startswith(("lines", "warps")) and "kernel takes maps" in str(exc):
+                        continue  # map too large for the line or warp kernel
                     raise
                 torch.cuda.synchronize()
                 config = cuda_kernel.last_config()

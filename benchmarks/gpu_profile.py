@@ -30,7 +30,7 @@ from vmamba_export.targets import CUDA_FUSIONS  # noqa: E402
 
 # Kernel-name patterns, first match wins (cuDNN/cuBLAS/ORT kernel names as ncu prints them).
 GROUPS = [
-    ("scan", r"scan_block_kernel|scan_lines|scan_smem|selective|scan_chunk|vmamba"),
+    ("scan", r"scan_block_kernel|scan_lines|scan_warps|scan_smem|selective|scan_chunk|vmamba"),
     ("gemm/conv", r"gemm|conv|cudnn|cutlass|sm90_|xmma|implicit|winograd|fft|dgrad|wgrad|fprop"),
     ("layout", r"transpose|Transpose|nchw|nhwc|permute|Permute|reorder|copy|Copy|Concat|Slice|Gather|Split"),
     ("normalization", r"norm|Norm|reduce|Reduce"),

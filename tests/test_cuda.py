@@ -240,11 +240,15 @@ def _inputs(batch, di, n, h, w, dtype, seed=0):
 @pytest.mark.gpu
 # (2, 4, 1, 80, 70): two segments of the block kernel; (2, 4, 1, 28, 56): its quad-vectorised staging;
 # (1, 2, 16, 40, 40): d_state 16 (chunked kernel); line kernel: (1, 3, 1, 56, 56) whole 8-step vector chunks,
-# (1, 2, 1, 16, 20) 8-step chunks with partial ones at the row ends, (2, 5, 1, 7, 9) and (2, 4, 1, 28, 56) 7 steps
+# (1, 2, 1, 16, 20) 8-step chunks with partial ones at the row ends, (2, 5, 1, 7, 9) and (2, 4, 1, 28, 56) 7 steps;
+# warp kernel (maps up to 256 positions): (2, 5, 1, 7, 9) 2 steps a lane, (2, 3, 1, 10, 12) 4, (1, 3, 1, 14, 14) 8
+# with idle lanes
 @pytest.mark.parametrize(
     "shape",
     [
         (2, 5, 1, 7, 9),
+        (2, 3, 1, 10, 12),
+        (1, 3, 1, 14, 14),
         (1, 4, 1, 70, 66),
         (2, 4, 1, 80, 70),
         (2, 4, 1, 28, 56),
@@ -260,8 +264,8 @@ def test_cuda_kernel_matches_reference(shape, dtype, variant):
     gpu_ready()
     from vmamba_export import cuda_kernel
 
-    if variant.startswith(("block", "lines")) and shape[2] != 1:
-        pytest.skip("the block and line kernels are d_state-1 paths")
+    if variant.startswith(("block", "lines", "warps")) and shape[2] != 1:
+        pytest.skip("the block, line and warp kernels are d_state-1 paths")
     ins = _inputs(*shape, dtype)
     ref = selective_scan_reference(*[t.double() for t in ins]).numpy()
     cuda_kernel.apply_variant(variant)
@@ -270,8 +274,8 @@ def test_cuda_kernel_matches_reference(shape, dtype, variant):
         try:
             cuda_kernel.selective_scan_2d_cuda(*[t.cuda() for t in ins], out=y)
         except RuntimeError as exc:
-            if variant.startswith("lines") and "line kernel takes maps" in str(exc):
-                pytest.skip(f"the map is too large for the line kernel: {exc}")
+            if variant.startswith(("lines", "warps")) and "kernel takes maps" in str(exc):
+                pytest.skip(f"the map is too large for the {variant} kernel: {exc}")
             raise
         out = y.double().cpu().numpy()
     finally:
@@ -500,12 +504,12 @@ def test_cuda_merged_scan_op_matches_reference(shape, float16):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["auto", "block1", "smem", "global"])
+@pytest.mark.parametrize("variant", ["auto", "lines", "block1", "smem", "global"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_merged_scan_paths_agree(variant, dtype):
-    """One map small enough for the line kernel, delta and B, C inside wider tensors, at batch 3: read in place by the
-    line kernel (auto), copied out first for the block, shared-memory and global kernels; all match the float64
-    reference of the same values."""
+    """One map small enough for the warp and line kernels, delta and B, C inside wider tensors, at batch 3: read in
+    place by the warp kernel (auto) and the line kernel, copied out first for the block, shared-memory and global
+    kernels; all match the float64 reference of the same values."""
     gpu_ready()
     from vmamba_export import cuda_kernel
 
@@ -525,7 +529,8 @@ def test_cuda_merged_scan_paths_agree(variant, dtype):
         config = cuda_kernel.last_config()
     finally:
         cuda_kernel.apply_variant("auto")
-    assert config.startswith({"auto": "lines", "block1": "block", "smem": "smem", "global": "global"}[variant]), config
+    want = {"auto": "warps", "lines": "lines", "block1": "block", "smem": "smem", "global": "global"}[variant]
+    assert config.startswith(want), config
     out = y.double().cpu().numpy()
     assert np.isfinite(out).all()
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (2e-5 if dtype == torch.float32 else 3e-3)
@@ -631,9 +636,9 @@ def test_cuda_depthwise_conv_silu_op_matches_torch(shape, with_bias, float16):
 
 
 @pytest.mark.gpu
-# (batch, Di, R, N, H, W): vmamba_tiny_s1l8's four stages at 224, batch 1 (the tile narrows as the map shrinks: 32
-# down to 4 positions, partial last tiles) and stage 1 at batch 2; d_state 16 rows; a map smaller than one tile; Di
-# not a multiple of 8.
+# (batch, Di, R, N, H, W): vmamba_tiny_s1l8's four stages at 224, batch 1 (row groups of 4 at the small maps, partial
+# last tiles, up to 16 warps sharing a channel sum) and stage 1 at batch 2 and 6 (two positions a lane from 16 K
+# positions on); d_state 16 rows; a map smaller than one tile; Di not a multiple of 4.
 @pytest.mark.parametrize(
     "shape",
     [
@@ -642,9 +647,10 @@ def test_cuda_depthwise_conv_silu_op_matches_torch(shape, with_bias, float16):
         (1, 384, 24, 1, 14, 14),
         (1, 768, 48, 1, 7, 7),
         (2, 96, 6, 1, 56, 56),
+        (6, 96, 6, 1, 56, 56),
         (2, 64, 4, 16, 9, 11),
         (3, 40, 3, 1, 1, 2),
-        (2, 36, 5, 1, 6, 10),  # Di not a multiple of 8: one weight load at a time
+        (2, 38, 5, 1, 6, 10),
     ],
 )
 @pytest.mark.parametrize("float16", [False, True])

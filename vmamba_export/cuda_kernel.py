@@ -17,7 +17,7 @@ from .errors import TargetUnavailableError
 from .kernels_paths import ort_cuda_library_path
 
 F32, F16 = 0, 1
-PATHS = {"auto": 0, "smem": 1, "global": 2, "block": 3, "lines": 4}
+PATHS = {"auto": 0, "smem": 1, "global": 2, "block": 3, "lines": 4, "warps": 5}
 
 
 @functools.cache
@@ -55,8 +55,9 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
 
 
 def force_path(path: str = "auto") -> None:
-    """Pick the kernel path for later calls: "auto", "lines" (line kernel, d_state 1, maps up to about 56 x 56),
-    "block" (block scan, d_state 1), "smem" (chunked shared-memory kernel) or "global" (fallback)."""
+    """Pick the kernel path for later calls: "auto", "warps" (warp kernel, d_state 1, maps up to 256 positions),
+    "lines" (line kernel, d_state 1, maps up to about 56 x 56), "block" (block scan, d_state 1), "smem" (chunked
+    shared-memory kernel) or "global" (fallback)."""
     load_library().vmamba_selective_scan_2d_cuda_force_path(PATHS[path])
 
 
@@ -81,13 +82,15 @@ BLOCK_VARIANT_BITS = {
     "smem-chmajor": 16,
     "smem-nosplit": 64,
     "lines-noprefetch": 128,
+    "nowarps": 256,
 }
 
 
 def apply_variant(variant: str) -> None:
     """Select a kernel variant by name for tests and benchmarks (reset with "auto").
 
-    auto, lines, block, global, smem: paths; lines1 / lines4: the line kernel with one / four channels a block;
+    auto, warps, lines, block, global, smem: paths; nowarps: automatic without the warp kernel;
+    lines1 / lines4: the line kernel with one / four channels a block;
     lines-noprefetch: the line kernel without its L2 prefetch;
     block1 / block2: the block kernel with one / two channels a block
     (block2 falls back to one when d_inner is odd); block2r: two channels, registers uncapped; block2s: two
@@ -101,6 +104,7 @@ def apply_variant(variant: str) -> None:
     path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
     path = "smem" if variant in ("smem-chmajor", "smem-nosplit") else path
     path = "lines" if variant.startswith("lines") else path
+    path = "auto" if variant == "nowarps" else path
     force_path(path)
     channels = {"tile3": 3, "lines1": 1, "lines4": 4}.get(variant, 0)
     set_tuning(channels, 3 if variant == "chunks3" else 0)
@@ -109,6 +113,7 @@ def apply_variant(variant: str) -> None:
 
 KERNEL_VARIANTS = (
     "auto",
+    "warps",
     "lines",
     "lines1",
     "lines4",

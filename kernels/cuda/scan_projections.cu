@@ -1,8 +1,9 @@
-// A scan's input projections in one kernel (contract and why: scan_projections.cuh).
+// A scan's input projections in two kernels (contract and why: scan_projections.cuh).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "scan_projections.cuh"
@@ -13,178 +14,218 @@ namespace {
 using vmamba_cuda_detail::from_f;
 using vmamba_cuda_detail::to_f;
 
-constexpr int kThreads = 256;
-constexpr int kMaxTile = 32;  // positions a block projects
-constexpr int kMinTile = 4;   // below this a block reads its weights (up to 150 KB at Di 768) for too few positions
 constexpr size_t kSmemBudget = 48 * 1024;  // the default dynamic shared-memory limit: no opt-in call needed
+constexpr int kUnroll = 16;                // loads of u a lane issues before its first FMA
+constexpr int kDeltaWarps = 8;
+constexpr int kDeltaChannelsPerWarp = 4;
+constexpr int kDeltaChannels = kDeltaWarps * kDeltaChannelsPerWarp;  // delta channels a block writes
 
-// The row of W_x that holds row j of direction k's projections: its R dt ranks, then its N B rows, then its N C rows.
-__device__ __forceinline__ int weight_row(int j, int k, int rank, int n_state) {
-  if (j < rank) return k * rank + j;
-  if (j < rank + n_state) return 4 * rank + k * n_state + (j - rank);
-  return 4 * rank + 4 * n_state + k * n_state + (j - rank - n_state);
-}
+// Kernel 1, x = W_x u: block (row group of kRows rows, tile of 32 kPos positions, batch b). Lanes take positions
+// (coalesced reads of u), the block's warps split the channel sum (warp w adds channels w, w + warps, ...), so even a
+// 7 x 7 map at batch 1 gets enough blocks and each lane waits on few rounds of loads. The rows' weights are staged in
+// shared memory channel-major, [c][kRows], so a step reads them as broadcast float4s; the warps' partial sums meet in
+// shared memory afterwards (the same buffer). dt-rank rows go to the float32 scratch `xdt`, B and C rows out.
+template <typename T, int kRows, int kPos>
+__global__ void __launch_bounds__(512) project_rows_kernel(const T* __restrict__ u, const T* __restrict__ w_x,
+                                                           float* __restrict__ xdt, T* __restrict__ b_out,
+                                                           T* __restrict__ c_out, int di, int rows4, int states4,
+                                                           int len) {
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  constexpr int kTile = 32 * kPos;
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rows = rows4 + 2 * states4, groups = (rows + kRows - 1) / kRows;
+  // blockIdx.x = tile * groups + group: a tile's row groups are neighbouring blocks, so u is read from DRAM once
+  const int r0 = (blockIdx.x % groups) * kRows, p0 = (blockIdx.x / groups) * kTile, b = blockIdx.z;
 
-// Eight consecutive weights (16-byte aligned) as float32, in one or two vector loads.
-__device__ __forceinline__ void load8(const __half* p, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  constexpr int kLoads = 8;
+  for (int base = threadIdx.x; base < di * kRows; base += kLoads * blockDim.x) {
+    float v[kLoads];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
+    for (int e = 0; e < kLoads; ++e) {
+      const int i = base + e * blockDim.x, r = i / di, c = i - r * di;
+      v[e] = i < di * kRows && r0 + r < rows ? to_f(w_x[static_cast<int64_t>(r0 + r) * di + c]) : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < kLoads; ++e) {
+      const int i = base + e * blockDim.x, r = i / di, c = i - r * di;
+      if (i < di * kRows) smem[c * kRows + r] = v[e];
+    }
+  }
+  __syncthreads();
+
+  float acc[kRows][kPos] = {};
+  const T* ub = u + static_cast<int64_t>(b) * di * len;
+  for (int c0 = warp; c0 < di; c0 += kUnroll * warps) {
+    float uv[kUnroll][kPos];
+#pragma unroll
+    for (int e = 0; e < kUnroll; ++e) {
+      const int c = c0 + e * warps;
+#pragma unroll
+      for (int q = 0; q < kPos; ++q) {
+        const int p = p0 + lane + 32 * q;
+        uv[e][q] = c < di && p < len ? to_f(ub[static_cast<int64_t>(c) * len + p]) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kUnroll; ++e) {
+      const int c = c0 + e * warps;
+      if (c >= di) break;  // warp-uniform
+#pragma unroll
+      for (int r4 = 0; r4 < kRows / 4; ++r4) {
+        const float4 w = smem4[c * (kRows / 4) + r4];
+#pragma unroll
+        for (int q = 0; q < kPos; ++q) {
+          acc[4 * r4][q] = fmaf(w.x, uv[e][q], acc[4 * r4][q]);
+          acc[4 * r4 + 1][q] = fmaf(w.y, uv[e][q], acc[4 * r4 + 1][q]);
+          acc[4 * r4 + 2][q] = fmaf(w.z, uv[e][q], acc[4 * r4 + 2][q]);
+          acc[4 * r4 + 3][q] = fmaf(w.w, uv[e][q], acc[4 * r4 + 3][q]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // the weights are read; the buffer now takes the partial sums, [warp][row][position]
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int q = 0; q < kPos; ++q) smem[(warp * kRows + r) * kTile + lane + 32 * q] = acc[r][q];
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < kRows * kTile; o += blockDim.x) {
+    const int r = o / kTile, p = o - r * kTile, j = r0 + r, pos = p0 + p;
+    if (j >= rows || pos >= len) continue;
+    float s = 0.0f;
+    for (int w = 0; w < warps; ++w) s += smem[(w * kRows + r) * kTile + p];
+    if (j < rows4) {
+      xdt[(static_cast<int64_t>(b) * rows4 + j) * len + pos] = s;
+    } else if (j < rows4 + states4) {
+      b_out[(static_cast<int64_t>(b) * states4 + j - rows4) * len + pos] = from_f<T>(s);
+    } else {
+      c_out[(static_cast<int64_t>(b) * states4 + j - rows4 - states4) * len + pos] = from_f<T>(s);
+    }
   }
 }
 
-__device__ __forceinline__ void load8(const float* p, float (&out)[8]) {
-  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-}
+// Kernel 2, delta = dt_weight[k] xdt[k]: block (group of kDeltaChannels channels and tile of 32 kPos positions,
+// direction k, batch b).
+// The tile's R dt-rank rows and the group's R weights a channel are staged in shared memory in one round of loads;
+// lanes take positions (coalesced writes of delta), warps take channels.
+template <typename T, int kPos>
+__global__ void __launch_bounds__(kDeltaWarps * 32) project_delta_kernel(const float* __restrict__ xdt,
+                                                                        const T* __restrict__ dt_weight,
+                                                                        T* __restrict__ delta, int di, int rank,
+                                                                        int len) {
+  extern __shared__ float smem[];
+  constexpr int kTile = 32 * kPos;
+  float* xs = smem;                 // [rank][kTile]
+  float* wd = smem + rank * kTile;  // [kDeltaChannels][rank]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int groups = (di + kDeltaChannels - 1) / kDeltaChannels;
+  const int c0 = (blockIdx.x % groups) * kDeltaChannels, p0 = (blockIdx.x / groups) * kTile;
+  const int k = blockIdx.y, bk = blockIdx.z * 4 + k;
 
-__device__ __forceinline__ void fma4(float w, const float4& x, float (&acc)[4]) {
-  acc[0] = fmaf(w, x.x, acc[0]);
-  acc[1] = fmaf(w, x.y, acc[1]);
-  acc[2] = fmaf(w, x.z, acc[2]);
-  acc[3] = fmaf(w, x.w, acc[3]);
-}
-
-// Block (tile * 4 + direction k, batch b): positions [p0, p0 + tile) of one batch element, one direction; tile a
-// multiple of 4. The four directions of a tile are neighbouring blocks, so the u tile they all stage is read from
-// DRAM once and then from L2. Every phase keeps many loads in flight (at batch 1 the kernel waits on memory, not on
-// arithmetic):
-// 1. u's tile to shared memory as float32, [channel][position], each thread issuing its loads before its stores;
-// 2. x rows of the tile: a thread computes four neighbouring positions of one row over 1/ks of the channels (16-byte
-//    weight loads, float4 reads of u), the ks partial sums of neighbouring lanes added by shuffles; dt-rank rows go
-//    to shared memory, B and C rows out;
-// 3. delta: a thread computes four neighbouring positions of one channel from the tile's dt ranks.
-// kVec: Di a multiple of 8 and W_x 16-byte aligned (the 16-byte weight loads); otherwise one weight at a time.
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) scan_projections_kernel(const T* __restrict__ u, const T* __restrict__ w_x,
-                                                                   const T* __restrict__ dt_weight,
-                                                                   T* __restrict__ delta, T* __restrict__ b_out,
-                                                                   T* __restrict__ c_out, int di, int rank,
-                                                                   int n_state, int len, int tile, int ks) {
-  extern __shared__ float4 smem4[];
-  float* su = reinterpret_cast<float*>(smem4);  // [di][tile]
-  float* sx = su + di * tile;                   // [rank][tile]
-  const int k = blockIdx.x % 4;
-  const int p0 = (blockIdx.x / 4) * tile;
-  const int b = blockIdx.y;
-  const int np = min(tile, len - p0);
-  const int quads = tile / 4;
-
+  const float* xb = xdt + static_cast<int64_t>(bk) * rank * len + p0;  // rows k R .. k R + R - 1 of batch b
+  const T* wk = dt_weight + (static_cast<int64_t>(k) * di + c0) * rank;
+  const int n_x = rank * kTile, n_w = min(kDeltaChannels, di - c0) * rank;
   constexpr int kLoads = 8;
-  const T* ub = u + static_cast<int64_t>(b) * di * len + p0;
-  for (int base = threadIdx.x; base < di * tile; base += kLoads * blockDim.x) {
+  for (int base = threadIdx.x; base < n_x + n_w; base += kLoads * blockDim.x) {
     float v[kLoads];
 #pragma unroll
     for (int e = 0; e < kLoads; ++e) {
       const int i = base + e * blockDim.x;
-      const int c = i / tile, p = i - c * tile;
-      v[e] = i < di * tile && p < np ? to_f(ub[static_cast<int64_t>(c) * len + p]) : 0.0f;
+      if (i < n_x) {
+        const int r = i / kTile, p = i - r * kTile;
+        v[e] = p0 + p < len ? xb[static_cast<int64_t>(r) * len + p] : 0.0f;
+      } else {
+        v[e] = i < n_x + n_w ? to_f(wk[i - n_x]) : 0.0f;
+      }
     }
 #pragma unroll
     for (int e = 0; e < kLoads; ++e) {
       const int i = base + e * blockDim.x;
-      if (i < di * tile) su[i] = v[e];
+      if (i < n_x + n_w) smem[i] = v[e];
     }
   }
   __syncthreads();
 
-  // Phase 2: groups of (row, quad); the loop's trip count is the same for every thread, so every lane reaches the
-  // shuffles (lanes past the last group add zeros).
-  const int rows = rank + 2 * n_state;
-  const int groups = rows * quads;
-  const int part = threadIdx.x % ks;
-  for (int g0 = 0; g0 < groups; g0 += blockDim.x / ks) {
-    const int g = g0 + threadIdx.x / ks;
-    const bool live = g < groups;
-    const int j = live ? g / quads : 0, p = live ? (g - j * quads) * 4 : 0;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (live) {
-      const T* w = w_x + static_cast<int64_t>(weight_row(j, k, rank, n_state)) * di;
-      if constexpr (kVec) {
-        for (int c0 = part * 8; c0 < di; c0 += ks * 8) {
-          float wv[8];
-          load8(w + c0, wv);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) fma4(wv[e], *reinterpret_cast<const float4*>(su + (c0 + e) * tile + p), acc);
-        }
-      } else {
-        for (int c = part; c < di; c += ks) fma4(to_f(w[c]), *reinterpret_cast<const float4*>(su + c * tile + p), acc);
-      }
+  for (int i = 0; i < kDeltaChannelsPerWarp; ++i) {
+    const int cl = warp * kDeltaChannelsPerWarp + i, c = c0 + cl;
+    if (c >= di) break;  // warp-uniform
+    float acc[kPos] = {};
+    const float* w = wd + cl * rank;
+    for (int r = 0; r < rank; ++r) {
+      const float wr = w[r];
+#pragma unroll
+      for (int q = 0; q < kPos; ++q) acc[q] = fmaf(wr, xs[r * kTile + lane + 32 * q], acc[q]);
     }
-    for (int offset = ks / 2; offset > 0; offset /= 2) {
+    T* dst = delta + (static_cast<int64_t>(bk) * di + c) * len + p0 + lane;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], offset);
-    }
-    if (!live || part != 0) continue;
-    if (j < rank) {
-      *reinterpret_cast<float4*>(sx + j * tile + p) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    } else {
-      const bool is_b = j < rank + n_state;
-      const int n = is_b ? j - rank : j - rank - n_state;
-      T* dst = (is_b ? b_out : c_out) + ((static_cast<int64_t>(b) * 4 + k) * n_state + n) * len + p0 + p;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (p + e < np) dst[e] = from_f<T>(acc[e]);
-      }
-    }
-  }
-  __syncthreads();
-
-  // Phase 3: groups of (channel, quad).
-  T* db = delta + (static_cast<int64_t>(b) * 4 + k) * di * len + p0;
-  const T* wk = dt_weight + static_cast<int64_t>(k) * di * rank;
-  for (int g = threadIdx.x; g < di * quads; g += blockDim.x) {
-    const int c = g / quads, p = (g - c * quads) * 4;
-    if (p >= np) continue;
-    const T* w = wk + static_cast<int64_t>(c) * rank;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
-    for (int r = 0; r < rank; ++r) fma4(to_f(w[r]), *reinterpret_cast<const float4*>(sx + r * tile + p), acc);
-    T* dst = db + static_cast<int64_t>(c) * len + p;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (p + e < np) dst[e] = from_f<T>(acc[e]);
+    for (int q = 0; q < kPos; ++q) {
+      if (p0 + lane + 32 * q < len) dst[32 * q] = from_f<T>(acc[q]);
     }
   }
 }
 
-size_t smem_bytes(int64_t di, int64_t rank, int tile) {
-  return static_cast<size_t>(di + rank) * tile * sizeof(float);
+// Launch shapes. Small problems (batch 1) take one position a lane and row groups of 4 when groups of 8 would leave
+// multiprocessors idle; large ones two positions a lane (more work per weight read). The channel sum is split over
+// up to 16 warps, about 12 channels a warp, so a lane's loads of u take at most a few rounds.
+struct Plan {
+  int pos, rows_per_block, warps;
+};
+
+int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+Plan plan(int64_t batch, int di, int rows, int len, int multiprocessors) {
+  Plan p{};
+  p.pos = batch * len >= 16384 ? 2 : 1;
+  p.warps = std::min(16, std::max(4, cdiv(di, 12)));
+  const bool few_blocks = batch * cdiv(len, 32 * p.pos) * cdiv(rows, 8) < 2 * multiprocessors;
+  p.rows_per_block = few_blocks || sizeof(float) * di * 8 > kSmemBudget ? 4 : 8;
+  return p;
 }
 
-// The widest tile (fewest weight reads) that fits the shared-memory budget and still gives two blocks a
-// multiprocessor; at batch 1 the later stages' small maps get narrow tiles, so the work spreads over the GPU.
-int choose_tile(int64_t batch, int64_t di, int64_t rank, int64_t len, int multiprocessors) {
-  int tile = kMaxTile;
-  while (tile > kMinTile && (smem_bytes(di, rank, tile) > kSmemBudget ||
-                             batch * 4 * ((len + tile - 1) / tile) < 2 * static_cast<int64_t>(multiprocessors))) {
-    tile /= 2;
-  }
-  return tile;
+size_t rows_smem(const Plan& p, int di) {
+  return sizeof(float) * std::max(static_cast<size_t>(di) * p.rows_per_block,
+                                  static_cast<size_t>(p.warps) * p.rows_per_block * 32 * p.pos);
 }
 
-// Lanes sharing one x row group (phase 2): as many as leave no thread idle, up to 8.
-int choose_split(int rows, int tile) {
-  int ks = 1;
-  while (ks < 8 && rows * (tile / 4) * ks * 2 <= kThreads) ks *= 2;
-  return ks;
+size_t delta_smem(const Plan& p, int rank) {
+  return sizeof(float) * static_cast<size_t>(rank) * (32 * p.pos + kDeltaChannels);
+}
+
+template <typename T, int kRows, int kPos>
+void launch_rows(const Plan& p, const T* u, const T* w_x, float* xdt, T* B, T* C, int64_t batch, int di, int rank,
+                 int n_state, int len, cudaStream_t stream) {
+  const dim3 grid(cdiv(4 * rank + 8 * n_state, kRows) * cdiv(len, 32 * kPos), 1, static_cast<unsigned>(batch));
+  project_rows_kernel<T, kRows, kPos><<<grid, 32 * p.warps, rows_smem(p, di), stream>>>(u, w_x, xdt, B, C, di,
+                                                                                        4 * rank, 4 * n_state, len);
 }
 
 template <typename T>
-cudaError_t launch(const void* u, const void* w_x, const void* dt_weight, void* delta, void* B, void* C, int64_t batch,
-                   int di, int rank, int n_state, int len, int tile, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(4 * ((len + tile - 1) / tile)), static_cast<unsigned>(batch));
-  const int ks = choose_split(rank + 2 * n_state, tile);
-  const bool vec = di % 8 == 0 && reinterpret_cast<uintptr_t>(w_x) % 16 == 0;
-  auto kernel = vec ? scan_projections_kernel<T, true> : scan_projections_kernel<T, false>;
-  kernel<<<grid, kThreads, smem_bytes(di, rank, tile), stream>>>(
-      static_cast<const T*>(u), static_cast<const T*>(w_x), static_cast<const T*>(dt_weight), static_cast<T*>(delta),
-      static_cast<T*>(B), static_cast<T*>(C), di, rank, n_state, len, tile, ks);
-  return cudaGetLastError();
+cudaError_t launch(const Plan& p, const void* u_, const void* w_x_, const void* dt_weight_, void* delta_, void* B_,
+                   void* C_, int64_t batch, int di, int rank, int n_state, int len, cudaStream_t stream) {
+  const T* u = static_cast<const T*>(u_);
+  const T* w_x = static_cast<const T*>(w_x_);
+  T* B = static_cast<T*>(B_);
+  T* C = static_cast<T*>(C_);
+  float* xdt = nullptr;
+  cudaError_t err =
+      cudaMallocAsync(reinterpret_cast<void**>(&xdt), sizeof(float) * batch * 4 * rank * len, stream);
+  if (err != cudaSuccess) return err;
+  auto rows = p.rows_per_block == 8 ? (p.pos == 2 ? launch_rows<T, 8, 2> : launch_rows<T, 8, 1>)
+                                    : (p.pos == 2 ? launch_rows<T, 4, 2> : launch_rows<T, 4, 1>);
+  rows(p, u, w_x, xdt, B, C, batch, di, rank, n_state, len, stream);
+  err = cudaGetLastError();
+  if (err == cudaSuccess) {
+    const dim3 grid(cdiv(di, kDeltaChannels) * cdiv(len, 32 * p.pos), 4, static_cast<unsigned>(batch));
+    auto kernel = p.pos == 2 ? project_delta_kernel<T, 2> : project_delta_kernel<T, 1>;
+    kernel<<<grid, kDeltaWarps * 32, delta_smem(p, rank), stream>>>(xdt, static_cast<const T*>(dt_weight_),
+                                                                   static_cast<T*>(delta_), di, rank, len);
+    err = cudaGetLastError();
+  }
+  const cudaError_t free_err = cudaFreeAsync(xdt, stream);
+  return err != cudaSuccess ? err : free_err;
 }
 
 }  // namespace
@@ -198,21 +239,27 @@ extern "C" const char* vmamba_scan_projections_cuda(int dtype, const void* u, co
   if (len > (int64_t{1} << 30) || d_inner > (int64_t{1} << 20) || rank > 4096 || d_state > 4096) {
     return "tensor too large for the projection kernel";
   }
-  if (smem_bytes(d_inner, rank, kMinTile) > kSmemBudget) return "d_inner + rank too large for the projection kernel";
   if (batch == 0 || d_inner == 0 || len == 0) return nullptr;
   if (!u || !w_x || !dt_weight || !delta || !B || !C) return "null tensor pointer";
   int device = 0, multiprocessors = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  const int tile = choose_tile(batch, d_inner, rank, len, multiprocessors);
   const int di = static_cast<int>(d_inner), r = static_cast<int>(rank), n = static_cast<int>(d_state);
   const int l = static_cast<int>(len);
+  const Plan p = plan(batch, di, 4 * r + 8 * n, l, multiprocessors);
+  const int64_t tiles = (len + 32 * p.pos - 1) / (32 * p.pos);
+  if (tiles * std::max<int64_t>((4 * rank + 8 * d_state + 3) / 4, (d_inner + kDeltaChannels - 1) / kDeltaChannels) >
+      INT32_MAX) {
+    return "map too large for the projection kernel";
+  }
+  if (rows_smem(p, di) > kSmemBudget) return "d_inner too large for the projection kernel (at most 3072)";
+  if (delta_smem(p, r) > kSmemBudget) return "rank too large for the projection kernel (at most 128)";
   auto s = static_cast<cudaStream_t>(stream);
   if (dtype == 1) {
-    err = launch<__half>(u, w_x, dt_weight, delta, B, C, batch, di, r, n, l, tile, s);
+    err = launch<__half>(p, u, w_x, dt_weight, delta, B, C, batch, di, r, n, l, s);
   } else if (dtype == 0) {
-    err = launch<float>(u, w_x, dt_weight, delta, B, C, batch, di, r, n, l, tile, s);
+    err = launch<float>(p, u, w_x, dt_weight, delta, B, C, batch, di, r, n, l, s);
   } else {
     return "dtype must be 0 (float32) or 1 (float16)";
   }

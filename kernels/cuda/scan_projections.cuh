@@ -1,19 +1,21 @@
-// CUDA kernel of a d_state scan's input projections, for the cuda-onnxruntime graph (op ai.vmamba::ScanProjections;
-// docs/cuda-onnxruntime.md, "Scan projections in one kernel").
+// CUDA kernels of a d_state scan's input projections, for the cuda-onnxruntime graph (op ai.vmamba::ScanProjections;
+// docs/cuda-onnxruntime.md, "ScanProjections").
 //
 // Why: the exporter's graph computes a v2 block's x_proj as three 1 x 1 convolutions of u (the dt-rank inputs, B and
 // C, 4 R, 4 N and 4 N output channels) and dt_projs as a batched MatMul of inner dimension R. At batch 1 cuDNN and
-// cuBLAS run those four on kernels made for large problems (alignment-2 `wmma` tiles for 4 output channels): 4 to 8
-// us each, 0.25 ms of the fp16 graph's 1.0 ms of GPU time on an H100. Per position the work is tiny (a 4 R + 8 N by
-// Di matrix-vector product, then R products per delta channel), so one kernel does both on the CUDA cores, the dt-rank
-// values never leaving shared memory.
+// cuBLAS run those on kernels made for large problems (alignment-2 `wmma` tiles for 4 output channels, after a
+// conversion of u to NHWC): 4 to 8 us each, about 0.25 ms of the fp16 graph's 1.0 ms of GPU time on an H100. The
+// work is small (a 4 R + 8 N by Di matrix times u, then R products per delta channel), so two kernels do it on the
+// CUDA cores, each with a launch shape that fills the GPU at batch 1 and waits on few rounds of loads:
 //
 //   x[b, j, p] = sum_c W_x[j, c] u[b, c, p]                        j < 4 R + 8 N (rows: dt ranks, B, C)
 //   delta[b, k, c, p] = sum_r dt_weight[k, c, r] x[b, k R + r, p]
 //   B[b, k, n, p] = x[b, 4 R + k N + n, p],  C[b, k, n, p] = x[b, 4 R + 4 N + k N + n, p]
 //
-// float32 sums, one rounding to the tensor type (the fp16 graph's cuDNN and cuBLAS kernels round x to float16 before
-// the dt projection; this does not).
+// The first writes B and C and keeps the dt-rank rows in float32 in a scratch buffer on the stream (cudaMallocAsync,
+// capturable in a CUDA graph); the second reads them back (from L2) and writes delta. float32 sums, one rounding to
+// the tensor type (the fp16 graph's cuDNN and cuBLAS kernels round x to float16 before the dt projection; this does
+// not).
 #pragma once
 
 #include <stdint.h>

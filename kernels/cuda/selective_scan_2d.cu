@@ -1,7 +1,8 @@
 // CUDA kernel of the fused 2-D selective scan (contract: docs/scan-op.md; API: selective_scan_2d.cuh).
 //
 // d_state 1 (every v2 model), maps of at most 416 chunks of 7 or 8 steps a line (up to about 56 x 56, every map of a
-// 224-pixel input): `scan_lines_kernel` (below, "Line kernel"). Larger maps: `scan_block_kernel`, one thread block
+// 224-pixel input): `scan_lines_kernel` (below, "Line kernel"); of them, maps of at most 256 positions at small batch
+// (batch 1 at the 14 x 14 and 7 x 7 stages): `scan_warps_kernel` ("Warp kernel"). Larger maps: `scan_block_kernel`, one thread block
 // per (batch b, two channels) runs the four directions in turn. Per direction the block stages dt = softplus(delta +
 // bias), B and C of its plane in shared memory with coalesced loads (u and the float32 y accumulator stay there for
 // all four), then scans the sequence in parallel: each thread takes kItems consecutive steps of the direction's order
@@ -1233,6 +1234,101 @@ const char* launch_block(Params P, cudaStream_t stream, size_t smem_optin, bool*
   return nullptr;
 }
 
+// Warp kernel (d_state 1, maps of at most kWarpMaxLen positions, few channels: batch 1 at the later stages). The line
+// kernel spends a call of a 14 x 14 or 7 x 7 map at batch 1 (one 32-thread block a channel) on four rounds of loads and
+// four barriers, about 9 us on an H100. Here a block is one channel, a warp one direction: lane l owns steps
+// [l I, l I + I) of its direction's sequence, loads them in one round (u, delta, B, C at each step's position), scans
+// them from a zero state keeping y = keep + q h_in per step (as the line kernel does), joins the lanes' (decay,
+// state) pairs with a shuffle scan, and writes its direction's y terms into its own plane of shared memory; after the
+// block's one barrier the planes are summed with D u and y is written.
+constexpr int kWarpMaxLen = 256;
+constexpr int kWarpMaxChannels = 4096;  // batch x d_inner up to which the warp kernel is chosen
+
+// Position of step s of direction k's sequence (0: rows forward, 1: columns forward, 2 and 3 backward).
+__device__ __forceinline__ int warp_scan_position(int k, int s, int height, int width) {
+  const int len = height * width;
+  const int f = k >= 2 ? len - 1 - s : s;
+  return (k & 1) ? (f % height) * width + f / height : f;
+}
+
+template <typename T, int I>
+__global__ void __launch_bounds__(128) scan_warps_kernel(Params P) {
+  __shared__ float planes[4][kWarpMaxLen];
+  const int k = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int c = blockIdx.x, b = blockIdx.y, di = P.di, len = P.height * P.width;
+  const int64_t map = (static_cast<int64_t>(b) * di + c) * len;
+  const T* u = static_cast<const T*>(P.u) + map;
+  const T* delta = static_cast<const T*>(P.delta) + (static_cast<int64_t>(b) * P.delta_channels + k * di + c) * len;
+  const T* Bm = static_cast<const T*>(P.B) + (static_cast<int64_t>(b) * P.bc_channels + k) * len;
+  const T* Cm = static_cast<const T*>(P.C) + (static_cast<int64_t>(b) * P.bc_channels + k) * len;
+  const float bias = to_f(static_cast<const T*>(P.delta_bias)[k * di + c]);
+  const float a2 = -expf(to_f(static_cast<const T*>(P.A_logs)[k * di + c])) * kLog2e;
+  const float dsum = k == 0 ? d_sum(static_cast<const T*>(P.D), di, c) : 0.0f;
+
+  int pos[I];
+  float uu[I], dt_in[I], b_in[I], c_in[I];
+#pragma unroll
+  for (int e = 0; e < I; ++e) {
+    const int s = lane * I + e;
+    pos[e] = s < len ? warp_scan_position(k, s, P.height, P.width) : 0;
+    const bool live = s < len;
+    uu[e] = live ? to_f(u[pos[e]]) : 0.0f;
+    dt_in[e] = live ? to_f(delta[pos[e]]) : 0.0f;
+    b_in[e] = live ? to_f(Bm[pos[e]]) : 0.0f;
+    c_in[e] = live ? to_f(Cm[pos[e]]) : 0.0f;
+  }
+  float a_run = 1.0f, h_run = 0.0f, keep[I], q[I];
+#pragma unroll
+  for (int e = 0; e < I; ++e) {
+    if (lane * I + e < len) {
+      const float dt = softplus_fast(dt_in[e] + bias);
+      const float a = ex2(dt * a2);
+      h_run = a * h_run + dt * uu[e] * b_in[e];
+      a_run *= a;
+    }
+    keep[e] = c_in[e] * h_run + dsum * uu[e];
+    q[e] = c_in[e] * a_run;
+  }
+  // Inclusive scan of the lanes' (decay, state) maps in sequence order; lanes past the end hold the identity (1, 0).
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float a_prev = __shfl_up_sync(0xffffffffu, a_run, off);
+    const float h_prev = __shfl_up_sync(0xffffffffu, h_run, off);
+    if (lane >= off) {
+      h_run = a_run * h_prev + h_run;
+      a_run *= a_prev;
+    }
+  }
+  float h_in = __shfl_up_sync(0xffffffffu, h_run, 1);
+  if (lane == 0) h_in = 0.0f;
+#pragma unroll
+  for (int e = 0; e < I; ++e) {
+    if (lane * I + e < len) planes[k][pos[e]] = keep[e] + q[e] * h_in;
+  }
+  __syncthreads();
+  T* y = static_cast<T*>(P.y) + map;
+  for (int p = threadIdx.x; p < len; p += blockDim.x) {
+    y[p] = from_f<T>(planes[0][p] + planes[1][p] + planes[2][p] + planes[3][p]);
+  }
+}
+
+// The warp kernel for maps of at most kWarpMaxLen positions when batch x d_inner is at most kWarpMaxChannels (null
+// `*used` otherwise; `force` takes any map that fits).
+template <typename T>
+const char* launch_warps(const Params& P, cudaStream_t stream, bool force, bool* used) {
+  const int len = P.height * P.width;
+  *used = len <= kWarpMaxLen && (force || static_cast<int64_t>(P.batch) * P.di <= kWarpMaxChannels);
+  if (!*used) return nullptr;
+  const int steps = (len + 31) / 32;
+  auto kernel = steps <= 2 ? scan_warps_kernel<T, 2> : steps <= 4 ? scan_warps_kernel<T, 4> : scan_warps_kernel<T, 8>;
+  const dim3 grid(P.di, P.batch);
+  std::snprintf(g_last_config, sizeof(g_last_config), "warps N=1 %s steps=%d grid=%ux%u block=128",
+                sizeof(T) == 2 ? "f16" : "f32", steps <= 2 ? 2 : steps <= 4 ? 4 : 8, grid.x, grid.y);
+  kernel<<<grid, 128, 0, stream>>>(P);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (warp kernel) launch");
+}
+
 // Steps a chunk of the line kernel: 7 or 8, whichever leaves fewer idle steps in the partial chunks at the ends of
 // the lines (8 on a tie: its chunks are whole vector loads).
 int lines_items(int height, int width) {
@@ -1328,9 +1424,16 @@ const char* launch_scan(const Params& base, cudaStream_t stream) {
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (sms <= 0) sms = 1;
 
-  // d_state 1: the line kernel for maps of at most kLinesMaxThreads chunks a phase (up to about 56 x 56), else the
-  // block-scan kernel whenever its planes fit in shared memory (maps up to about 100 x 100).
+  // d_state 1: the warp kernel for maps of at most kWarpMaxLen positions at small batch, the line kernel for maps of
+  // at most kLinesMaxThreads chunks a phase (up to about 56 x 56), else the block-scan kernel whenever its planes fit
+  // in shared memory (maps up to about 100 x 100).
   if constexpr (N == 1) {
+    if ((g_force_path == 0 && (g_block_variant & 256) == 0) || g_force_path == 5) {
+      bool used = false;
+      const char* result = launch_warps<T>(P, stream, g_force_path == 5, &used);
+      if (used) return result;
+      if (g_force_path == 5) return "the warp kernel takes maps of at most 256 positions";
+    }
     if (g_force_path == 0 || g_force_path == 4) {
       bool used = false;
       const char* result = launch_lines<T>(P, stream, static_cast<size_t>(smem_optin), sms, &used);
@@ -1427,12 +1530,16 @@ const char* dispatch_state(const Params& P, int64_t d_state, cudaStream_t stream
   }
 }
 
-// The packed and merged entry points: the line kernel reading their wide tensors in place, where it takes the map
-// (d_state 1, maps up to about 56 x 56, no other path forced). `used` false: the caller copies the inputs out for
-// another path.
+// The packed and merged entry points: the warp kernel (merged only) or the line kernel reading their wide tensors in
+// place, where they take the map (d_state 1, maps up to about 56 x 56, no other path forced). `used` false: the
+// caller copies the inputs out for another path.
 template <typename T>
 const char* launch_lines_in_place(const Params& P, int64_t d_state, cudaStream_t stream, bool* used) {
   *used = false;
+  if (d_state == 1 && P.rank == 0 && ((g_force_path == 0 && (g_block_variant & 256) == 0) || g_force_path == 5)) {
+    const char* result = launch_warps<T>(P, stream, g_force_path == 5, used);
+    if (*used) return result;
+  }
   if (d_state != 1 || (g_force_path != 0 && g_force_path != 4)) return nullptr;
   *used = true;
   int device = 0, sms = 0, smem_optin = 0;

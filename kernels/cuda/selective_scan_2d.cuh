@@ -49,7 +49,8 @@ __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_merg
 // Forces a path for tests and benchmarks: 0 automatic (default), 1 the chunked shared-memory kernel, 2 the
 // global-memory fallback (used automatically when a channel's map does not fit in shared memory), 3 the block-scan
 // kernel (d_state 1; automatic whenever its planes fit in shared memory and the line kernel does not take the map),
-// 4 the line kernel (d_state 1, maps of at most 416 chunks of 7 or 8 steps a line; automatic for them).
+// 4 the line kernel (d_state 1, maps of at most 416 chunks of 7 or 8 steps a line; automatic for them), 5 the warp
+// kernel (d_state 1, maps of at most 256 positions; automatic for them up to 4096 batch x d_inner channels).
 __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_force_path(int path);
 
 // Tuning of the shared-memory and line kernels, for benchmarks (0: automatic, the default): channels per block
@@ -63,7 +64,8 @@ __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_tu
 // + 8: scalar staging loads; + 16: the chunked kernel's threads channel-major instead of interleaved; + 32: the
 // block kernel's planes at the odd row stride instead of the stride with the fewest bank conflicts; + 64: the
 // chunked kernel with one lane per (channel, chunk) holding all 16 states (default for d_state 16: two lanes, eight
-// states each); + 128: the line kernel without its L2 prefetch (on by default for float16 maps of stage-1 size).
+// states each); + 128: the line kernel without its L2 prefetch (on by default for float16 maps of stage-1 size);
+// + 256: no warp kernel on the automatic path (the line kernel takes its maps).
 __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_block_variant(int variant);
 
 // Human-readable summary of the launch configuration the last call chose (for benchmarks; not thread-safe).
