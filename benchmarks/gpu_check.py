@@ -532,10 +532,11 @@ def check_bandwidth(quick: bool) -> dict:
     }
 
 
-# (row name, precision, export settings): the default graph in both precisions, with the scan projections packed,
-# merged or folded (lowering/cuda_fusions.py), then fp16 without each of its GPU-specific choices, to show what each
-# gains: the fused ops (lowering/cuda_fusions.py), the v2 models' own channel-first layout instead of the channels-last
-# graph (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
+# (row name, precision, export settings): the default graph in both precisions, with the scan projections packed
+# (X by cuDNN or by NarrowPointwiseConv), merged or folded (lowering/cuda_fusions.py), then fp16 without each of its
+# GPU-specific choices, to show what each gains: the fused ops (lowering/cuda_fusions.py), the v2 models' own
+# channel-first layout instead of the channels-last graph (models/channels_last.py), and ONNX Runtime's
+# LayerNormalization instead of ours (lowering/cuda_graph.py).
 MODEL_VARIANTS = (
     ("fp32", "fp32", {}),
     ("fp16", "fp16", {}),
@@ -544,6 +545,8 @@ MODEL_VARIANTS = (
     ("fp32-projected", "fp32", {"cuda_fusions": "projected"}),
     ("fp16-packed", "fp16", {"cuda_fusions": "packed"}),
     ("fp32-packed", "fp32", {"cuda_fusions": "packed"}),
+    ("fp16-narrow", "fp16", {"cuda_fusions": "narrow"}),
+    ("fp32-narrow", "fp32", {"cuda_fusions": "narrow"}),
     ("fp16-merged", "fp16", {"cuda_fusions": "merged"}),
     ("fp32-merged", "fp32", {"cuda_fusions": "merged"}),
     ("fp16-folded", "fp16", {"cuda_fusions": "folded"}),

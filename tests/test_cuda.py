@@ -200,6 +200,30 @@ def test_cuda_fusions_flag_reaches_the_graph(capsys, tmp_path):
 
 
 @needs_cuda_library
+def test_cuda_batch1_graph_is_written_beside_the_main_graph(capsys, tmp_path):
+    """`export --cuda-batch1-fusions narrow`: model.batch1.onnx holds the narrow form of every d_state-1 scan, listed
+    in the manifest (hashed) as entry.batch1_model; model.onnx keeps the default fusions. The GPU tests check that
+    batch-1 graphs replay it and its parity."""
+    from vmamba_export.cli import main
+
+    out_dir = tmp_path / "b1"
+    argv = ["export", "--model", "vmamba_test_v2", "--random-weights", "--target", "cuda-onnxruntime"]
+    assert main([*argv, "--cuda-batch1-fusions", "narrow", "--out", str(out_dir), "--json"]) == 0
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["entry"]["batch1_model"] == "model.batch1.onnx" and "model.batch1.onnx" in manifest["files"]
+    lowering = manifest["lowering"]
+    assert lowering["batch1_fusions"]["scan_projections"] == "narrow"
+    assert lowering["batch1_fusions"]["fused"]["NarrowPointwiseConv"] == 5
+    assert "scan_projections" not in lowering["fusions"]
+    main_ops = [n.op_type for n in onnx.load(str(out_dir / "model.onnx")).graph.node]
+    batch1_ops = [n.op_type for n in onnx.load(str(out_dir / "model.batch1.onnx")).graph.node]
+    assert main_ops.count("SelectiveScan2D") == 5 and "NarrowPointwiseConv" not in main_ops
+    assert batch1_ops.count("NarrowPointwiseConv") == batch1_ops.count("SelectiveScan2DPacked") == 5
+    rc = main([*argv[:-1], "cpu-onnxruntime", "--cuda-batch1-fusions", "narrow", "--out", str(tmp_path / "cpu")])
+    assert rc == 2 and "--cuda-batch1-fusions is for cuda-onnxruntime" in capsys.readouterr().err
+
+
+@needs_cuda_library
 def test_cuda_library_loads_without_gpu_and_runs_its_cpu_kernel():
     """libvmamba_ort_cuda.so also carries the CPU kernel: it must load (static cudart, no GPU needed) and run."""
     import onnxruntime as ort
@@ -383,12 +407,22 @@ def _rel_l2(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.gpu
-# (batch, Di, N, H, W, R). Line kernel reading X in place: the stage-1 shape at batch 1 (8-step chunks, L2 prefetch in
-# float16), a rank-48 stage-4 shape, 7-step chunks with partial ones. Unpacked into scratch first: a map too large
-# for the line kernel (block kernel), and d_state 16 (chunked kernel).
+# (batch, Di, N, H, W, R). Line kernel reading X in place: the stage-1 and stage-2 shapes at batch 1 (8-step chunks,
+# L2 prefetch in float16). Warp kernel computing delta in its loads: the stage-3 and stage-4 shapes at batch 1 (8 and
+# 2 steps a lane), a rank-48 stage-4 shape, a map of 63 positions (partial lanes). Unpacked into scratch first: a map
+# too large for the line kernel (block kernel), and d_state 16 (chunked kernel).
 @pytest.mark.parametrize(
     "shape",
-    [(1, 96, 1, 56, 56, 6), (2, 24, 1, 7, 7, 48), (2, 5, 1, 7, 9, 3), (1, 8, 1, 80, 70, 6), (1, 4, 16, 9, 7, 2)],
+    [
+        (1, 96, 1, 56, 56, 6),
+        (1, 192, 1, 28, 28, 12),
+        (1, 384, 1, 14, 14, 24),
+        (1, 768, 1, 7, 7, 48),
+        (2, 24, 1, 7, 7, 48),
+        (2, 5, 1, 7, 9, 3),
+        (1, 8, 1, 80, 70, 6),
+        (1, 4, 16, 9, 7, 2),
+    ],
 )
 @pytest.mark.parametrize("float16", [False, True])
 def test_cuda_packed_scan_op_matches_reference(shape, float16):
@@ -423,12 +457,13 @@ def test_cuda_packed_scan_op_matches_reference(shape, float16):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["auto", "block1", "smem"])
+@pytest.mark.parametrize("variant", ["auto", "lines", "nowarps", "packed-unpack", "block1", "smem"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_packed_scan_paths_agree_with_the_unpacked_scan(variant, dtype):
-    """One map small enough for the line kernel, scanned packed by each path (auto: the line kernel reading x in
-    place; forced block or shared-memory kernel: x unpacked into scratch first) and unpacked with torch's projection:
-    all match the float64 reference."""
+    """One map small enough for the warp kernel, scanned packed by each path (auto: the warp kernel computing delta
+    from x in its loads; lines, nowarps: the line kernel reading x in place; packed-unpack and forced block or
+    shared-memory kernel: x unpacked into scratch first, then the warp, block or shared-memory kernel) and unpacked
+    with torch's projection: all match the float64 reference."""
     gpu_ready()
     from vmamba_export import cuda_kernel
 
@@ -448,7 +483,9 @@ def test_cuda_packed_scan_paths_agree_with_the_unpacked_scan(variant, dtype):
         config = cuda_kernel.last_config()
     finally:
         cuda_kernel.apply_variant("auto")
-    assert config.startswith({"auto": "lines", "block1": "block", "smem": "smem"}[variant]), config
+    paths = {"auto": "warps", "lines": "lines", "nowarps": "lines", "packed-unpack": "warps"}
+    assert config.startswith(paths.get(variant, variant.rstrip("1"))), config
+    assert ("rank=12" in config) == (variant in ("auto", "lines", "nowarps")), config
     out = y.double().cpu().numpy()
     assert np.isfinite(out).all()
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (2e-5 if dtype == torch.float32 else 3e-3)
@@ -679,6 +716,29 @@ def test_cuda_scan_projections_op_matches_reference(shape, float16):
 
 
 @pytest.mark.gpu
+# (batch, C, M, H, W): a packed scan's X at each stage of vmamba_tiny at batch 1 (M = 4 R + 8, R = C / 16), batch 4
+# with two positions a lane, odd channel and row counts with a partial tile
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 96, 32, 56, 56), (1, 192, 56, 28, 28), (1, 384, 104, 14, 14), (1, 768, 200, 7, 7), (4, 96, 32, 56, 56),
+     (2, 37, 9, 5, 7)],
+)  # fmt: skip
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_narrow_pointwise_conv_op_matches_reference(shape, float16):
+    """ai.vmamba::NarrowPointwiseConv: the bias-free 1 x 1 convolution against float64 numpy, through ONNX Runtime."""
+    gpu_ready()
+    from vmamba_export.lowering.cuda_fusions import NARROW_CONV_OP
+
+    batch, channels, rows, h, w = shape
+    feeds = _random_inputs({"X": [batch, channels, h, w], "W": [rows, channels, 1, 1]}, float16, 11)
+    feeds["W"] = (feeds["W"] / channels**0.5).astype(np.float16 if float16 else np.float32).astype(np.float64)
+    (got,) = _one_node_cuda_run(NARROW_CONV_OP, feeds, ["Y"], float16)
+    want = np.einsum("jc,bchw->bjhw", feeds["W"][:, :, 0, 0], feeds["X"])
+    assert got.shape == want.shape
+    assert _rel_l2(got, want) < (1e-3 if float16 else 1e-6)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize(
     "name",
@@ -687,6 +747,7 @@ def test_cuda_scan_projections_op_matches_reference(shape, float16):
         "vmamba_test_v2",
         "vmamba_test_v2-projected",
         "vmamba_test_v2-packed",
+        "vmamba_test_v2-narrow",
         "vmamba_test_v2-merged",
         "vmamba_test_v2-folded",
     ],
@@ -708,7 +769,7 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
     export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
     predictor = load(folder)
     if fusions:
-        ops = {"projected": "ScanProjections", "packed": "SelectiveScan2DPacked"}
+        ops = {"projected": "ScanProjections", "packed": "SelectiveScan2DPacked", "narrow": "NarrowPointwiseConv"}
         op = ops.get(fusions, "SelectiveScan2DMerged")
         assert predictor.manifest["lowering"]["fusions"]["fused"][op] > 0
     assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -720,6 +781,37 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
         ref = model(torch.from_numpy(x)).numpy()
     metrics = parity_metrics(predictor(x), ref)
     assert not threshold_failures(metrics, predictor.manifest["thresholds"]), metrics
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_batch1_graph_replays_for_batch_1_only(tmp_path, precision):
+    """An artifact with a batch-1 graph (narrow): batch-1 inputs replay model.batch1.onnx, batch 2 the main graph,
+    and both keep parity with the PyTorch model through graphs, also when the shape changes back and forth."""
+    gpu_ready()
+    from vmamba_export import load
+    from vmamba_export.exporter import export_artifact
+    from vmamba_export.lowering import ExportOptions
+    from vmamba_export.scan.op import torch_scan
+    from vmamba_export.validate import parity_metrics, threshold_failures
+
+    source = resolve_model("vmamba_test_v2", random_weights=True, seed=0)
+    folder = tmp_path / precision
+    options = ExportOptions(extra={"cuda_batch1_fusions": "narrow"})
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
+    predictor = load(folder)
+    backend = predictor.backend
+    assert backend.graph_model_path((1, 3, 64, 64)) == folder / "model.batch1.onnx"
+    assert backend.graph_model_path((2, 3, 64, 64)) == folder / "model.onnx"
+    model = resolve_model("vmamba_test_v2", random_weights=True, seed=0).model.eval().set_scan(torch_scan)
+    rng = np.random.default_rng(0)
+    for batch in (1, 1, 2, 2, 1):  # second call of a shape on: through its graph
+        x = rng.standard_normal((batch, 3, 64, 64), dtype=np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        metrics = parity_metrics(predictor(x), ref)
+        assert not threshold_failures(metrics, predictor.manifest["thresholds"]), (batch, metrics)
+    assert sorted(backend.graphs.cached_shapes) == [(1, 3, 64, 64), (2, 3, 64, 64)]
 
 
 @pytest.mark.gpu

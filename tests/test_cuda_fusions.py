@@ -17,6 +17,7 @@ from vmamba_export.lowering.cuda_fusions import (
     BIAS_GELU_OP,
     DEPTHWISE_SILU_OP,
     MERGED_SCAN_OP,
+    NARROW_CONV_OP,
     PACKED_SCAN_OP,
     PROJECTIONS_OP,
     RESIDUAL_NORM_OP,
@@ -134,6 +135,9 @@ def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
         if n.domain == ONNX_DOMAIN and n.op_type == PROJECTIONS_OP:
             nodes += _scan_projections_reference(n, proto)
             continue
+        if n.domain == ONNX_DOMAIN and n.op_type == NARROW_CONV_OP:  # a bias-free 1 x 1 convolution
+            nodes.append(helper.make_node("Conv", list(n.input), list(n.output), kernel_shape=[1, 1]))
+            continue
         eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
         tmp = f"{n.name}_ref"
         if n.domain == ONNX_DOMAIN and n.op_type == RESIDUAL_NORM_OP:
@@ -203,10 +207,12 @@ def _fused_copy(proto: onnx.ModelProto, projections: str = "packed") -> tuple[on
 
 # Per rewritten scan: the op that stands for it, and how many nodes the rewrite removes from the 9 of the exporter's
 # pattern (3 Convs, 4 Reshapes, the MatMul, the scan): projected keeps ScanProjections and the scan; packed Concat,
-# Conv and the scan; merged Reshape, two MatMuls and the scan; folded Reshape, one MatMul and the scan
+# Conv and the scan (narrow: NarrowPointwiseConv for the Conv); merged Reshape, two MatMuls and the scan; folded
+# Reshape, one MatMul and the scan
 PROJECTIONS = {
     "projected": (PROJECTIONS_OP, 7),
     "packed": (PACKED_SCAN_OP, 6),
+    "narrow": (PACKED_SCAN_OP, 6),
     "merged": (MERGED_SCAN_OP, 5),
     "folded": (MERGED_SCAN_OP, 6),
 }
@@ -235,6 +241,7 @@ def test_every_block_pattern_is_fused(cuda_graph, projections):
     assert counts[scan_op] == ops.count(scan_op) == rewritten
     assert sum(counts[op] for op in (PROJECTIONS_OP, PACKED_SCAN_OP, MERGED_SCAN_OP)) == rewritten
     assert ops.count("SelectiveScan2D") == blocks - (0 if projections == "projected" else rewritten)
+    assert counts[NARROW_CONV_OP] == ops.count(NARROW_CONV_OP) == (rewritten if projections == "narrow" else 0)
     convs_removed = counts[DEPTHWISE_SILU_OP] + (2 if projections == "packed" else 3) * rewritten
     assert ops.count("Conv") == len([n for n in proto.graph.node if n.op_type == "Conv"]) - convs_removed
     assert ops.count("Sigmoid") == (blocks if config.version == "v0" else 0)  # v0 keeps its gate's SiLU(z)

@@ -173,6 +173,8 @@ def test_every_field_mutated_gives_one_line_naming_it_or_still_runs(manifest, sc
         ("entry.model", "../model.onnx", "'entry.model' must be a path inside the artifact folder"),
         ("entry.custom_op_library", "/usr/lib/libevil.so", "must be a path inside the artifact folder"),
         ("entry.custom_op_library", "other.so", "entry.custom_op_library names a file that is not among its hashed"),
+        ("entry.batch1_model", "model.batch1.xml", "'entry.batch1_model' of a onnxruntime artifact must end in .onnx"),
+        ("entry.batch1_model", "model.batch1.onnx", "entry.batch1_model names a file that is not among its hashed"),
         ("files.model.onnx.sha256", "00", "files['model.onnx'].sha256 must be 64 lowercase hexadecimal digits"),
         ("thresholds.max_rel_l2", "1e-5", "'thresholds.max_rel_l2' must be a number, got str"),
         ("target.runtime", 3, "'target.runtime' must be str, got int"),

@@ -364,7 +364,7 @@ CHANNEL_ORDERS = ("RGB", "BGR")
 PREPROCESSING_KEYS = ("image_size", "resize", "interpolation", "mean", "std", "channel_order", "labels", "crop")
 # What each runtime's backend opens: entry key -> accepted suffixes; required keys first.
 RUNTIME_ENTRY = {
-    "onnxruntime": {"model": (".onnx",), "custom_op_library": (".so", ".dylib", ".dll")},
+    "onnxruntime": {"model": (".onnx",), "custom_op_library": (".so", ".dylib", ".dll"), "batch1_model": (".onnx",)},
     "openvino": {"model": (".xml",), "extension_library": (".so", ".dylib", ".dll"), "weights": (".bin",)},
     "tvm": {"model": (".so", ".tar", ".dylib"), "cuda_binary": (".fatbin", ".cubin", ".ptx")},
     "coreml": {"model": (".mlpackage", ".mlmodel")},

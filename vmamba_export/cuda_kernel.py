@@ -39,6 +39,9 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     projections = lib.vmamba_scan_projections_cuda
     projections.restype = ctypes.c_char_p
     projections.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    narrow = lib.vmamba_narrow_pointwise_conv_cuda
+    narrow.restype = ctypes.c_char_p
+    narrow.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
     lib.vmamba_selective_scan_2d_cuda_force_path.argtypes = [ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_force_path.restype = None
     lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
@@ -83,6 +86,7 @@ BLOCK_VARIANT_BITS = {
     "smem-nosplit": 64,
     "lines-noprefetch": 128,
     "nowarps": 256,
+    "packed-unpack": 512,
 }
 
 
@@ -99,12 +103,13 @@ def apply_variant(variant: str) -> None:
     smem-chmajor: the chunked kernel with its threads channel-major (the lanes of a warp on 32 lines of one channel);
     block2odd: two channels, planes at the odd row stride (not the one with the fewest bank conflicts);
     smem-nosplit: the chunked kernel with one lane per (channel, chunk) for all 16 states (default for d_state 16:
-    two lanes, eight states each).
+    two lanes, eight states each); packed-unpack: automatic, but the packed op's X is unpacked rather than read in
+    place by the line kernel.
     """
     path = "block" if variant.startswith("block") else {"tile3": "smem", "chunks3": "smem"}.get(variant, variant)
     path = "smem" if variant in ("smem-chmajor", "smem-nosplit") else path
     path = "lines" if variant.startswith("lines") else path
-    path = "auto" if variant == "nowarps" else path
+    path = "auto" if variant in ("nowarps", "packed-unpack") else path
     force_path(path)
     channels = {"tile3": 3, "lines1": 1, "lines4": 4}.get(variant, 0)
     set_tuning(channels, 3 if variant == "chunks3" else 0)
@@ -227,6 +232,20 @@ def scan_projections_cuda(u, w_x, dt_weight) -> tuple[torch.Tensor, torch.Tensor
     pointers = [t.data_ptr() for t in (u, w_x, dt_weight, delta, b, c)]
     _launch("vmamba_scan_projections_cuda", dtype, u.device, *pointers, batch, d_inner, rank, d_state, height * width)
     return delta, b, c
+
+
+def narrow_pointwise_conv_cuda(x, weight) -> torch.Tensor:
+    """y = Conv(x, weight), 1 x 1 and bias-free, of the NarrowPointwiseConv op (kernels/cuda/scan_projections.cuh):
+    x (N, C, H, W), weight (M, C, 1, 1). CUDA tensors, both float32 or both float16, on torch's current stream."""
+    dtype = _check_tensors((x, weight))
+    batch, channels, height, width = x.shape
+    if weight.dim() != 4 or weight.shape[1] != channels or tuple(weight.shape[2:]) != (1, 1):
+        raise ValueError(f"weight must be (M, {channels}, 1, 1), got {tuple(weight.shape)}")
+    y = x.new_empty((batch, weight.shape[0], height, width))
+    pointers = [t.data_ptr() for t in (x, weight, y)]
+    rows = weight.shape[0]
+    _launch("vmamba_narrow_pointwise_conv_cuda", dtype, x.device, *pointers, batch, channels, rows, height * width)
+    return y
 
 
 # The d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu): exponentials on the FMA-pipe polynomial for

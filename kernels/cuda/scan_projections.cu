@@ -25,16 +25,18 @@ constexpr int kDeltaChannels = kDeltaWarps * kDeltaChannelsPerWarp;  // delta ch
 // 7 x 7 map at batch 1 gets enough blocks and each lane waits on few rounds of loads. The rows' weights are staged in
 // shared memory channel-major, [c][kRows], so a step reads them as broadcast float4s; the warps' partial sums meet in
 // shared memory afterwards (the same buffer). dt-rank rows go to the float32 scratch `xdt`, B and C rows out.
+// Rows go to three outputs in turn, each (batch, its rows, len): the first `rows_f32` to the float32 `xdt`, the next
+// `rows_b` to `b_out`, the last `rows_c` to `c_out` (NarrowPointwiseConv: all to `b_out`).
 template <typename T, int kRows, int kPos>
 __global__ void __launch_bounds__(512) project_rows_kernel(const T* __restrict__ u, const T* __restrict__ w_x,
                                                            float* __restrict__ xdt, T* __restrict__ b_out,
-                                                           T* __restrict__ c_out, int di, int rows4, int states4,
-                                                           int len) {
+                                                           T* __restrict__ c_out, int di, int rows_f32, int rows_b,
+                                                           int rows_c, int len) {
   extern __shared__ float4 smem4[];
   float* smem = reinterpret_cast<float*>(smem4);
   constexpr int kTile = 32 * kPos;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rows = rows4 + 2 * states4, groups = (rows + kRows - 1) / kRows;
+  const int rows = rows_f32 + rows_b + rows_c, groups = (rows + kRows - 1) / kRows;
   // blockIdx.x = tile * groups + group: a tile's row groups are neighbouring blocks, so u is read from DRAM once
   const int r0 = (blockIdx.x % groups) * kRows, p0 = (blockIdx.x / groups) * kTile, b = blockIdx.z;
 
@@ -96,12 +98,12 @@ __global__ void __launch_bounds__(512) project_rows_kernel(const T* __restrict__
     if (j >= rows || pos >= len) continue;
     float s = 0.0f;
     for (int w = 0; w < warps; ++w) s += smem[(w * kRows + r) * kTile + p];
-    if (j < rows4) {
-      xdt[(static_cast<int64_t>(b) * rows4 + j) * len + pos] = s;
-    } else if (j < rows4 + states4) {
-      b_out[(static_cast<int64_t>(b) * states4 + j - rows4) * len + pos] = from_f<T>(s);
+    if (j < rows_f32) {
+      xdt[(static_cast<int64_t>(b) * rows_f32 + j) * len + pos] = s;
+    } else if (j < rows_f32 + rows_b) {
+      b_out[(static_cast<int64_t>(b) * rows_b + j - rows_f32) * len + pos] = from_f<T>(s);
     } else {
-      c_out[(static_cast<int64_t>(b) * states4 + j - rows4 - states4) * len + pos] = from_f<T>(s);
+      c_out[(static_cast<int64_t>(b) * rows_c + j - rows_f32 - rows_b) * len + pos] = from_f<T>(s);
     }
   }
 }
@@ -195,11 +197,20 @@ size_t delta_smem(const Plan& p, int rank) {
 }
 
 template <typename T, int kRows, int kPos>
-void launch_rows(const Plan& p, const T* u, const T* w_x, float* xdt, T* B, T* C, int64_t batch, int di, int rank,
-                 int n_state, int len, cudaStream_t stream) {
-  const dim3 grid(cdiv(4 * rank + 8 * n_state, kRows) * cdiv(len, 32 * kPos), 1, static_cast<unsigned>(batch));
+void launch_rows_shape(const Plan& p, const T* u, const T* w_x, float* xdt, T* B, T* C, int64_t batch, int di,
+                       int rows_f32, int rows_b, int rows_c, int len, cudaStream_t stream) {
+  const dim3 grid(cdiv(rows_f32 + rows_b + rows_c, kRows) * cdiv(len, 32 * kPos), 1, static_cast<unsigned>(batch));
   project_rows_kernel<T, kRows, kPos><<<grid, 32 * p.warps, rows_smem(p, di), stream>>>(u, w_x, xdt, B, C, di,
-                                                                                        4 * rank, 4 * n_state, len);
+                                                                                        rows_f32, rows_b, rows_c, len);
+}
+
+// Kernel 1 in the plan's launch shape.
+template <typename T>
+void launch_rows(const Plan& p, const T* u, const T* w_x, float* xdt, T* B, T* C, int64_t batch, int di, int rows_f32,
+                 int rows_b, int rows_c, int len, cudaStream_t stream) {
+  auto rows = p.rows_per_block == 8 ? (p.pos == 2 ? launch_rows_shape<T, 8, 2> : launch_rows_shape<T, 8, 1>)
+                                    : (p.pos == 2 ? launch_rows_shape<T, 4, 2> : launch_rows_shape<T, 4, 1>);
+  rows(p, u, w_x, xdt, B, C, batch, di, rows_f32, rows_b, rows_c, len, stream);
 }
 
 template <typename T>
@@ -213,9 +224,7 @@ cudaError_t launch(const Plan& p, const void* u_, const void* w_x_, const void* 
   cudaError_t err =
       cudaMallocAsync(reinterpret_cast<void**>(&xdt), sizeof(float) * batch * 4 * rank * len, stream);
   if (err != cudaSuccess) return err;
-  auto rows = p.rows_per_block == 8 ? (p.pos == 2 ? launch_rows<T, 8, 2> : launch_rows<T, 8, 1>)
-                                    : (p.pos == 2 ? launch_rows<T, 4, 2> : launch_rows<T, 4, 1>);
-  rows(p, u, w_x, xdt, B, C, batch, di, rank, n_state, len, stream);
+  launch_rows<T>(p, u, w_x, xdt, B, C, batch, di, 4 * rank, 4 * n_state, 4 * n_state, len, stream);
   err = cudaGetLastError();
   if (err == cudaSuccess) {
     const dim3 grid(cdiv(di, kDeltaChannels) * cdiv(len, 32 * p.pos), 4, static_cast<unsigned>(batch));
@@ -226,6 +235,12 @@ cudaError_t launch(const Plan& p, const void* u_, const void* w_x_, const void* 
   }
   const cudaError_t free_err = cudaFreeAsync(xdt, stream);
   return err != cudaSuccess ? err : free_err;
+}
+
+cudaError_t multiprocessor_count(int* count) {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  return err != cudaSuccess ? err : cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
 }
 
 }  // namespace
@@ -241,9 +256,8 @@ extern "C" const char* vmamba_scan_projections_cuda(int dtype, const void* u, co
   }
   if (batch == 0 || d_inner == 0 || len == 0) return nullptr;
   if (!u || !w_x || !dt_weight || !delta || !B || !C) return "null tensor pointer";
-  int device = 0, multiprocessors = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  int multiprocessors = 0;
+  cudaError_t err = multiprocessor_count(&multiprocessors);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   const int di = static_cast<int>(d_inner), r = static_cast<int>(rank), n = static_cast<int>(d_state);
   const int l = static_cast<int>(len);
@@ -263,5 +277,38 @@ extern "C" const char* vmamba_scan_projections_cuda(int dtype, const void* u, co
   } else {
     return "dtype must be 0 (float32) or 1 (float16)";
   }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+extern "C" const char* vmamba_narrow_pointwise_conv_cuda(int dtype, const void* x, const void* weight, void* y,
+                                                         int64_t batch, int64_t in_channels, int64_t out_channels,
+                                                         int64_t len, void* stream) {
+  if (batch < 0 || in_channels < 0 || out_channels < 0 || len < 0) return "negative dimension";
+  if (batch > 65535) return "batch must be at most 65535";
+  if (len > (int64_t{1} << 30) || in_channels > (int64_t{1} << 20) || out_channels > 4096) {
+    return "tensor too large for the narrow pointwise convolution (at most 4096 output channels)";
+  }
+  if (batch == 0 || out_channels == 0 || len == 0) return nullptr;
+  if (!x || !weight || !y) return "null tensor pointer";
+  int multiprocessors = 0;
+  cudaError_t err = multiprocessor_count(&multiprocessors);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const int cin = static_cast<int>(in_channels), cout = static_cast<int>(out_channels), l = static_cast<int>(len);
+  const Plan p = plan(batch, cin, cout, l, multiprocessors);
+  if ((len + 32 * p.pos - 1) / (32 * p.pos) * ((out_channels + 3) / 4) > INT32_MAX) {
+    return "map too large for the narrow pointwise convolution";
+  }
+  if (rows_smem(p, cin) > kSmemBudget) return "too many input channels for the narrow pointwise convolution (at most 3072)";
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == 1) {
+    launch_rows<__half>(p, static_cast<const __half*>(x), static_cast<const __half*>(weight), nullptr,
+                        static_cast<__half*>(y), nullptr, batch, cin, 0, cout, 0, l, s);
+  } else if (dtype == 0) {
+    launch_rows<float>(p, static_cast<const float*>(x), static_cast<const float*>(weight), nullptr,
+                       static_cast<float*>(y), nullptr, batch, cin, 0, cout, 0, l, s);
+  } else {
+    return "dtype must be 0 (float32) or 1 (float16)";
+  }
+  err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -34,6 +34,16 @@ __attribute__((visibility("default"))) const char* vmamba_scan_projections_cuda(
                                                                                int64_t rank, int64_t d_state,
                                                                                int64_t len, void* stream);
 
+// NarrowPointwiseConv: y (batch, out_channels, len) = weight (out_channels, in_channels) x (batch, in_channels, len),
+// a bias-free 1 x 1 convolution to few output channels (a packed scan's X = [dt ranks | B | C] rows of u) by the
+// first kernel above, every row to y. float32 sums, one rounding.
+__attribute__((visibility("default"))) const char* vmamba_narrow_pointwise_conv_cuda(int dtype, const void* x,
+                                                                                    const void* weight, void* y,
+                                                                                    int64_t batch,
+                                                                                    int64_t in_channels,
+                                                                                    int64_t out_channels, int64_t len,
+                                                                                    void* stream);
+
 #ifdef __cplusplus
 }
 #endif

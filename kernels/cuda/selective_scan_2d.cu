@@ -1251,14 +1251,18 @@ __device__ __forceinline__ int warp_scan_position(int k, int s, int height, int 
   return (k & 1) ? (f % height) * width + f / height : f;
 }
 
-template <typename T, int I>
+// kPacked (the packed op, P.rank > 0): a step's delta is computed from its position's R dt-rank values of X and the
+// channel's R dt weights, in the round of loads, off the recurrence (the line kernel's packed form has it on it).
+template <typename T, int I, bool kPacked>
 __global__ void __launch_bounds__(128) scan_warps_kernel(Params P) {
   __shared__ float planes[4][kWarpMaxLen];
   const int k = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int c = blockIdx.x, b = blockIdx.y, di = P.di, len = P.height * P.width;
   const int64_t map = (static_cast<int64_t>(b) * di + c) * len;
   const T* u = static_cast<const T*>(P.u) + map;
-  const T* delta = static_cast<const T*>(P.delta) + (static_cast<int64_t>(b) * P.delta_channels + k * di + c) * len;
+  // packed: X's dt-rank rows of direction k; else the channel's delta plane
+  const T* delta = kPacked ? static_cast<const T*>(P.delta) + b * P.x_bstride + static_cast<int64_t>(k) * P.rank * len
+                           : static_cast<const T*>(P.delta) + (static_cast<int64_t>(b) * P.delta_channels + k * di + c) * len;
   const T* Bm = static_cast<const T*>(P.B) + (static_cast<int64_t>(b) * P.bc_channels + k) * len;
   const T* Cm = static_cast<const T*>(P.C) + (static_cast<int64_t>(b) * P.bc_channels + k) * len;
   const float bias = to_f(static_cast<const T*>(P.delta_bias)[k * di + c]);
@@ -1273,9 +1277,23 @@ __global__ void __launch_bounds__(128) scan_warps_kernel(Params P) {
     pos[e] = s < len ? warp_scan_position(k, s, P.height, P.width) : 0;
     const bool live = s < len;
     uu[e] = live ? to_f(u[pos[e]]) : 0.0f;
-    dt_in[e] = live ? to_f(delta[pos[e]]) : 0.0f;
+    if constexpr (!kPacked) dt_in[e] = live ? to_f(delta[pos[e]]) : 0.0f;
     b_in[e] = live ? to_f(Bm[pos[e]]) : 0.0f;
     c_in[e] = live ? to_f(Cm[pos[e]]) : 0.0f;
+  }
+  if constexpr (kPacked) {
+    const T* w = static_cast<const T*>(P.dt_weight) + (static_cast<int64_t>(k) * di + c) * P.rank;
+#pragma unroll
+    for (int e = 0; e < I; ++e) dt_in[e] = 0.0f;
+#pragma unroll 2
+    for (int r = 0; r < P.rank; ++r) {
+      const float wr = to_f(__ldg(w + r));
+      const T* row = delta + static_cast<int64_t>(r) * len;
+#pragma unroll
+      for (int e = 0; e < I; ++e) {
+        if (lane * I + e < len) dt_in[e] = fmaf(wr, to_f(row[pos[e]]), dt_in[e]);
+      }
+    }
   }
   float a_run = 1.0f, h_run = 0.0f, keep[I], q[I];
 #pragma unroll
@@ -1320,10 +1338,15 @@ const char* launch_warps(const Params& P, cudaStream_t stream, bool force, bool*
   *used = len <= kWarpMaxLen && (force || static_cast<int64_t>(P.batch) * P.di <= kWarpMaxChannels);
   if (!*used) return nullptr;
   const int steps = (len + 31) / 32;
-  auto kernel = steps <= 2 ? scan_warps_kernel<T, 2> : steps <= 4 ? scan_warps_kernel<T, 4> : scan_warps_kernel<T, 8>;
+  auto kernel = P.rank > 0 ? (steps <= 2   ? scan_warps_kernel<T, 2, true>
+                              : steps <= 4 ? scan_warps_kernel<T, 4, true>
+                                           : scan_warps_kernel<T, 8, true>)
+                           : (steps <= 2   ? scan_warps_kernel<T, 2, false>
+                              : steps <= 4 ? scan_warps_kernel<T, 4, false>
+                                           : scan_warps_kernel<T, 8, false>);
   const dim3 grid(P.di, P.batch);
-  std::snprintf(g_last_config, sizeof(g_last_config), "warps N=1 %s steps=%d grid=%ux%u block=128",
-                sizeof(T) == 2 ? "f16" : "f32", steps <= 2 ? 2 : steps <= 4 ? 4 : 8, grid.x, grid.y);
+  std::snprintf(g_last_config, sizeof(g_last_config), "warps N=1 %s steps=%d rank=%d grid=%ux%u block=128",
+                sizeof(T) == 2 ? "f16" : "f32", steps <= 2 ? 2 : steps <= 4 ? 4 : 8, P.rank, grid.x, grid.y);
   kernel<<<grid, 128, 0, stream>>>(P);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cuda_error(err, "selective_scan_2d (warp kernel) launch");
@@ -1530,17 +1553,19 @@ const char* dispatch_state(const Params& P, int64_t d_state, cudaStream_t stream
   }
 }
 
-// The packed and merged entry points: the warp kernel (merged only) or the line kernel reading their wide tensors in
-// place, where they take the map (d_state 1, maps up to about 56 x 56, no other path forced). `used` false: the
-// caller copies the inputs out for another path.
+// The packed and merged entry points: the warp kernel or the line kernel reading their wide tensors in place, where
+// they take the map (d_state 1, maps up to about 56 x 56, no other path forced). `used` false: the caller copies the
+// inputs out for another path. Variant bit 512: the packed op's X is never read in place by the line kernel (it is
+// unpacked, then the usual dispatch), for A/B timing.
 template <typename T>
 const char* launch_lines_in_place(const Params& P, int64_t d_state, cudaStream_t stream, bool* used) {
   *used = false;
-  if (d_state == 1 && P.rank == 0 && ((g_force_path == 0 && (g_block_variant & 256) == 0) || g_force_path == 5)) {
+  if (d_state == 1 && ((g_force_path == 0 && (g_block_variant & 256) == 0) || g_force_path == 5)) {
     const char* result = launch_warps<T>(P, stream, g_force_path == 5, used);
     if (*used) return result;
   }
   if (d_state != 1 || (g_force_path != 0 && g_force_path != 4)) return nullptr;
+  if (P.rank > 0 && (g_block_variant & 512) != 0 && g_force_path != 4) return nullptr;
   *used = true;
   int device = 0, sms = 0, smem_optin = 0;
   const cudaError_t err = cudaGetDevice(&device);

@@ -30,8 +30,8 @@ __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_cuda
 // graph's SelectiveScan2DPacked, docs/scan-op.md): x (batch, 4 * rank + 8 * d_state, height, width) holds per
 // position the dt-rank inputs (4 x rank, direction-major), then B (4 x d_state), then C (4 x d_state); dt_weight
 // (4, d_inner, rank) projects the first part to delta: delta[b, k, c, p] = sum_r dt_weight[k, c, r] x[b, k*rank + r,
-// p]. The other pointers as above. The d_state-1 line kernel reads x in place; other shapes are unpacked into a
-// stream-ordered scratch buffer first.
+// p]. The other pointers as above. The d_state-1 warp and line kernels read x in place (the warp kernel computes
+// delta in its round of loads); other shapes are unpacked into a stream-ordered scratch buffer first.
 __attribute__((visibility("default"))) const char* vmamba_selective_scan_2d_packed_cuda(
     int dtype, const void* u, const void* x, const void* dt_weight, const void* A_logs, const void* D,
     const void* delta_bias, void* y, int64_t batch, int64_t d_inner, int64_t d_state, int64_t rank, int64_t height,
@@ -65,7 +65,8 @@ __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_tu
 // block kernel's planes at the odd row stride instead of the stride with the fewest bank conflicts; + 64: the
 // chunked kernel with one lane per (channel, chunk) holding all 16 states (default for d_state 16: two lanes, eight
 // states each); + 128: the line kernel without its L2 prefetch (on by default for float16 maps of stage-1 size);
-// + 256: no warp kernel on the automatic path (the line kernel takes its maps).
+// + 256: no warp kernel on the automatic path (the line kernel takes its maps); + 512: the packed op's X is unpacked
+// (delta computed into a scratch buffer, then the usual dispatch) rather than read in place by the line kernel.
 __attribute__((visibility("default"))) void vmamba_selective_scan_2d_cuda_set_block_variant(int variant);
 
 // Human-readable summary of the launch configuration the last call chose (for benchmarks; not thread-safe).

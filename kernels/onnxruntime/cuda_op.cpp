@@ -1,9 +1,9 @@
 // ONNX Runtime CUDA kernels of `ai.vmamba::SelectiveScan2D` (contract: docs/scan-op.md) and of the ops the
 // cuda-onnxruntime graph is rewritten to: `SelectiveScan2DMerged`, `SelectiveScan2DPacked`, `LastAxisLayerNorm`,
 // `ResidualLayerNorm`, `TransposeLayerNorm` (kernels/cuda/layer_norm.cuh), `DepthwiseConvSiLU`
-// (kernels/cuda/depthwise_conv.cuh) and `ScanProjections` (kernels/cuda/scan_projections.cuh), linked only into
-// libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its
-// add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
+// (kernels/cuda/depthwise_conv.cuh), `ScanProjections` and `NarrowPointwiseConv` (kernels/cuda/scan_projections.cuh),
+// linked only into libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops
+// from its add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
 // through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
 //
 // Classic Ort::CustomOpBase with GetExecutionProviderType() = "CUDAExecutionProvider" (Debian's CPU-only headers
@@ -418,6 +418,35 @@ struct ScanProjectionsCudaKernel : CudaKernel<ScanProjectionsCudaKernel> {
   }
 };
 
+// NarrowPointwiseConv(X, W) -> Y: X (N, C, H, W), W (M, C, 1, 1), Y (N, M, H, W) = Conv(X, W) (1 x 1, no bias) on the
+// CUDA cores, for few output channels (a packed scan's X; kernels/cuda/scan_projections.cuh).
+struct NarrowPointwiseConvCudaKernel : CudaKernel<NarrowPointwiseConvCudaKernel> {
+  static constexpr const char* kName = "NarrowPointwiseConv";
+  static constexpr size_t kInputs = 2, kRequiredInputs = 2, kOutputs = 1;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::narrow_conv_output;
+  NarrowPointwiseConvCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto x = ctx.GetInput(0), weight = ctx.GetInput(1);
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ws = weight.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "X must be (N, C, H, W), got " + shape_str(xs), kName);
+    }
+    if (ws.size() != 4 || ws[1] != xs[1] || ws[2] != 1 || ws[3] != 1) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "W must be (M, " + std::to_string(xs[1]) + ", 1, 1) (X is " + shape_str(xs) + "), got " +
+                             shape_str(ws),
+                         kName);
+    }
+    auto y = ctx.GetOutput(0, {xs[0], ws[0], xs[2], xs[3]});
+    return launched(kName, vmamba_narrow_pointwise_conv_cuda(kernel_dtype(type), x.GetTensorRawData(),
+                                                             weight.GetTensorRawData(), y.GetTensorMutableRawData(),
+                                                             xs[0], xs[1], ws[0], xs[2] * xs[3],
+                                                             ctx.GetGPUComputeStream()));
+  }
+};
+
 // The float / float16 registration of one CUDA kernel: every input and output of the op's type `T`, inputs from
 // Kernel::kRequiredInputs on optional, errors and exceptions turned into statuses that name the op.
 template <typename Kernel>
@@ -469,6 +498,7 @@ void add_ops(Ort::CustomOpDomain& domain) {
   add_float_and_half<TransposeLayerNormCudaKernel>(domain);
   add_float_and_half<DepthwiseConvSiLUCudaKernel>(domain);
   add_float_and_half<ScanProjectionsCudaKernel>(domain);
+  add_float_and_half<NarrowPointwiseConvCudaKernel>(domain);
 }
 
 }  // namespace vmamba_cuda

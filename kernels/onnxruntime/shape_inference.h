@@ -7,7 +7,7 @@
 // Most outputs have the type and shape of input 0 (the scan's u, the LayerNorms' X; both outputs of
 // ResidualLayerNorm). TransposeLayerNorm moves axis 1 last (channel-first in, channels-last out) and
 // DepthwiseConvSiLU moves the last axis to 1 (the reverse); ScanProjections makes the scan's delta, B and C from u and
-// its weights. Inferred shapes keep symbolic dimensions.
+// its weights; NarrowPointwiseConv takes its channel count from the weight. Inferred shapes keep symbolic dimensions.
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
@@ -131,6 +131,21 @@ inline OrtStatusPtr ORT_API_CALL scan_projection_outputs(const OrtCustomOp*, Ort
     if (OrtStatus* status = set_output(ctx, i, type, {u[0], 4, n_state, u[2], u[3]}, bc_symbols)) return status;
   }
   return nullptr;
+}
+
+// NarrowPointwiseConv(X (N, C, H, W), W (M, C, 1, 1)) -> Y (N, M, H, W): X's dimensions, M from the weight.
+inline OrtStatusPtr ORT_API_CALL narrow_conv_output(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  ONNXTensorElementDataType type, weight_type;
+  std::vector<int64_t> x, w;
+  std::vector<const char*> symbols, unused;
+  if (OrtStatus* status = input_dims(ctx, 0, type, x, symbols)) return status;
+  if (OrtStatus* status = input_dims(ctx, 1, weight_type, w, unused)) return status;
+  if (x.size() != 4 || w.size() != 4) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, "NarrowPointwiseConv: X and W must be 4-D");
+  }
+  x[1] = w[0];
+  symbols[1] = "";
+  return set_output(ctx, 0, type, x, symbols);
 }
 
 }  // namespace vmamba_ort

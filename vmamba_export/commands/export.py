@@ -50,8 +50,14 @@ def add_parser(sub) -> None:
         "--cuda-fusions",
         choices=CUDA_FUSIONS,
         help="cuda-onnxruntime: the fused ops around the scan (default on; off: none; projected, merged, folded, "
-        "packed: also the scan's input projections rewritten that way, docs/cuda-onnxruntime.md; folded: the "
-        "fastest fp32 batch-1 graph, slower at large batches)",
+        "packed, narrow: also the scan's input projections rewritten that way, docs/cuda-onnxruntime.md; folded: "
+        "the fastest fp32 batch-1 graph, slower at large batches)",
+    )
+    p.add_argument(
+        "--cuda-batch1-fusions",
+        choices=[f for f in CUDA_FUSIONS if f != "off"],
+        help="cuda-onnxruntime: also write a graph for batch 1 with these fusions (model.batch1.onnx); CUDA-graph "
+        "runs of batch-1 inputs replay it, every other shape the main graph (default: none)",
     )
     add_int8_args(p)
     add_tvm_args(p)
@@ -162,6 +168,7 @@ def int8_options(args: argparse.Namespace):
         | ({"bias_correction": args.bias_correction} if args.bias_correction else {})
         | ({"layout": args.layout} if args.layout else {})
         | ({"cuda_fusions": args.cuda_fusions} if args.cuda_fusions else {})
+        | ({"cuda_batch1_fusions": args.cuda_batch1_fusions} if args.cuda_batch1_fusions else {})
         | tvm_extra(args),
     )
 
@@ -219,10 +226,11 @@ def run(args: argparse.Namespace) -> int:
         raise VMambaExportError(
             f"--layout is for cuda-onnxruntime and cpu-tvm; target {target.name} chooses its own layout"
         )
-    if args.cuda_fusions and target.name != "cuda-onnxruntime":
-        from ..errors import VMambaExportError
+    for flag, value in (("--cuda-fusions", args.cuda_fusions), ("--cuda-batch1-fusions", args.cuda_batch1_fusions)):
+        if value and target.name != "cuda-onnxruntime":
+            from ..errors import VMambaExportError
 
-        raise VMambaExportError(f"--cuda-fusions is for cuda-onnxruntime, not target {target.name}")
+            raise VMambaExportError(f"{flag} is for cuda-onnxruntime, not target {target.name}")
     with console.status(f"loading {args.checkpoint or args.model or 'default model'}", spinner="dots"):
         source = resolve_source(args)
     task = source.model.config.task

@@ -155,6 +155,15 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     fusions = options.extra.get("cuda_fusions", "on")
     if fusions not in CUDA_FUSIONS:
         raise VMambaExportError(f"cuda_fusions {fusions!r}: expected one of {', '.join(CUDA_FUSIONS)}")
+    # A second graph for batch 1 with its own fusions (entry.batch1_model; the runtime replays it for batch-1 inputs
+    # and the main graph for every other shape), or none
+    batch1_fusions = options.extra.get("cuda_batch1_fusions")
+    if batch1_fusions is not None:
+        if batch1_fusions not in CUDA_FUSIONS or batch1_fusions == "off":
+            choices = ", ".join(f for f in CUDA_FUSIONS if f != "off")
+            raise VMambaExportError(f"cuda_batch1_fusions {batch1_fusions!r}: expected one of {choices}")
+        if layer_norm != "custom-op":
+            raise VMambaExportError("cuda_batch1_fusions needs the custom LayerNorm (layer_norm custom-op)")
     task = getattr(model.config, "task", "classification")
     if task == "classification":
         graph_model, layout = layout_graph(model, options.extra.get("layout"))
@@ -169,27 +178,43 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     path = folder / "model.onnx"
     info = export_onnx(graph_model, path, scan="custom-op", max_size=options.max_size)
     info["residual_layout"] = layout
+    entry = {"model": "model.onnx", "custom_op_library": library.name, "providers": ["CUDAExecutionProvider"]}
     if layer_norm == "custom-op" or options.precision == "fp16":
         import onnx
 
         proto = onnx.load(str(path))  # once for both graph edits
+        graphs = {path: proto}
         if layer_norm == "custom-op":
+            from .cuda_fusions import fuse_cuda_graph
             from .cuda_graph import use_last_axis_layer_norms
 
             info["layer_norms"] = use_last_axis_layer_norms(proto)
+            if batch1_fusions is not None:
+                batch1 = onnx.ModelProto()
+                batch1.CopyFrom(proto)
+                graphs[folder / BATCH1_MODEL] = batch1
+                entry["batch1_model"] = BATCH1_MODEL
+                info["batch1_fusions"] = fuse_cuda_graph(batch1, scan_projections=_scan_projections(batch1_fusions))
             if fusions != "off":  # the fused ops replace LastAxisLayerNorm patterns: only with the custom norms
-                from .cuda_fusions import fuse_cuda_graph
+                info["fusions"] = fuse_cuda_graph(proto, scan_projections=_scan_projections(fusions))
+        for graph_path, graph in graphs.items():
+            if options.precision == "fp16":
+                from .fp16 import convert_model_to_fp16, fp16_info
 
-                info["fusions"] = fuse_cuda_graph(proto, scan_projections="none" if fusions == "on" else fusions)
-        if options.precision == "fp16":
-            from .fp16 import convert_model_to_fp16, fp16_info
-
-            proto = convert_model_to_fp16(proto, IR_VERSION)
-            info["fp16"] = fp16_info(proto)
-        onnx.save_model(proto, str(path))
+                graph = convert_model_to_fp16(graph, IR_VERSION)
+                if graph_path == path:
+                    info["fp16"] = fp16_info(graph)
+            onnx.save_model(graph, str(graph_path))
     shutil.copy2(library, folder / library.name)
-    entry = {"model": "model.onnx", "custom_op_library": library.name, "providers": ["CUDAExecutionProvider"]}
     return entry, info
+
+
+BATCH1_MODEL = "model.batch1.onnx"
+
+
+def _scan_projections(fusions: str) -> str:
+    """fuse_cuda_graph's scan_projections for a cuda_fusions setting other than "off"."""
+    return "none" if fusions == "on" else fusions
 
 
 LAYOUTS = ("channels-last", "channels-first")

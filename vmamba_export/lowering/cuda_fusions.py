@@ -16,7 +16,9 @@ chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the li
 - `SelectiveScan2DPacked(u, X, dt_weight, A_logs, D, delta_bias) -> y`: the scan of a d_state-1 block with its three
   input projections (dt rank, B, C: 1 x 1 convolutions of u) merged into one convolution X, and the dt projection
   (a batched MatMul of dt_weight) computed by the scan kernel from X's dt-rank channels. Four kernels -> one
-  (opt-in, "packed": measured slower, the dt projection sits on the recurrence's critical path).
+  (opt-in, "packed": measured slower, the dt projection sits on the recurrence's critical path). With "narrow" the
+  convolution X is `NarrowPointwiseConv(u, W)`, the same 1 x 1 convolution on the CUDA cores in one kernel of ours
+  (cuDNN runs it on tensor-core tiles made for many output channels, after a layout conversion).
 - `com.microsoft BiasGelu(X, bias)`: the MLP's bias Add and exact GELU, ONNX Runtime's own contrib op (its CUDA
   kernel is the one ONNX Runtime fuses the pair into by itself). Written into the graph because a session with fixed
   input dimensions (every CUDA-graph session) first fuses the MatMul and the Add into a Gemm, whose CUDA kernel
@@ -53,13 +55,14 @@ DEPTHWISE_SILU_OP = "DepthwiseConvSiLU"
 PACKED_SCAN_OP = "SelectiveScan2DPacked"
 MERGED_SCAN_OP = "SelectiveScan2DMerged"
 PROJECTIONS_OP = "ScanProjections"
+NARROW_CONV_OP = "NarrowPointwiseConv"
 BIAS_GELU_OP = "BiasGelu"
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 SCAN_OP = "SelectiveScan2D"
 # How the scan's input projections are rewritten (ExportOptions.extra["cuda_fusions"]): not at all, computed by one
 # kernel of ours ("projected"), merged into GEMMs ("merged": two, "folded": one) or packed into the scan kernel
-# ("packed")
-SCAN_PROJECTIONS = ("none", "projected", "merged", "folded", "packed")
+# ("packed": X by cuDNN's convolution; "narrow": X by NarrowPointwiseConv)
+SCAN_PROJECTIONS = ("none", "projected", "merged", "folded", "packed", "narrow")
 # Standard ops whose outputs _constant evaluates when their inputs are constant
 _FOLDABLE = ("Reshape", "Split", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Identity", "Constant")
 TO_CHANNELS_LAST = [0, 2, 3, 1]
@@ -346,11 +349,11 @@ def _scan_projections(proto: onnx.ModelProto, index: _Index) -> list[_ScanProjec
     return found
 
 
-def pack_scan_projections(proto: onnx.ModelProto) -> int:
+def pack_scan_projections(proto: onnx.ModelProto, narrow: bool = False) -> int:
     """Each d_state-1 scan of the exporter's projection pattern (_ScanProjections) becomes
-    SelectiveScan2DPacked(u, Conv(u, Concat(W_dt, W_B, W_C)), dt_weight, A_logs, D, delta_bias), in place. The
-    weight Concat is constant (ONNX Runtime folds it). Returns how many scans. The shape arithmetic of the removed
-    Reshapes is left unread (drop_dead_nodes removes it)."""
+    SelectiveScan2DPacked(u, Conv(u, Concat(W_dt, W_B, W_C)), dt_weight, A_logs, D, delta_bias), in place, with
+    NarrowPointwiseConv for the Conv when `narrow`. The weight Concat is constant (ONNX Runtime folds it). Returns how
+    many scans. The shape arithmetic of the removed Reshapes is left unread (drop_dead_nodes removes it)."""
     import onnx
 
     edit = _Edit(proto.graph)
@@ -358,9 +361,14 @@ def pack_scan_projections(proto: onnx.ModelProto) -> int:
         u, _, a_logs, _, _, d, delta_bias = match.scan.input
         stem = match.scan.output[0]
         weight, packed = f"{stem}_packed_weight", f"{stem}_packed_projections"
+        if narrow:
+            x_node = _fused_node(NARROW_CONV_OP, [u, weight], [packed], match.convs[0])
+            x_node.name = packed
+        else:
+            x_node = onnx.helper.make_node("Conv", [u, weight], [packed], kernel_shape=[1, 1], name=packed)
         edit.placed[id(match.scan)] = [
             onnx.helper.make_node("Concat", [conv.input[1] for conv in match.convs], [weight], axis=0, name=weight),
-            onnx.helper.make_node("Conv", [u, weight], [packed], kernel_shape=[1, 1], name=packed),
+            x_node,
             _fused_node(PACKED_SCAN_OP, [u, packed, match.matmul.input[0], a_logs, d, delta_bias], [stem], match.scan),
         ]
         edit.removed.update(match.removed)
@@ -499,13 +507,18 @@ def fuse_cuda_graph(proto: onnx.ModelProto, scan_projections: str = "none") -> d
         DEPTHWISE_SILU_OP: fuse_depthwise_conv_silu(proto),
         BIAS_GELU_OP: fuse_bias_gelu(proto),
         PROJECTIONS_OP: project_scan_inputs(proto) if scan_projections == "projected" else 0,
-        PACKED_SCAN_OP: pack_scan_projections(proto) if scan_projections == "packed" else 0,
+        PACKED_SCAN_OP: (
+            pack_scan_projections(proto, narrow=scan_projections == "narrow")
+            if scan_projections in ("packed", "narrow")
+            else 0
+        ),
         MERGED_SCAN_OP: (
             merge_scan_projections(proto, fold_dt=scan_projections == "folded")
             if scan_projections in ("merged", "folded")
             else 0
         ),
     }
+    counts[NARROW_CONV_OP] = counts[PACKED_SCAN_OP] if scan_projections == "narrow" else 0
     dead = drop_dead_nodes(proto.graph)
     record = {
         "domain": ONNX_DOMAIN,

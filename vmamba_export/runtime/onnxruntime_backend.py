@@ -129,9 +129,13 @@ class OnnxRuntimeBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_name = self.output_names[0]
 
-        def specialised(shape: tuple[int, ...], session_providers=providers):
+        def specialised(shape: tuple[int, ...], session_providers=providers, path: Path = model_path):
             overrides = dim_overrides_for(self.session, shape) if specialize_shapes else None
-            return make_session(model_path, library_path, threads, session_providers, overrides)
+            return make_session(path, library_path, threads, session_providers, overrides)
+
+        self.model_path = model_path
+        batch1 = entry.get("batch1_model")
+        self.batch1_model_path = folder / batch1 if batch1 else None
 
         # CPU: a specialised session per shape (on CUDA the graph sessions below are the specialised ones).
         self.shape_sessions = (
@@ -142,7 +146,9 @@ class OnnxRuntimeBackend:
             from .cuda_graphs import CudaGraphRunner
 
             graph_providers = [(CUDA_PROVIDER, {**cuda_options, "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-            self.graphs = CudaGraphRunner(lambda shape: specialised(shape, graph_providers), self.session)
+            self.graphs = CudaGraphRunner(
+                lambda shape: specialised(shape, graph_providers, self.graph_model_path(shape)), self.session
+            )
         # Why graphs are off, once ONNX Runtime has refused to capture this model (set on first use, see _graphed).
         self.cuda_graph_note: str | None = None
         # Dense outputs (feature maps, per-pixel logits) are large: copying one out of a graph's device buffer into
@@ -154,6 +160,12 @@ class OnnxRuntimeBackend:
         self.graphs_for_numpy = manifest_task(manifest) == "classification"
         if self.graphs is not None and not self.graphs_for_numpy:
             self.cuda_graph_note = "device-resident calls only (numpy calls of a dense artifact run the plain session)"
+
+    def graph_model_path(self, shape: tuple[int, ...]) -> Path:
+        """The graph a CUDA-graph session of `shape` is made of: a CUDA artifact may carry a second graph made for
+        batch 1 (entry.batch1_model: other fusions around the scan, docs/cuda-onnxruntime.md), replayed for batch-1
+        inputs; every other shape replays the main graph."""
+        return self.batch1_model_path if self.batch1_model_path is not None and shape[0] == 1 else self.model_path
 
     def _session_for(self, shape) -> object:
         """The session for a plain (not graphed) run at `shape`: its specialised one from the shape's second call."""
