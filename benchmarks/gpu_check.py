@@ -533,10 +533,11 @@ def check_bandwidth(quick: bool) -> dict:
 
 
 # (row name, precision, export settings): the default graph in both precisions, with the scan projections packed
-# (X by cuDNN or by NarrowPointwiseConv), merged or folded (lowering/cuda_fusions.py), then fp16 without each of its
-# GPU-specific choices, to show what each gains: the fused ops (lowering/cuda_fusions.py), the v2 models' own
-# channel-first layout instead of the channels-last graph (models/channels_last.py), and ONNX Runtime's
-# LayerNormalization instead of ours (lowering/cuda_graph.py).
+# (X by cuDNN or by NarrowPointwiseConv), merged or folded (lowering/cuda_fusions.py), the default graph without its
+# batch-1 graph (entry.batch1_model, "projected" by default: batch-1 graphs replay it) or with a narrow one instead,
+# then fp16 without each of its GPU-specific choices, to show what each gains: the fused ops
+# (lowering/cuda_fusions.py), the v2 models' own channel-first layout instead of the channels-last graph
+# (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
 MODEL_VARIANTS = (
     ("fp32", "fp32", {}),
     ("fp16", "fp16", {}),
@@ -547,6 +548,10 @@ MODEL_VARIANTS = (
     ("fp32-packed", "fp32", {"cuda_fusions": "packed"}),
     ("fp16-narrow", "fp16", {"cuda_fusions": "narrow"}),
     ("fp32-narrow", "fp32", {"cuda_fusions": "narrow"}),
+    ("fp16-batch1-none", "fp16", {"cuda_batch1_fusions": "none"}),
+    ("fp32-batch1-none", "fp32", {"cuda_batch1_fusions": "none"}),
+    ("fp16-batch1-narrow", "fp16", {"cuda_batch1_fusions": "narrow"}),
+    ("fp32-batch1-narrow", "fp32", {"cuda_batch1_fusions": "narrow"}),
     ("fp16-merged", "fp16", {"cuda_fusions": "merged"}),
     ("fp32-merged", "fp32", {"cuda_fusions": "merged"}),
     ("fp16-folded", "fp16", {"cuda_fusions": "folded"}),
@@ -633,14 +638,20 @@ def predictor_call_ms(predictor, batch: int, runs: int) -> float:
 
 
 def graph_parity_after_shape_changes(predictor, x: np.ndarray, ref: np.ndarray, x_other: np.ndarray) -> dict:
-    """Parity of the CUDA-graph predictor on `x` (batches of 8), after a run at another shape and back."""
+    """Parity of the CUDA-graph predictor on `x` (batches of 8), after a run at another shape and back, and on its
+    first 8 images one at a time through the batch-1 graph (an artifact's batch1_model where it has one)."""
     from vmamba_export.validate import parity_metrics
 
     first = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
     predictor(x_other)
     predictor(x[:1])
     again = np.concatenate([predictor(x[i : i + 8]) for i in range(0, len(x), 8)])
-    return {"first": parity_metrics(first, ref), "after_shape_change": parity_metrics(again, ref)}
+    single = np.concatenate([predictor(x[i : i + 1]) for i in range(8)])  # x[:1] ran above: graphs from the first
+    return {
+        "first": parity_metrics(first, ref),
+        "after_shape_change": parity_metrics(again, ref),
+        "batch1": parity_metrics(single, ref[:8]),
+    }
 
 
 @section("model")
@@ -699,7 +710,8 @@ def check_model(quick: bool, onnx_dir: Path | None, work: Path, only_rows: list[
             rec.update({"graph_parity": graph_parity, "graph_parity_ok": not graph_fails})
             log(
                 f"{name} {row} CUDA graph: rel_l2 {graph_parity['first']['rel_l2']:.2e}, after a shape change "
-                f"{graph_parity['after_shape_change']['rel_l2']:.2e} {'ok' if not graph_fails else 'FAIL'}"
+                f"{graph_parity['after_shape_change']['rel_l2']:.2e}, batch 1 {graph_parity['batch1']['rel_l2']:.2e} "
+                f"{'ok' if not graph_fails else 'FAIL'}"
             )
             backend = graphed.backend
             rec["predictor_b1_numpy_ms"] = predictor_call_ms(predictor, 1, 20 if quick else 200)

@@ -202,13 +202,23 @@ def test_cuda_fusions_flag_reaches_the_graph(capsys, tmp_path):
 @needs_cuda_library
 def test_cuda_batch1_graph_is_written_beside_the_main_graph(capsys, tmp_path):
     """`export --cuda-batch1-fusions narrow`: model.batch1.onnx holds the narrow form of every d_state-1 scan, listed
-    in the manifest (hashed) as entry.batch1_model; model.onnx keeps the default fusions. The GPU tests check that
-    batch-1 graphs replay it and its parity."""
+    in the manifest (hashed) as entry.batch1_model; model.onnx keeps the default fusions. By default a classifier
+    gets a projected one; a d_state-16 model none (nothing to rewrite). The GPU tests check that batch-1 graphs replay
+    it and its parity."""
     from vmamba_export.cli import main
 
+    argv = ["export", "--model", "vmamba_test_v2", "--random-weights", "--target", "cuda-onnxruntime", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 0
+    default = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert default["entry"]["batch1_model"] == "model.batch1.onnx"
+    assert default["lowering"]["batch1_fusions"]["fused"]["ScanProjections"] == 5
+    v0 = ["--model", "vmamba_test_v0", *argv[3:]]
+    assert main([argv[0], *v0, "--out", str(tmp_path / "v0")]) == 0
+    v0_manifest = json.loads((tmp_path / "v0" / "manifest.json").read_text())
+    assert "batch1_model" not in v0_manifest["entry"] and not (tmp_path / "v0" / "model.batch1.onnx").exists()
+    assert v0_manifest["lowering"]["batch1_fusions"] == {"scan_projections": "projected", "written": False}
     out_dir = tmp_path / "b1"
-    argv = ["export", "--model", "vmamba_test_v2", "--random-weights", "--target", "cuda-onnxruntime"]
-    assert main([*argv, "--cuda-batch1-fusions", "narrow", "--out", str(out_dir), "--json"]) == 0
+    assert main([*argv, "--cuda-batch1-fusions", "narrow", "--out", str(out_dir)]) == 0
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["entry"]["batch1_model"] == "model.batch1.onnx" and "model.batch1.onnx" in manifest["files"]
     lowering = manifest["lowering"]
@@ -219,7 +229,10 @@ def test_cuda_batch1_graph_is_written_beside_the_main_graph(capsys, tmp_path):
     batch1_ops = [n.op_type for n in onnx.load(str(out_dir / "model.batch1.onnx")).graph.node]
     assert main_ops.count("SelectiveScan2D") == 5 and "NarrowPointwiseConv" not in main_ops
     assert batch1_ops.count("NarrowPointwiseConv") == batch1_ops.count("SelectiveScan2DPacked") == 5
-    rc = main([*argv[:-1], "cpu-onnxruntime", "--cuda-batch1-fusions", "narrow", "--out", str(tmp_path / "cpu")])
+    assert main([*argv, "--cuda-batch1-fusions", "none", "--out", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "none" / "model.batch1.onnx").exists()
+    cpu = [*argv[:5], "cpu-onnxruntime", "--cuda-batch1-fusions", "narrow", "--out", str(tmp_path / "cpu")]
+    rc = main(cpu)
     assert rc == 2 and "--cuda-batch1-fusions is for cuda-onnxruntime" in capsys.readouterr().err
 
 
@@ -460,10 +473,10 @@ def test_cuda_packed_scan_op_matches_reference(shape, float16):
 @pytest.mark.parametrize("variant", ["auto", "lines", "nowarps", "packed-unpack", "block1", "smem"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_packed_scan_paths_agree_with_the_unpacked_scan(variant, dtype):
-    """One map small enough for the warp kernel, scanned packed by each path (auto: the warp kernel computing delta
-    from x in its loads; lines, nowarps: the line kernel reading x in place; packed-unpack and forced block or
-    shared-memory kernel: x unpacked into scratch first, then the warp, block or shared-memory kernel) and unpacked
-    with torch's projection: all match the float64 reference."""
+    """One map small enough for the warp kernel, scanned packed by each path (auto and packed-unpack: the warp kernel
+    computing delta from x in its loads; lines, nowarps: the line kernel reading x in place; forced block or
+    shared-memory kernel: x unpacked into scratch first) and unpacked with torch's projection: all match the float64
+    reference."""
     gpu_ready()
     from vmamba_export import cuda_kernel
 
@@ -485,7 +498,8 @@ def test_cuda_packed_scan_paths_agree_with_the_unpacked_scan(variant, dtype):
         cuda_kernel.apply_variant("auto")
     paths = {"auto": "warps", "lines": "lines", "nowarps": "lines", "packed-unpack": "warps"}
     assert config.startswith(paths.get(variant, variant.rstrip("1"))), config
-    assert ("rank=12" in config) == (variant in ("auto", "lines", "nowarps")), config
+    # in place: the warp kernel (bit 512 keeps only the line kernel from reading x in place) and the line kernel
+    assert ("rank=12" in config) == (variant in ("auto", "lines", "nowarps", "packed-unpack")), config
     out = y.double().cpu().numpy()
     assert np.isfinite(out).all()
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < (2e-5 if dtype == torch.float32 else 3e-3)
