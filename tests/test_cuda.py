@@ -799,9 +799,11 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_batch1_graph_replays_for_batch_1_only(tmp_path, precision):
-    """An artifact with a batch-1 graph (narrow): batch-1 inputs replay model.batch1.onnx, batch 2 the main graph,
-    and both keep parity with the PyTorch model through graphs, also when the shape changes back and forth."""
+@pytest.mark.parametrize("fusions", ["projected", "narrow"])
+def test_cuda_batch1_graph_replays_for_batch_1_only(tmp_path, precision, fusions):
+    """An artifact with a batch-1 graph (projected: the default; narrow): batch-1 inputs replay model.batch1.onnx,
+    batch 2 the main graph, and both keep parity with the PyTorch model through graphs, also when the shape changes
+    back and forth."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
@@ -811,9 +813,10 @@ def test_cuda_batch1_graph_replays_for_batch_1_only(tmp_path, precision):
 
     source = resolve_model("vmamba_test_v2", random_weights=True, seed=0)
     folder = tmp_path / precision
-    options = ExportOptions(extra={"cuda_batch1_fusions": "narrow"})
+    options = ExportOptions(extra={} if fusions == "projected" else {"cuda_batch1_fusions": fusions})
     export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
     predictor = load(folder)
+    assert predictor.manifest["lowering"]["batch1_fusions"]["scan_projections"] == fusions
     backend = predictor.backend
     assert backend.graph_model_path((1, 3, 64, 64)) == folder / "model.batch1.onnx"
     assert backend.graph_model_path((2, 3, 64, 64)) == folder / "model.onnx"
@@ -839,10 +842,14 @@ def test_cuda_graph_path_matches_plain_runs_across_shape_changes(tmp_path, preci
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
+    from vmamba_export.lowering import ExportOptions
 
     source = resolve_model(name, random_weights=True, seed=0)
     folder = tmp_path / precision
-    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256)
+    # one graph for every shape, so graphed and plain runs compute the same graph (the batch-1 graph's parity:
+    # test_cuda_batch1_graph_replays_for_batch_1_only)
+    options = ExportOptions(extra={"cuda_batch1_fusions": "none"})
+    export_artifact(source, get_target("cuda-onnxruntime"), folder, precision=precision, max_size=256, options=options)
     plain, graphed = load(folder, cuda_graph=False), load(folder)
     assert plain.backend.graphs is None and graphed.backend.graphs is not None
     rng = np.random.default_rng(0)
