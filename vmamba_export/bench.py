@@ -187,7 +187,11 @@ def bench_point(folder: Path, batch: int, threads: int, size: int, warmup: int, 
     if getattr(predictor.backend, "on_cuda", False):
         graphed = load(folder, threads=threads)
         graph_stats = time_calls(lambda: graphed(x), warmup, runs)
-        row["cuda_graph"] = {**graph_stats, "throughput": batch / (graph_stats["median_ms"] / 1e3)}
+        row["cuda_graph"] = {
+            **graph_stats,
+            "throughput": batch / (graph_stats["median_ms"] / 1e3),
+            "model": graphed.backend.graph_model_path(x.shape).name,  # model.batch1.onnx at batch 1, where it exists
+        }
     row["peak_rss_mb"] = peak_rss_mb()
     return row
 
