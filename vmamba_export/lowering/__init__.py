@@ -150,8 +150,8 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
-    # "off": the graph unfused (A/B timing); "on": the fused ops; "projected", "merged", "folded", "packed": also the
-    # scan's input projections rewritten that way (lowering/cuda_fusions.py, docs/cuda-onnxruntime.md)
+    # "off": the graph unfused (A/B timing); "on": the fused ops; "projected", "merged", "folded", "packed", "narrow":
+    # also the scan's input projections rewritten that way (lowering/cuda_fusions.py, docs/cuda-onnxruntime.md)
     fusions = options.extra.get("cuda_fusions", "on")
     if fusions not in CUDA_FUSIONS:
         raise VMambaExportError(f"cuda_fusions {fusions!r}: expected one of {', '.join(CUDA_FUSIONS)}")
