@@ -231,6 +231,10 @@ def test_cuda_batch1_graph_is_written_beside_the_main_graph(capsys, tmp_path):
     assert batch1_ops.count("NarrowPointwiseConv") == batch1_ops.count("SelectiveScan2DPacked") == 5
     assert main([*argv, "--cuda-batch1-fusions", "none", "--out", str(tmp_path / "none")]) == 0
     assert not (tmp_path / "none" / "model.batch1.onnx").exists()
+    assert main([*argv, "--cuda-batch1-fusions", "on", "--out", str(tmp_path / "same")]) == 0  # the main graph's own
+    same = json.loads((tmp_path / "same" / "manifest.json").read_text())
+    assert same["lowering"]["batch1_fusions"] == {"scan_projections": "on", "written": False}
+    assert "batch1_model" not in same["entry"] and not (tmp_path / "same" / "model.batch1.onnx").exists()
     cpu = [*argv[:5], "cpu-onnxruntime", "--cuda-batch1-fusions", "narrow", "--out", str(tmp_path / "cpu")]
     rc = main(cpu)
     assert rc == 2 and "--cuda-batch1-fusions is for cuda-onnxruntime" in capsys.readouterr().err

@@ -3,8 +3,8 @@
 // `ResidualLayerNorm`, `TransposeLayerNorm` (kernels/cuda/layer_norm.cuh), `DepthwiseConvSiLU`
 // (kernels/cuda/depthwise_conv.cuh), `ScanProjections` and `NarrowPointwiseConv` (kernels/cuda/scan_projections.cuh),
 // linked only into libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops
-// from its add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is reached
-// through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
+// from its add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is
+// reached through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
 //
 // Classic Ort::CustomOpBase with GetExecutionProviderType() = "CUDAExecutionProvider" (Debian's CPU-only headers
 // lack the lite API's CUDA context): ORT hands the inputs and the output in GPU memory and the kernel queues on

@@ -191,18 +191,19 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
             from .cuda_graph import use_last_axis_layer_norms
 
             info["layer_norms"] = use_last_axis_layer_norms(proto)
+            not_written = {"scan_projections": batch1_fusions, "written": False}
             batch1 = None
-            if batch1_fusions != "none":
+            if batch1_fusions == fusions:  # the main graph itself: a copy would only cost space
+                info["batch1_fusions"] = not_written
+            elif batch1_fusions != "none":
                 batch1 = onnx.ModelProto()
                 batch1.CopyFrom(proto)
                 info["batch1_fusions"] = fuse_cuda_graph(batch1, scan_projections=_scan_projections(batch1_fusions))
             if fusions != "off":  # the fused ops replace LastAxisLayerNorm patterns: only with the custom norms
                 info["fusions"] = fuse_cuda_graph(proto, scan_projections=_scan_projections(fusions))
             if batch1 is not None:
-                if batch1_fusions == fusions or (
-                    fusions != "off" and _scan_rewrites(info["batch1_fusions"]) == _scan_rewrites(info["fusions"]) == 0
-                ):  # the main graph itself (d_state 16: no scan to rewrite): a copy would only cost space
-                    info["batch1_fusions"] = {"scan_projections": batch1_fusions, "written": False}
+                if fusions != "off" and _scan_rewrites(info["batch1_fusions"]) == _scan_rewrites(info["fusions"]) == 0:
+                    info["batch1_fusions"] = not_written  # the same graph again (d_state 16: no scan to rewrite)
                 else:
                     graphs[folder / BATCH1_MODEL] = batch1
                     entry["batch1_model"] = BATCH1_MODEL
