@@ -534,7 +534,8 @@ def check_bandwidth(quick: bool) -> dict:
 
 # (row name, precision, export settings): the default graph in both precisions, with the scan projections packed
 # (X by cuDNN or by NarrowPointwiseConv), merged or folded (lowering/cuda_fusions.py), the default graph without its
-# batch-1 graph (entry.batch1_model, "projected" by default: batch-1 graphs replay it) or with a narrow one instead,
+# batch-1 graph (entry.batch1_model, "projected" by default: batch-1 graphs replay it) or with a narrow or a
+# conv-projected one (DepthwiseConvProjections) instead,
 # then fp16 without each of its GPU-specific choices, to show what each gains: the fused ops
 # (lowering/cuda_fusions.py), the v2 models' own channel-first layout instead of the channels-last graph
 # (models/channels_last.py), and ONNX Runtime's LayerNormalization instead of ours (lowering/cuda_graph.py).
@@ -552,6 +553,8 @@ MODEL_VARIANTS = (
     ("fp32-batch1-none", "fp32", {"cuda_batch1_fusions": "none"}),
     ("fp16-batch1-narrow", "fp16", {"cuda_batch1_fusions": "narrow"}),
     ("fp32-batch1-narrow", "fp32", {"cuda_batch1_fusions": "narrow"}),
+    ("fp16-batch1-conv-projected", "fp16", {"cuda_batch1_fusions": "conv-projected"}),
+    ("fp32-batch1-conv-projected", "fp32", {"cuda_batch1_fusions": "conv-projected"}),
     ("fp16-merged", "fp16", {"cuda_fusions": "merged"}),
     ("fp32-merged", "fp32", {"cuda_fusions": "merged"}),
     ("fp16-folded", "fp16", {"cuda_fusions": "folded"}),

@@ -203,8 +203,8 @@ def test_cuda_fusions_flag_reaches_the_graph(capsys, tmp_path):
 def test_cuda_batch1_graph_is_written_beside_the_main_graph(capsys, tmp_path):
     """`export --cuda-batch1-fusions narrow`: model.batch1.onnx holds the narrow form of every d_state-1 scan, listed
     in the manifest (hashed) as entry.batch1_model; model.onnx keeps the default fusions. By default a classifier
-    gets a projected one; a d_state-16 model none (nothing to rewrite). The GPU tests check that batch-1 graphs replay
-    it and its parity."""
+    gets a projected one; a d_state-16 model none (nothing to rewrite); conv-projected in fp16 takes each block's
+    convolution with its projections. The GPU tests check that batch-1 graphs replay it and its parity."""
     from vmamba_export.cli import main
 
     argv = ["export", "--model", "vmamba_test_v2", "--random-weights", "--target", "cuda-onnxruntime", "--json"]
@@ -231,6 +231,20 @@ def test_cuda_batch1_graph_is_written_beside_the_main_graph(capsys, tmp_path):
     assert batch1_ops.count("NarrowPointwiseConv") == batch1_ops.count("SelectiveScan2DPacked") == 5
     assert main([*argv, "--cuda-batch1-fusions", "none", "--out", str(tmp_path / "none")]) == 0
     assert not (tmp_path / "none" / "model.batch1.onnx").exists()
+    # conv-projected, fp16: each block's DepthwiseConvSiLU and ScanProjections are one DepthwiseConvProjections node,
+    # its four outputs float16 like the scan's inputs
+    conv_dir = tmp_path / "conv"
+    conv_argv = [*argv, "--precision", "fp16", "--cuda-batch1-fusions", "conv-projected", "--out", str(conv_dir)]
+    assert main(conv_argv) == 0
+    fused = json.loads((conv_dir / "manifest.json").read_text())["lowering"]["batch1_fusions"]["fused"]
+    assert (fused["DepthwiseConvProjections"], fused["DepthwiseConvSiLU"], fused["ScanProjections"]) == (5, 0, 0)
+    batch1 = onnx.load(str(conv_dir / "model.batch1.onnx"))
+    ops = [n.op_type for n in batch1.graph.node]
+    assert ops.count("DepthwiseConvProjections") == ops.count("SelectiveScan2D") == 5
+    assert "DepthwiseConvSiLU" not in ops and "ScanProjections" not in ops
+    types = {i.name: i.data_type for i in batch1.graph.initializer}
+    node = next(n for n in batch1.graph.node if n.op_type == "DepthwiseConvProjections")
+    assert {types[name] for name in node.input[1:]} == {onnx.TensorProto.FLOAT16}
     assert main([*argv, "--cuda-batch1-fusions", "on", "--out", str(tmp_path / "same")]) == 0  # the main graph's own
     same = json.loads((tmp_path / "same" / "manifest.json").read_text())
     assert same["lowering"]["batch1_fusions"] == {"scan_projections": "on", "written": False}
@@ -734,6 +748,49 @@ def test_cuda_scan_projections_op_matches_reference(shape, float16):
 
 
 @pytest.mark.gpu
+# (batch, H, W, Di, R, N, tile): vmamba_tiny_s1l8's four stages at 224 and batch 1 with the automatic tile (32, 32, 8,
+# 2), stage 1 at batch 2, every forced tile on a map whose tiles cross rows and end partial, d_state 2 with a bias,
+# a 1 x 1 map
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 56, 56, 96, 6, 1, 0), (1, 28, 28, 192, 12, 1, 0), (1, 14, 14, 384, 24, 1, 0), (1, 7, 7, 768, 48, 1, 0),
+     (2, 56, 56, 96, 6, 1, 0), *[(1, 9, 13, 64, 4, 1, t) for t in (1, 2, 4, 8, 16, 32)], (2, 5, 6, 38, 3, 2, 0),
+     (1, 1, 1, 64, 4, 1, 0)],
+)  # fmt: skip
+@pytest.mark.parametrize("float16", [False, True])
+def test_cuda_depthwise_conv_projections_op_matches_reference(shape, float16):
+    """ai.vmamba::DepthwiseConvProjections: u, delta, B and C against float64 numpy (tests/test_cuda_emulated.py's
+    reference: the depthwise convolution, SiLU, u rounded to the op's type, x = W_x u, delta = dt_weight x_dt per
+    direction), through ONNX Runtime, with the tile forced through the launcher where the shape names one."""
+    gpu_ready()
+    from test_cuda_emulated import conv_projections_reference
+
+    from vmamba_export import cuda_kernel
+    from vmamba_export.lowering.cuda_fusions import CONV_PROJECTIONS_OP
+
+    batch, h, w, di, rank, n, tile = shape
+    shapes = {"x": [batch, h, w, di], "w": [di, 1, 3, 3], "w_x": [4 * rank + 8 * n, di], "dt": [4, di, rank]}
+    if n == 2:
+        shapes["bias"] = [di]
+    feeds = _random_inputs(shapes, float16, 13)
+    np_type = np.float16 if float16 else np.float32
+    for key, scale in (("w", 3), ("w_x", di**0.5), ("dt", rank**0.5), ("bias", 3)):
+        if key in feeds:
+            feeds[key] = (feeds[key] / scale).astype(np_type).astype(np.float64)
+    assert cuda_kernel.set_conv_projections_tile(tile) == tile  # ORT loads the same library: the setting holds there
+    try:
+        got = _one_node_cuda_run(CONV_PROJECTIONS_OP, feeds, ["u", "delta", "B", "C"], float16)
+    finally:
+        cuda_kernel.set_conv_projections_tile(0)
+    want = conv_projections_reference(
+        feeds["x"], feeds["w"], feeds.get("bias"), feeds["w_x"], feeds["dt"], np_type=np_type
+    )
+    for (name, ref), out in zip(want.items(), got, strict=True):
+        assert out.shape == ref.shape, name
+        assert _rel_l2(out, ref) < (1e-3 if float16 else 1e-6), name
+
+
+@pytest.mark.gpu
 # (batch, C, M, H, W): a packed scan's X at each stage of vmamba_tiny at batch 1 (M = 4 R + 8, R = C / 16), batch 4
 # with two positions a lane, odd channel and row counts with a partial tile
 @pytest.mark.parametrize(
@@ -764,6 +821,7 @@ def test_cuda_narrow_pointwise_conv_op_matches_reference(shape, float16):
         "vmamba_test_v0",
         "vmamba_test_v2",
         "vmamba_test_v2-projected",
+        "vmamba_test_v2-conv-projected",
         "vmamba_test_v2-packed",
         "vmamba_test_v2-narrow",
         "vmamba_test_v2-merged",
@@ -771,8 +829,9 @@ def test_cuda_narrow_pointwise_conv_op_matches_reference(shape, float16):
     ],
 )
 def test_cuda_artifact_parity(tmp_path, precision, name):
-    """The artifact against the PyTorch model; "-projected", "-packed", "-merged", "-folded": exported with that
-    cuda_fusions setting (ScanProjections, SelectiveScan2DPacked, SelectiveScan2DMerged)."""
+    """The artifact against the PyTorch model; "-projected", "-conv-projected", "-packed", "-merged", "-folded":
+    exported with that cuda_fusions setting (ScanProjections, DepthwiseConvProjections, SelectiveScan2DPacked,
+    SelectiveScan2DMerged)."""
     gpu_ready()
     from vmamba_export import load
     from vmamba_export.exporter import export_artifact
@@ -788,7 +847,7 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
     predictor = load(folder)
     if fusions:
         ops = {"projected": "ScanProjections", "packed": "SelectiveScan2DPacked", "narrow": "NarrowPointwiseConv"}
-        op = ops.get(fusions, "SelectiveScan2DMerged")
+        op = {**ops, "conv-projected": "DepthwiseConvProjections"}.get(fusions, "SelectiveScan2DMerged")
         assert predictor.manifest["lowering"]["fusions"]["fused"][op] > 0
     assert predictor.backend.session.get_providers()[0] == "CUDAExecutionProvider"
     lowering = predictor.manifest["lowering"]
@@ -803,7 +862,7 @@ def test_cuda_artifact_parity(tmp_path, precision, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("fusions", ["projected", "narrow"])
+@pytest.mark.parametrize("fusions", ["projected", "conv-projected", "narrow"])
 def test_cuda_batch1_graph_replays_for_batch_1_only(tmp_path, precision, fusions):
     """An artifact with a batch-1 graph (projected: the default; narrow): batch-1 inputs replay model.batch1.onnx,
     batch 2 the main graph, and both keep parity with the PyTorch model through graphs, also when the shape changes

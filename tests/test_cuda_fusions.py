@@ -15,6 +15,7 @@ from vmamba_export.kernels_paths import ort_library_path
 from vmamba_export.lowering import layout_graph
 from vmamba_export.lowering.cuda_fusions import (
     BIAS_GELU_OP,
+    CONV_PROJECTIONS_OP,
     DEPTHWISE_SILU_OP,
     MERGED_SCAN_OP,
     NARROW_CONV_OP,
@@ -23,6 +24,7 @@ from vmamba_export.lowering.cuda_fusions import (
     RESIDUAL_NORM_OP,
     TRANSPOSE_NORM_OP,
     fuse_bias_gelu,
+    fuse_conv_projections,
     fuse_cuda_graph,
     fuse_depthwise_conv_silu,
     fuse_residual_layer_norms,
@@ -94,6 +96,30 @@ def _scan_projections_reference(n: onnx.NodeProto, proto: onnx.ModelProto) -> li
     ]
 
 
+def _depthwise_silu_reference(tmp: str, inputs: list[str], output: str, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """DepthwiseConvSiLU(X, W[, bias]) -> output as standard ops: Transpose to channel-first, grouped Conv, x
+    Sigmoid(x)."""
+    channels = next(i.dims[0] for i in proto.graph.initializer if i.name == inputs[1])
+    return [
+        helper.make_node("Transpose", [inputs[0]], [tmp + "_t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", [tmp + "_t", *inputs[1:]], [tmp + "_c"], group=channels, pads=[1] * 4),
+        helper.make_node("Sigmoid", [tmp + "_c"], [tmp + "_s"]),
+        helper.make_node("Mul", [tmp + "_c", tmp + "_s"], [output]),
+    ]
+
+
+def _conv_projections_reference(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """DepthwiseConvProjections(X, W, W_x, dt_weight[, bias]) -> (u, delta, B, C) as DepthwiseConvSiLU(X, W[, bias])
+    -> u, then ScanProjections(u, W_x, dt_weight), each expanded."""
+    x, weight, w_x, dt_weight, *bias = n.input
+    u = n.output[0]
+    projections = helper.make_node(PROJECTIONS_OP, [u, w_x, dt_weight], list(n.output[1:]), name=f"{n.name}_proj")
+    return [
+        *_depthwise_silu_reference(f"{n.name}_ref", [x, weight, *bias], u, proto),
+        *_scan_projections_reference(projections, proto),
+    ]
+
+
 def _unmerged_scan(n: onnx.NodeProto, proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     """SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) as standard ops and the 7-input scan: delta's first
     4 Di channels, and X's last 8 N channels as B then C, each made 5-D."""
@@ -135,6 +161,9 @@ def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
         if n.domain == ONNX_DOMAIN and n.op_type == PROJECTIONS_OP:
             nodes += _scan_projections_reference(n, proto)
             continue
+        if n.domain == ONNX_DOMAIN and n.op_type == CONV_PROJECTIONS_OP:
+            nodes += _conv_projections_reference(n, proto)
+            continue
         if n.domain == ONNX_DOMAIN and n.op_type == NARROW_CONV_OP:  # a bias-free 1 x 1 convolution
             nodes.append(helper.make_node("Conv", list(n.input), list(n.output), kernel_shape=[1, 1]))
             continue
@@ -151,11 +180,7 @@ def _unfused(proto: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(helper.make_node("Transpose", [n.input[0]], [tmp], perm=[0, 2, 3, 1]))
             scale, bias, norm_in = n.input[1], n.input[2], tmp
         elif n.domain == ONNX_DOMAIN and n.op_type == DEPTHWISE_SILU_OP:
-            channels = next(i.dims[0] for i in proto.graph.initializer if i.name == n.input[1])
-            nodes.append(helper.make_node("Transpose", [n.input[0]], [tmp + "_t"], perm=[0, 3, 1, 2]))
-            conv = helper.make_node("Conv", [tmp + "_t", *n.input[1:]], [tmp + "_c"], group=channels, pads=[1] * 4)
-            nodes += [conv, helper.make_node("Sigmoid", [tmp + "_c"], [tmp + "_s"])]
-            nodes.append(helper.make_node("Mul", [tmp + "_c", tmp + "_s"], [n.output[0]]))
+            nodes += _depthwise_silu_reference(tmp, list(n.input), n.output[0], proto)
             continue
         else:
             nodes.append(n)
@@ -206,11 +231,12 @@ def _fused_copy(proto: onnx.ModelProto, projections: str = "packed") -> tuple[on
 
 
 # Per rewritten scan: the op that stands for it, and how many nodes the rewrite removes from the 9 of the exporter's
-# pattern (3 Convs, 4 Reshapes, the MatMul, the scan): projected keeps ScanProjections and the scan; packed Concat,
-# Conv and the scan (narrow: NarrowPointwiseConv for the Conv); merged Reshape, two MatMuls and the scan; folded
-# Reshape, one MatMul and the scan
+# pattern (3 Convs, 4 Reshapes, the MatMul, the scan): projected keeps ScanProjections and the scan (conv-projected:
+# the ScanProjections also takes the DepthwiseConvSiLU before it); packed Concat, Conv and the scan (narrow:
+# NarrowPointwiseConv for the Conv); merged Reshape, two MatMuls and the scan; folded Reshape, one MatMul and the scan
 PROJECTIONS = {
     "projected": (PROJECTIONS_OP, 7),
+    "conv-projected": (CONV_PROJECTIONS_OP, 8),
     "packed": (PACKED_SCAN_OP, 6),
     "narrow": (PACKED_SCAN_OP, 6),
     "merged": (MERGED_SCAN_OP, 5),
@@ -230,19 +256,24 @@ def test_every_block_pattern_is_fused(cuda_graph, projections):
     blocks, stage_ends = sum(config.depths), len(config.depths) - 1
     residuals_per_block = 2 if config.mlp_ratio > 0 else 1
     counts = record["fused"]
-    assert counts[DEPTHWISE_SILU_OP] == blocks
+    # d_state 1 (v2): every scan takes its projections rewritten; d_state 16 (v0) keeps the 7-input scan
+    rewritten = blocks if config.d_state == 1 else 0
+    depthwise = counts[DEPTHWISE_SILU_OP] + counts[CONV_PROJECTIONS_OP]  # the convolutions, fused either way
+    assert depthwise == blocks
+    assert counts[CONV_PROJECTIONS_OP] == (rewritten if projections == "conv-projected" else 0)
     assert counts[TRANSPOSE_NORM_OP] >= blocks
     assert counts[RESIDUAL_NORM_OP] == residuals_per_block * blocks - stage_ends
     biased = sum(1 for n in fused.graph.node if n.op_type == RESIDUAL_NORM_OP and len(n.input) == 5)
     assert biased == (blocks - stage_ends if config.mlp_ratio > 0 else 0)
     ops = [n.op_type for n in fused.graph.node]
-    # d_state 1 (v2): every scan takes its projections rewritten; d_state 16 (v0) keeps the 7-input scan
-    rewritten = blocks if config.d_state == 1 else 0
     assert counts[scan_op] == ops.count(scan_op) == rewritten
-    assert sum(counts[op] for op in (PROJECTIONS_OP, PACKED_SCAN_OP, MERGED_SCAN_OP)) == rewritten
-    assert ops.count("SelectiveScan2D") == blocks - (0 if projections == "projected" else rewritten)
+    assert ops.count(DEPTHWISE_SILU_OP) == counts[DEPTHWISE_SILU_OP]
+    scan_ops = (PROJECTIONS_OP, CONV_PROJECTIONS_OP, PACKED_SCAN_OP, MERGED_SCAN_OP)
+    assert sum(counts[op] for op in scan_ops) == rewritten
+    keeps_scan = projections in ("projected", "conv-projected")
+    assert ops.count("SelectiveScan2D") == blocks - (0 if keeps_scan else rewritten)
     assert counts[NARROW_CONV_OP] == ops.count(NARROW_CONV_OP) == (rewritten if projections == "narrow" else 0)
-    convs_removed = counts[DEPTHWISE_SILU_OP] + (2 if projections == "packed" else 3) * rewritten
+    convs_removed = depthwise + (2 if projections == "packed" else 3) * rewritten
     assert ops.count("Conv") == len([n for n in proto.graph.node if n.op_type == "Conv"]) - convs_removed
     assert ops.count("Sigmoid") == (blocks if config.version == "v0" else 0)  # v0 keeps its gate's SiLU(z)
     # each MLP's fc1 bias Add and GELU are one BiasGelu (the stem's GELU follows a norm: kept)
@@ -250,7 +281,7 @@ def test_every_block_pattern_is_fused(cuda_graph, projections):
     # every node a fusion removed is accounted for: 2 (or 3 with a bias) -> 1, 2 -> 1, 4 -> 1, 2 -> 1, and the scans' as
     # PROJECTIONS says; the removed Reshapes' shape arithmetic (and, merged, the convolutions' weight Splits) are left
     # unread (dropped: counted apart)
-    removed = counts[RESIDUAL_NORM_OP] + biased + counts[TRANSPOSE_NORM_OP] + 3 * counts[DEPTHWISE_SILU_OP]
+    removed = counts[RESIDUAL_NORM_OP] + biased + counts[TRANSPOSE_NORM_OP] + 3 * depthwise
     removed += counts[BIAS_GELU_OP]
     removed += nodes_removed * counts[scan_op] + record["dead_nodes_dropped"]
     assert record["nodes_before"] - record["nodes_after"] == removed == len(proto.graph.node) - len(fused.graph.node)
@@ -284,6 +315,30 @@ def test_fused_dense_graph_computes_the_exported_graph(dense_cuda_graph):
     fused, record = _fused_copy(dense_cuda_graph)
     assert record["fused"][TRANSPOSE_NORM_OP] > 0
     _assert_same_outputs(dense_cuda_graph, fused)
+
+
+def test_conv_projections_feed_their_scan(cuda_graph):
+    """conv-projected: each DepthwiseConvProjections node takes the block's channels-last map and convolution weight,
+    and its four outputs are its scan's u, delta, B and C; a ScanProjections whose u is not a DepthwiseConvSiLU's
+    output is left as it is."""
+    name, proto = cuda_graph
+    if resolve_model(name, random_weights=True, seed=0).model.config.d_state != 1:
+        pytest.skip("d_state 16 scans keep the exporter's projections")
+    fused, _ = _fused_copy(proto, "conv-projected")
+    scans = {n.input[0]: n for n in fused.graph.node if n.op_type == "SelectiveScan2D"}
+    nodes = [n for n in fused.graph.node if n.op_type == CONV_PROJECTIONS_OP]
+    assert nodes and len(nodes) == len(scans)
+    weights = {i.name: list(i.dims) for i in fused.graph.initializer}
+    for node in nodes:
+        u, delta, b, c = node.output
+        assert [scans[u].input[i] for i in (1, 3, 4)] == [delta, b, c]
+        di = weights[node.input[1]][0]
+        assert weights[node.input[1]] == [di, 1, 3, 3] and weights[node.input[2]][1] == di
+    projected, _ = _fused_copy(proto, "projected")
+    first = next(n for n in projected.graph.node if n.op_type == DEPTHWISE_SILU_OP)
+    first.op_type = "Identity"  # its output now comes from another op: that block's projections stay as they are
+    del first.input[1:]
+    assert fuse_conv_projections(projected) == len(nodes) - 1
 
 
 def test_scan_projections_read_elsewhere_are_not_rewritten(cuda_graph):

@@ -244,6 +244,15 @@ def fetch_ort_headers(quiet: bool = False) -> Path:
 NVCC = os.environ.get("VMAMBA_NVCC", "nvcc")
 CUDA_ARCHS = ("80", "87", "89", "90")  # sm_80 A100, sm_87 Orin, sm_89 L4/L40/Ada, sm_90 H100/H200
 CUDA_PTX_ARCH = "90"  # PTX too, so newer GPUs JIT-compile it
+# kernels/cuda/<name>.cu compiled into libvmamba_ort_cuda.so
+CUDA_SOURCES = (
+    "selective_scan_2d",
+    "layer_norm",
+    "depthwise_conv",
+    "scan_projections",
+    "conv_projections",
+    "scan_floor",
+)
 NVCCFLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--threads", "0"]
 
 
@@ -284,10 +293,7 @@ def build_cuda(
     units = [Unit(u.source, obj / u.obj.name, u.flags) for u in (*kernel_units, *norm_units)]
     op = Unit(ort_dir / "custom_op.cpp", obj / "custom_op_cuda.o", ["-DVMAMBA_WITH_CUDA"])
     cuda_op = Unit(ort_dir / "cuda_op.cpp", obj / "cuda_op.o")
-    cu_units = [
-        Unit(cuda_dir / f"{name}.cu", obj / f"{name}_cu.o")
-        for name in ("selective_scan_2d", "layer_norm", "depthwise_conv", "scan_projections", "scan_floor")
-    ]
+    cu_units = [Unit(cuda_dir / f"{name}.cu", obj / f"{name}_cu.o") for name in CUDA_SOURCES]
     link = ["-shared", "-cudart", "static", "-Xcompiler", "-pthread", "-Xlinker", "-z,defs", "-Xlinker", "-z,nodelete"]
     lib = NATIVE_DIR / ORT_CUDA_LIBRARY_NAME
     digest = _digest(

@@ -42,6 +42,16 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     narrow = lib.vmamba_narrow_pointwise_conv_cuda
     narrow.restype = ctypes.c_char_p
     narrow.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+    depthwise = lib.vmamba_depthwise_conv_silu_cuda
+    depthwise.restype = ctypes.c_char_p
+    depthwise.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+    conv_projections = lib.vmamba_depthwise_conv_projections_cuda
+    conv_projections.restype = ctypes.c_char_p
+    conv_projections.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    lib.vmamba_depthwise_conv_projections_cuda_set_tile.argtypes = [ctypes.c_int]
+    lib.vmamba_depthwise_conv_projections_cuda_set_tile.restype = ctypes.c_int
+    lib.vmamba_depthwise_conv_projections_cuda_tile.argtypes = [ctypes.c_int64] * 6
+    lib.vmamba_depthwise_conv_projections_cuda_tile.restype = ctypes.c_int
     lib.vmamba_selective_scan_2d_cuda_force_path.argtypes = [ctypes.c_int]
     lib.vmamba_selective_scan_2d_cuda_force_path.restype = None
     lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
@@ -246,6 +256,60 @@ def narrow_pointwise_conv_cuda(x, weight) -> torch.Tensor:
     rows = weight.shape[0]
     _launch("vmamba_narrow_pointwise_conv_cuda", dtype, x.device, *pointers, batch, channels, rows, height * width)
     return y
+
+
+def depthwise_conv_silu_cuda(x, weight, bias=None) -> torch.Tensor:
+    """y (N, C, H, W) of the DepthwiseConvSiLU op (kernels/cuda/depthwise_conv.cuh): x (N, H, W, C) channels-last,
+    weight (C, 1, 3, 3), bias (C,) or None. CUDA tensors of one dtype, on torch's current stream."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    dtype = _check_tensors(tensors)
+    batch, height, width, channels = x.shape
+    y = x.new_empty((batch, channels, height, width))
+    bias_ptr = None if bias is None else bias.data_ptr()
+    pointers = [x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr()]
+    _launch("vmamba_depthwise_conv_silu_cuda", dtype, x.device, *pointers, batch, height, width, channels)
+    return y
+
+
+def depthwise_conv_projections_cuda(x, weight, w_x, dt_weight, bias=None) -> tuple[torch.Tensor, ...]:
+    """(u, delta, B, C) of the DepthwiseConvProjections op (kernels/cuda/conv_projections.cuh): x (N, H, W, Di)
+    channels-last, weight (Di, 1, 3, 3), w_x (4 R + 8 S, Di), dt_weight (4, Di, R), bias (Di,) or None. CUDA tensors
+    of one dtype, on torch's current stream."""
+    tensors = (x, weight, w_x, dt_weight) if bias is None else (x, weight, w_x, dt_weight, bias)
+    dtype = _check_tensors(tensors)
+    batch, height, width, d_inner = x.shape
+    rank = dt_weight.shape[2]
+    d_state = (w_x.shape[0] - 4 * rank) // 8
+    if tuple(dt_weight.shape) != (4, d_inner, rank) or tuple(w_x.shape) != (4 * rank + 8 * d_state, d_inner):
+        raise ValueError(f"w_x {tuple(w_x.shape)} and dt_weight {tuple(dt_weight.shape)} do not fit x {tuple(x.shape)}")
+    u = x.new_empty((batch, d_inner, height, width))
+    delta = x.new_empty((batch, 4, d_inner, height, width))
+    b, c = (x.new_empty((batch, 4, d_state, height, width)) for _ in range(2))
+    pointers = [x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr()]
+    pointers += [t.data_ptr() for t in (w_x, dt_weight, u, delta, b, c)]
+    _launch(
+        "vmamba_depthwise_conv_projections_cuda",
+        dtype,
+        x.device,
+        *pointers,
+        batch,
+        height,
+        width,
+        d_inner,
+        rank,
+        d_state,
+    )
+    return u, delta, b, c
+
+
+def set_conv_projections_tile(tile: int = 0) -> int:
+    """Positions a DepthwiseConvProjections block takes in later calls: 1, 2, 4, 8, 16, 32, or 0 (automatic)."""
+    return load_library().vmamba_depthwise_conv_projections_cuda_set_tile(tile)
+
+
+def conv_projections_tile(batch: int, height: int, width: int, d_inner: int, rank: int, d_state: int) -> int:
+    """The tile a DepthwiseConvProjections call of these sizes takes on the current GPU."""
+    return load_library().vmamba_depthwise_conv_projections_cuda_tile(batch, height, width, d_inner, rank, d_state)
 
 
 # The d_state-16 scan's arithmetic floor (kernels/cuda/scan_floor.cu): exponentials on the FMA-pipe polynomial for

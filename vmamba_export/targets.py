@@ -19,9 +19,9 @@ TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 TASKS = ("classification", "backbone", "segmentation")
 # cuda-onnxruntime's graph rewrites (ExportOptions.extra["cuda_fusions"], `export --cuda-fusions`): "on" the fused ops
-# (default), "off" none, "projected" / "merged" / "folded" / "packed" / "narrow" also the scan's input projections
-# (lowering/cuda_fusions.py)
-CUDA_FUSIONS = ("on", "off", "projected", "merged", "folded", "packed", "narrow")
+# (default), "off" none, "projected" / "conv-projected" / "merged" / "folded" / "packed" / "narrow" also the scan's
+# input projections (lowering/cuda_fusions.py)
+CUDA_FUSIONS = ("on", "off", "projected", "conv-projected", "merged", "folded", "packed", "narrow")
 # Which threshold keys judge which task (validate.py applies them): top-1 agreement has no meaning for feature maps
 # or class maps, pixel agreement of the argmax maps only for segmentation. The accuracy drop is top-1 points for a
 # classifier and mIoU points for a segmenter.

@@ -2,8 +2,8 @@
 // cuda-onnxruntime graph is rewritten to: `SelectiveScan2DMerged`, `SelectiveScan2DPacked`, `LastAxisLayerNorm`,
 // `ResidualLayerNorm`, `TransposeLayerNorm` (kernels/cuda/layer_norm.cuh), `DepthwiseConvSiLU`
 // (kernels/cuda/depthwise_conv.cuh), `ScanProjections` and `NarrowPointwiseConv` (kernels/cuda/scan_projections.cuh),
-// linked only into libvmamba_ort_cuda.so (custom_op.cpp compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops
-// from its add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is
+// `DepthwiseConvProjections` (kernels/cuda/conv_projections.cuh), linked only into libvmamba_ort_cuda.so (custom_op.cpp
+// compiled with -DVMAMBA_WITH_CUDA calls vmamba_cuda::add_ops from its add_cuda_ops hook). Compiled by g++ against the same ORT 1.21 headers; needs no CUDA header: the kernel is
 // reached through its C launcher (kernels/cuda/*.cuh), the stream is ORT's, as a void*.
 //
 // Classic Ort::CustomOpBase with GetExecutionProviderType() = "CUDAExecutionProvider" (Debian's CPU-only headers
@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "../cuda/conv_projections.cuh"
 #include "../cuda/depthwise_conv.cuh"
 #include "../cuda/layer_norm.cuh"
 #include "../cuda/scan_projections.cuh"
@@ -418,6 +419,64 @@ struct ScanProjectionsCudaKernel : CudaKernel<ScanProjectionsCudaKernel> {
   }
 };
 
+// DepthwiseConvProjections(X, W, W_x, dt_weight[, bias]) -> (u, delta, B, C): X (N, H, W, Di) channels-last, W (Di,
+// 1, 3, 3), u (N, Di, H, W) = DepthwiseConvSiLU(X, W, bias), and delta, B, C = ScanProjections(u, W_x, dt_weight), in
+// one kernel (kernels/cuda/conv_projections.cuh).
+struct DepthwiseConvProjectionsCudaKernel : CudaKernel<DepthwiseConvProjectionsCudaKernel> {
+  static constexpr const char* kName = "DepthwiseConvProjections";
+  static constexpr size_t kInputs = 5, kRequiredInputs = 4, kOutputs = 4;
+  static constexpr vmamba_ort::InferShapeFn kInferShape = vmamba_ort::conv_projection_outputs;
+  DepthwiseConvProjectionsCudaKernel(ONNXTensorElementDataType t, const Ort::ConstKernelInfo&) : CudaKernel(t) {}
+
+  OrtStatus* compute(Ort::KernelContext& ctx) {
+    auto x = ctx.GetInput(0), weight = ctx.GetInput(1), w_x = ctx.GetInput(2), dt_weight = ctx.GetInput(3);
+    Ort::ConstValue bias{nullptr};
+    if (ctx.GetInputCount() > 4) bias = ctx.GetInput(4);
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ws = w_x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ds = dt_weight.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.size() != 4) {
+      return make_status(ORT_INVALID_ARGUMENT, "X must be (N, H, W, Di), got " + shape_str(xs), kName);
+    }
+    const int64_t di = xs[3];
+    const std::vector<int64_t> want = {di, 1, 3, 3};
+    if (weight.GetTensorTypeAndShapeInfo().GetShape() != want) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "W must have shape " + shape_str(want) + " (X is " + shape_str(xs) + "), got " +
+                             shape_str(weight.GetTensorTypeAndShapeInfo().GetShape()),
+                         kName);
+    }
+    if (bias) {
+      if (OrtStatus* bad = check_params(kName, {{"bias", bias}}, di, xs)) return bad;
+    }
+    if (ds.size() != 3 || ds[0] != 4 || ds[1] != di || ds[2] < 1) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "dt_weight must be (4, Di, R) with Di = " + std::to_string(di) + " (X is " + shape_str(xs) +
+                             "), got " + shape_str(ds),
+                         kName);
+    }
+    const int64_t rank = ds[2];
+    if (ws.size() != 2 || ws[1] != di || ws[0] <= 4 * rank || (ws[0] - 4 * rank) % 8 != 0) {
+      return make_status(ORT_INVALID_ARGUMENT,
+                         "W_x must be (4 R + 8 S, Di) with R = " + std::to_string(rank) + ", Di = " +
+                             std::to_string(di) + " and S >= 1, got " + shape_str(ws),
+                         kName);
+    }
+    const int64_t d_state = (ws[0] - 4 * rank) / 8;
+    auto u = ctx.GetOutput(0, vmamba_ort::channels_first(xs));
+    auto delta = ctx.GetOutput(1, {xs[0], 4, di, xs[1], xs[2]});
+    auto b = ctx.GetOutput(2, {xs[0], 4, d_state, xs[1], xs[2]});
+    auto c = ctx.GetOutput(3, {xs[0], 4, d_state, xs[1], xs[2]});
+    return launched(kName, vmamba_depthwise_conv_projections_cuda(
+                               kernel_dtype(type), x.GetTensorRawData(), weight.GetTensorRawData(),
+                               bias ? bias.GetTensorRawData() : nullptr, w_x.GetTensorRawData(),
+                               dt_weight.GetTensorRawData(), u.GetTensorMutableRawData(),
+                               delta.GetTensorMutableRawData(), b.GetTensorMutableRawData(),
+                               c.GetTensorMutableRawData(), xs[0], xs[1], xs[2], di, rank, d_state,
+                               ctx.GetGPUComputeStream()));
+  }
+};
+
 // NarrowPointwiseConv(X, W) -> Y: X (N, C, H, W), W (M, C, 1, 1), Y (N, M, H, W) = Conv(X, W) (1 x 1, no bias) on the
 // CUDA cores, for few output channels (a packed scan's X; kernels/cuda/scan_projections.cuh).
 struct NarrowPointwiseConvCudaKernel : CudaKernel<NarrowPointwiseConvCudaKernel> {
@@ -499,6 +558,7 @@ void add_ops(Ort::CustomOpDomain& domain) {
   add_float_and_half<DepthwiseConvSiLUCudaKernel>(domain);
   add_float_and_half<ScanProjectionsCudaKernel>(domain);
   add_float_and_half<NarrowPointwiseConvCudaKernel>(domain);
+  add_float_and_half<DepthwiseConvProjectionsCudaKernel>(domain);
 }
 
 }  // namespace vmamba_cuda

@@ -9,7 +9,8 @@ struct CustomOpDomain;
 namespace vmamba_cuda {
 
 // Adds the CUDAExecutionProvider kernels (float32 and float16) of SelectiveScan2D (and its merged and packed forms),
-// LastAxisLayerNorm, ResidualLayerNorm, TransposeLayerNorm and DepthwiseConvSiLU to `domain`.
+// LastAxisLayerNorm, ResidualLayerNorm, TransposeLayerNorm, DepthwiseConvSiLU, ScanProjections,
+// NarrowPointwiseConv and DepthwiseConvProjections to `domain`.
 void add_ops(Ort::CustomOpDomain& domain);
 
 }  // namespace vmamba_cuda

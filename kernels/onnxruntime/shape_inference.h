@@ -7,7 +7,8 @@
 // Most outputs have the type and shape of input 0 (the scan's u, the LayerNorms' X; both outputs of
 // ResidualLayerNorm). TransposeLayerNorm moves axis 1 last (channel-first in, channels-last out) and
 // DepthwiseConvSiLU moves the last axis to 1 (the reverse); ScanProjections makes the scan's delta, B and C from u and
-// its weights; NarrowPointwiseConv takes its channel count from the weight. Inferred shapes keep symbolic dimensions.
+// its weights, DepthwiseConvProjections u (as DepthwiseConvSiLU) and then the same three; NarrowPointwiseConv takes its
+// channel count from the weight. Inferred shapes keep symbolic dimensions.
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
@@ -110,27 +111,51 @@ inline OrtStatusPtr ORT_API_CALL output_channels_first(const OrtCustomOp*, OrtSh
   return output_reordered(ctx, [](const auto& shape) { return channels_first(shape); });
 }
 
-// ScanProjections(u (B, Di, H, W), W_x (4 R + 8 N, Di), dt_weight (4, Di, R)) -> delta (B, 4, Di, H, W), B and C
-// (B, 4, N, H, W): u's batch and spatial dimensions (values or symbols), N from the weights' rows.
-inline OrtStatusPtr ORT_API_CALL scan_projection_outputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
-  ONNXTensorElementDataType type, weight_type;
-  std::vector<int64_t> u, w_x, dt;
-  std::vector<const char*> u_symbols, unused;
-  if (OrtStatus* status = input_dims(ctx, 0, type, u, u_symbols)) return status;
-  if (OrtStatus* status = input_dims(ctx, 1, weight_type, w_x, unused)) return status;
-  if (OrtStatus* status = input_dims(ctx, 2, weight_type, dt, unused)) return status;
-  if (u.size() != 4 || w_x.size() != 2 || dt.size() != 3) {
+// delta (B, 4, Di, H, W), B and C (B, 4, N, H, W) as outputs `first` to `first` + 2, from u's dimensions (B, Di, H, W)
+// and the weights W_x (4 R + 8 N, Di) and dt_weight (4, Di, R), inputs `w_x` and `w_x` + 1: u's batch and spatial
+// dimensions (values or symbols), N from the weights' rows.
+inline OrtStatusPtr set_projection_outputs(OrtShapeInferContext* ctx, const char* op, ONNXTensorElementDataType type,
+                                           const std::vector<int64_t>& u, const std::vector<const char*>& u_symbols,
+                                           size_t w_x, size_t first) {
+  ONNXTensorElementDataType weight_type;
+  std::vector<int64_t> rows, dt;
+  std::vector<const char*> unused;
+  if (OrtStatus* status = input_dims(ctx, w_x, weight_type, rows, unused)) return status;
+  if (OrtStatus* status = input_dims(ctx, w_x + 1, weight_type, dt, unused)) return status;
+  if (u.size() != 4 || rows.size() != 2 || dt.size() != 3) {
     return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT,
-                                      "ScanProjections: u must be 4-D, W_x 2-D and dt_weight 3-D");
+                                      (std::string(op) + ": u must be 4-D, W_x 2-D and dt_weight 3-D").c_str());
   }
-  const int64_t n_state = w_x[0] > 0 && dt[2] > 0 ? (w_x[0] - 4 * dt[2]) / 8 : -1;
+  const int64_t n_state = rows[0] > 0 && dt[2] > 0 ? (rows[0] - 4 * dt[2]) / 8 : -1;
   const std::vector<const char*> symbols = {u_symbols[0], "", u_symbols[1], u_symbols[2], u_symbols[3]};
   const std::vector<const char*> bc_symbols = {u_symbols[0], "", "", u_symbols[2], u_symbols[3]};
-  if (OrtStatus* status = set_output(ctx, 0, type, {u[0], 4, u[1], u[2], u[3]}, symbols)) return status;
-  for (size_t i = 1; i < 3; ++i) {
+  if (OrtStatus* status = set_output(ctx, first, type, {u[0], 4, u[1], u[2], u[3]}, symbols)) return status;
+  for (size_t i = first + 1; i < first + 3; ++i) {
     if (OrtStatus* status = set_output(ctx, i, type, {u[0], 4, n_state, u[2], u[3]}, bc_symbols)) return status;
   }
   return nullptr;
+}
+
+// ScanProjections(u (B, Di, H, W), W_x, dt_weight) -> delta, B, C (set_projection_outputs).
+inline OrtStatusPtr ORT_API_CALL scan_projection_outputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> u;
+  std::vector<const char*> u_symbols;
+  if (OrtStatus* status = input_dims(ctx, 0, type, u, u_symbols)) return status;
+  return set_projection_outputs(ctx, "ScanProjections", type, u, u_symbols, 1, 0);
+}
+
+// DepthwiseConvProjections(X (B, H, W, Di), W, W_x, dt_weight[, bias]) -> u (B, Di, H, W), then delta, B, C from u's
+// dimensions (set_projection_outputs).
+inline OrtStatusPtr ORT_API_CALL conv_projection_outputs(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> x;
+  std::vector<const char*> x_symbols;
+  if (OrtStatus* status = input_dims(ctx, 0, type, x, x_symbols)) return status;
+  const auto u = channels_first(x);
+  const auto u_symbols = channels_first(x_symbols);
+  if (OrtStatus* status = set_output(ctx, 0, type, u, u_symbols)) return status;
+  return set_projection_outputs(ctx, "DepthwiseConvProjections", type, u, u_symbols, 2, 1);
 }
 
 // NarrowPointwiseConv(X (N, C, H, W), W (M, C, 1, 1)) -> Y (N, M, H, W): X's dimensions, M from the weight.

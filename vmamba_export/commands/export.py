@@ -49,8 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--cuda-fusions",
         choices=CUDA_FUSIONS,
-        help="cuda-onnxruntime: the fused ops around the scan (default on; off: none; projected, merged, folded, "
-        "packed, narrow: also the scan's input projections rewritten that way, for A/B timing, "
+        help="cuda-onnxruntime: the fused ops around the scan (default on; off: none; projected, conv-projected, "
+        "merged, folded, packed, narrow: also the scan's input projections rewritten that way, for A/B timing, "
         "docs/cuda-onnxruntime.md)",
     )
     p.add_argument(

@@ -150,8 +150,9 @@ def _onnx_custom_op_cuda(model: VMamba, target: Target, folder: Path, options: E
     layer_norm = options.extra.get("layer_norm", "custom-op")  # "onnxruntime": keep its LayerNormalization (A/B)
     if layer_norm not in ("custom-op", "onnxruntime"):
         raise VMambaExportError(f"layer_norm {layer_norm!r}: expected custom-op or onnxruntime")
-    # "off": the graph unfused (A/B timing); "on": the fused ops; "projected", "merged", "folded", "packed", "narrow":
-    # also the scan's input projections rewritten that way (lowering/cuda_fusions.py, docs/cuda-onnxruntime.md)
+    # "off": the graph unfused (A/B timing); "on": the fused ops; "projected", "conv-projected", "merged", "folded",
+    # "packed", "narrow": also the scan's input projections rewritten that way (lowering/cuda_fusions.py,
+    # docs/cuda-onnxruntime.md)
     fusions = options.extra.get("cuda_fusions", "on")
     if fusions not in CUDA_FUSIONS:
         raise VMambaExportError(f"cuda_fusions {fusions!r}: expected one of {', '.join(CUDA_FUSIONS)}")
@@ -225,9 +226,10 @@ BATCH1_FUSIONS = ("none", *(f for f in CUDA_FUSIONS if f != "off"))
 
 def _scan_rewrites(record: dict) -> int:
     """How many scans a fuse_cuda_graph record says had their input projections rewritten."""
-    from .cuda_fusions import MERGED_SCAN_OP, PACKED_SCAN_OP, PROJECTIONS_OP
+    from .cuda_fusions import CONV_PROJECTIONS_OP, MERGED_SCAN_OP, PACKED_SCAN_OP, PROJECTIONS_OP
 
-    return sum(record["fused"][op] for op in (PROJECTIONS_OP, PACKED_SCAN_OP, MERGED_SCAN_OP))
+    ops = (PROJECTIONS_OP, CONV_PROJECTIONS_OP, PACKED_SCAN_OP, MERGED_SCAN_OP)
+    return sum(record["fused"][op] for op in ops)
 
 
 def _scan_projections(fusions: str) -> str:

@@ -27,6 +27,9 @@ chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the li
 - `ScanProjections(u, W_x, dt_weight) -> (delta, B, C)`: the same three projections and the dt projection computed by
   one kernel (float32 sums on the CUDA cores, the dt-rank values kept in shared memory), feeding the unchanged
   SelectiveScan2D. Four kernels -> one ("projected").
+- `DepthwiseConvProjections(X, W, W_x, dt_weight[, bias]) -> (u, delta, B, C)`: a DepthwiseConvSiLU whose output u
+  feeds a ScanProjections, both in one kernel that projects u while it is still in shared memory ("conv-projected":
+  per block at batch 1, five kernels of the exporter's graph (four of ScanProjections' form: three) -> one).
 - `SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) -> y`: the same three projections as one aligned GEMM
   X, the dt projection as a second GEMM of X (or folded into the first), and the scan reading B and C from X in
   place. Four kernels (three of them cuDNN 1 x 1 convolutions of 4 to 24 output channels) -> two or one cuBLAS GEMMs
@@ -56,13 +59,15 @@ PACKED_SCAN_OP = "SelectiveScan2DPacked"
 MERGED_SCAN_OP = "SelectiveScan2DMerged"
 PROJECTIONS_OP = "ScanProjections"
 NARROW_CONV_OP = "NarrowPointwiseConv"
+CONV_PROJECTIONS_OP = "DepthwiseConvProjections"
 BIAS_GELU_OP = "BiasGelu"
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 SCAN_OP = "SelectiveScan2D"
 # How the scan's input projections are rewritten (ExportOptions.extra["cuda_fusions"]): not at all, computed by one
-# kernel of ours ("projected"), merged into GEMMs ("merged": two, "folded": one) or packed into the scan kernel
-# ("packed": X by cuDNN's convolution; "narrow": X by NarrowPointwiseConv)
-SCAN_PROJECTIONS = ("none", "projected", "merged", "folded", "packed", "narrow")
+# kernel of ours ("projected"; "conv-projected": in the depthwise convolution's kernel), merged into GEMMs ("merged":
+# two, "folded": one) or packed into the scan kernel ("packed": X by cuDNN's convolution; "narrow": X by
+# NarrowPointwiseConv)
+SCAN_PROJECTIONS = ("none", "projected", "conv-projected", "merged", "folded", "packed", "narrow")
 # Standard ops whose outputs _constant evaluates when their inputs are constant
 _FOLDABLE = ("Reshape", "Split", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Identity", "Constant")
 TO_CHANNELS_LAST = [0, 2, 3, 1]
@@ -439,6 +444,32 @@ def project_scan_inputs(proto: onnx.ModelProto) -> int:
     return edit.commit()
 
 
+def fuse_conv_projections(proto: onnx.ModelProto) -> int:
+    """Each ScanProjections(u, W_x, dt_weight) whose u is DepthwiseConvSiLU(X, W[, bias]) becomes, with that node,
+    DepthwiseConvProjections(X, W, W_x, dt_weight[, bias]) -> (u, delta, B, C), in place (u stays an output: the scan
+    reads it). Returns how many."""
+    edit = _Edit(proto.graph)
+    index = edit.index
+    for projections in proto.graph.node:
+        if projections.op_type != PROJECTIONS_OP or projections.domain != ONNX_DOMAIN:
+            continue
+        conv = index.producer.get(projections.input[0])
+        if conv is None or conv.op_type != DEPTHWISE_SILU_OP or conv.domain != ONNX_DOMAIN or id(conv) in edit.placed:
+            continue
+        x, weight, *bias = conv.input
+        _, w_x, dt_weight = projections.input
+        # at the convolution: X and W exist there, W_x and dt_weight are initializers, every reader of the four
+        # outputs comes after it
+        edit.placed[id(conv)] = _fused_node(
+            CONV_PROJECTIONS_OP,
+            [x, weight, w_x, dt_weight, *[b for b in bias if b]],
+            [conv.output[0], *projections.output],
+            projections,
+        )
+        edit.removed.add(id(projections))
+    return edit.commit()
+
+
 def merge_scan_projections(proto: onnx.ModelProto, fold_dt: bool = False) -> int:
     """Each d_state-1 scan of the exporter's projection pattern (_ScanProjections) reads its inputs from GEMMs:
 
@@ -506,7 +537,7 @@ def fuse_cuda_graph(proto: onnx.ModelProto, scan_projections: str = "none") -> d
         TRANSPOSE_NORM_OP: fuse_transpose_layer_norms(proto),
         DEPTHWISE_SILU_OP: fuse_depthwise_conv_silu(proto),
         BIAS_GELU_OP: fuse_bias_gelu(proto),
-        PROJECTIONS_OP: project_scan_inputs(proto) if scan_projections == "projected" else 0,
+        PROJECTIONS_OP: project_scan_inputs(proto) if scan_projections in ("projected", "conv-projected") else 0,
         PACKED_SCAN_OP: (
             pack_scan_projections(proto, narrow=scan_projections == "narrow")
             if scan_projections in ("packed", "narrow")
@@ -519,6 +550,10 @@ def fuse_cuda_graph(proto: onnx.ModelProto, scan_projections: str = "none") -> d
         ),
     }
     counts[NARROW_CONV_OP] = counts[PACKED_SCAN_OP] if scan_projections == "narrow" else 0
+    # each takes one DepthwiseConvSiLU and one ScanProjections: the counts stay those of the ops in the graph
+    counts[CONV_PROJECTIONS_OP] = fuse_conv_projections(proto) if scan_projections == "conv-projected" else 0
+    counts[DEPTHWISE_SILU_OP] -= counts[CONV_PROJECTIONS_OP]
+    counts[PROJECTIONS_OP] -= counts[CONV_PROJECTIONS_OP]
     dead = drop_dead_nodes(proto.graph)
     record = {
         "domain": ONNX_DOMAIN,

@@ -1,0 +1,1 @@
+"""CUDA kernels run on CPU threads, for tests without a GPU (emulate.py)."""

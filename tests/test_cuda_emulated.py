@@ -1,0 +1,116 @@
+"""CUDA kernels built for the host by tests/cuda_emulation (each block's threads as CPU threads, barriers and warp
+shuffles emulated) and checked against float64 numpy: what the kernel computes (index arithmetic, tiles, bounds,
+barriers, the warp reductions), on a machine without a GPU. Speed is not checked here, and the GPU tests
+(tests/test_cuda.py) run the same sources compiled by nvcc."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from cuda_emulation import emulate
+
+pytestmark = pytest.mark.skipif(not emulate.available(), reason="no C++20 compiler with _Float16 (GCC >= 12)")
+
+F32, F16 = 0, 1
+
+
+@pytest.fixture(scope="module")
+def conv_projections(tmp_path_factory) -> ctypes.CDLL:
+    lib = emulate.build("conv_projections", tmp_path_factory.mktemp("emulated"))
+    lib.vmamba_depthwise_conv_projections_cuda.restype = ctypes.c_char_p
+    lib.vmamba_depthwise_conv_projections_cuda.argtypes = (
+        [ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+    )
+    lib.vmamba_depthwise_conv_projections_cuda_set_tile.argtypes = [ctypes.c_int]
+    return lib
+
+
+def _silu(v):
+    return v / (1.0 + np.exp(-v))
+
+
+def conv_projections_reference(x, conv_w, conv_b, w_x, dt_w, np_type):
+    """u, delta, B, C of DepthwiseConvProjections in float64 from the op's inputs (x channels-last), u rounded to the
+    tensor type before the projections as the op does."""
+    batch, height, width, di = x.shape
+    rank = dt_w.shape[2]
+    n = (w_x.shape[0] - 4 * rank) // 8
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    conv = np.zeros((batch, height, width, di)) + (conv_b if conv_b is not None else 0.0)
+    for i in range(3):
+        for j in range(3):
+            conv += padded[:, i : i + height, j : j + width, :] * conv_w[:, 0, i, j]
+    u = _silu(conv).astype(np_type).astype(np.float64).transpose(0, 3, 1, 2).reshape(batch, di, height * width)
+    xs = np.einsum("jc,bcp->bjp", w_x, u)
+    delta = np.einsum("kcr,bkrp->bkcp", dt_w, xs[:, : 4 * rank].reshape(batch, 4, rank, -1))
+    shape = (batch, 4, -1, height, width)
+    return {
+        "u": u.reshape(batch, di, height, width),
+        "delta": delta.reshape(shape),
+        "B": xs[:, 4 * rank : 4 * rank + 4 * n].reshape(shape),
+        "C": xs[:, 4 * rank + 4 * n :].reshape(shape),
+    }
+
+
+def _rel_l2(got, want) -> float:
+    return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
+
+
+# (batch, H, W, Di, R, N): maps that leave the last tile partial and tiles that cross map rows, a 1 x 1 map (padding
+# only), batch 2, d_state 2, Di not a multiple of 32 (lanes past the channels), R larger than the warp count
+SHAPES = [(1, 5, 7, 96, 6, 1), (2, 3, 4, 38, 3, 2), (1, 1, 1, 64, 4, 1), (1, 4, 3, 192, 12, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tile", [0, 1, 2, 8, 32])
+@pytest.mark.parametrize("float16", [False, True])
+def test_depthwise_conv_projections_kernel_matches_float64(conv_projections, shape, tile, float16):
+    batch, height, width, di, rank, n = shape
+    np_type = np.float16 if float16 else np.float32
+    rng = np.random.default_rng(abs(hash(shape)) % 2**32)
+    inputs = {
+        "x": rng.standard_normal((batch, height, width, di)),
+        "conv_w": rng.standard_normal((di, 1, 3, 3)) / 3,
+        "conv_b": rng.standard_normal(di) / 3 if batch == 2 else None,
+        "w_x": rng.standard_normal((4 * rank + 8 * n, di)) / di**0.5,
+        "dt_w": rng.standard_normal((4, di, rank)) / rank**0.5,
+    }
+    typed = {k: None if v is None else np.ascontiguousarray(v, dtype=np_type) for k, v in inputs.items()}
+    want = conv_projections_reference(
+        *[None if v is None else v.astype(np.float64) for v in typed.values()], np_type=np_type
+    )
+    outputs = {key: np.full(value.shape, np.nan, dtype=np_type) for key, value in want.items()}
+    assert conv_projections.vmamba_depthwise_conv_projections_cuda_set_tile(tile) == tile
+    try:
+        err = conv_projections.vmamba_depthwise_conv_projections_cuda(
+            F16 if float16 else F32,
+            *[None if v is None else v.ctypes.data for v in typed.values()],
+            *[v.ctypes.data for v in outputs.values()],
+            batch,
+            height,
+            width,
+            di,
+            rank,
+            n,
+            None,
+        )
+    finally:
+        conv_projections.vmamba_depthwise_conv_projections_cuda_set_tile(0)
+    assert err is None, err.decode()
+    for name, got in outputs.items():
+        assert np.isfinite(got).all(), f"{name}: positions left unwritten"
+        assert _rel_l2(got, want[name]) < (1e-3 if float16 else 1e-6), name
+
+
+def test_automatic_tile_fills_the_gpu_at_batch_1(conv_projections):
+    """The automatic tile at vmamba_tiny's four stages at batch 1 (132 multiprocessors, as an H100): the largest tile
+    that leaves at least one block for every two multiprocessors; at batch 8 the largest that fits shared memory, and a
+    d_inner whose u tile fills shared memory takes a smaller one."""
+    tile = conv_projections.vmamba_depthwise_conv_projections_cuda_tile
+    tile.argtypes = [ctypes.c_int64] * 6
+    stages = ((56, 96, 6), (28, 192, 12), (14, 384, 24), (7, 768, 48))
+    assert [tile(1, side, side, di, rank, 1) for side, di, rank in stages] == [32, 32, 8, 2]
+    assert [tile(8, side, side, di, rank, 1) for side, di, rank in stages] == [32, 32, 16, 8]
+    assert tile(8, 56, 56, 1024, 64, 1) == 8  # 1024 x 33 floats are more than 48 KB; 1024 x 17 too; 1024 x 9 fit
