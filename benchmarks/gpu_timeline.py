@@ -142,15 +142,18 @@ def report(label: str, wall_ms: float, summary: dict) -> None:
         log(f"    {row['us']:7.1f} us {row['launches']:4d}x  {row['name']}")
 
 
-def vmamba_runner(precision: str, fusions: str, work: Path, batch: int):
+def vmamba_runner(precision: str, fusions: str, work: Path, batch: int, batch1_fusions: str = "default"):
+    """batch1_fusions: the artifact's cuda_batch1_fusions ("default": the exporter's choice)."""
     from gpu_check import export_or_load
 
     from vmamba_export import load
     from vmamba_export.runtime.cuda_graphs import CudaGraphRunner
 
-    folder = export_or_load(
-        "vmamba_tiny_s1l8", f"{precision}-{fusions}", precision, {"cuda_fusions": fusions}, None, work
-    )
+    settings = {"cuda_fusions": fusions}
+    if batch1_fusions != "default":
+        settings["cuda_batch1_fusions"] = batch1_fusions
+    name = f"{precision}-{fusions}-batch1-{batch1_fusions}"
+    folder = export_or_load("vmamba_tiny_s1l8", name, precision, settings, None, work)
     plain = load(folder, cuda_graph=False)
     graphed = load(folder)
     runner = CudaGraphRunner(graphed.backend.graphs.make_session, plain.backend.session)
@@ -251,6 +254,12 @@ def gelu_epilogue_probe() -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fusions", nargs="+", default=["on", "folded"], help="vmamba cuda_fusions forms")
+    parser.add_argument(
+        "--batch1-fusions",
+        nargs="+",
+        default=["default"],
+        help="vmamba cuda_batch1_fusions forms, each with every --fusions form (default: the exporter's choice)",
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp16", "fp32"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--replays", type=int, default=30)
@@ -284,9 +293,13 @@ def main(argv=None) -> int:
         work = Path(tmp)
         configs = [(f"convnext_tiny {p}", lambda p=p: convnext_runner(p, work, args.batch)) for p in args.precisions]
         configs += [
-            (f"vmamba_tiny_s1l8 {p} {f}", lambda p=p, f=f: vmamba_runner(p, f, work, args.batch))
+            (
+                f"vmamba_tiny_s1l8 {p} {f}" + ("" if b1 == "default" else f" batch1 {b1}"),
+                lambda p=p, f=f, b1=b1: vmamba_runner(p, f, work, args.batch, b1),
+            )
             for p in args.precisions
             for f in args.fusions
+            for b1 in args.batch1_fusions
         ]
         for label, make in configs:
             try:

@@ -18,12 +18,13 @@ F32, F16 = 0, 1
 
 @pytest.fixture(scope="module")
 def conv_projections(tmp_path_factory) -> ctypes.CDLL:
+    from vmamba_export.cuda_kernel import _SIGNATURES  # the signatures the GPU library is called with
+
     lib = emulate.build("conv_projections", tmp_path_factory.mktemp("emulated"))
-    lib.vmamba_depthwise_conv_projections_cuda.restype = ctypes.c_char_p
-    lib.vmamba_depthwise_conv_projections_cuda.argtypes = (
-        [ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
-    )
-    lib.vmamba_depthwise_conv_projections_cuda_set_tile.argtypes = [ctypes.c_int]
+    prefix = "vmamba_depthwise_conv_projections_cuda"
+    for name in (prefix, f"{prefix}_set_tile", f"{prefix}_tile"):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = _SIGNATURES[name]
     return lib
 
 
@@ -109,7 +110,6 @@ def test_automatic_tile_fills_the_gpu_at_batch_1(conv_projections):
     that leaves at least one block for every two multiprocessors; at batch 8 the largest that fits shared memory, and a
     d_inner whose u tile fills shared memory takes a smaller one."""
     tile = conv_projections.vmamba_depthwise_conv_projections_cuda_tile
-    tile.argtypes = [ctypes.c_int64] * 6
     stages = ((56, 96, 6), (28, 192, 12), (14, 384, 24), (7, 768, 48))
     assert [tile(1, side, side, di, rank, 1) for side, di, rank in stages] == [32, 32, 8, 2]
     assert [tile(8, side, side, di, rank, 1) for side, di, rank in stages] == [32, 32, 16, 8]

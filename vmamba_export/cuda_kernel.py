@@ -20,50 +20,44 @@ F32, F16 = 0, 1
 PATHS = {"auto": 0, "smem": 1, "global": 2, "block": 3, "lines": 4, "warps": 5}
 
 
+_I, _P, _L = ctypes.c_int, ctypes.c_void_p, ctypes.c_int64
+
+
+def _launcher(pointers: int, sizes: int) -> tuple:
+    """A C launcher's signature: (dtype, `pointers` device pointers, `sizes` int64 sizes, stream) -> message or null."""
+    return ctypes.c_char_p, [_I] + [_P] * pointers + [_L] * sizes + [_P]
+
+
+# The library's C entry points: name -> (restype, argtypes)
+_SIGNATURES = {
+    "vmamba_selective_scan_2d_cuda": _launcher(8, 5),
+    "vmamba_selective_scan_2d_packed_cuda": _launcher(7, 6),
+    "vmamba_selective_scan_2d_merged_cuda": (ctypes.c_char_p, [_I, _P, _P, _L, _P, _L] + [_P] * 4 + [_L] * 5 + [_P]),
+    "vmamba_scan_projections_cuda": _launcher(6, 5),
+    "vmamba_narrow_pointwise_conv_cuda": _launcher(3, 4),
+    "vmamba_depthwise_conv_silu_cuda": _launcher(4, 4),
+    "vmamba_depthwise_conv_projections_cuda": _launcher(9, 6),
+    "vmamba_depthwise_conv_projections_cuda_set_tile": (_I, [_I]),
+    "vmamba_depthwise_conv_projections_cuda_tile": (_I, [_L] * 6),
+    "vmamba_selective_scan_2d_cuda_force_path": (None, [_I]),
+    "vmamba_selective_scan_2d_cuda_last_config": (ctypes.c_char_p, []),
+    "vmamba_selective_scan_2d_cuda_set_tuning": (None, [_I, _I]),
+    "vmamba_selective_scan_2d_cuda_set_block_variant": (None, [_I]),
+    "vmamba_scan_floor": (ctypes.c_char_p, [_I, _I, _I, _P, _P]),
+    "vmamba_scan_floor_threads": (_I, []),
+    "vmamba_exp2_poly": (ctypes.c_char_p, [_P, _P, _L, _P]),
+}
+
+
 @functools.cache
 def load_library(path: str | None = None) -> ctypes.CDLL:
     lib_path = Path(path) if path else ort_cuda_library_path()
     if lib_path is None:
         raise TargetUnavailableError("libvmamba_ort_cuda.so is not built: python -m vmamba_export.build_kernels --cuda")
     lib = ctypes.CDLL(str(lib_path))
-    fn = lib.vmamba_selective_scan_2d_cuda
-    fn.restype = ctypes.c_char_p
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
-    packed = lib.vmamba_selective_scan_2d_packed_cuda
-    packed.restype = ctypes.c_char_p
-    packed.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
-    merged = lib.vmamba_selective_scan_2d_merged_cuda
-    merged.restype = ctypes.c_char_p
-    merged.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    merged.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
-    projections = lib.vmamba_scan_projections_cuda
-    projections.restype = ctypes.c_char_p
-    projections.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
-    narrow = lib.vmamba_narrow_pointwise_conv_cuda
-    narrow.restype = ctypes.c_char_p
-    narrow.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
-    depthwise = lib.vmamba_depthwise_conv_silu_cuda
-    depthwise.restype = ctypes.c_char_p
-    depthwise.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
-    conv_projections = lib.vmamba_depthwise_conv_projections_cuda
-    conv_projections.restype = ctypes.c_char_p
-    conv_projections.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
-    lib.vmamba_depthwise_conv_projections_cuda_set_tile.argtypes = [ctypes.c_int]
-    lib.vmamba_depthwise_conv_projections_cuda_set_tile.restype = ctypes.c_int
-    lib.vmamba_depthwise_conv_projections_cuda_tile.argtypes = [ctypes.c_int64] * 6
-    lib.vmamba_depthwise_conv_projections_cuda_tile.restype = ctypes.c_int
-    lib.vmamba_selective_scan_2d_cuda_force_path.argtypes = [ctypes.c_int]
-    lib.vmamba_selective_scan_2d_cuda_force_path.restype = None
-    lib.vmamba_selective_scan_2d_cuda_last_config.restype = ctypes.c_char_p
-    lib.vmamba_selective_scan_2d_cuda_set_tuning.argtypes = [ctypes.c_int, ctypes.c_int]
-    lib.vmamba_selective_scan_2d_cuda_set_tuning.restype = None
-    lib.vmamba_selective_scan_2d_cuda_set_block_variant.argtypes = [ctypes.c_int]
-    lib.vmamba_selective_scan_2d_cuda_set_block_variant.restype = None
-    lib.vmamba_scan_floor.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.vmamba_scan_floor.restype = ctypes.c_char_p
-    lib.vmamba_scan_floor_threads.restype = ctypes.c_int
-    lib.vmamba_exp2_poly.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lib.vmamba_exp2_poly.restype = ctypes.c_char_p
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
 
 
