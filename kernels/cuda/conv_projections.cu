@@ -124,15 +124,26 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // delta of direction k: a thread a (channel, position), positions fastest (runs of kTile along delta's rows)
+  // delta of direction k: a thread a (channel, run of kRun positions), so a dt weight is read once for kRun sums and
+  // the x values are broadcast reads; each thread writes its run contiguously
+  constexpr int kRun = kTile < 8 ? kTile : 8;
+  constexpr int kRuns = kTile / kRun;
   T* const dk = delta + (static_cast<int64_t>(b) * 4 + k) * di * len + p0;
   const T* const wk = dt_weight + static_cast<int64_t>(k) * di * rank;
-  for (int i = threadIdx.x; i < di * kTile; i += kThreads) {
-    const int c = i / kTile, j = i - c * kTile;
+  for (int i = threadIdx.x; i < di * kRuns; i += kThreads) {
+    const int c = i / kRuns, j0 = (i - c * kRuns) * kRun;
     const T* const wc = wk + static_cast<int64_t>(c) * rank;
-    float acc = 0.0f;
-    for (int r = 0; r < rank; ++r) acc = fmaf(to_f(wc[r]), xs[r * kTile + j], acc);
-    if (p0 + j < len) dk[static_cast<int64_t>(c) * len + j] = from_f<T>(acc);
+    float acc[kRun] = {};
+    for (int r = 0; r < rank; ++r) {
+      const float wr = to_f(wc[r]);
+      const float* const xr = xs + r * kTile + j0;
+#pragma unroll
+      for (int j = 0; j < kRun; ++j) acc[j] = fmaf(wr, xr[j], acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kRun; ++j) {
+      if (p0 + j0 + j < len) dk[static_cast<int64_t>(c) * len + j0 + j] = from_f<T>(acc[j]);
+    }
   }
   // B and C of direction k
   for (int i = threadIdx.x; i < 2 * n_state * kTile; i += kThreads) {
