@@ -17,15 +17,33 @@ F32, F16 = 0, 1
 
 
 @pytest.fixture(scope="module")
-def conv_projections(tmp_path_factory) -> ctypes.CDLL:
-    from vmamba_export.cuda_kernel import _SIGNATURES  # the signatures the GPU library is called with
+def emulated(tmp_path_factory):
+    """name -> kernels/cuda/<name>.cu built for the host (once per module)."""
+    folder = tmp_path_factory.mktemp("emulated")
+    built: dict[str, ctypes.CDLL] = {}
 
-    lib = emulate.build("conv_projections", tmp_path_factory.mktemp("emulated"))
-    prefix = "vmamba_depthwise_conv_projections_cuda"
-    for name in (prefix, f"{prefix}_set_tile", f"{prefix}_tile"):
+    def library(name: str) -> ctypes.CDLL:
+        if name not in built:
+            built[name] = emulate.build(name, folder)
+        return built[name]
+
+    return library
+
+
+def _signed(lib: ctypes.CDLL, *names: str) -> ctypes.CDLL:
+    """`lib` with the named entry points given the signatures the GPU library is called with (cuda_kernel.py)."""
+    from vmamba_export.cuda_kernel import _SIGNATURES
+
+    for name in names:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = _SIGNATURES[name]
     return lib
+
+
+@pytest.fixture(scope="module")
+def conv_projections(emulated) -> ctypes.CDLL:
+    prefix = "vmamba_depthwise_conv_projections_cuda"
+    return _signed(emulated("conv_projections"), prefix, f"{prefix}_set_tile", f"{prefix}_tile")
 
 
 def _silu(v):
@@ -114,3 +132,72 @@ def test_automatic_tile_fills_the_gpu_at_batch_1(conv_projections):
     assert [tile(1, side, side, di, rank, 1) for side, di, rank in stages] == [32, 32, 8, 2]
     assert [tile(8, side, side, di, rank, 1) for side, di, rank in stages] == [32, 32, 16, 8]
     assert tile(8, 56, 56, 1024, 64, 1) == 8  # 1024 x 33 floats are more than 48 KB; 1024 x 17 too; 1024 x 9 fit
+
+
+def _typed(arrays: dict, float16: bool) -> dict:
+    """The arrays in the kernel's type (float16 or float32), contiguous."""
+    np_type = np.float16 if float16 else np.float32
+    return {k: np.ascontiguousarray(v, dtype=np_type) for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize(
+    ("shape", "float16"),
+    # the last: 1024 blocks of one row, so tiles of four rows (float32 only: the slowest case here)
+    [
+        *[(s, f16) for s in ((1, 9, 40, 64), (2, 7, 9, 34), (1, 1, 1, 6)) for f16 in (False, True)],
+        ((8, 16, 32, 1024), False),
+    ],
+)
+def test_depthwise_conv_silu_kernel_matches_float64(emulated, shape, float16):
+    """DepthwiseConvSiLU (kernels/cuda/depthwise_conv.cu, the default graph's kernel): partial column and channel
+    tiles, a 1 x 1 map, and tiles of four rows, against the convolution and SiLU in float64."""
+    lib = _signed(emulated("depthwise_conv"), "vmamba_depthwise_conv_silu_cuda")
+    batch, height, width, channels = shape
+    rng = np.random.default_rng(channels)
+    typed = _typed(
+        {"x": rng.standard_normal(shape), "w": rng.standard_normal((channels, 1, 3, 3)) / 3,
+         "b": rng.standard_normal(channels) / 3},
+        float16,
+    )  # fmt: skip
+    x, w, b = (typed[k].astype(np.float64) for k in ("x", "w", "b"))
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    conv = b + sum(padded[:, i : i + height, j : j + width, :] * w[:, 0, i, j] for i in range(3) for j in range(3))
+    want = _silu(conv).transpose(0, 3, 1, 2)
+    got = np.full(want.shape, np.nan, dtype=typed["x"].dtype)
+    pointers = [typed[k].ctypes.data for k in ("x", "w", "b")] + [got.ctypes.data]
+    err = lib.vmamba_depthwise_conv_silu_cuda(F16 if float16 else F32, *pointers, *shape, None)
+    assert err is None, err.decode()
+    assert _rel_l2(got, want) < (1e-3 if float16 else 1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    # (batch, Di, R, N, H, W): row groups of 4 and of 8, d_state 16 rows, a map smaller than a tile, Di not a multiple
+    # of 4, and 16 K positions (two a lane)
+    [(1, 96, 6, 1, 14, 14), (2, 64, 4, 16, 9, 11), (3, 40, 3, 1, 1, 2), (2, 38, 5, 1, 6, 10), (4, 32, 2, 1, 64, 64)],
+)
+@pytest.mark.parametrize("float16", [False, True])
+def test_scan_projections_kernels_match_float64(emulated, shape, float16):
+    """ScanProjections (kernels/cuda/scan_projections.cu, the default batch-1 graph's two kernels): delta, B and C
+    against x = W_x u and delta = dt_weight x_dt in float64."""
+    lib = _signed(emulated("scan_projections"), "vmamba_scan_projections_cuda")
+    batch, di, rank, n, h, w = shape
+    rng = np.random.default_rng(di)
+    typed = _typed(
+        {"u": rng.standard_normal((batch, di, h * w)), "w_x": rng.standard_normal((4 * rank + 8 * n, di)) / di**0.5,
+         "dt": rng.standard_normal((4, di, rank)) / rank**0.5},
+        float16,
+    )  # fmt: skip
+    u, w_x, dt = (typed[k].astype(np.float64) for k in ("u", "w_x", "dt"))
+    x = np.einsum("jc,bcp->bjp", w_x, u)
+    want = {
+        "delta": np.einsum("kcr,bkrp->bkcp", dt, x[:, : 4 * rank].reshape(batch, 4, rank, -1)),
+        "B": x[:, 4 * rank : 4 * rank + 4 * n].reshape(batch, 4, n, -1),
+        "C": x[:, 4 * rank + 4 * n :].reshape(batch, 4, n, -1),
+    }
+    got = {k: np.full(v.shape, np.nan, dtype=typed["u"].dtype) for k, v in want.items()}
+    pointers = [typed[k].ctypes.data for k in ("u", "w_x", "dt")] + [v.ctypes.data for v in got.values()]
+    err = lib.vmamba_scan_projections_cuda(F16 if float16 else F32, *pointers, batch, di, rank, n, h * w, None)
+    assert err is None, err.decode()
+    for name, out in got.items():
+        assert _rel_l2(out, want[name]) < (1e-3 if float16 else 1e-6), name

@@ -113,6 +113,15 @@ T __ldg(const T* p) {
   return *p;
 }
 
+// Stream-ordered allocation: launches run to completion when called, so plain host memory does.
+inline cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) {
+  *ptr = std::malloc(bytes > 0 ? bytes : 1);
+  return *ptr != nullptr ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) {
+  std::free(ptr);
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 inline cudaError_t cudaGetDevice(int* device) {
