@@ -281,18 +281,8 @@ def depthwise_conv_projections_cuda(x, weight, w_x, dt_weight, bias=None) -> tup
     b, c = (x.new_empty((batch, 4, d_state, height, width)) for _ in range(2))
     pointers = [x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr()]
     pointers += [t.data_ptr() for t in (w_x, dt_weight, u, delta, b, c)]
-    _launch(
-        "vmamba_depthwise_conv_projections_cuda",
-        dtype,
-        x.device,
-        *pointers,
-        batch,
-        height,
-        width,
-        d_inner,
-        rank,
-        d_state,
-    )
+    sizes = (batch, height, width, d_inner, rank, d_state)
+    _launch("vmamba_depthwise_conv_projections_cuda", dtype, x.device, *pointers, *sizes)
     return u, delta, b, c
 
 

@@ -29,7 +29,7 @@ chains itself (bias + GELU, SiLU as QuickGelu) but not these three, which the li
   SelectiveScan2D. Four kernels -> one ("projected").
 - `DepthwiseConvProjections(X, W, W_x, dt_weight[, bias]) -> (u, delta, B, C)`: a DepthwiseConvSiLU whose output u
   feeds a ScanProjections, both in one kernel that projects u while it is still in shared memory ("conv-projected":
-  per block at batch 1, five kernels of the exporter's graph (four of ScanProjections' form: three) -> one).
+  DepthwiseConvSiLU and ScanProjections' two kernels -> one).
 - `SelectiveScan2DMerged(u, delta, X, A_logs, D, delta_bias) -> y`: the same three projections as one aligned GEMM
   X, the dt projection as a second GEMM of X (or folded into the first), and the scan reading B and C from X in
   place. Four kernels (three of them cuDNN 1 x 1 convolutions of 4 to 24 output channels) -> two or one cuBLAS GEMMs
@@ -458,6 +458,8 @@ def fuse_conv_projections(proto: onnx.ModelProto) -> int:
             continue
         x, weight, *bias = conv.input
         _, w_x, dt_weight = projections.input
+        if w_x not in index.initializers or dt_weight not in index.initializers:
+            continue
         # at the convolution: X and W exist there, W_x and dt_weight are initializers, every reader of the four
         # outputs comes after it
         edit.placed[id(conv)] = _fused_node(
