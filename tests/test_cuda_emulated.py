@@ -83,7 +83,7 @@ SHAPES = [(1, 5, 7, 96, 6, 1), (2, 3, 4, 38, 3, 2), (1, 1, 1, 64, 4, 1), (1, 4, 
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("tile", [0, 1, 2, 8, 32])
+@pytest.mark.parametrize("tile", [0, 1, 2, 4, 8, 16, 32])
 @pytest.mark.parametrize("float16", [False, True])
 def test_depthwise_conv_projections_kernel_matches_float64(conv_projections, shape, tile, float16):
     batch, height, width, di, rank, n = shape

@@ -2,7 +2,12 @@
 include/), for tests of what a kernel computes on machines without a GPU. The source is compiled unchanged but for
 two mechanical rewrites the C++ compiler needs: `kernel<<<grid, block, smem, stream>>>(args)` becomes a call of the
 shim's launcher, and `extern __shared__ T name[];` a pointer to the shim's dynamic shared memory. Timing means
-nothing here; the GPU tests (tests/test_cuda.py) run the same source compiled by nvcc."""
+nothing here; the GPU tests (tests/test_cuda.py) run the same source compiled by nvcc.
+
+What the shim covers is what DepthwiseConvSiLU, ScanProjections and DepthwiseConvProjections use: one-dimensional
+blocks of whole warps, `__syncthreads`, full-warp `__shfl_xor_sync`, static and dynamic shared memory, `__half`,
+stream-ordered allocation. Not covered: inline PTX (the scan kernels' `ex2.approx` and L2 prefetch), partial-warp or
+`up`/indexed shuffles; a source using them does not build here."""
 
 from __future__ import annotations
 
