@@ -201,3 +201,59 @@ def test_scan_projections_kernels_match_float64(emulated, shape, float16):
     assert err is None, err.decode()
     for name, out in got.items():
         assert _rel_l2(out, want[name]) < (1e-3 if float16 else 1e-6), name
+
+
+# (batch, Di, N, H, W) per kernel: warp kernel (2 and 8 steps a lane, idle lanes), line kernel (partial 8-step chunks
+# at the row ends; 7-step chunks), block kernel, d_state 16 (the fallback kernel)
+SCAN_SHAPES = [(2, 3, 1, 7, 9), (1, 2, 1, 14, 14), (1, 2, 1, 16, 20), (2, 2, 1, 28, 30), (2, 3, 16, 9, 7)]
+# Not the chunked shared-memory kernel ("smem", and "auto" at d_state 16, which takes it): under the emulation its
+# threads wait on each other for ever (its split lanes' shuffles are not the uniform, whole-warp kind the shim
+# emulates); the GPU tests cover it.
+SCAN_VARIANTS = ["auto", "warps", "lines", "block1", "block2", "global"]
+
+
+@pytest.mark.parametrize("shape", SCAN_SHAPES)
+@pytest.mark.parametrize("variant", SCAN_VARIANTS)
+@pytest.mark.parametrize("float16", [False, True])
+def test_selective_scan_kernels_match_float64(emulated, shape, variant, float16):
+    """The scan kernels (kernels/cuda/selective_scan_2d.cu), each path forced as tests/test_cuda.py forces it on a
+    GPU, against the float64 reference scan (vmamba_export.scan); exp2 stands in for the special-function ex2."""
+    import torch
+
+    from vmamba_export import cuda_kernel
+    from vmamba_export.scan import selective_scan_reference
+
+    if variant in ("block1", "block2", "lines", "warps") and shape[2] != 1:
+        pytest.skip("the block, line and warp kernels are d_state-1 paths")
+    if variant == "auto" and shape[2] != 1:
+        pytest.skip("automatic at d_state 16 is the chunked shared-memory kernel, not emulated (SCAN_VARIANTS)")
+    lib = _signed(emulated("selective_scan_2d"), *[name for name in cuda_kernel._SIGNATURES if "scan_2d" in name])
+    batch, di, n, h, w = shape
+    g = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(batch, di, h, w, generator=g),
+        torch.randn(batch, 4, di, h, w, generator=g) * 0.5 - 1.0,
+        torch.randn(4 * di, n, generator=g) * 0.5 + (torch.log(torch.arange(1.0, n + 1)) if n > 1 else 0.0),
+        torch.randn(batch, 4, n, h, w, generator=g),
+        torch.randn(batch, 4, n, h, w, generator=g),
+        torch.randn(4 * di, generator=g),
+        torch.randn(4 * di, generator=g) * 0.5,
+    ]
+    typed = [t.to(torch.float16 if float16 else torch.float32).contiguous() for t in inputs]
+    want = selective_scan_reference(*[t.double() for t in typed]).numpy()
+    y = torch.full_like(typed[0], float("nan"))
+    cuda_kernel.apply_variant(variant, lib)
+    try:
+        err = lib.vmamba_selective_scan_2d_cuda(
+            F16 if float16 else F32, *[t.data_ptr() for t in (*typed, y)], batch, di, n, h, w, None
+        )
+        config = cuda_kernel.last_config(lib)
+    finally:
+        cuda_kernel.apply_variant("auto", lib)
+    if err is not None and variant in ("lines", "warps") and b"kernel takes maps" in err:
+        pytest.skip(f"the map is too large for the {variant} kernel: {err.decode()}")
+    assert err is None, err.decode()
+    want_path = {"block1": "block", "block2": "block"}.get(variant, variant)
+    if variant != "auto":
+        assert config.startswith(want_path), config
+    assert _rel_l2(y.double().numpy(), want) < (3e-3 if float16 else 2e-5), config

@@ -61,22 +61,22 @@ def load_library(path: str | None = None) -> ctypes.CDLL:
     return lib
 
 
-def force_path(path: str = "auto") -> None:
+def force_path(path: str = "auto", lib: ctypes.CDLL | None = None) -> None:
     """Pick the kernel path for later calls: "auto", "warps" (warp kernel, d_state 1, maps up to 256 positions),
     "lines" (line kernel, d_state 1, maps up to about 56 x 56), "block" (block scan, d_state 1), "smem" (chunked
     shared-memory kernel) or "global" (fallback)."""
-    load_library().vmamba_selective_scan_2d_cuda_force_path(PATHS[path])
+    (lib or load_library()).vmamba_selective_scan_2d_cuda_force_path(PATHS[path])
 
 
-def set_tuning(channels_per_block: int = 0, chunk_threads: int = 0) -> None:
+def set_tuning(channels_per_block: int = 0, chunk_threads: int = 0, lib: ctypes.CDLL | None = None) -> None:
     """Channels per block of the shared-memory and line kernels, chunk threads per channel of the shared-memory
     kernel (0: automatic)."""
-    load_library().vmamba_selective_scan_2d_cuda_set_tuning(channels_per_block, chunk_threads)
+    (lib or load_library()).vmamba_selective_scan_2d_cuda_set_tuning(channels_per_block, chunk_threads)
 
 
-def set_block_variant(variant: int = 0) -> None:
+def set_block_variant(variant: int = 0, lib: ctypes.CDLL | None = None) -> None:
     """Block-scan kernel variant: 0 automatic, 1 one channel a block, 2 two channels, 4 two channels uncapped."""
-    load_library().vmamba_selective_scan_2d_cuda_set_block_variant(variant)
+    (lib or load_library()).vmamba_selective_scan_2d_cuda_set_block_variant(variant)
 
 
 # set_block_variant's argument per variant name (bits documented in kernels/cuda/selective_scan_2d.cuh)
@@ -94,7 +94,7 @@ BLOCK_VARIANT_BITS = {
 }
 
 
-def apply_variant(variant: str) -> None:
+def apply_variant(variant: str, lib: ctypes.CDLL | None = None) -> None:
     """Select a kernel variant by name for tests and benchmarks (reset with "auto").
 
     auto, warps, lines, block, global, smem: paths; nowarps: automatic without the warp kernel;
@@ -114,10 +114,10 @@ def apply_variant(variant: str) -> None:
     path = "smem" if variant in ("smem-chmajor", "smem-nosplit") else path
     path = "lines" if variant.startswith("lines") else path
     path = "auto" if variant in ("nowarps", "packed-unpack") else path
-    force_path(path)
+    force_path(path, lib)
     channels = {"tile3": 3, "lines1": 1, "lines4": 4}.get(variant, 0)
-    set_tuning(channels, 3 if variant == "chunks3" else 0)
-    set_block_variant(BLOCK_VARIANT_BITS.get(variant, 0))
+    set_tuning(channels, 3 if variant == "chunks3" else 0, lib)
+    set_block_variant(BLOCK_VARIANT_BITS.get(variant, 0), lib)
 
 
 KERNEL_VARIANTS = (
@@ -139,8 +139,8 @@ KERNEL_VARIANTS = (
 )
 
 
-def last_config() -> str:
-    return load_library().vmamba_selective_scan_2d_cuda_last_config().decode()
+def last_config(lib: ctypes.CDLL | None = None) -> str:
+    return (lib or load_library()).vmamba_selective_scan_2d_cuda_last_config().decode()
 
 
 def _check_tensors(tensors: tuple[torch.Tensor, ...]) -> torch.dtype:
