@@ -219,6 +219,7 @@ def test_selective_scan_kernels_match_float64(emulated, shape, variant, float16)
     """The scan kernels (kernels/cuda/selective_scan_2d.cu), each path forced as tests/test_cuda.py forces it on a
     GPU, against the float64 reference scan (vmamba_export.scan); exp2 stands in for the special-function ex2."""
     import torch
+    from test_cuda import _inputs  # the GPU test's inputs for the same kernels
 
     from vmamba_export import cuda_kernel
     from vmamba_export.scan import selective_scan_reference
@@ -229,17 +230,7 @@ def test_selective_scan_kernels_match_float64(emulated, shape, variant, float16)
         pytest.skip("automatic at d_state 16 is the chunked shared-memory kernel, not emulated (SCAN_VARIANTS)")
     lib = _signed(emulated("selective_scan_2d"), *[name for name in cuda_kernel._SIGNATURES if "scan_2d" in name])
     batch, di, n, h, w = shape
-    g = torch.Generator().manual_seed(0)
-    inputs = [
-        torch.randn(batch, di, h, w, generator=g),
-        torch.randn(batch, 4, di, h, w, generator=g) * 0.5 - 1.0,
-        torch.randn(4 * di, n, generator=g) * 0.5 + (torch.log(torch.arange(1.0, n + 1)) if n > 1 else 0.0),
-        torch.randn(batch, 4, n, h, w, generator=g),
-        torch.randn(batch, 4, n, h, w, generator=g),
-        torch.randn(4 * di, generator=g),
-        torch.randn(4 * di, generator=g) * 0.5,
-    ]
-    typed = [t.to(torch.float16 if float16 else torch.float32).contiguous() for t in inputs]
+    typed = [t.contiguous() for t in _inputs(*shape, torch.float16 if float16 else torch.float32)]
     want = selective_scan_reference(*[t.double() for t in typed]).numpy()
     y = torch.full_like(typed[0], float("nan"))
     cuda_kernel.apply_variant(variant, lib)
